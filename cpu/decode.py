@@ -1,0 +1,75 @@
+"""Instruction decoding with Capstone: interception sites, stack references, disassembly.
+
+IRET and HLT must never run natively (IRET's NMI-unblocking side effect is invisible in
+Unicorn, and HLT just stops it, `unicorn.md` facts 8 and 11), so every loaded code range
+is decoded linearly when it is loaded and each IRET/HLT gets an address-ranged code hook,
+which costs nothing elsewhere. Code the guest writes at run time is not decoded: an IRET
+there would run natively (documented limitation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+
+import capstone
+from capstone import x86_const as CX
+
+
+@cache
+def _cs() -> capstone.Cs:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    return md
+
+
+@dataclass(frozen=True)
+class Insn:
+    address: int
+    size: int
+    mnemonic: str
+    op_str: str
+    raw: bytes
+
+    @property
+    def text(self) -> str:
+        return f"{self.mnemonic} {self.op_str}".strip()
+
+
+def decode(code: bytes, address: int) -> Iterator[Insn]:
+    for i in _cs().disasm(code, address):
+        yield Insn(i.address, i.size, i.mnemonic, i.op_str, bytes(i.bytes))
+
+
+def decode_one(code: bytes, address: int) -> Insn | None:
+    return next(decode(code, address), None)
+
+
+SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt"}
+
+
+def find_sites(code: bytes, address: int) -> dict[int, str]:
+    """Addresses of IRET/HLT instructions in a linear decode of `code`."""
+    return {i.address: SITE_KINDS[i.mnemonic] for i in decode(code, address)
+            if i.mnemonic in SITE_KINDS}
+
+
+_STACK_MNEMONICS = {"push", "pop", "pushfq", "popfq", "call", "ret", "enter", "leave",
+                    "pushf", "popf", "iretq", "iret"}
+
+
+def is_stack_reference(code: bytes, address: int) -> bool:
+    """True when the instruction's memory access is SS-relative (push/pop/call/ret or a
+    memory operand based on RSP/RBP): such accesses raise #SS, not #GP, when non-canonical."""
+    insns = list(_cs().disasm(code, address, 1))
+    if not insns:
+        return False
+    insn = insns[0]
+    if insn.mnemonic in _STACK_MNEMONICS:
+        return True
+    for op in insn.operands:
+        if op.type == CX.X86_OP_MEM and op.mem.base in (CX.X86_REG_RSP, CX.X86_REG_RBP,
+                                                         CX.X86_REG_ESP, CX.X86_REG_EBP):
+            return True
+    return False

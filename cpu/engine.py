@@ -1,0 +1,354 @@
+"""The engine adapter: the only module in idtlab that imports `unicorn`.
+
+Contract (each point is a verified fact of Unicorn 2.1.4, see docs/ARCHITECTURE.md and
+`shared/docs/unicorn.md`):
+
+* Unicorn executes guest instructions and nothing else. It never delivers an event:
+  exceptions and INT n reach `UC_HOOK_INTR` as a bare vector, the hook records it and
+  stops the engine, and Python delivers (fact 1-3).
+* Address translation is Python's (`UC_TLB_VIRTUAL` + `UC_HOOK_TLB_FILL`, fact 5). A
+  refused translation is filled with a *poison* physical page that is not mapped, so the
+  access lands in `UC_HOOK_MEM_*_UNMAPPED` with the exact offset in the page (fact 6).
+* Privilege is changed by patching the CPU context blob: the CS/SS segment caches and
+  the CPL bits of `hflags` (register writes in 64-bit mode only set selectors). The
+  offsets are found once per process by a probe that runs native IRETQs to CPL0 and CPL3
+  and compares the blobs, never hard-coded.
+* QEMU's stale "exception in flight" field (`old_exception`, issue #1883, fact 4) is
+  reset to -1 after every exception the hook consumed, or the next contributory fault
+  arrives as #DF and a third as a triple-fault reset. Its offset is found by probing the
+  -1 → 0 → 8 sequence.
+* QEMU's error code for instruction-level faults (e.g. #GP(sel) from MOV DS) and whether
+  the event was an INT instruction are read from the same blob (`error_code`,
+  `exception_is_int`), located by probing a known #GP(0x1238).
+* Instructions are counted by a native UC_HOOK_CODE callback (`cpu/native/counter.c`),
+  registered first so it runs before any Python code hook on the same instruction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_READ,
+    UC_MEM_READ_UNMAPPED,
+    UC_MEM_WRITE,
+    UC_MEM_WRITE_UNMAPPED,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn.unicorn_py3 import unicorn as _ucpy
+from unicorn import x86_const as X
+
+from cpu import native
+from cpu.memory import PhysicalMemory
+from cpu.mmu import Access
+
+ERR_INSN_INVALID = UC_ERR_INSN_INVALID
+PROT_R, PROT_W, PROT_X = UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
+POISON_BASE = 1 << 44  # far above any guest RAM; never mapped
+UNTIL_NEVER = 2**64 - 1
+
+_FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
+_UNMAPPED_ACCESS = {UC_MEM_READ_UNMAPPED: Access.READ, UC_MEM_WRITE_UNMAPPED: Access.WRITE,
+                    UC_MEM_FETCH_UNMAPPED: Access.FETCH}
+
+REG = {
+    "rax": X.UC_X86_REG_RAX, "rbx": X.UC_X86_REG_RBX, "rcx": X.UC_X86_REG_RCX,
+    "rdx": X.UC_X86_REG_RDX, "rsi": X.UC_X86_REG_RSI, "rdi": X.UC_X86_REG_RDI,
+    "rbp": X.UC_X86_REG_RBP, "rsp": X.UC_X86_REG_RSP, "r8": X.UC_X86_REG_R8,
+    "r9": X.UC_X86_REG_R9, "r10": X.UC_X86_REG_R10, "r11": X.UC_X86_REG_R11,
+    "r12": X.UC_X86_REG_R12, "r13": X.UC_X86_REG_R13, "r14": X.UC_X86_REG_R14,
+    "r15": X.UC_X86_REG_R15, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS,
+    "cs": X.UC_X86_REG_CS, "ss": X.UC_X86_REG_SS, "ds": X.UC_X86_REG_DS,
+    "es": X.UC_X86_REG_ES, "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS,
+    "cr0": X.UC_X86_REG_CR0, "cr2": X.UC_X86_REG_CR2, "cr3": X.UC_X86_REG_CR3,
+    "cr4": X.UC_X86_REG_CR4,
+}
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+        "r12", "r13", "r14", "r15")
+MSR_EFER = 0xC0000080
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    """Offsets inside Unicorn's CPU context blob (`uc_context_save`), found by probing."""
+
+    hflags: int
+    cs: int  # SegmentCache of CS: selector at +0, base +8, limit +16, flags +20
+    ss: int
+    error_code: int
+    is_int: int
+    old_exception: int
+
+
+def _blob(ctx: object) -> ctypes.Array[ctypes.c_char]:
+    ptr = ctypes.cast(ctx.context, ctypes.c_void_p).value  # type: ignore[attr-defined]
+    return (ctypes.c_char * ctx.size).from_address(ptr)  # type: ignore[attr-defined]
+
+
+def _i32(b: bytes, off: int) -> int:
+    return int(struct.unpack_from("<i", b, off)[0])
+
+
+_PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF)
+
+
+@cache
+def blob_layout() -> BlobLayout:
+    """Locate the fields idtlab patches in the context blob (once per process)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x100000, UC_PROT_ALL)
+    for i, d in enumerate(_PROBE_GDT):
+        uc.mem_write(0x1000 + 8 * i, struct.pack("<Q", d))
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(_PROBE_GDT) - 1, 0))
+    uc.mem_write(0x2000, b"\x48\xcf")  # iretq
+    uc.mem_write(0x3000, b"\x90\x90")
+
+    def iret_to(cs: int, ss: int) -> bytes:
+        uc.mem_write(0x8000 - 40, struct.pack("<5Q", 0x3000, cs, 2, 0x7000, ss))
+        uc.reg_write(X.UC_X86_REG_RSP, 0x8000 - 40)
+        uc.emu_start(0x2000, 0x3000)
+        return bytes(_blob(uc.context_save()))
+
+    a, b = iret_to(0x08, 0x10), iret_to(0x1B, 0x23)
+    n = len(a) - 4
+    hflags = next(o for o in range(0, n, 4)
+                  if _i32(a, o) & 3 == 0 and _i32(b, o) == _i32(a, o) | 3 and _i32(a, o) != 0)
+    cs = next(o for o in range(0, n, 4) if (_i32(a, o), _i32(b, o)) == (0x08, 0x1B))
+    ss = next(o for o in range(0, n, 4) if (_i32(a, o), _i32(b, o)) == (0x10, 0x23))
+
+    # Exception-state probes on a fresh engine (CPL0, no GDT: nothing else can fault).
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x100000, UC_PROT_ALL)
+    uc.reg_write(X.UC_X86_REG_RSP, 0x7000)
+    fresh = bytes(_blob(uc.context_save()))
+    seen: list[bytes] = []
+
+    def on_intr(u: Uc, vector: int, _data: object) -> None:
+        seen.append(bytes(_blob(u.context_save())))
+        u.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, on_intr)
+
+    def trap(code: bytes) -> bytes:
+        seen.clear()
+        uc.mem_write(0x4000, code)
+        uc.emu_start(0x4000, 0x4000 + len(code))
+        return seen[-1]
+
+    div0 = b"\x31\xc9\xf7\xf1"  # xor ecx, ecx; div ecx
+    de1 = trap(div0)
+    de2 = trap(div0)
+    old_exception = next(o for o in range(0, n, 4)
+                         if (_i32(fresh, o), _i32(de1, o), _i32(de2, o)) == (-1, 0, 8))
+    ctx = uc.context_save()
+    struct.pack_into("<i", _blob(ctx), old_exception, -1)
+    uc.context_restore(ctx)
+    gp = trap(b"\x66\xbb\x38\x12\x8e\xdb")  # mov bx, 0x1238; mov ds, bx  -> #GP(0x1238)
+    int80 = trap(b"\xcd\x80")
+    error_code = next(o for o in range(ss, n, 4)
+                      if _i32(gp, o) == 0x1238 and _i32(gp, o + 4) == 0 and _i32(int80, o + 4) == 1)
+    return BlobLayout(hflags, cs, ss, error_code, error_code + 4, old_exception)
+
+
+class Engine:
+    """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
+
+    Callbacks (set by the machine before `run`):
+      fill(vpage, access) -> (ppage, prot) or None to poison the page
+      poison(vaddr, access) -> None           an access hit a refused translation
+      unmapped(paddr, access) -> None         a translation pointed outside RAM
+      interrupt(vector) -> None               UC_HOOK_INTR
+      site(address) -> None                   an address registered with `add_site`
+      port_in(port, size) -> int, port_out(port, size, value) -> None
+    Every callback that wants the engine to stop calls `stop()`.
+    """
+
+    def __init__(self, mem: PhysicalMemory) -> None:
+        self.mem = mem
+        self.layout = blob_layout()
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
+        self.uc = uc
+        self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
+        self.poison: Callable[[int, Access], None] = lambda v, a: None
+        self.unmapped: Callable[[int, Access], None] = lambda p, a: None
+        self.interrupt: Callable[[int], None] = lambda v: None
+        self.site: Callable[[int], None] = lambda a: None
+        self.port_in: Callable[[int, int], int] = lambda p, s: (1 << (8 * s)) - 1
+        self.port_out: Callable[[int, int, int], None] = lambda p, s, v: None
+        self._poison_slots: dict[int, int] = {}
+        self._poison_pages: list[int] = []
+        self._sites: dict[int, int] = {}
+
+        # The native counter first, so it runs before any Python code hook.
+        lib = native.load()
+        self.counter = native.CounterStruct(
+            0, 2**64 - 1, ctypes.cast(_ucpy.uclib.uc_emu_stop, ctypes.c_void_p), 0)
+        self._counter_hook = ctypes.c_size_t()
+        fn = ctypes.cast(lib.idtlab_count_insn, ctypes.c_void_p)
+        status = _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(self._counter_hook), UC_HOOK_CODE,
+                                         fn, ctypes.byref(self.counter), ctypes.c_uint64(1),
+                                         ctypes.c_uint64(0))
+        if status != 0:
+            raise RuntimeError(f"uc_hook_add(counter) failed: {status}")
+
+        uc.hook_add(UC_HOOK_TLB_FILL, self._on_fill)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+
+    # -- hooks -------------------------------------------------------------------------
+    def _on_fill(self, uc: Uc, vaddr: int, access: int, entry: object, _data: object) -> bool:
+        result = self.fill(vaddr, _FILL_ACCESS.get(access, Access.READ))
+        if result is None:
+            slot = self._poison_slots.get(vaddr)
+            if slot is None:
+                slot = len(self._poison_pages)
+                self._poison_slots[vaddr] = slot
+                self._poison_pages.append(vaddr)
+            entry.paddr = POISON_BASE + slot * 4096  # type: ignore[attr-defined]
+            entry.perms = UC_PROT_ALL  # type: ignore[attr-defined]
+        else:
+            entry.paddr, entry.perms = result  # type: ignore[attr-defined]
+        return True
+
+    def _on_unmapped(self, uc: Uc, access: int, addr: int, size: int, value: int,
+                     _data: object) -> bool:
+        kind = _UNMAPPED_ACCESS.get(access, Access.READ)
+        if addr >= POISON_BASE:
+            slot = (addr - POISON_BASE) >> 12
+            if slot < len(self._poison_pages):
+                self.poison(self._poison_pages[slot] | (addr & 0xFFF), kind)
+                return False
+        self.unmapped(addr, kind)
+        return False
+
+    def _on_intr(self, uc: Uc, vector: int, _data: object) -> None:
+        self.interrupt(vector)
+
+    def _on_site(self, uc: Uc, address: int, size: int, _data: object) -> None:
+        self.site(address)
+
+    def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
+        return self.port_in(port, size)
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _data: object) -> None:
+        self.port_out(port, size, value)
+
+    # -- control -----------------------------------------------------------------------
+    def add_site(self, address: int) -> None:
+        """Call `site(address)` before the instruction at `address` executes."""
+        if address not in self._sites:
+            self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None, address,
+                                                    address)
+
+    def run(self, begin: int) -> int | None:
+        """Run from `begin` until a callback stops the engine; return Unicorn's error code."""
+        self.counter.stopped = 0
+        try:
+            self.uc.emu_start(begin, UNTIL_NEVER)
+        except UcError as exc:
+            return int(exc.errno)
+        return None
+
+    def stop(self) -> None:
+        self.uc.emu_stop()
+
+    @property
+    def icount(self) -> int:
+        return int(self.counter.count)
+
+    @icount.setter
+    def icount(self, value: int) -> None:
+        self.counter.count = value
+
+    def set_stop_at(self, count: int) -> None:
+        """Stop before executing the instruction that would be number `count` (1-based)."""
+        self.counter.stop_at = count
+
+    @property
+    def stopped_by_counter(self) -> bool:
+        return bool(self.counter.stopped)
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    # -- registers ---------------------------------------------------------------------
+    def read(self, names: Sequence[str]) -> list[int]:
+        return [int(v) for v in self.uc.reg_read_batch([REG[n] for n in names])]
+
+    def write(self, values: dict[str, int]) -> None:
+        self.uc.reg_write_batch([(REG[n], v) for n, v in values.items()])
+
+    def read_reg(self, name: str) -> int:
+        return int(self.uc.reg_read(REG[name]))
+
+    def read_table(self, which: str) -> tuple[int, int, int]:
+        """(selector, base, limit) of IDTR, GDTR or TR."""
+        reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
+        sel, base, limit, _flags = self.uc.reg_read(reg)
+        return int(sel), int(base), int(limit)
+
+    def write_table(self, which: str, selector: int, base: int, limit: int, flags: int = 0) -> None:
+        reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
+        self.uc.reg_write(reg, (selector, base, limit, flags))
+
+    def read_msr(self, msr: int) -> int:
+        return int(self.uc.msr_read(msr)) if hasattr(self.uc, "msr_read") else int(
+            self.uc.reg_read(X.UC_X86_REG_MSR, msr))
+
+    def write_msr(self, msr: int, value: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
+
+    # -- context-blob patches ------------------------------------------------------------
+    def exception_info(self) -> tuple[int, bool]:
+        """QEMU's error code and INT-instruction flag for the exception just hooked."""
+        ctx = self.uc.context_save()
+        b = _blob(ctx)
+        return _i32(bytes(b[self.layout.error_code : self.layout.error_code + 4]), 0) & 0xFFFFFFFF, \
+            bool(_i32(bytes(b[self.layout.is_int : self.layout.is_int + 4]), 0))
+
+    def patch_context(self, *, segments: tuple[int, int, int, int, int] | None = None,
+                      clear_stale_exception: bool = False) -> None:
+        """Apply privilege/segment state and/or reset QEMU's stale exception state.
+
+        `segments` = (cs_selector, cs_flags, ss_selector, ss_flags, cpl), where *_flags is
+        the descriptor's high dword as QEMU caches it (0 for a null SS).
+        """
+        ctx = self.uc.context_save()
+        b = _blob(ctx)
+        lay = self.layout
+        if clear_stale_exception:
+            struct.pack_into("<i", b, lay.old_exception, -1)
+        if segments is not None:
+            cs, cs_flags, ss, ss_flags, cpl = segments
+            struct.pack_into("<IIQII", b, lay.cs, cs, 0, 0, 0xFFFFFFFF, cs_flags)
+            struct.pack_into("<IIQII", b, lay.ss, ss, 0, 0, 0xFFFFFFFF if ss & 0xFFFC else 0,
+                             ss_flags)
+            h = struct.unpack_from("<I", b, lay.hflags)[0]
+            struct.pack_into("<I", b, lay.hflags, (h & ~3) | cpl)
+        self.uc.context_restore(ctx)

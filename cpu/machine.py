@@ -1,0 +1,594 @@
+"""The machine: guest memory with real architectural structures, an engine, and the run
+loop that hands every event to the pure model in `idt/`.
+
+Run loop
+--------
+Unicorn runs at full speed until a hook stops it at an *event boundary*: an exception
+(UC_HOOK_INTR, a poisoned translation, an invalid opcode), an intercepted IRET or HLT, a
+port write to the exit device, or the instruction limit. The loop then builds an
+`idt.state.ArchState` from the engine, asks `idt` what the architecture does, writes the
+result back (registers; CS/SS/CPL through the context blob), records it in the trace and
+resumes. Python never runs per instruction on this path.
+
+Instruction counting: the native counter counts each instruction *before* it executes.
+When the engine stops on an instruction that did not complete (a fault, an intercepted
+IRET/HLT before emulation, the limit), that instruction is subtracted; an emulated IRET
+or HLT then counts as retired. `icount` in the trace is always "instructions retired".
+
+Memory layout built by the loader (all in guest memory, so a guest can read and rewrite
+it, and delivery reads it at the moment of delivery):
+
+    0x1000  GDT   null, 0x08 kernel code64, 0x10 kernel data, 0x1b user code64,
+                  0x23 user data, 0x28 64-bit TSS (16 bytes)
+    0x1100  TSS   64-bit TSS, 0x68 bytes (RSP0-2, IST1-7), no I/O bitmap
+    0x2000  IDT   256 gates, 4 KiB, not-present unless configured
+    0x3000  page tables (identity map of guest memory), up to RESERVED_END
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cpu.decode import decode_one, find_sites, is_stack_reference
+from cpu.engine import ERR_INSN_INVALID, PROT_R, PROT_W, PROT_X, Engine
+from cpu.memory import PhysicalAccessError, PhysicalMemory
+from cpu.mmu import (
+    CR0_PG,
+    CR0_WP,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PTE_P,
+    PTE_U,
+    PTE_W,
+    PTE_XD,
+    Access,
+    PagingControl,
+    build_identity_map,
+    walk,
+)
+from cpu.trace import Trace
+from idt.descriptors import (
+    GATE_TYPE_INTERRUPT,
+    GATE_TYPE_TRAP,
+    TSS_IOMAP_BASE_OFFSET,
+    TSS_IST_OFFSET,
+    TSS_RSP_OFFSET,
+    TSS_SIZE,
+    GateDescriptor,
+    SegmentDescriptor,
+    kernel_code64,
+    kernel_data,
+    tss64_descriptor,
+    user_code64,
+    user_data,
+)
+from idt.double_fault import Combine, deliver_event
+from idt.iret import UnsupportedIret, iret64
+from idt.state import (
+    RFLAGS_IOPL,
+    ArchFault,
+    ArchState,
+    Event,
+    Source,
+    is_canonical,
+)
+from idt.vectors import Vector, vector_name
+
+GDT_BASE = 0x1000
+TSS_BASE = 0x1100
+IDT_BASE = 0x2000
+PT_BASE = 0x3000
+RESERVED_END = 0x20000
+KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, TSS_SEL = 0x08, 0x10, 0x1B, 0x23, 0x28
+GDT_ENTRIES: list[bytes] = [
+    bytes(8),
+    kernel_code64().pack(),
+    kernel_data().pack(),
+    user_code64().pack(),
+    user_data().pack(),
+    tss64_descriptor(TSS_BASE),
+]
+GDT_LIMIT = sum(len(e) for e in GDT_ENTRIES) - 1
+EXIT_PORT = 0xF4
+SERIAL_PORT = 0x3F8
+CR0_DEFAULT = 0x80010033  # PG | WP | NE | ET | MP | PE
+CR4_DEFAULT = CR4_PAE | (1 << 9) | (1 << 10)  # PAE, OSFXSR, OSXMMEXCPT
+EFER_DEFAULT = EFER_LME | EFER_LMA | EFER_NXE
+OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported")
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """A 4-KiB override of the default identity map."""
+
+    va: int
+    pa: int
+    present: bool = True
+    writable: bool = True
+    user: bool = True
+    nx: bool = False
+
+    @property
+    def pte(self) -> int:
+        if not self.present:
+            return 0
+        return (self.pa & ~0xFFF) | PTE_P | (PTE_W if self.writable else 0) | (
+            PTE_U if self.user else 0) | (PTE_XD if self.nx else 0)
+
+
+@dataclass
+class RunResult:
+    outcome: str
+    rip: int
+    icount: int
+    trace: Trace
+    exit_code: int | None = None
+    reason: str = ""
+    serial: str = ""
+
+    @property
+    def deliveries(self) -> list[dict[str, Any]]:
+        return self.trace.of_kind("deliver")
+
+
+class _Stop(Exception):
+    """Internal: ends the run loop with an outcome."""
+
+    def __init__(self, outcome: str, reason: str, rip: int, exit_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.outcome, self.reason, self.rip, self.exit_code = outcome, reason, rip, exit_code
+
+
+class GuestMemory:
+    """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+
+    def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
+        off = 0
+        while off < size:
+            addr = (linear + off) & (2**64 - 1)
+            n = min(size - off, 4096 - (addr & 0xFFF))
+            yield addr, off, n
+            off += n
+
+    def _translate(self, addr: int, access: Access, user: bool, stack: bool) -> int:
+        if not is_canonical(addr):
+            raise ArchFault(Vector.SS if stack else Vector.GP, 0,
+                            why=f"non-canonical address {addr:#x}")
+        t = walk(self.m.phys, self.m.paging(), addr, access, user=user)
+        paddr = t.paddr | (addr & 0xFFF)
+        return paddr
+
+    def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:
+        out = bytearray(size)
+        for addr, off, n in self._pieces(linear, size):
+            paddr = self._translate(addr, Access.READ, user, stack)
+            out[off : off + n] = self.m.phys.read(paddr, n)
+        return bytes(out)
+
+    def write(self, linear: int, data: bytes, *, user: bool = False, stack: bool = False) -> None:
+        for addr, off, n in self._pieces(linear, len(data)):
+            paddr = self._translate(addr, Access.WRITE, user, stack)
+            self.m.phys.write(paddr, data[off : off + n])
+
+
+class Machine:
+    """A single x86-64 CPU in long mode with Python-owned event delivery.
+
+    Typical use (the scenario loader does exactly this)::
+
+        m = Machine(16 << 20)
+        m.load(0x100000, code, code=True)
+        m.set_gate(3, handler=0x100040, ist=1)
+        m.set_tss(rsp0=0x80000, ist1=0x90000)
+        result = m.run(entry=0x100000, rsp=0x70000)
+    """
+
+    def __init__(self, memory: int = 16 << 20, *, max_insns: int = 10_000_000,
+                 max_events: int = 100_000) -> None:
+        if memory < RESERVED_END + 0x1000:
+            raise ValueError(f"guest memory must be at least {RESERVED_END + 0x1000:#x} bytes")
+        self.phys = PhysicalMemory(memory)
+        self.engine = Engine(self.phys)
+        self.sysmem = GuestMemory(self)
+        self.trace = Trace()
+        self.max_insns = max_insns
+        self.max_events = max_events
+        self._events = 0
+        self.symbols: dict[str, int] = {"gdt": GDT_BASE, "tss": TSS_BASE, "idt": IDT_BASE}
+        self.sites: dict[int, str] = {}
+        self.pages: dict[int, PageSpec] = {}
+        self.cpl = 0
+        self.nmi_blocked = False
+        self.serial = bytearray()
+        self._built = False
+        self._pending: Callable[[], None] | None = None
+        self._cr3 = 0
+        self.on_deliver: list[Callable[[dict[str, Any]], None]] = []
+        self._depth = 0
+
+        self.phys.write(GDT_BASE, b"".join(GDT_ENTRIES))
+        # Unconfigured vectors hold *not-present* 64-bit interrupt gates (not zeroes: a
+        # zeroed gate has type 0 and raises #GP before the present check is reached).
+        absent = GateDescriptor(offset=0, selector=KERNEL_CS, present=False).pack()
+        self.phys.write(IDT_BASE, absent * 256)
+        e = self.engine
+        e.fill = self._fill
+        e.poison = self._on_poison
+        e.unmapped = self._on_unmapped
+        e.interrupt = self._on_interrupt
+        e.site = self._on_site
+        e.port_in = self._on_port_in
+        e.port_out = self._on_port_out
+
+    # -- building ----------------------------------------------------------------------
+    def load(self, addr: int, data: bytes, *, code: bool = False) -> None:
+        """Copy `data` to guest-physical `addr`; decode it for IRET/HLT sites if `code`."""
+        self.phys.write(addr, data)
+        if code:
+            self.add_code(addr, data)
+
+    def add_code(self, addr: int, data: bytes) -> None:
+        for site, kind in find_sites(data, addr).items():
+            self.sites[site] = kind
+            self.engine.add_site(site)
+
+    def set_gate(self, vector: int, handler: int, *, ist: int = 0, gate_type: str = "interrupt",
+                 dpl: int = 0, present: bool = True, selector: int = KERNEL_CS) -> None:
+        if not 0 <= vector <= 255:
+            raise ValueError(f"vector {vector} outside 0..255")
+        t = {"interrupt": GATE_TYPE_INTERRUPT, "trap": GATE_TYPE_TRAP}[gate_type]
+        gate = GateDescriptor(offset=handler, selector=selector, ist=ist, type=t, dpl=dpl,
+                              present=present)
+        self.phys.write(IDT_BASE + 16 * vector, gate.pack())
+
+    def write_gate_raw(self, vector: int, raw: bytes) -> None:
+        self.phys.write(IDT_BASE + 16 * vector, raw)
+
+    def set_tss(self, **slots: int) -> None:
+        """Set TSS fields by name: rsp0..rsp2, ist1..ist7."""
+        for name, value in slots.items():
+            if name.startswith("rsp"):
+                off = TSS_RSP_OFFSET(int(name[3:]))
+            elif name.startswith("ist"):
+                off = TSS_IST_OFFSET(int(name[3:]))
+            else:
+                raise ValueError(f"unknown TSS field {name!r}")
+            self.phys.write_u64(TSS_BASE + off, value)
+
+    def set_page(self, spec: PageSpec) -> None:
+        if self._built:
+            raise RuntimeError("page overrides must be set before the first run")
+        self.pages[spec.va & ~0xFFF] = spec
+
+    def build(self) -> None:
+        """Write page tables and load the control registers (once, before running)."""
+        if self._built:
+            return
+        self._built = True
+        self.phys.write_u64(TSS_BASE + TSS_IOMAP_BASE_OFFSET - 2, 0)
+        self.phys.write(TSS_BASE + TSS_IOMAP_BASE_OFFSET, struct.pack("<H", TSS_SIZE))
+        cr3, end = build_identity_map(self.phys, PT_BASE, self.phys.size,
+                                      {va: p.pte for va, p in self.pages.items()})
+        if end > RESERVED_END:
+            raise ValueError("page tables overflow the reserved system area")
+        self._cr3 = cr3
+        self.symbols["pml4"] = cr3
+        e = self.engine
+        e.write({"cr4": CR4_DEFAULT})
+        e.write_msr(0xC0000080, EFER_DEFAULT)
+        e.write({"cr3": cr3, "cr0": CR0_DEFAULT})
+        e.write_table("gdtr", 0, GDT_BASE, GDT_LIMIT)
+        e.write_table("idtr", 0, IDT_BASE, 256 * 16 - 1)
+        e.write_table("tr", TSS_SEL, TSS_BASE, TSS_SIZE - 1,
+                      SegmentDescriptor.unpack(GDT_ENTRIES[5][:8]).high_dword)
+
+    # -- state -------------------------------------------------------------------------
+    def paging(self) -> PagingControl:
+        cr0, cr3, cr4 = self.engine.read(("cr0", "cr3", "cr4"))
+        return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=self.engine.read_msr(0xC0000080))
+
+    def arch_state(self) -> ArchState:
+        rip, rsp, rflags, cs, ss, cr2 = self.engine.read(("rip", "rsp", "rflags", "cs", "ss", "cr2"))
+        _, idt_base, idt_limit = self.engine.read_table("idtr")
+        _, gdt_base, gdt_limit = self.engine.read_table("gdtr")
+        tr_sel, tr_base, tr_limit = self.engine.read_table("tr")
+        return ArchState(rip=rip, rsp=rsp, rflags=rflags, cs=cs, ss=ss, cpl=self.cpl,
+                         idtr_base=idt_base, idtr_limit=idt_limit, gdtr_base=gdt_base,
+                         gdtr_limit=gdt_limit, tr_selector=tr_sel, tr_base=tr_base,
+                         tr_limit=tr_limit, cr2=cr2, nmi_blocked=self.nmi_blocked)
+
+    def read_linear(self, addr: int, size: int) -> bytes:
+        """Read guest memory through guest paging as the supervisor (no A/D side effects
+        beyond what the hardware walk would do); raises `ArchFault` if unmapped."""
+        return self.sysmem.read(addr, size)
+
+    def _load_segments(self, cs: int, ss: int, cpl: int) -> None:
+        """Load CS/SS hidden state and the CPL (and reset QEMU's stale exception state)."""
+        cs_desc = self._gdt_descriptor(cs)
+        ss_flags = (cpl << 13) if ss & 0xFFFC == 0 else self._gdt_descriptor(ss).high_dword
+        self.engine.patch_context(segments=(cs, cs_desc.high_dword, ss, ss_flags, cpl),
+                                  clear_stale_exception=True)
+        if cpl != self.cpl:
+            # TLB entries carry rights computed for one privilege: drop them on a change.
+            self.engine.flush_tlb()
+        self.cpl = cpl
+
+    def _gdt_descriptor(self, selector: int) -> SegmentDescriptor:
+        _, base, _limit = self.engine.read_table("gdtr")
+        return SegmentDescriptor.unpack(self.sysmem.read(base + (selector & ~7), 8))
+
+    # -- engine callbacks (no Python state changes beyond recording) ----------------------
+    def _fill(self, vpage: int, access: Access) -> tuple[int, int] | None:
+        if not is_canonical(vpage):
+            return None
+        try:
+            t = walk(self.phys, self.paging(), vpage, access, user=self.cpl == 3)
+        except ArchFault:
+            return None
+        if not self.phys.contains(t.paddr, 4096):
+            return None
+        prot = PROT_R
+        if t.writable and (t.dirty or access is Access.WRITE):
+            prot |= PROT_W  # a clean page is filled read-only so the first write sets D
+        if t.executable:
+            prot |= PROT_X
+        return t.paddr, prot
+
+    def _on_poison(self, vaddr: int, access: Access) -> None:
+        self._pending = lambda: self._memory_fault(vaddr, access)
+
+    def _on_unmapped(self, paddr: int, access: Access) -> None:
+        def stop() -> None:
+            rip = self.engine.read_reg("rip")
+            raise _Stop("outside_memory", f"{access.name.lower()} of physical {paddr:#x}", rip)
+        self._pending = stop
+
+    def _on_interrupt(self, vector: int) -> None:
+        self._pending = lambda: self._hooked_exception(vector)
+        self.engine.stop()
+
+    def _on_site(self, address: int) -> None:
+        kind = self.sites.get(address)
+        if kind == "iret":
+            self._pending = lambda: self._emulate_iret(address)
+        elif kind == "hlt":
+            self._pending = lambda: self._hlt(address)
+        self.engine.stop()
+
+    def _on_port_in(self, port: int, size: int) -> int:
+        if port == SERIAL_PORT + 5:
+            return 0x60  # LSR: transmitter holding register empty, transmitter empty
+        self.trace.emit("port", self.engine.icount, direction="in", port=port, size=size)
+        return (1 << (8 * size)) - 1
+
+    def _on_port_out(self, port: int, size: int, value: int) -> None:
+        if port == SERIAL_PORT:
+            self.serial.append(value & 0xFF)
+        elif port == EXIT_PORT:
+            def stop() -> None:
+                rip = self.engine.read_reg("rip")
+                raise _Stop("exit", f"exit device: {value:#x}", rip, exit_code=value)
+            self._pending = stop
+            self.engine.stop()
+        else:
+            self.trace.emit("port", self.engine.icount, direction="out", port=port, size=size,
+                            value=value)
+
+    # -- event handling (run loop side) ----------------------------------------------
+    def _memory_fault(self, vaddr: int, access: Access) -> None:
+        self.engine.icount -= 1  # the access's instruction did not complete
+        rip = self.engine.read_reg("rip")
+        try:
+            if not is_canonical(vaddr):
+                stack = access is not Access.FETCH and self._stack_reference(rip)
+                raise ArchFault(Vector.SS if stack else Vector.GP, 0,
+                                why=f"non-canonical address {vaddr:#x}")
+            t = walk(self.phys, self.paging(), vaddr, access, user=self.cpl == 3)
+        except ArchFault as fault:
+            self.engine.flush_tlb()  # drop the poison entry; the retry walks again
+            self.deliver(Event.exception(fault.vector, rip, fault.error_code, fault.cr2),
+                         why=fault.why)
+            return
+        if not self.phys.contains(t.paddr | (vaddr & 0xFFF)):
+            raise _Stop("outside_memory",
+                        f"{access.name.lower()} of {vaddr:#x} maps to physical {t.paddr:#x}, "
+                        "outside guest memory", rip)
+        self.engine.flush_tlb()  # the page became valid since it was poisoned: retry
+
+    def _stack_reference(self, rip: int) -> bool:
+        try:
+            code = self.read_linear(rip, 15)
+        except ArchFault:
+            return False
+        return is_stack_reference(code, rip)
+
+    def _hooked_exception(self, vector: int) -> None:
+        rip = self.engine.read_reg("rip")
+        error_code, is_int = self.engine.exception_info()
+        if is_int:
+            # INT n / INT3 (trap): RIP is already past the instruction; find its start.
+            insn = rip - 1 if vector == 3 and self._byte_at(rip - 1) == 0xCC else rip - 2
+            self.deliver(Event(vector, Source.SOFTWARE, rip, insn), why="")
+        elif vector == Vector.DB:
+            # Single-step (TF) #DB: a trap at the boundary after the instruction.
+            self.deliver(Event(vector, Source.EXCEPTION, rip, rip, trap_like=True), why="")
+        else:
+            self.engine.icount -= 1  # a fault: the instruction did not retire
+            ec = error_code if vector in (8, 10, 11, 12, 13, 14, 17, 21) else None
+            self.deliver(Event.exception(vector, rip, ec), why="")
+
+    def _byte_at(self, addr: int) -> int | None:
+        try:
+            return self.read_linear(addr, 1)[0]
+        except ArchFault:
+            return None
+
+    def _invalid_opcode(self) -> None:
+        rip = self.engine.read_reg("rip")
+        self.engine.icount -= 1
+        if self._byte_at(rip) == 0xF1:
+            # INT1/ICEBP: a trap through vector 1 with no gate-DPL check (EXT=1, Bochs).
+            self.engine.icount += 1
+            self.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
+        else:
+            self.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
+
+    def _hlt(self, address: int) -> None:
+        self.engine.icount -= 1
+        if self.cpl != 0:
+            self.deliver(Event.exception(Vector.GP, address, 0), why="HLT at CPL>0")
+            return
+        self.engine.icount += 1
+        # Nothing in this machine can wake a halted CPU yet: the run ends here, with RIP
+        # after the HLT (where an interrupt would return to).
+        raise _Stop("hlt", "HLT with no event that can wake the CPU", address + 1)
+
+    def _emulate_iret(self, address: int) -> None:
+        self.engine.icount -= 1
+        code = self._byte_at(address)
+        if code != 0x48:
+            raise _Stop("unsupported", "IRET without REX.W (IRETD/IRETW) is not modelled", address)
+        st = self.arch_state()
+        was_blocked = st.nmi_blocked
+        try:
+            res = iret64(self.sysmem, st)
+        except ArchFault as fault:
+            self.nmi_blocked = st.nmi_blocked  # cleared even though the IRET faulted
+            self.trace.emit("iret_fault", self.engine.icount, rip=address, vector=fault.vector,
+                            error_code=fault.error_code, nmi_unblocked=was_blocked,
+                            why=fault.why)
+            self.deliver(Event.exception(fault.vector, address, fault.error_code, fault.cr2),
+                         why=fault.why)
+            return
+        except UnsupportedIret as exc:
+            raise _Stop("unsupported", str(exc), address) from None
+        self.nmi_blocked = False
+        self.engine.icount += 1
+        self._load_segments(res.cs, res.ss, res.cpl)
+        self.engine.write({"rip": res.rip, "rsp": res.rsp, "rflags": res.rflags})
+        self._depth = max(0, self._depth - 1)
+        self.trace.emit("iret", self.engine.icount, rip=address, to_rip=res.rip, to_rsp=res.rsp,
+                        to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=self._depth)
+
+    def deliver(self, ev: Event, why: str = "") -> None:
+        """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
+        st = self.arch_state()
+        cr2_before = st.cr2
+        st.rip = ev.return_rip
+        out = deliver_event(self.sysmem, st, ev)
+        self.nmi_blocked = st.nmi_blocked
+        if st.cr2 != cr2_before:
+            self.engine.write({"cr2": st.cr2})
+        for nf in out.nested:
+            self.trace.emit("delivery_fault", self.engine.icount, vector=nf.during.vector,
+                            name=nf.during.name, fault=nf.fault.vector,
+                            fault_name=vector_name(nf.fault.vector),
+                            error_code=nf.fault.error_code, action=nf.action.value,
+                            why=nf.fault.why)
+        if out.delivery is None:
+            last = out.nested[-1]
+            assert last.action is Combine.SHUTDOWN
+            self.trace.emit("shutdown", self.engine.icount, reason=out.shutdown_reason)
+            raise _Stop("shutdown", out.shutdown_reason or "shutdown", ev.insn_rip)
+        d = out.delivery
+        self._events += 1
+        if self._events > self.max_events:
+            raise _Stop("max_events", f"more than {self.max_events} deliveries (runaway event "
+                        "storm, e.g. a handler that returns to its own fault)", ev.insn_rip)
+        self._load_segments(d.new_cs, d.new_ss, d.new_cpl)
+        self.engine.write({"rip": d.new_rip, "rsp": d.new_rsp, "rflags": d.new_rflags})
+        rec = self.trace.emit(
+            "deliver", self.engine.icount,
+            vector=d.event.vector, name=d.event.name, source=d.event.source.trace_name,
+            error_code=d.frame.error_code, rip=d.frame.rip, cs=d.frame.cs,
+            rflags=d.frame.rflags, old_rsp=d.frame.rsp, ss=d.frame.ss, rsp=d.new_rsp,
+            stack=d.stack, handler=d.new_rip, cpl=d.new_cpl, depth=self._depth,
+        )
+        if d.event.vector == Vector.PF and d.event.source is Source.EXCEPTION:
+            rec["cr2"] = st.cr2
+        if out.double_fault_of is not None:
+            rec["double_fault_of"] = list(out.double_fault_of)
+        if why:
+            rec["why"] = why
+        self._depth += 1
+        for cb in self.on_deliver:
+            cb(rec)
+
+    # -- running -----------------------------------------------------------------------
+    def start_state(self, *, entry: int, rsp: int, cpl: int = 0, rflags: int = 0x202,
+                    regs: dict[str, int] | None = None) -> None:
+        self.build()
+        if cpl not in (0, 3):
+            raise ValueError(f"cpl must be 0 or 3, not {cpl}")
+        cs, ss = (USER_CS, USER_DS) if cpl == 3 else (KERNEL_CS, KERNEL_DS)
+        self.cpl = cpl
+        self._load_segments(cs, ss, cpl)
+        self.engine.flush_tlb()
+        self.engine.write({**(regs or {}), "rip": entry, "rsp": rsp, "rflags": rflags | 2})
+
+    def run(self, *, entry: int | None = None, rsp: int | None = None, cpl: int = 0,
+            rflags: int = 0x202, regs: dict[str, int] | None = None,
+            max_insns: int | None = None, max_events: int | None = None) -> RunResult:
+        """Run until an outcome: hlt, shutdown, max_insns, exit, outside_memory, unsupported.
+
+        With `entry` the CPU is first reset to that entry point (`start_state`); without
+        it, the run continues from the current state.
+        """
+        if entry is not None:
+            self.start_state(entry=entry, rsp=rsp if rsp is not None else 0x70000, cpl=cpl,
+                             rflags=rflags, regs=regs)
+        if max_insns is not None:
+            self.max_insns = max_insns
+        if max_events is not None:
+            self.max_events = max_events
+        e = self.engine
+        while True:
+            e.set_stop_at(self.max_insns + 1)
+            self._pending = None
+            rip = e.read_reg("rip")
+            err = e.run(rip)
+            pending, self._pending = self._pending, None
+            try:
+                if pending is not None:
+                    pending()
+                elif e.stopped_by_counter:
+                    e.icount -= 1
+                    raise _Stop("max_insns", f"instruction limit {self.max_insns} reached",
+                                e.read_reg("rip"))
+                elif err == ERR_INSN_INVALID:
+                    self._invalid_opcode()
+                elif err is not None:
+                    raise _Stop("unsupported", f"engine error {err} at {e.read_reg('rip'):#x}",
+                                e.read_reg("rip"))
+                else:
+                    self._native_stop()
+            except _Stop as stop:
+                self.trace.emit("end", e.icount, reason=stop.outcome, rip=stop.rip,
+                                **({"detail": stop.reason} if stop.reason else {}),
+                                **({"exit_code": stop.exit_code}
+                                   if stop.exit_code is not None else {}))
+                return RunResult(stop.outcome, stop.rip, e.icount, self.trace,
+                                 exit_code=stop.exit_code, reason=stop.reason,
+                                 serial=self.serial.decode("latin-1"))
+
+    def _native_stop(self) -> None:
+        """The engine stopped without a hook: a HLT in code that was never decoded."""
+        rip = self.engine.read_reg("rip")
+        if self._byte_at(rip - 1) == 0xF4:
+            raise _Stop("hlt", "HLT (in code not decoded at load time)", rip)
+        raise _Stop("unsupported", f"engine stopped unexpectedly at {rip:#x}", rip)
+
+    def disassemble(self, addr: int) -> str:
+        try:
+            insn = decode_one(self.read_linear(addr, 15), addr)
+        except ArchFault:
+            return "??"
+        return insn.text if insn else "??"

@@ -1,0 +1,60 @@
+"""Guest physical memory: one host buffer shared with the engine (`mem_map_ptr`).
+
+Python reads and writes it directly through a memoryview, so page walks and frame pushes
+cost no engine calls. Writes from Python do not invalidate translated code: idtlab
+writes only data (frames, A/D bits, loaded images before the run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+
+PAGE = 4096
+
+
+class PhysicalAccessError(Exception):
+    """An access to guest-physical memory outside RAM."""
+
+    def __init__(self, paddr: int, size: int, memsize: int) -> None:
+        self.paddr = paddr
+        super().__init__(f"physical access {paddr:#x}+{size} outside guest memory (0..{memsize:#x})")
+
+
+class PhysicalMemory:
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE:
+            raise ValueError(f"guest memory size {size:#x} must be a positive multiple of 4 KiB")
+        self.size = size
+        self._buf = (ctypes.c_ubyte * size)()
+        self.view = memoryview(self._buf).cast("B")
+
+    @property
+    def host_address(self) -> int:
+        return ctypes.addressof(self._buf)
+
+    def _check(self, paddr: int, size: int) -> None:
+        if paddr < 0 or paddr + size > self.size:
+            raise PhysicalAccessError(paddr, size, self.size)
+
+    def contains(self, paddr: int, size: int = 1) -> bool:
+        return 0 <= paddr and paddr + size <= self.size
+
+    def read(self, paddr: int, size: int) -> bytes:
+        self._check(paddr, size)
+        return bytes(self.view[paddr : paddr + size])
+
+    def write(self, paddr: int, data: bytes) -> None:
+        self._check(paddr, len(data))
+        self.view[paddr : paddr + len(data)] = data
+
+    def read_u64(self, paddr: int) -> int:
+        self._check(paddr, 8)
+        return int(struct.unpack_from("<Q", self.view, paddr)[0])
+
+    def write_u64(self, paddr: int, value: int) -> None:
+        self._check(paddr, 8)
+        struct.pack_into("<Q", self.view, paddr, value & (2**64 - 1))
+
+    def read_uint(self, paddr: int, size: int) -> int:
+        return int.from_bytes(self.read(paddr, size), "little")

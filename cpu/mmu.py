@@ -1,0 +1,190 @@
+"""Guest 4-level paging, walked in Python from guest memory (SDM Vol. 3A "4-Level
+Paging", "Access Rights", "Page-Fault Exceptions", "Accessed and Dirty Flags").
+
+The walk is used twice: by the engine's TLB-fill hook for the guest's own accesses
+(`unicorn.md` facts 5-6), and by the delivery model for implicit supervisor accesses
+(IDT/GDT/TSS reads, frame pushes). Rights combine over all levels: writes need R/W=1
+everywhere (supervisor writes only when CR0.WP=1), user accesses need U/S=1 everywhere,
+fetches are refused if any level has XD=1 (EFER.NXE=1). The walk sets Accessed in every
+entry it uses and Dirty in the leaf on a write, only when the access succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from cpu.memory import PhysicalMemory
+from idt.error_codes import PFErr
+from idt.state import ArchFault
+from idt.vectors import Vector
+
+MAXPHYADDR = 40
+PTE_P = 1 << 0
+PTE_W = 1 << 1
+PTE_U = 1 << 2
+PTE_A = 1 << 5
+PTE_D = 1 << 6
+PTE_PS = 1 << 7
+PTE_G = 1 << 8
+PTE_XD = 1 << 63
+ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF
+# Bits MAXPHYADDR..51 are reserved in every entry (XD is checked separately).
+RSVD_HIGH = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)
+
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+CR4_SMEP = 1 << 20
+CR4_SMAP = 1 << 21
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+
+class Access(IntEnum):
+    READ = 0
+    WRITE = 1
+    FETCH = 2
+
+
+@dataclass(frozen=True)
+class PagingControl:
+    cr3: int
+    cr0: int
+    cr4: int
+    efer: int
+
+    @property
+    def nxe(self) -> bool:
+        return bool(self.efer & EFER_NXE)
+
+
+@dataclass(frozen=True)
+class Translation:
+    paddr: int  # physical address of the 4-KiB page holding the linear address
+    writable: bool  # the rights allow a write by this privilege
+    executable: bool
+    dirty: bool  # the leaf's D bit (after this walk)
+
+
+LEVEL_NAMES = ("PML4E", "PDPTE", "PDE", "PTE")
+
+
+def walk(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *, user: bool,
+         set_ad: bool = True) -> Translation:
+    """Translate `linear` for `access`; raise `ArchFault(#PF, code, cr2=linear)` if refused.
+
+    A paging-structure entry outside guest memory reads as not present (idtlab has no
+    memory there), which is what a zeroed table would give.
+    """
+    ec_base = (PFErr.W if access is Access.WRITE else 0) | (PFErr.U if user else 0)
+    if access is Access.FETCH and (ctl.nxe or ctl.cr4 & CR4_SMEP):
+        ec_base |= PFErr.ID
+
+    def fault(extra: int, why: str) -> ArchFault:
+        return ArchFault(Vector.PF, int(ec_base | extra), cr2=linear, why=why)
+
+    table = ctl.cr3 & ADDR_MASK
+    entries: list[tuple[int, int]] = []
+    writable = user_ok = True
+    nx = False
+    page_paddr = 0
+    for level in range(4):
+        shift = 39 - 9 * level
+        entry_addr = table + ((linear >> shift) & 0x1FF) * 8
+        entry = mem.read_u64(entry_addr) if mem.contains(entry_addr, 8) else 0
+        if not entry & PTE_P:
+            raise fault(0, f"{LEVEL_NAMES[level]} not present")
+        rsvd = bool(entry & RSVD_HIGH) or (bool(entry & PTE_XD) and not ctl.nxe)
+        is_leaf = level == 3 or (level in (1, 2) and bool(entry & PTE_PS))
+        if level == 0 and entry & PTE_PS:
+            rsvd = True  # PS is reserved in a PML4E
+        if is_leaf and level in (1, 2):
+            # Large page: bits 12..(shift-1) of the address field are reserved, except PAT (bit 12).
+            low = entry & ((1 << shift) - 1) & ~0xFFF & ~(1 << 12)
+            rsvd = rsvd or bool(low)
+        if rsvd:
+            raise fault(PFErr.P | PFErr.RSVD, f"reserved bit set in {LEVEL_NAMES[level]}")
+        entries.append((entry_addr, entry))
+        writable = writable and bool(entry & PTE_W)
+        user_ok = user_ok and bool(entry & PTE_U)
+        nx = nx or (ctl.nxe and bool(entry & PTE_XD))
+        if is_leaf:
+            size_mask = (1 << shift) - 1
+            page_paddr = ((entry & ADDR_MASK & ~size_mask) | (linear & size_mask)) & ~0xFFF
+            break
+        table = entry & ADDR_MASK
+
+    # Rights (SDM "Access Rights").
+    if user and not user_ok:
+        raise fault(PFErr.P, "user access to a supervisor page")
+    if access is Access.WRITE and not writable and (user or ctl.cr0 & CR0_WP):
+        raise fault(PFErr.P, "write to a read-only page")
+    if access is Access.FETCH and nx:
+        raise fault(PFErr.P, "fetch from an XD page")
+    if access is Access.FETCH and not user and user_ok and ctl.cr4 & CR4_SMEP:
+        raise fault(PFErr.P, "SMEP: supervisor fetch from a user page")
+
+    leaf_addr, leaf = entries[-1]
+    if set_ad:
+        for addr, entry in entries:
+            new = entry | PTE_A
+            if addr == leaf_addr and access is Access.WRITE:
+                new |= PTE_D
+            if new != entry:
+                mem.write_u64(addr, new)
+        if access is Access.WRITE:
+            leaf |= PTE_D
+    may_write = writable or (not user and not ctl.cr0 & CR0_WP)
+    return Translation(page_paddr, may_write, not nx, bool(leaf & PTE_D))
+
+
+def build_identity_map(mem: PhysicalMemory, base: int, memsize: int,
+                       overrides: dict[int, int]) -> tuple[int, int]:
+    """Write 4-level tables at `base` identity-mapping [0, memsize) with 2-MiB pages
+    (present, writable, user), split into 4-KiB tables where `overrides` (linear page ->
+    full PTE value) needs it. Returns (cr3, end of the tables).
+    """
+    two_mb = 1 << 21
+    nxt = base
+
+    def alloc() -> int:
+        nonlocal nxt
+        page = nxt
+        nxt += 4096
+        mem.write(page, bytes(4096))
+        return page
+
+    pml4 = alloc()
+    pdpts: dict[int, int] = {}
+    pds: dict[tuple[int, int], int] = {}
+    default = PTE_P | PTE_W | PTE_U
+
+    def pd_for(linear: int) -> int:
+        i4, i3 = (linear >> 39) & 0x1FF, (linear >> 30) & 0x1FF
+        if i4 not in pdpts:
+            pdpts[i4] = alloc()
+            mem.write_u64(pml4 + 8 * i4, pdpts[i4] | default)
+        if (i4, i3) not in pds:
+            pds[(i4, i3)] = alloc()
+            mem.write_u64(pdpts[i4] + 8 * i3, pds[(i4, i3)] | default)
+        return pds[(i4, i3)]
+
+    split = {page & ~(two_mb - 1) for page in overrides}
+    regions = sorted({r for r in range(0, memsize, two_mb)} | split)
+    for region in regions:
+        pd = pd_for(region)
+        slot = pd + 8 * ((region >> 21) & 0x1FF)
+        if region not in split:
+            mem.write_u64(slot, region | default | PTE_PS)
+            continue
+        pt = alloc()
+        mem.write_u64(slot, pt | default)
+        for i in range(512):
+            page = region + i * 4096
+            pte = overrides.get(page)
+            if pte is None:
+                pte = (page | default) if page < memsize else 0
+            mem.write_u64(pt + 8 * i, pte)
+    return pml4, nxt

@@ -1,0 +1,122 @@
+"""IRETQ in 64-bit mode (SDM Vol. 2A "IRET/IRETD/IRETQ", Vol. 3A "NMI Handling").
+
+The NMI rule, first: **any** IRET clears NMI blocking, and it does so *before* its own
+checks, so an IRET that faults still leaves NMIs unblocked (SDM Vol. 3A "Handling
+Multiple NMIs"; older editions give the V86 IOPL<3 IRET #GP example). This is the line
+QEMU gets wrong (it clears the mask only after a successful IRET) and Bochs gets right
+without a comment. Do not move it below the pops or the checks.
+
+Then the pops (RIP, CS, RFLAGS, RSP, SS — 64-bit mode always pops SS:RSP) and the
+protected-mode return checks on CS and SS, then the target RIP's canonical check. Only
+64-bit targets are modelled: an IRET to a compatibility-mode code segment raises
+`Unsupported` (an outcome, not a crash).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from idt.deliver import read_descriptor
+from idt.error_codes import selector_code
+from idt.state import (
+    RFLAGS_AC,
+    RFLAGS_CF,
+    RFLAGS_DF,
+    RFLAGS_FIXED1,
+    RFLAGS_ID,
+    RFLAGS_IF,
+    RFLAGS_IOPL,
+    RFLAGS_NT,
+    RFLAGS_RF,
+    RFLAGS_TF,
+    RFLAGS_VIF,
+    RFLAGS_VIP,
+    ArchFault,
+    ArchState,
+    SystemMemory,
+    is_canonical,
+)
+from idt.vectors import Vector
+
+# Arithmetic flags and the rest of what POPF/IRET may write at CPL0 (VM is 0 in 64-bit
+# mode IRET; reserved bits read as 0 except bit 1).
+_STATUS = RFLAGS_CF | 0x4 | 0x10 | 0x40 | 0x80 | 0x800
+_WRITABLE = (_STATUS | RFLAGS_TF | RFLAGS_IF | RFLAGS_DF | RFLAGS_IOPL | RFLAGS_NT | RFLAGS_RF
+             | RFLAGS_AC | RFLAGS_VIF | RFLAGS_VIP | RFLAGS_ID)
+
+
+class UnsupportedIret(Exception):
+    """IRET forms idtlab does not model (compatibility-mode targets)."""
+
+
+@dataclass(frozen=True)
+class IretResult:
+    nmi_unblocked: bool
+    rip: int
+    cs: int
+    rflags: int
+    rsp: int
+    ss: int
+    cpl: int
+
+
+def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
+    """Execute IRETQ on `st`. Clears `st.nmi_blocked` first, whatever happens next.
+
+    Raises `ArchFault` (the IRET is then the faulting instruction) — with NMIs already
+    unblocked; the caller reads `st.nmi_blocked` to know.
+    """
+    nmi_unblocked = st.nmi_blocked
+    st.nmi_blocked = False  # SDM: before the checks; a faulting IRET still unblocks NMIs
+
+    user = st.cpl == 3
+    raw = mem.read(st.rsp, 40, user=user, stack=True)
+    rip, cs, rflags, rsp, ss = struct.unpack("<5Q", raw)
+    cs &= 0xFFFF
+    ss &= 0xFFFF
+
+    # Return code segment (SDM IRET pseudocode, PROTECTED-MODE-RETURN).
+    if cs & 0xFFFC == 0:
+        raise ArchFault(Vector.GP, 0, why="IRET to a null CS")
+    cs_desc = read_descriptor(mem, st, cs, ext=False)
+    rpl = cs & 3
+    if not cs_desc.is_code:
+        raise ArchFault(Vector.GP, selector_code(cs, ext=False), why=f"IRET CS {cs:#x} not code")
+    if rpl < st.cpl:
+        raise ArchFault(Vector.GP, selector_code(cs, ext=False),
+                        why=f"IRET to CS.RPL {rpl} < CPL {st.cpl}")
+    if cs_desc.conforming and cs_desc.dpl > rpl:
+        raise ArchFault(Vector.GP, selector_code(cs, ext=False), why="conforming CS DPL > RPL")
+    if not cs_desc.conforming and cs_desc.dpl != rpl:
+        raise ArchFault(Vector.GP, selector_code(cs, ext=False),
+                        why=f"IRET CS {cs:#x}: DPL {cs_desc.dpl} != RPL {rpl}")
+    if not cs_desc.present:
+        raise ArchFault(Vector.NP, selector_code(cs, ext=False), why=f"IRET CS {cs:#x} not present")
+    if not cs_desc.is_64bit_code:
+        raise UnsupportedIret(f"IRET to compatibility-mode CS {cs:#x} is not modelled")
+
+    # Stack segment: 64-bit mode pops SS:RSP on every IRET. A null SS is allowed only
+    # when returning to a 64-bit segment at CPL < 3.
+    if ss & 0xFFFC == 0:
+        if rpl == 3:
+            raise ArchFault(Vector.GP, 0, why="IRET to CPL3 with a null SS")
+    else:
+        ss_desc = read_descriptor(mem, st, ss, ext=False)
+        if (ss & 3) != rpl or not ss_desc.writable or ss_desc.dpl != rpl:
+            raise ArchFault(Vector.GP, selector_code(ss, ext=False),
+                            why=f"IRET SS {ss:#x} not a writable data segment at RPL {rpl}")
+        if not ss_desc.present:
+            raise ArchFault(Vector.SS, selector_code(ss, ext=False), why=f"IRET SS {ss:#x} not present")
+
+    if not is_canonical(rip):
+        raise ArchFault(Vector.GP, 0, why=f"IRET to non-canonical RIP {rip:#x}")
+
+    # RFLAGS: IOPL changes only at CPL0; IF only when CPL <= IOPL (SDM IRET "Operation").
+    writable = _WRITABLE
+    if st.cpl > 0:
+        writable &= ~RFLAGS_IOPL
+    if st.cpl > (st.rflags & RFLAGS_IOPL) >> 12:
+        writable &= ~RFLAGS_IF
+    new_rflags = (st.rflags & ~writable) | (rflags & writable) | RFLAGS_FIXED1
+    return IretResult(nmi_unblocked, rip, cs, new_rflags, rsp, ss, rpl)
