@@ -120,6 +120,12 @@ def pushes_error_code(vector: int) -> bool:
 def parse_vector_name(text: str) -> int | None:
     """Inverse of `vector_name` for the architectural mnemonics ("#PF", "PF", "nmi")."""
     t = text.strip().upper().lstrip("#")
+    if t.startswith("VEC "):
+        try:
+            v = int(t[4:], 0)
+        except ValueError:
+            return None
+        return v if 0 <= v <= 255 else None
     for v, info in VECTOR_INFO.items():
         if info.mnemonic.lstrip("#").upper() == t:
             return v

@@ -1,0 +1,78 @@
+"""`idtlab` command line: `run SCENARIO`, `demo`.
+
+Exit status: 0 when every expectation holds, 1 when one fails, 2 on bad input (one line
+on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from idtlab import scenario as scn
+from idtlab.errors import BadInput, Unsupported
+from idtlab.trace import Symbolizer, timeline, write_jsonl
+
+SYSTEM_SYMBOLS = ("gdt", "tss", "idt", "pml4")
+
+
+def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str) -> int:
+    sc = scn.load(path)
+    result = scn.run(sc)
+    failures = scn.check(sc, result)
+    if trace_out:
+        write_jsonl(result.trace.records, trace_out)
+    if not quiet:
+        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS)
+        print(f"idtlab: {display}")
+        print(f"{'icount':>10}  event")
+        for line in timeline(result.trace.records, sym):
+            print(line)
+        if result.serial:
+            print("serial output:")
+            for line in result.serial.splitlines():
+                print(f"  | {line}")
+    for f in failures:
+        print(f"FAIL {f}")
+    if sc.expects:
+        ok = len(sc.expects) - len(failures)
+        print(f"{ok}/{len(sc.expects)} expectations hold"
+              + (f"; trace written to {trace_out}" if trace_out else ""))
+    elif trace_out:
+        print(f"trace written to {trace_out}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="idtlab", description="x86-64 interrupt and exception delivery lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a scenario file and check its expectations")
+    p_run.add_argument("scenario", type=Path)
+    p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
+    p_run.add_argument("-q", "--quiet", action="store_true", help="no timeline")
+    p_demo = sub.add_parser("demo", help="run the built-in example scenario")
+    p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
+    p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            res = resources.files("idtlab") / "examples" / "demo.toml"
+            with resources.as_file(res) as demo:
+                if args.show:
+                    print(demo.read_text(), end="")
+                    return 0
+                return _run_file(demo, args.trace, False, "demo (idtlab demo --show prints it)")
+        return _run_file(args.scenario, args.trace, args.quiet, str(args.scenario))
+    except (BadInput, Unsupported) as exc:
+        print(f"idtlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("idtlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

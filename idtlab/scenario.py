@@ -1,0 +1,433 @@
+"""Scenario files (TOML): parse, validate, build a machine, run it, check expectations.
+
+The format is documented in docs/scenario-format.md. Every problem with the file is a
+`BadInput` whose message names the file, the table and the key (and, for assembly, the
+line), so the CLI can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpu.machine import OUTCOMES, RESERVED_END, Machine, PageSpec, RunResult
+from idt.vectors import parse_vector_name, vector_name
+from idtlab.assemble import CodeBlock, assemble_blocks, resolve_address
+from idtlab.elf import load_elf
+from idtlab.errors import BadInput
+
+Value = int | str
+
+_TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "expect")
+_KEYS: dict[str, tuple[str, ...]] = {
+    "machine": ("memory", "max_events"),
+    "code": ("at", "asm", "file"),
+    "data": ("at", "symbol", "size", "u64", "u32", "u8"),
+    "image": ("elf", "multiboot"),
+    "gate": ("handler", "ist", "type", "dpl", "present", "selector"),
+    "tss": ("rsp0", "rsp1", "rsp2", "ist1", "ist2", "ist3", "ist4", "ist5", "ist6", "ist7"),
+    "pages": ("va", "pa", "count", "present", "writable", "user", "nx"),
+    "run": ("entry", "cpl", "rsp", "rflags", "regs", "max_insns"),
+    "expect": ("reg", "mem", "size", "equals", "outcome", "deliveries", "exit_code", "serial"),
+}
+_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+         "r12", "r13", "r14", "r15", "rip", "rflags", "cr2", "cr3")
+
+
+@dataclass
+class Expectation:
+    where: str
+    spec: dict[str, Any]
+
+
+@dataclass
+class Failure:
+    where: str
+    what: str
+    expected: str
+    actual: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}: expected {self.expected}, got {self.actual}"
+
+
+@dataclass
+class Scenario:
+    path: Path
+    data: dict[str, Any]
+    machine: Machine | None = None
+    symbols: dict[str, int] = field(default_factory=dict)
+    expects: list[Expectation] = field(default_factory=list)
+    run_args: dict[str, Any] = field(default_factory=dict)
+
+
+def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.name = path.name
+
+    def fail(self, where: str, msg: str) -> BadInput:
+        return BadInput(f"{self.name}: {where}: {msg}")
+
+    def keys(self, table: Mapping[str, Any], kind: str, where: str) -> None:
+        allowed = _KEYS[kind]
+        for key in table:
+            if key not in allowed:
+                raise self.fail(where, f"unknown key '{key}'{_did_you_mean(key, allowed)}")
+
+    def int_(self, value: Any, where: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"expected an integer, got {type(value).__name__} {value!r}")
+        if not lo <= value <= hi:
+            raise self.fail(where, f"{value:#x} outside {lo:#x}..{hi:#x}")
+        return value
+
+    def bool_(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"expected true or false, got {value!r}")
+        return value
+
+    def addr(self, value: Any, where: str) -> Value:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise self.fail(where, f"expected an address (integer or symbol), got {value!r}")
+        return value
+
+    def table(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a table, got {type(value).__name__}")
+        return value
+
+    def array_of_tables(self, value: Any, where: str) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(where, f"expected an array of tables ([[{where.strip('[]')}]])")
+        return value
+
+
+def parse_size(text: Any, where: str, chk: _Checker) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        return chk.int_(text, where, 1)
+    if not isinstance(text, str):
+        raise chk.fail(where, f"expected a size like \"16M\", got {text!r}")
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise chk.fail(where, f"cannot read size {text!r} (use e.g. \"16M\", \"512K\", \"1G\")")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+
+
+def load(path: str | Path) -> Scenario:
+    """Parse and validate a scenario file and build its machine (not yet run)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read scenario: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{path.name}: TOML syntax error: {exc}") from None
+    return build(path, data, text)
+
+
+def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
+    chk = _Checker(path)
+    for key in data:
+        if key not in _TOP:
+            raise chk.fail("top level", f"unknown table '{key}'{_did_you_mean(key, _TOP)}")
+    sc = Scenario(path=path, data=data)
+
+    mach = chk.table(data.get("machine", {}), "[machine]")
+    chk.keys(mach, "machine", "[machine]")
+    memory = parse_size(mach.get("memory", "16M"), "[machine] memory", chk)
+    if memory % 4096 or memory < RESERVED_END + 0x1000 or memory > 4 << 30:
+        raise chk.fail("[machine] memory", f"{memory:#x} must be a multiple of 4 KiB between "
+                       f"{RESERVED_END + 0x1000:#x} and 4 GiB")
+    max_events = chk.int_(mach.get("max_events", 100_000), "[machine] max_events", 1)
+    m = Machine(memory, max_events=max_events)
+    sc.machine = m
+    symbols: dict[str, int] = dict(m.symbols)
+    symbols["pml4"] = 0x3000  # build_identity_map starts the tables at PT_BASE
+    regions: list[tuple[int, int, str]] = [(0, RESERVED_END, "the machine's system area")]
+
+    def region(at: int, size: int, what: str) -> None:
+        if at + size > memory:
+            raise chk.fail(what, f"{at:#x}..{at + size:#x} is outside guest memory (0..{memory:#x})")
+        for lo, hi, other in regions:
+            if at < hi and lo < at + size:
+                raise chk.fail(what, f"{at:#x}..{at + size:#x} overlaps {other} ({lo:#x}..{hi:#x})")
+        regions.append((at, at + size, what))
+
+    # [[data]] blocks: zero-filled or initialised, optionally named.
+    for i, d in enumerate(chk.array_of_tables(data.get("data", []), "[[data]]"), 1):
+        where = f"[[data]] #{i}"
+        chk.keys(d, "data", where)
+        if "at" not in d:
+            raise chk.fail(where, "missing key 'at'")
+        at = chk.int_(d["at"], f"{where} at")
+        blob = bytearray()
+        for key, width in (("u64", 8), ("u32", 4), ("u8", 1)):
+            if key in d:
+                if not isinstance(d[key], list):
+                    raise chk.fail(f"{where} {key}", "expected an array of integers")
+                for j, v in enumerate(d[key]):
+                    blob += chk.int_(v, f"{where} {key}[{j}]", 0, 2 ** (8 * width) - 1).to_bytes(
+                        width, "little")
+        size = chk.int_(d.get("size", len(blob) or 8), f"{where} size", 1)
+        if len(blob) > size:
+            raise chk.fail(where, f"{len(blob)} initialised bytes exceed size {size}")
+        blob += bytes(size - len(blob))
+        region(at, size, where)
+        m.load(at, bytes(blob))
+        if "symbol" in d:
+            sym = d["symbol"]
+            if not isinstance(sym, str) or not re.fullmatch(r"[A-Za-z_.$][\w.$]*", sym):
+                raise chk.fail(f"{where} symbol", f"{sym!r} is not a valid symbol name")
+            if sym in symbols:
+                raise chk.fail(f"{where} symbol", f"'{sym}' is already defined")
+            symbols[sym] = at
+
+    # [[image]] ELF files.
+    for i, im in enumerate(chk.array_of_tables(data.get("image", []), "[[image]]"), 1):
+        where = f"[[image]] #{i}"
+        chk.keys(im, "image", where)
+        if im.get("multiboot"):
+            raise chk.fail(where, "multiboot images are not supported yet (32-bit entry); "
+                           "load a 64-bit image without multiboot = true")
+        if not isinstance(im.get("elf"), str):
+            raise chk.fail(where, "missing key 'elf' (path to an x86-64 ELF file)")
+        elf_path = (path.parent / im["elf"]).resolve()
+        _maybe_build_guest_image(elf_path)
+        image = load_elf(elf_path)
+        for seg in image.segments:
+            if seg.memsz == 0:
+                continue
+            region(seg.paddr, seg.memsz, f"{where} segment at {seg.paddr:#x}")
+            m.load(seg.paddr, seg.data + bytes(seg.memsz - len(seg.data)))
+        for lo, hi in image.code_ranges:
+            m.add_code(lo, m.phys.read(lo, hi - lo))
+        for name, value in image.symbols.items():
+            if name in symbols and symbols[name] != value:
+                raise chk.fail(where, f"symbol '{name}' from {im['elf']} is already defined")
+            symbols[name] = value
+
+    # [[code]] blocks, assembled together so labels are global.
+    blocks: list[CodeBlock] = []
+    for i, c in enumerate(chk.array_of_tables(data.get("code", []), "[[code]]"), 1):
+        where = f"[[code]] #{i}"
+        chk.keys(c, "code", where)
+        if "at" not in c:
+            raise chk.fail(where, "missing key 'at'")
+        at = chk.int_(c["at"], f"{where} at")
+        if ("asm" in c) == ("file" in c):
+            raise chk.fail(where, "give exactly one of 'asm' (inline source) or 'file'")
+        if "asm" in c:
+            if not isinstance(c["asm"], str):
+                raise chk.fail(f"{where} asm", "expected a string")
+            blocks.append(CodeBlock(at, c["asm"], f"{path.name} {where}",
+                                    _asm_first_line(text, i, c["asm"])))
+        else:
+            src = path.parent / str(c["file"])
+            try:
+                blocks.append(CodeBlock(at, src.read_text(), src.name, 1))
+            except OSError as exc:
+                raise chk.fail(f"{where} file", f"cannot read {src}: {exc.strerror}") from None
+    if blocks:
+        assembled, code_symbols = assemble_blocks(blocks, symbols)
+        for blk in assembled:
+            region(blk.at, max(1, len(blk.code)), blk.origin)
+            m.load(blk.at, blk.code, code=True)
+        symbols.update(code_symbols)
+    m.symbols.update(symbols)
+    sc.symbols = symbols
+
+    def addr(value: Any, where: str) -> int:
+        return resolve_address(chk.addr(value, where), symbols, f"{path.name}: {where}")
+
+    # [idt]
+    idt = chk.table(data.get("idt", {}), "[idt]")
+    for key, gate in idt.items():
+        try:
+            vector = int(key, 0)
+        except ValueError:
+            raise chk.fail("[idt]", f"key '{key}' is not a vector number") from None
+        where = f"[idt] {key}"
+        if not 0 <= vector <= 255:
+            raise chk.fail(where, f"vector {vector} outside 0..255")
+        gate = chk.table(gate, where)
+        chk.keys(gate, "gate", where)
+        if "handler" not in gate:
+            raise chk.fail(where, "missing key 'handler'")
+        gtype = gate.get("type", "interrupt")
+        if gtype not in ("interrupt", "trap"):
+            raise chk.fail(f"{where} type", f"'{gtype}' is not 'interrupt' or 'trap'")
+        m.set_gate(vector, addr(gate["handler"], f"{where} handler"),
+                   ist=chk.int_(gate.get("ist", 0), f"{where} ist", 0, 7),
+                   gate_type=gtype, dpl=chk.int_(gate.get("dpl", 0), f"{where} dpl", 0, 3),
+                   present=chk.bool_(gate.get("present", True), f"{where} present"),
+                   selector=chk.int_(gate.get("selector", 0x08), f"{where} selector", 0, 0xFFFF))
+
+    # [tss]
+    tss = chk.table(data.get("tss", {}), "[tss]")
+    chk.keys(tss, "tss", "[tss]")
+    m.set_tss(**{k: addr(v, f"[tss] {k}") for k, v in tss.items()})
+
+    # [[pages]]
+    for i, p in enumerate(chk.array_of_tables(data.get("pages", []), "[[pages]]"), 1):
+        where = f"[[pages]] #{i}"
+        chk.keys(p, "pages", where)
+        if "va" not in p:
+            raise chk.fail(where, "missing key 'va'")
+        va = addr(p["va"], f"{where} va")
+        pa = addr(p.get("pa", va), f"{where} pa")
+        count = chk.int_(p.get("count", 1), f"{where} count", 1, 1 << 20)
+        if va % 4096 or pa % 4096:
+            raise chk.fail(where, "va and pa must be 4-KiB aligned")
+        if va >= 1 << 47:
+            raise chk.fail(f"{where} va", f"{va:#x} is not a lower-half canonical address")
+        if pa + 4096 * count > memory:
+            raise chk.fail(f"{where} pa", f"{pa:#x} is outside guest memory (0..{memory:#x})")
+        flags = {k: chk.bool_(p[k], f"{where} {k}") for k in ("present", "writable", "user", "nx")
+                 if k in p}
+        for n in range(count):
+            m.set_page(PageSpec(va=va + 4096 * n, pa=pa + 4096 * n, **flags))
+
+    # [run]
+    run = chk.table(data.get("run", {}), "[run]")
+    chk.keys(run, "run", "[run]")
+    if "entry" not in run:
+        raise chk.fail("[run]", "missing key 'entry'")
+    regs = chk.table(run.get("regs", {}), "[run] regs")
+    for r in regs:
+        if r not in _REGS[:16]:
+            raise chk.fail(f"[run] regs {r}", f"unknown register{_did_you_mean(r, _REGS[:16])}")
+    sc.run_args = {
+        "entry": addr(run["entry"], "[run] entry"),
+        "rsp": addr(run.get("rsp", 0x70000), "[run] rsp"),
+        "cpl": chk.int_(run.get("cpl", 0), "[run] cpl", 0, 3),
+        "rflags": chk.int_(run.get("rflags", 0x202), "[run] rflags"),
+        "regs": {r: addr(v, f"[run] regs {r}") for r, v in regs.items()},
+        "max_insns": chk.int_(run.get("max_insns", 10_000_000), "[run] max_insns", 1),
+    }
+    if sc.run_args["cpl"] not in (0, 3):
+        raise chk.fail("[run] cpl", "must be 0 or 3")
+
+    # [[expect]]
+    for i, e in enumerate(chk.array_of_tables(data.get("expect", []), "[[expect]]"), 1):
+        where = f"[[expect]] #{i}"
+        chk.keys(e, "expect", where)
+        kinds = [k for k in ("reg", "mem", "outcome", "deliveries", "exit_code", "serial") if k in e]
+        if len(kinds) != 1:
+            raise chk.fail(where, "give exactly one of reg, mem, outcome, deliveries, exit_code, "
+                           "serial")
+        spec = dict(e)
+        if "reg" in e:
+            if e["reg"] not in _REGS:
+                raise chk.fail(f"{where} reg", f"unknown register '{e['reg']}'"
+                               f"{_did_you_mean(str(e['reg']), _REGS)}")
+        if "mem" in e:
+            spec["mem"] = addr(e["mem"], f"{where} mem")
+            spec["size"] = e.get("size", 8)
+            if spec["size"] not in (1, 2, 4, 8):
+                raise chk.fail(f"{where} size", "must be 1, 2, 4 or 8")
+        if "reg" in e or "mem" in e:
+            if "equals" not in e:
+                raise chk.fail(where, "missing key 'equals'")
+            spec["equals"] = addr(e["equals"], f"{where} equals")
+        if "outcome" in e and e["outcome"] not in OUTCOMES:
+            raise chk.fail(f"{where} outcome", f"'{e['outcome']}' is not one of "
+                           f"{', '.join(OUTCOMES)}")
+        if "deliveries" in e:
+            names = e["deliveries"]
+            if not isinstance(names, list):
+                raise chk.fail(f"{where} deliveries", "expected a list of vector names or numbers")
+            vecs = []
+            for n in names:
+                v = n if isinstance(n, int) else parse_vector_name(str(n))
+                if v is None:
+                    raise chk.fail(f"{where} deliveries", f"unknown vector name {n!r}")
+                vecs.append(v)
+            spec["deliveries"] = vecs
+        sc.expects.append(Expectation(where, spec))
+    return sc
+
+
+def _asm_first_line(text: str, index: int, asm: str) -> int:
+    """Line number in the TOML file where the index-th [[code]] block's asm text starts."""
+    if not text:
+        return 1
+    lines = text.splitlines()
+    seen = 0
+    first = asm.splitlines()[0].strip() if asm.strip() else ""
+    for n, line in enumerate(lines, 1):
+        if line.strip() == "[[code]]":
+            seen += 1
+        if seen == index and re.match(r"\s*asm\s*=", line):
+            rest = line.split("=", 1)[1].strip()
+            if rest.startswith(('"""', "'''")) and rest[3:].strip() == "":
+                return n + 1  # multi-line string: TOML drops the first newline
+            return n if first and first in line else n + 1
+    return 1
+
+
+def _maybe_build_guest_image(elf_path: Path) -> None:
+    """Build guest_images/build/<name>.elf from its committed source if needed."""
+    from guest_images import build as gib
+
+    build_dir = Path(gib.__file__).resolve().parent / "build"
+    if elf_path.parent == build_dir and elf_path.suffix == ".elf":
+        gib.build_image(elf_path.stem)
+
+
+def run(sc: Scenario) -> RunResult:
+    assert sc.machine is not None
+    return sc.machine.run(**sc.run_args)
+
+
+def check(sc: Scenario, result: RunResult) -> list[Failure]:
+    """Compare every [[expect]] with the run; return the failures (empty = all hold)."""
+    m = sc.machine
+    assert m is not None
+    out: list[Failure] = []
+    for exp in sc.expects:
+        s = exp.spec
+        if "outcome" in s:
+            if result.outcome != s["outcome"]:
+                out.append(Failure(exp.where, "outcome", s["outcome"],
+                                   f"{result.outcome} ({result.reason})"))
+        elif "exit_code" in s:
+            if result.exit_code != s["exit_code"]:
+                out.append(Failure(exp.where, "exit code", str(s["exit_code"]),
+                                   str(result.exit_code)))
+        elif "serial" in s:
+            if result.serial != s["serial"]:
+                out.append(Failure(exp.where, "serial output", repr(s["serial"]),
+                                   repr(result.serial)))
+        elif "deliveries" in s:
+            got = [r["vector"] for r in result.deliveries]
+            if got != s["deliveries"]:
+                out.append(Failure(exp.where, "deliveries",
+                                   "[" + ", ".join(vector_name(v) for v in s["deliveries"]) + "]",
+                                   "[" + ", ".join(vector_name(v) for v in got) + "]"))
+        elif "reg" in s:
+            actual = m.engine.read_reg(s["reg"])
+            if actual != s["equals"]:
+                out.append(Failure(exp.where, s["reg"], f"{s['equals']:#x}", f"{actual:#x}"))
+        elif "mem" in s:
+            try:
+                actual = int.from_bytes(m.read_linear(s["mem"], s["size"]), "little")
+            except Exception as exc:  # an unmapped address is a failed expectation
+                out.append(Failure(exp.where, f"mem {s['mem']:#x}", f"{s['equals']:#x}",
+                                   f"unreadable ({exc})"))
+                continue
+            if actual != s["equals"]:
+                out.append(Failure(exp.where, f"mem {s['mem']:#x} ({s['size']} bytes)",
+                                   f"{s['equals']:#x}", f"{actual:#x}"))
+    return out

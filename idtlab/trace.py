@@ -1,0 +1,83 @@
+"""JSONL trace output and the readable timeline.
+
+JSONL: one record per line, keys in emission order, compact separators, so the same
+scenario gives byte-identical files (tests check it). Format: docs/trace-format.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from idt.vectors import vector_name
+
+
+def to_jsonl(records: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+
+
+def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> None:
+    Path(path).write_text(to_jsonl(records))
+
+
+class Symbolizer:
+    """Addresses as `symbol+0x10` (nearest symbol at or below, within 64 KiB)."""
+
+    def __init__(self, symbols: Mapping[str, int], hide: Iterable[str] = ()) -> None:
+        hidden = set(hide)
+        pairs = sorted((v, k) for k, v in symbols.items() if k not in hidden)
+        self._addrs = [a for a, _ in pairs]
+        self._names = [n for _, n in pairs]
+
+    def __call__(self, addr: int) -> str:
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i >= 0 and addr - self._addrs[i] < 0x10000:
+            off = addr - self._addrs[i]
+            return self._names[i] + (f"+{off:#x}" if off else "")
+        return f"{addr:#x}"
+
+
+def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer) -> list[str]:
+    """Readable lines: icount, nesting by indentation, names instead of numbers."""
+    out: list[str] = []
+    for r in records:
+        kind = r["kind"]
+        pad = "  " * int(r.get("depth", 0))
+        head = f"{r['icount']:>10}  "
+        if kind == "deliver":
+            ec = "" if r["error_code"] is None else f"({r['error_code']:#x})"
+            extra = ""
+            if "cr2" in r:
+                extra += f" cr2={r['cr2']:#x}"
+            if "double_fault_of" in r:
+                a, b = r["double_fault_of"]
+                extra += f" [double fault: {vector_name(a)} then {vector_name(b)}]"
+            out.append(f"{head}{pad}{r['name']}{ec} {r['source']} at {sym(r['rip'])} -> "
+                       f"{sym(r['handler'])}  stack={r['stack']} rsp={r['rsp']:#x} "
+                       f"cpl {r['cs'] & 3}->{r['cpl']}{extra}")
+        elif kind == "iret":
+            nmi = "  (NMIs unblocked)" if r["nmi_unblocked"] else ""
+            out.append(f"{head}{pad}iret at {sym(r['rip'])} -> {sym(r['to_rip'])} "
+                       f"rsp={r['to_rsp']:#x} cpl {r['to_cpl']}{nmi}")
+        elif kind == "iret_fault":
+            out.append(f"{head}{pad}iret at {sym(r['rip'])} faults: {vector_name(r['vector'])}"
+                       f"({r['error_code']:#x}) {r['why']}"
+                       + ("  (NMIs unblocked anyway)" if r["nmi_unblocked"] else ""))
+        elif kind == "delivery_fault":
+            ec = "" if r["error_code"] is None else f"({r['error_code']:#x})"
+            out.append(f"{head}{pad}! {r['fault_name']}{ec} while delivering {r['name']}: "
+                       f"{r['why']} -> {r['action']}")
+        elif kind == "shutdown":
+            out.append(f"{head}{pad}SHUTDOWN: {r['reason']}")
+        elif kind == "end":
+            detail = f" ({r['detail']})" if r.get("detail") else ""
+            out.append(f"{head}end: {r['reason']} at {sym(r['rip'])}{detail}")
+        elif kind == "port":
+            val = f" = {r['value']:#x}" if "value" in r else ""
+            out.append(f"{head}{pad}port {r['direction']} {r['port']:#x}{val} (no device)")
+        else:
+            out.append(f"{head}{pad}{kind} {json.dumps({k: v for k, v in r.items() if k not in ('seq', 'icount', 'cycle', 'kind')})}")
+    return out
