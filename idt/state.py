@@ -67,6 +67,9 @@ class Event:
     cr2: int | None = None  # for #PF: the faulting linear address
     trap_like: bool = False  # for #DB: trap-class (RF pushed unchanged either way)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vector", int(self.vector))  # plain ints in traces
+
     @property
     def ext(self) -> bool:
         """SDM "Error Code": EXT=1 when the event is external to the program."""
@@ -99,7 +102,7 @@ class ArchFault(Exception):
 
     def __init__(self, vector: int, error_code: int | None = None, *, cr2: int | None = None,
                  why: str = "") -> None:
-        self.vector = vector
+        self.vector = int(vector)
         self.error_code = error_code
         self.cr2 = cr2
         self.why = why

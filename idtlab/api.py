@@ -1,0 +1,61 @@
+"""The Python API for tests: build machines from assembly, and `raises()`, the one-line
+"what does this instruction raise?" primitive (in the spirit of kvm-unit-tests'
+`asm_safe`).
+
+    >>> raises("mov cr3, rax", cpl=3)
+    Raised(vector=13, name='#GP', error_code=0, cr2=None, rip=1048576)
+    >>> raises("int 0x80", cpl=3).error_code == 0x402
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cpu.machine import Machine, PageSpec
+from idtlab.assemble import CodeBlock, assemble_blocks
+
+CODE_AT = 0x100000
+STUB_AT = 0x1F0000
+
+
+def assemble(machine: Machine, source: str, at: int, *, origin: str = "api") -> dict[str, int]:
+    """Assemble Intel-syntax `source` at `at` into `machine` (as code: IRET/HLT sites are
+    intercepted); labels may use the machine's symbols. Returns the labels defined."""
+    blocks, symbols = assemble_blocks([CodeBlock(at, source, origin, 1)], machine.symbols)
+    for b in blocks:
+        machine.load(b.at, b.code, code=True)
+    machine.symbols.update(symbols)
+    return symbols
+
+
+@dataclass(frozen=True)
+class Raised:
+    vector: int
+    name: str
+    error_code: int | None
+    cr2: int | None
+    rip: int  # the saved RIP of the frame
+
+
+def raises(insn: str, *, cpl: int = 0, regs: dict[str, int] | None = None,
+           pages: Iterable[PageSpec] = (), gate_dpl: int = 0, rflags: int = 0x202,
+           machine: Machine | None = None) -> Raised | None:
+    """Execute one instruction (or `;`-separated ones; only the first event counts) in a
+    fresh machine at `cpl`, with every vector routed to a present gate of DPL `gate_dpl`.
+    Returns the first event delivered, or None if the instruction completed quietly."""
+    m = machine or Machine()
+    assemble(m, insn, CODE_AT, origin="raises()")
+    assemble(m, "hlt", STUB_AT, origin="raises() stub")
+    for v in range(256):
+        m.set_gate(v, STUB_AT, dpl=gate_dpl)
+    m.set_tss(rsp0=0x80000)
+    for p in pages:
+        m.set_page(p)
+    result = m.run(entry=CODE_AT, rsp=0x70000, cpl=cpl, regs=regs, rflags=rflags,
+                   max_insns=insn.count(";") + insn.count("\n") + 1)
+    if not result.deliveries:
+        return None
+    d = result.deliveries[0]
+    return Raised(d["vector"], d["name"], d["error_code"], d.get("cr2"), d["rip"])
