@@ -1,0 +1,121 @@
+"""The CLI contract: exit statuses, one-line errors, deterministic traces, shipped examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from idtlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = """
+[[code]]
+at = 0x100000
+asm = '''
+main:
+    int3
+    hlt
+bp_handler:
+    iretq
+'''
+[idt]
+3 = { handler = "bp_handler", ist = 1 }
+[tss]
+ist1 = 0x90000
+[run]
+entry = "main"
+[[expect]]
+deliveries = ["#BP"]
+[[expect]]
+outcome = "hlt"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "idtlab.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_the_demo_runs_and_every_expectation_holds() -> None:
+    proc = run_cli("demo")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "7/7 expectations hold" in proc.stdout
+    assert "stack=ist1" in proc.stdout and "stack=rsp0" in proc.stdout
+
+
+def test_a_passing_scenario_exits_0_and_a_failing_expectation_exits_1(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(write(tmp_path, GOOD))]) == 0
+    bad = GOOD.replace('deliveries = ["#BP"]', 'deliveries = ["#PF"]')
+    assert main(["run", str(write(tmp_path, bad, "b.toml"))]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL [[expect]] #1: deliveries: expected [#PF], got [#BP]" in out
+
+
+def test_the_same_scenario_gives_a_byte_identical_trace(tmp_path: Path) -> None:
+    sc = write(tmp_path, GOOD)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["run", str(sc), "--trace", str(a), "-q"]) == 0
+    assert main(["run", str(sc), "--trace", str(b), "-q"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    records = [json.loads(line) for line in a.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["deliver", "iret", "end"]
+    assert [r["seq"] for r in records] == [0, 1, 2]
+    assert all({"seq", "icount", "cycle", "kind"} <= r.keys() for r in records)
+
+
+BAD_INPUTS = [
+    (GOOD.replace("[run]\nentry", "[run]\nentyr"), "s.toml: [run]: unknown key 'entyr' (did you mean 'entry'?)"),
+    (GOOD.replace('handler = "bp_handler"', 'handler = "bp_handlr"'), "unknown symbol 'bp_handlr'; did you mean 'bp_handler'?"),
+    (GOOD.replace("3 = {", "300 = {"), "[idt] 300: vector 300 outside 0..255"),
+    (GOOD.replace("    int3\n", "    int3\n    movv rax, 1\n"), "line 7"),
+    (GOOD.replace("ist = 1", "ist = 9"), "[idt] 3 ist: 0x9 outside 0x0..0x7"),
+    (GOOD.replace("ist = 1", 'ist = "one"'), "[idt] 3 ist: expected an integer"),
+    (GOOD + "\n[[data]]\nat = 0x100000\nsize = 16\n", "overlaps"),
+    (GOOD + "\n[[data]]\nat = 0x2000000\nsize = 16\n", "outside guest memory"),
+    (GOOD + "\n[bogus]\nx = 1\n", "top level: unknown table 'bogus'"),
+    ("[run\nentry = 1", "TOML syntax error"),
+    (GOOD + '\n[[image]]\nelf = "nope.elf"\n', "nope.elf"),
+    (GOOD.replace('outcome = "hlt"', 'outcome = "halt"'), "'halt' is not one of"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_on_stderr_and_exit_status_2(tmp_path: Path, text: str,
+                                                           message: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("idtlab: error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_an_elf_that_is_not_x86_64_is_rejected_with_exit_status_2(tmp_path: Path) -> None:
+    src = tmp_path / "x.S"
+    src.write_text(".text\n.globl _start\n_start: nop\n")
+    obj, elf = tmp_path / "x.o", tmp_path / "x.elf"
+    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-o", str(elf), str(obj)], check=True)
+    sc = write(tmp_path, GOOD + '\n[[image]]\nelf = "x.elf"\n')
+    proc = run_cli("run", str(sc))
+    assert proc.returncode == 2
+    assert "x86-64" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["bp_ist", "pf_demo"])
+def test_the_shipped_guest_image_scenarios_pass(name: str) -> None:
+    proc = run_cli("run", f"guest_images/{name}.toml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout
