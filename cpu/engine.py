@@ -31,8 +31,9 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
-from unicorn import (
+from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exported
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
@@ -57,8 +58,8 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.unicorn_py3 import unicorn as _ucpy
 from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucpy
 
 from cpu import native
 from cpu.memory import PhysicalMemory
@@ -102,13 +103,20 @@ class BlobLayout:
     old_exception: int
 
 
-def _blob(ctx: object) -> ctypes.Array[ctypes.c_char]:
-    ptr = ctypes.cast(ctx.context, ctypes.c_void_p).value  # type: ignore[attr-defined]
-    return (ctypes.c_char * ctx.size).from_address(ptr)  # type: ignore[attr-defined]
+def _blob(ctx: Any) -> ctypes.Array[ctypes.c_char]:
+    """The raw bytes of a `UcContext`, writable in place (`context_restore` reads them)."""
+    ptr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+    blob: ctypes.Array[ctypes.c_char] = (ctypes.c_char * ctx.size).from_address(ptr)
+    return blob
 
 
 def _i32(b: bytes, off: int) -> int:
     return int(struct.unpack_from("<i", b, off)[0])
+
+
+def _new_uc() -> Any:
+    """A 64-bit engine. Unicorn's binding is only partly typed, so it is `Any` here."""
+    return Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
 
 
 _PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF)
@@ -117,7 +125,7 @@ _PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x0
 @cache
 def blob_layout() -> BlobLayout:
     """Locate the fields idtlab patches in the context blob (once per process)."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc: Any = _new_uc()  # Unicorn's binding is only partly typed
     uc.mem_map(0, 0x100000, UC_PROT_ALL)
     for i, d in enumerate(_PROBE_GDT):
         uc.mem_write(0x1000 + 8 * i, struct.pack("<Q", d))
@@ -139,13 +147,13 @@ def blob_layout() -> BlobLayout:
     ss = next(o for o in range(0, n, 4) if (_i32(a, o), _i32(b, o)) == (0x10, 0x23))
 
     # Exception-state probes on a fresh engine (CPL0, no GDT: nothing else can fault).
-    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc = _new_uc()
     uc.mem_map(0, 0x100000, UC_PROT_ALL)
     uc.reg_write(X.UC_X86_REG_RSP, 0x7000)
     fresh = bytes(_blob(uc.context_save()))
     seen: list[bytes] = []
 
-    def on_intr(u: Uc, vector: int, _data: object) -> None:
+    def on_intr(u: Any, vector: int, _data: object) -> None:
         seen.append(bytes(_blob(u.context_save())))
         u.emu_stop()
 
@@ -188,10 +196,10 @@ class Engine:
     def __init__(self, mem: PhysicalMemory) -> None:
         self.mem = mem
         self.layout = blob_layout()
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc: Any = _new_uc()
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
-        self.uc = uc
+        self.uc: Any = uc
         self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
         self.poison: Callable[[int, Access], None] = lambda v, a: None
         self.unmapped: Callable[[int, Access], None] = lambda p, a: None
@@ -222,7 +230,7 @@ class Engine:
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
 
     # -- hooks -------------------------------------------------------------------------
-    def _on_fill(self, uc: Uc, vaddr: int, access: int, entry: object, _data: object) -> bool:
+    def _on_fill(self, uc: Any, vaddr: int, access: int, entry: object, _data: object) -> bool:
         result = self.fill(vaddr, _FILL_ACCESS.get(access, Access.READ))
         if result is None:
             slot = self._poison_slots.get(vaddr)
@@ -236,7 +244,7 @@ class Engine:
             entry.paddr, entry.perms = result  # type: ignore[attr-defined]
         return True
 
-    def _on_unmapped(self, uc: Uc, access: int, addr: int, size: int, value: int,
+    def _on_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
                      _data: object) -> bool:
         kind = _UNMAPPED_ACCESS.get(access, Access.READ)
         if addr >= POISON_BASE:
@@ -247,16 +255,16 @@ class Engine:
         self.unmapped(addr, kind)
         return False
 
-    def _on_intr(self, uc: Uc, vector: int, _data: object) -> None:
+    def _on_intr(self, uc: Any, vector: int, _data: object) -> None:
         self.interrupt(vector)
 
-    def _on_site(self, uc: Uc, address: int, size: int, _data: object) -> None:
+    def _on_site(self, uc: Any, address: int, size: int, _data: object) -> None:
         self.site(address)
 
-    def _on_in(self, uc: Uc, port: int, size: int, _data: object) -> int:
+    def _on_in(self, uc: Any, port: int, size: int, _data: object) -> int:
         return self.port_in(port, size)
 
-    def _on_out(self, uc: Uc, port: int, size: int, value: int, _data: object) -> None:
+    def _on_out(self, uc: Any, port: int, size: int, value: int, _data: object) -> None:
         self.port_out(port, size, value)
 
     # -- control -----------------------------------------------------------------------
@@ -327,10 +335,8 @@ class Engine:
     # -- context-blob patches ------------------------------------------------------------
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""
-        ctx = self.uc.context_save()
-        b = _blob(ctx)
-        return _i32(bytes(b[self.layout.error_code : self.layout.error_code + 4]), 0) & 0xFFFFFFFF, \
-            bool(_i32(bytes(b[self.layout.is_int : self.layout.is_int + 4]), 0))
+        raw = bytes(_blob(self.uc.context_save()))
+        return _i32(raw, self.layout.error_code) & 0xFFFFFFFF, bool(_i32(raw, self.layout.is_int))
 
     def patch_context(self, *, segments: tuple[int, int, int, int, int] | None = None,
                       clear_stale_exception: bool = False) -> None:

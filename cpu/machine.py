@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cpu.decode import decode_one, find_sites, is_stack_reference
 from cpu.engine import ERR_INSN_INVALID, PROT_R, PROT_W, PROT_X, Engine
-from cpu.memory import PhysicalAccessError, PhysicalMemory
+from cpu.memory import PhysicalMemory
 from cpu.mmu import (
-    CR0_PG,
-    CR0_WP,
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
@@ -70,7 +68,6 @@ from idt.descriptors import (
 from idt.double_fault import Combine, deliver_event
 from idt.iret import UnsupportedIret, iret64
 from idt.state import (
-    RFLAGS_IOPL,
     ArchFault,
     ArchState,
     Event,
@@ -571,10 +568,12 @@ class Machine:
                 else:
                     self._native_stop()
             except _Stop as stop:
-                self.trace.emit("end", e.icount, reason=stop.outcome, rip=stop.rip,
-                                **({"detail": stop.reason} if stop.reason else {}),
-                                **({"exit_code": stop.exit_code}
-                                   if stop.exit_code is not None else {}))
+                fields: dict[str, Any] = {"reason": stop.outcome, "rip": stop.rip}
+                if stop.reason:
+                    fields["detail"] = stop.reason
+                if stop.exit_code is not None:
+                    fields["exit_code"] = stop.exit_code
+                self.trace.emit("end", e.icount, **fields)
                 return RunResult(stop.outcome, stop.rip, e.icount, self.trace,
                                  exit_code=stop.exit_code, reason=stop.reason,
                                  serial=self.serial.decode("latin-1"))

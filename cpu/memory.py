@@ -38,7 +38,7 @@ class PhysicalMemory:
             raise PhysicalAccessError(paddr, size, self.size)
 
     def contains(self, paddr: int, size: int = 1) -> bool:
-        return 0 <= paddr and paddr + size <= self.size
+        return paddr >= 0 and paddr + size <= self.size
 
     def read(self, paddr: int, size: int) -> bytes:
         self._check(paddr, size)

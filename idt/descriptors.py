@@ -21,13 +21,13 @@ TSS_SIZE = 0x68
 TSS_IOMAP_BASE_OFFSET = 0x66
 
 
-def TSS_RSP_OFFSET(n: int) -> int:  # noqa: N802 - named like the SDM field
+def TSS_RSP_OFFSET(n: int) -> int:
     if not 0 <= n <= 2:
         raise ValueError(f"RSP{n} does not exist (RSP0..RSP2)")
     return 4 + 8 * n
 
 
-def TSS_IST_OFFSET(n: int) -> int:  # noqa: N802
+def TSS_IST_OFFSET(n: int) -> int:
     if not 1 <= n <= 7:
         raise ValueError(f"IST{n} does not exist (IST1..IST7)")
     return 0x1C + 8 * n

@@ -20,7 +20,7 @@ CODE_AT = 0x100000
 STUB_AT = 0x1F0000
 
 
-def assemble(machine: Machine, source: str, at: int, *, origin: str = "api") -> dict[str, int]:
+def load_asm(machine: Machine, source: str, at: int, *, origin: str = "api") -> dict[str, int]:
     """Assemble Intel-syntax `source` at `at` into `machine` (as code: IRET/HLT sites are
     intercepted); labels may use the machine's symbols. Returns the labels defined."""
     blocks, symbols = assemble_blocks([CodeBlock(at, source, origin, 1)], machine.symbols)
@@ -46,8 +46,8 @@ def raises(insn: str, *, cpl: int = 0, regs: dict[str, int] | None = None,
     fresh machine at `cpl`, with every vector routed to a present gate of DPL `gate_dpl`.
     Returns the first event delivered, or None if the instruction completed quietly."""
     m = machine or Machine()
-    assemble(m, insn, CODE_AT, origin="raises()")
-    assemble(m, "hlt", STUB_AT, origin="raises() stub")
+    load_asm(m, insn, CODE_AT, origin="raises()")
+    load_asm(m, "hlt", STUB_AT, origin="raises() stub")
     for v in range(256):
         m.set_gate(v, STUB_AT, dpl=gate_dpl)
     m.set_tss(rsp0=0x80000)

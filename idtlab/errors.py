@@ -8,10 +8,10 @@ sees: it names the file and the key or line. Guest misbehaviour is never a
 
 from __future__ import annotations
 
+from cpu.errors import Unsupported
+
+__all__ = ["BadInput", "Unsupported"]
+
 
 class BadInput(Exception):
     """Invalid user input. `str(exc)` is a complete one-line message naming where."""
-
-
-class Unsupported(NotImplementedError):
-    """A mechanism that idtlab does not model (yet). The message names it."""

@@ -328,10 +328,9 @@ def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
             raise chk.fail(where, "give exactly one of reg, mem, outcome, deliveries, exit_code, "
                            "serial")
         spec = dict(e)
-        if "reg" in e:
-            if e["reg"] not in _REGS:
-                raise chk.fail(f"{where} reg", f"unknown register '{e['reg']}'"
-                               f"{_did_you_mean(str(e['reg']), _REGS)}")
+        if "reg" in e and e["reg"] not in _REGS:
+            raise chk.fail(f"{where} reg", f"unknown register '{e['reg']}'"
+                           f"{_did_you_mean(str(e['reg']), _REGS)}")
         if "mem" in e:
             spec["mem"] = addr(e["mem"], f"{where} mem")
             spec["size"] = e.get("size", 8)

@@ -79,5 +79,6 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer) -> list[str]
             val = f" = {r['value']:#x}" if "value" in r else ""
             out.append(f"{head}{pad}port {r['direction']} {r['port']:#x}{val} (no device)")
         else:
-            out.append(f"{head}{pad}{kind} {json.dumps({k: v for k, v in r.items() if k not in ('seq', 'icount', 'cycle', 'kind')})}")
+            rest = {k: v for k, v in r.items() if k not in ("seq", "icount", "cycle", "kind")}
+            out.append(f"{head}{pad}{kind} {json.dumps(rest)}")
     return out

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from idtlab.errors import Unsupported
+from cpu.errors import Unsupported
 
 _SOURCE = Path(__file__).with_name("counter.c")
 
