@@ -135,6 +135,9 @@ class SegmentDescriptor:
         _check("limit", self.limit, 20)
         _check("type", self.type, 4)
         _check("dpl", self.dpl, 2)
+        # The one-bit flags too: an unchecked l=2 would silently set D/B instead of L.
+        for name in ("s", "avl", "l", "db", "g"):
+            _check(name, getattr(self, name), 1)
         return struct.pack("<Q", self.raw)
 
     @property

@@ -130,7 +130,8 @@ def test_segment_predicates_follow_the_type_bits() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("base", 2**32), ("limit", 2**20), ("type", 16), ("dpl", 4), ("base", -1),
+    ("base", 2**32), ("limit", 2**20), ("type", 16), ("dpl", 4), ("s", 2), ("avl", 2),
+    ("l", 2), ("db", 2), ("g", 2), ("base", -1),
 ])
 def test_a_segment_descriptor_refuses_a_field_wider_than_its_bits(field: str, value: int) -> None:
     desc = SegmentDescriptor(**{field: value})  # type: ignore[arg-type]
