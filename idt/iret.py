@@ -112,10 +112,12 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
     if not is_canonical(rip):
         raise ArchFault(Vector.GP, 0, why=f"IRET to non-canonical RIP {rip:#x}")
 
-    # RFLAGS: IOPL changes only at CPL0; IF only when CPL <= IOPL (SDM IRET "Operation").
+    # RFLAGS: IOPL, VIF and VIP change only at CPL0; IF only when CPL <= IOPL (SDM IRET
+    # "Operation": "IF CPL = 0 THEN EFLAGS(IOPL) <- tempEFLAGS; EFLAGS(VIF, VIP) <-
+    # tempEFLAGS"; Bochs iret.cc: "VIF, VIP, IOPL only changed if CPL == 0").
     writable = _WRITABLE
     if st.cpl > 0:
-        writable &= ~RFLAGS_IOPL
+        writable &= ~(RFLAGS_IOPL | RFLAGS_VIF | RFLAGS_VIP)
     if st.cpl > (st.rflags & RFLAGS_IOPL) >> 12:
         writable &= ~RFLAGS_IF
     new_rflags = (st.rflags & ~writable) | (rflags & writable) | RFLAGS_FIXED1

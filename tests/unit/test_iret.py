@@ -29,6 +29,8 @@ from idt.state import (
     RFLAGS_NT,
     RFLAGS_RF,
     RFLAGS_TF,
+    RFLAGS_VIF,
+    RFLAGS_VIP,
     RFLAGS_VM,
     ArchFault,
     ArchState,
@@ -273,6 +275,14 @@ def test_if_is_written_only_when_cpl_le_iopl_and_iopl_only_at_cpl0(
     res = iret64(world.mem, handler_state(cpl=cpl, rflags=current))
     assert bool(res.rflags & RFLAGS_IF) == (not if_writable)
     assert (res.rflags & RFLAGS_IOPL) >> 12 == ((3 - iopl) if iopl_writable else iopl)
+
+
+@pytest.mark.parametrize(("cpl", "writable"), [(0, True), (1, False), (3, False)])
+def test_vif_and_vip_are_written_only_at_cpl0(world: World, cpl: int, writable: bool) -> None:
+    frame(world, cs=USER_CS, ss=USER_DS, rflags=0x2 | RFLAGS_VIF | RFLAGS_VIP)
+    res = iret64(world.mem, handler_state(cpl=cpl, rflags=0x2))
+    assert bool(res.rflags & RFLAGS_VIF) == writable
+    assert bool(res.rflags & RFLAGS_VIP) == writable
 
 
 def test_iretq_never_sets_vm_or_reserved_bits_and_always_sets_bit_1(world: World) -> None:
