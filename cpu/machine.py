@@ -381,7 +381,12 @@ class Machine:
 
     # -- event handling (run loop side) ----------------------------------------------
     def _memory_fault(self, vaddr: int, access: Access) -> None:
-        self.engine.icount -= 1  # the access's instruction did not complete
+        if access is not Access.FETCH:
+            # A data access faults inside an instruction the native counter has already
+            # counted: it did not complete. A fetch fault happens while the engine
+            # translates code, before the counter's hook runs for the instruction being
+            # fetched, so there is nothing to take back.
+            self.engine.icount -= 1
         rip = self.engine.read_reg("rip")
         try:
             if not is_canonical(vaddr):
