@@ -486,6 +486,11 @@ class Machine:
         cr2_before = st.cr2
         st.rip = ev.return_rip
         out = deliver_event(self.sysmem, st, ev)
+        if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
+            # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
+            # fault while delivering them is a fault *on* the instruction (saved RIP = the
+            # INT, which restarts after the handler): it did not retire.
+            self.engine.icount -= 1
         self.nmi_blocked = st.nmi_blocked
         if st.cr2 != cr2_before:
             self.engine.write({"cr2": st.cr2})
