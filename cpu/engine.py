@@ -274,11 +274,13 @@ class Engine:
             self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None, address,
                                                     address)
 
-    def run(self, begin: int) -> int | None:
-        """Run from `begin` until a callback stops the engine; return Unicorn's error code."""
+    def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:
+        """Run from `begin` until a callback stops the engine, or until execution reaches
+        `until` (Unicorn checks it before translating each instruction, so nothing at or
+        after `until` is fetched); return Unicorn's error code."""
         self.counter.stopped = 0
         try:
-            self.uc.emu_start(begin, UNTIL_NEVER)
+            self.uc.emu_start(begin, until)
         except UcError as exc:
             return int(exc.errno)
         return None

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cpu.decode import decode_one, find_sites, is_stack_reference
+from cpu.decode import decode, decode_one, find_sites, is_stack_reference
 from cpu.engine import ERR_INSN_INVALID, PROT_R, PROT_W, PROT_X, Engine
 from cpu.memory import PhysicalMemory
 from cpu.mmu import (
@@ -207,6 +207,7 @@ class Machine:
         self.serial = bytearray()
         self._built = False
         self._pending: Callable[[], None] | None = None
+        self._fetch_boundary: int | None = None  # run only up to here next (a fetch fault)
         self._cr3 = 0
         self.on_deliver: list[Callable[[dict[str, Any]], None]] = []
         self._depth = 0
@@ -381,6 +382,13 @@ class Machine:
 
     # -- event handling (run loop side) ----------------------------------------------
     def _memory_fault(self, vaddr: int, access: Access) -> None:
+        if access is Access.FETCH:
+            boundary = self._fetch_boundary_before(vaddr)
+            if boundary is not None:
+                # Not this instruction's fault yet: run up to the boundary, then retry.
+                self._fetch_boundary = boundary
+                self.engine.flush_tlb()
+                return
         if access is not Access.FETCH:
             # A data access faults inside an instruction the native counter has already
             # counted: it did not complete. A fetch fault happens while the engine
@@ -404,6 +412,32 @@ class Machine:
                         f"{access.name.lower()} of {vaddr:#x} maps to physical {t.paddr:#x}, "
                         "outside guest memory", rip)
         self.engine.flush_tlb()  # the page became valid since it was poisoned: retry
+
+    def _fetch_boundary_before(self, vaddr: int) -> int | None:
+        """Where straight-line code from RIP first touches `vaddr`'s page, if not at RIP.
+
+        Unicorn translates a whole block of straight-line code before running any of it,
+        and a block may run on from one page into the next. When fetching a *later*
+        instruction of the block faults, the engine stops at the block's start with none
+        of it executed, but architecturally the instructions before the faulting one run
+        and retire first, and the #PF names the faulting instruction (SDM "Page-Fault
+        Exceptions"; the saved RIP is the instruction whose fetch faulted). A block has
+        no taken branch inside, so a linear decode from RIP finds that instruction: the
+        first one not wholly inside the bytes before `vaddr`'s page (it either starts on
+        that page or straddles into it). Returns its address, or None if it is at RIP.
+        """
+        rip = self.engine.read_reg("rip")
+        page = vaddr & ~0xFFF
+        if not rip < page <= rip + 4096:
+            return None
+        try:
+            code = self.read_linear(rip, page - rip)
+        except ArchFault:
+            return None
+        end = rip
+        for insn in decode(code, rip):  # stops at an instruction cut off by the page end
+            end = insn.address + insn.size
+        return end if end != rip else None
 
     def _stack_reference(self, rip: int) -> bool:
         try:
@@ -561,7 +595,8 @@ class Machine:
             e.set_stop_at(self.max_insns + 1)
             self._pending = None
             rip = e.read_reg("rip")
-            err = e.run(rip)
+            boundary, self._fetch_boundary = self._fetch_boundary, None
+            err = e.run(rip) if boundary is None else e.run(rip, until=boundary)
             pending, self._pending = self._pending, None
             try:
                 if pending is not None:
@@ -572,6 +607,8 @@ class Machine:
                                 e.read_reg("rip"))
                 elif err == ERR_INSN_INVALID:
                     self._invalid_opcode()
+                elif err is None and boundary is not None and e.read_reg("rip") == boundary:
+                    continue  # ran up to a faulting fetch (_fetch_boundary_before): retry it
                 elif err is not None:
                     raise _Stop("unsupported", f"engine error {err} at {e.read_reg('rip'):#x}",
                                 e.read_reg("rip"))
@@ -598,6 +635,6 @@ class Machine:
     def disassemble(self, addr: int) -> str:
         try:
             insn = decode_one(self.read_linear(addr, 15), addr)
-        except ArchFault:
+        except (ArchFault, _Stop):
             return "??"
         return insn.text if insn else "??"
