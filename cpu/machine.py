@@ -155,24 +155,34 @@ class GuestMemory:
             yield addr, off, n
             off += n
 
-    def _translate(self, addr: int, access: Access, user: bool, stack: bool) -> int:
+    def _translate(self, addr: int, size: int, access: Access, user: bool, stack: bool) -> int:
         if not is_canonical(addr):
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                             why=f"non-canonical address {addr:#x}")
         t = walk(self.m.phys, self.m.paging(), addr, access, user=user)
         paddr = t.paddr | (addr & 0xFFF)
+        if not self.m.phys.contains(paddr, size):
+            # A present translation to no RAM: a 2-MiB identity page over the end of a
+            # memory size that is not a multiple of 2 MiB, a PageSpec, or tables the guest
+            # rewrote. The guest's own accesses end the run as "outside_memory"
+            # (_on_unmapped, _memory_fault); delivery's and IRET's implicit accesses (a
+            # frame pushed through RSP0/IST) must end it the same way, not escape
+            # Machine.run as PhysicalAccessError.
+            raise _Stop("outside_memory",
+                        f"{access.name.lower()} of {addr:#x} maps to physical {paddr:#x}, "
+                        "outside guest memory", self.m.engine.read_reg("rip"))
         return paddr
 
     def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:
         out = bytearray(size)
         for addr, off, n in self._pieces(linear, size):
-            paddr = self._translate(addr, Access.READ, user, stack)
+            paddr = self._translate(addr, n, Access.READ, user, stack)
             out[off : off + n] = self.m.phys.read(paddr, n)
         return bytes(out)
 
     def write(self, linear: int, data: bytes, *, user: bool = False, stack: bool = False) -> None:
         for addr, off, n in self._pieces(linear, len(data)):
-            paddr = self._translate(addr, Access.WRITE, user, stack)
+            paddr = self._translate(addr, n, Access.WRITE, user, stack)
             self.m.phys.write(paddr, data[off : off + n])
 
 
