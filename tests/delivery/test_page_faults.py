@@ -1,0 +1,155 @@
+"""#PF error codes and CR2 for the guest's own accesses (semantics.md §2.6).
+
+Error-code bits: P(0) protection vs not-present, W/R(1) write, U/S(2) CPL3 access,
+I/D(4) instruction fetch (reported because EFER.NXE=1). CR2 = the exact linear address of
+the access (never page-aligned here, so an off-by-page bug shows). #PF is a fault: the
+saved RIP is the faulting instruction and the pushed RFLAGS has RF=1.
+
+The probed page is PROBE + 0x1000 = 0x401000; the access goes to 0x401123.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.delivery.rig import (
+    CODE,
+    KERNEL_CS,
+    KERNEL_DS,
+    KERNEL_STACK,
+    PROBE,
+    RFLAGS_RF,
+    RSP0_TOP,
+    START_RFLAGS,
+    USER_CS,
+    USER_DS,
+    USER_STACK,
+    Frame,
+    PageSpec,
+    assert_delivered,
+    build,
+    deliveries,
+    gate,
+)
+
+PAGE = PROBE + 0x1000
+ADDR = PAGE + 0x123
+
+NOT_PRESENT = PageSpec(PAGE, PAGE, present=False)
+READ_ONLY = PageSpec(PAGE, PAGE, writable=False)
+SUPERVISOR = PageSpec(PAGE, PAGE, user=False)
+NO_EXECUTE = PageSpec(PAGE, PAGE, nx=True)
+
+
+def run_access(access: str, page: PageSpec, *, cpl: int) -> tuple[Any, Any, dict[str, int]]:
+    """`mov rbx, ADDR` then `access` (which uses rbx), with a #PF handler that halts.
+    Returns (machine, run result, symbols)."""
+    m, sym = build(f"""
+    start:
+        mov rbx, {ADDR:#x}
+    access:
+        {access}
+        hlt
+    pf_handler:
+        hlt
+    """, gates={14: gate("pf_handler")}, pages=[page])
+    r = m.run(entry=CODE, rsp=USER_STACK if cpl == 3 else KERNEL_STACK, cpl=cpl,
+              rflags=START_RFLAGS)
+    assert r.outcome == "hlt" and r.rip == sym["pf_handler"] + 1
+    return m, r, sym
+
+
+def assert_pf(m: Any, r: Any, *, error_code: int, rip: int, cpl_before: int) -> None:
+    (rec,) = deliveries(r.trace.records)
+    if cpl_before == 3:
+        stack, top, cs, ss, old_rsp = "rsp0", RSP0_TOP, USER_CS, USER_DS, USER_STACK
+    else:
+        stack, top, cs, ss, old_rsp = "current", KERNEL_STACK, KERNEL_CS, KERNEL_DS, KERNEL_STACK
+    assert_delivered(m, rec, vector=14, stack=stack, stack_top=top, cpl=0,
+                     frame=Frame(error_code=error_code, rip=rip, cs=cs,
+                                 rflags=START_RFLAGS | RFLAGS_RF, rsp=old_rsp, ss=ss))
+    assert rec["cr2"] == ADDR
+    assert m.engine.read_reg("cr2") == ADDR
+    assert m.nmi_blocked is False
+
+
+def test_a_cpl0_read_of_a_not_present_page_raises_pf_0x0_with_cr2_the_exact_address() -> None:
+    m, r, sym = run_access("mov rax, qword ptr [rbx]", NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=0x0, rip=sym["access"], cpl_before=0)
+    assert deliveries(r.trace.records)[0]["icount"] == 1  # only the mov rbx retired
+
+
+def test_a_cpl0_write_to_a_not_present_page_raises_pf_0x2() -> None:
+    m, r, sym = run_access("mov qword ptr [rbx], rax", NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=0x2, rip=sym["access"], cpl_before=0)
+
+
+def test_a_cpl0_write_to_a_read_only_page_with_cr0_wp_set_raises_pf_0x3() -> None:
+    m, r, sym = run_access("mov qword ptr [rbx], rax", READ_ONLY, cpl=0)
+    assert m.engine.read_reg("cr0") & (1 << 16)  # CR0.WP=1: supervisor writes honour R/W
+    assert_pf(m, r, error_code=0x3, rip=sym["access"], cpl_before=0)
+
+
+def test_a_cpl3_read_of_a_supervisor_page_raises_pf_0x5_on_rsp0() -> None:
+    m, r, sym = run_access("mov rax, qword ptr [rbx]", SUPERVISOR, cpl=3)
+    assert_pf(m, r, error_code=0x5, rip=sym["access"], cpl_before=3)
+    assert m.engine.read_reg("ss") & 0xFFFF == 0  # NULL SS after the CPL3 -> CPL0 switch
+
+
+def test_a_cpl3_write_to_a_not_present_page_raises_pf_0x6() -> None:
+    m, r, sym = run_access("mov qword ptr [rbx], rax", NOT_PRESENT, cpl=3)
+    assert_pf(m, r, error_code=0x6, rip=sym["access"], cpl_before=3)
+
+
+def test_a_fetch_from_a_not_present_page_raises_pf_0x10_with_the_target_as_rip_and_cr2() -> None:
+    m, r, _sym = run_access("jmp rbx", NOT_PRESENT, cpl=0)
+    # The fault is on the instruction at the jump target: saved RIP = CR2 = ADDR. I/D is
+    # reported because EFER.NXE=1.
+    assert_pf(m, r, error_code=0x10, rip=ADDR, cpl_before=0)
+    assert deliveries(r.trace.records)[0]["icount"] == 2  # mov rbx and jmp retired
+
+
+def test_a_fetch_from_an_nx_page_raises_pf_0x11() -> None:
+    m, r, _sym = run_access("jmp rbx", NO_EXECUTE, cpl=0)
+    assert_pf(m, r, error_code=0x11, rip=ADDR, cpl_before=0)
+    assert deliveries(r.trace.records)[0]["icount"] == 2
+
+
+def run_into_page(tail: bytes, *, lead: int) -> tuple[Any, Any, dict[str, int]]:
+    """Jump to PAGE - lead, where `lead - len(tail)` NOPs and then `tail` run on to the
+    not-present PAGE. Unicorn translates that straight line as one block, so the fetch
+    fault must still name the right instruction and count the NOPs as retired."""
+    m, sym = build(f"""
+    start:
+        mov rbx, {PAGE - lead:#x}
+        jmp rbx
+    pf_handler:
+        hlt
+    """, gates={14: gate("pf_handler")}, pages=[NOT_PRESENT])
+    m.load(PAGE - lead, b"\x90" * (lead - len(tail)) + tail, code=True)
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS)
+    assert r.outcome == "hlt" and r.rip == sym["pf_handler"] + 1
+    return m, r, sym
+
+
+def check_fetch_fault(m: Any, r: Any, *, rip: int, icount: int) -> None:
+    (rec,) = deliveries(r.trace.records)
+    assert_delivered(m, rec, vector=14, stack="current", stack_top=KERNEL_STACK, cpl=0,
+                     frame=Frame(error_code=0x10, rip=rip, cs=KERNEL_CS,
+                                 rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
+                                 ss=KERNEL_DS))
+    assert rec["cr2"] == m.engine.read_reg("cr2") == PAGE  # the first byte not fetched
+    assert rec["icount"] == icount
+
+
+def test_code_running_off_a_page_into_a_not_present_page_faults_at_the_first_byte_of_that_page() -> None:
+    m, r, _sym = run_into_page(b"", lead=16)
+    # mov, jmp and all 16 NOPs retire; the fault is on the instruction at PAGE.
+    check_fetch_fault(m, r, rip=PAGE, icount=2 + 16)
+
+
+def test_an_instruction_straddling_into_a_not_present_page_faults_with_its_own_address() -> None:
+    mov_eax_cut = b"\xb8\x01\x02"  # mov eax, imm32: opcode and 2 bytes here, 2 on PAGE
+    m, r, _sym = run_into_page(mov_eax_cut, lead=16)
+    # 13 NOPs retire; the MOV is the faulting instruction, CR2 its first missing byte.
+    check_fetch_fault(m, r, rip=PAGE - 3, icount=2 + 13)
