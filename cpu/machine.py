@@ -68,6 +68,7 @@ from idt.descriptors import (
 from idt.double_fault import Combine, deliver_event
 from idt.iret import UnsupportedIret, iret64
 from idt.state import (
+    RFLAGS_RF,
     ArchFault,
     ArchState,
     Event,
@@ -529,6 +530,15 @@ class Machine:
         st = self.arch_state()
         cr2_before = st.cr2
         st.rip = ev.return_rip
+        if ev.source not in (Source.NMI, Source.INTERRUPT):
+            # RF (set by an IRET that loaded a fault frame) only suppresses instruction
+            # breakpoints for the next instruction: it is clear again once that instruction
+            # runs (Bochs clears it as the instruction starts). Unicorn clears it only at the
+            # end of a translation block, so an INT3 a few instructions after such an IRET
+            # would push a stale RF=1. Every event here but an external one is raised by an
+            # executing instruction, so RF is architecturally 0; fault-class exceptions set
+            # it in their pushed image anyway (idt.deliver).
+            st.rflags &= ~RFLAGS_RF
         out = deliver_event(self.sysmem, st, ev)
         if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
