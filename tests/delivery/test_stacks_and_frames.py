@@ -207,3 +207,31 @@ def test_ud2_after_two_nops_is_delivered_with_icount_2_and_the_ud2_address_saved
                      frame=Frame(rip=sym["the_ud2"], cs=KERNEL_CS,
                                  rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
                                  ss=KERNEL_DS))
+
+
+def test_an_int3_after_an_instruction_that_followed_an_rf_setting_iretq_pushes_rf_clear() -> None:
+    # The #DE handler returns with RF=1 in the image (a fault frame); IRETQ loads it. RF
+    # lasts only until the next instruction runs, so by the INT3 after the NOP it is 0
+    # again, and a trap pushes RF as it is (semantics.md §2.4).
+    m, sym = build("""
+        mov ecx, 0
+        div ecx
+        nop
+        int3
+    after_int3:
+        hlt
+    de_handler:
+        add qword ptr [rsp], 2
+        iretq
+    bp_handler:
+        hlt
+    """, gates={0: gate("de_handler"), 3: gate("bp_handler")})
+
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS)
+
+    assert r.outcome == "hlt" and r.rip == sym["bp_handler"] + 1
+    de, bp = deliveries(r.trace.records)
+    assert de["rflags"] == START_RFLAGS | RFLAGS_RF
+    assert_delivered(m, bp, vector=3, stack="current", stack_top=KERNEL_STACK, cpl=0,
+                     frame=Frame(rip=sym["after_int3"], cs=KERNEL_CS, rflags=START_RFLAGS,
+                                 rsp=KERNEL_STACK, ss=KERNEL_DS))
