@@ -73,3 +73,32 @@ def is_stack_reference(code: bytes, address: int) -> bool:
                                                          CX.X86_REG_ESP, CX.X86_REG_EBP):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class MemOperand:
+    """An explicit memory operand: [segment: base + index*scale + disp], `size` bytes."""
+
+    base: str | None
+    index: str | None
+    scale: int
+    disp: int
+    size: int
+    segment: str | None
+
+
+def memory_operands(code: bytes, address: int) -> tuple[int, list[MemOperand]]:
+    """(length, explicit memory operands) of the instruction at `address`; (0, []) if
+    `code` does not start with a whole instruction. Implicit accesses (PUSH, CALL...)
+    are not listed; string instructions list [rdi]/[rsi]."""
+    insns = list(_cs().disasm(code, address, 1))
+    if not insns:
+        return 0, []
+    insn = insns[0]
+
+    def name(reg: int) -> str | None:
+        return None if reg == CX.X86_REG_INVALID else str(insn.reg_name(reg))
+
+    return insn.size, [MemOperand(name(op.mem.base), name(op.mem.index), int(op.mem.scale),
+                                  int(op.mem.disp), int(op.size), name(op.mem.segment))
+                       for op in insn.operands if op.type == CX.X86_OP_MEM]
