@@ -153,3 +153,45 @@ def test_an_instruction_straddling_into_a_not_present_page_faults_with_its_own_a
     m, r, _sym = run_into_page(mov_eax_cut, lead=16)
     # 13 NOPs retire; the MOV is the faulting instruction, CR2 its first missing byte.
     check_fetch_fault(m, r, rip=PAGE - 3, icount=2 + 13)
+
+
+def test_a_write_straddling_into_a_not_present_page_faults_with_cr2_at_that_page() -> None:
+    # An 8-byte store at PAGE - 4: the first page is fine, the second is not present.
+    # CR2 is the first byte of the faulting page, not where the engine split the store.
+    m, sym = build(f"""
+    start:
+        mov rbx, {PAGE - 4:#x}
+    access:
+        mov qword ptr [rbx], rax
+        hlt
+    pf_handler:
+        hlt
+    """, gates={14: gate("pf_handler")}, pages=[NOT_PRESENT])
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS)
+    assert r.outcome == "hlt" and r.rip == sym["pf_handler"] + 1
+    (rec,) = deliveries(r.trace.records)
+    assert_delivered(m, rec, vector=14, stack="current", stack_top=KERNEL_STACK, cpl=0,
+                     frame=Frame(error_code=0x2, rip=sym["access"], cs=KERNEL_CS,
+                                 rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
+                                 ss=KERNEL_DS))
+    assert rec["cr2"] == m.engine.read_reg("cr2") == PAGE
+
+
+def test_a_read_straddling_into_a_not_present_page_faults_with_cr2_at_that_page() -> None:
+    m, sym = build(f"""
+    start:
+        mov rbx, {PAGE - 2:#x}
+    access:
+        mov eax, dword ptr [rbx]
+        hlt
+    pf_handler:
+        hlt
+    """, gates={14: gate("pf_handler")}, pages=[NOT_PRESENT])
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS)
+    assert r.outcome == "hlt" and r.rip == sym["pf_handler"] + 1
+    (rec,) = deliveries(r.trace.records)
+    assert_delivered(m, rec, vector=14, stack="current", stack_top=KERNEL_STACK, cpl=0,
+                     frame=Frame(error_code=0x0, rip=sym["access"], cs=KERNEL_CS,
+                                 rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
+                                 ss=KERNEL_DS))
+    assert rec["cr2"] == m.engine.read_reg("cr2") == PAGE
