@@ -28,7 +28,8 @@ it, and delivery reads it at the moment of delivery):
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,10 @@ class GuestMemory:
 
     def __init__(self, machine: Machine) -> None:
         self.m = machine
+        # Paging controls snapshotted for the duration of one delivery or IRET (see
+        # `Machine._paging_snapshot`): nothing can write CR0/CR3/CR4/EFER in between, and
+        # reading them from the engine for every 8-byte access dominated event cost.
+        self.ctl: PagingControl | None = None
 
     def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
         off = 0
@@ -160,7 +165,8 @@ class GuestMemory:
         if not is_canonical(addr):
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                             why=f"non-canonical address {addr:#x}")
-        t = walk(self.m.phys, self.m.paging(), addr, access, user=user)
+        ctl = self.ctl if self.ctl is not None else self.m.paging()
+        t = walk(self.m.phys, ctl, addr, access, user=user)
         paddr = t.paddr | (addr & 0xFFF)
         if not self.m.phys.contains(paddr, size):
             # A present translation to no RAM: a 2-MiB identity page over the end of a
@@ -544,7 +550,8 @@ class Machine:
         st = self.arch_state()
         was_blocked = st.nmi_blocked
         try:
-            res = iret64(self.sysmem, st)
+            with self._paging_snapshot():
+                res = iret64(self.sysmem, st)
         except ArchFault as fault:
             self.nmi_blocked = st.nmi_blocked  # cleared even though the IRET faulted
             self.trace.emit("iret_fault", self.engine.icount, rip=address, vector=fault.vector,
@@ -563,6 +570,15 @@ class Machine:
         self.trace.emit("iret", self.engine.icount, rip=address, to_rip=res.rip, to_rsp=res.rsp,
                         to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=self._depth)
 
+    @contextmanager
+    def _paging_snapshot(self) -> Iterator[None]:
+        """Read the paging controls once for the implicit accesses of one event."""
+        self.sysmem.ctl = self.paging()
+        try:
+            yield
+        finally:
+            self.sysmem.ctl = None
+
     def deliver(self, ev: Event, why: str = "") -> None:
         """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
         st = self.arch_state()
@@ -577,7 +593,8 @@ class Machine:
             # executing instruction, so RF is architecturally 0; fault-class exceptions set
             # it in their pushed image anyway (idt.deliver).
             st.rflags &= ~RFLAGS_RF
-        out = deliver_event(self.sysmem, st, ev)
+        with self._paging_snapshot():
+            out = deliver_event(self.sysmem, st, ev)
         if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
             # fault while delivering them is a fault *on* the instruction (saved RIP = the
