@@ -46,13 +46,27 @@ def decode_one(code: bytes, address: int) -> Insn | None:
     return next(decode(code, address), None)
 
 
-SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt"}
+SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt", "sti": "sti"}
+
+
+def site_kind(insn: Insn) -> str | None:
+    """"iret"/"hlt" (intercepted and emulated), "sti"/"mov_ss" (observed: they open an
+    interrupt shadow), or None. POP SS is #UD in 64-bit mode, so MOV SS is the only SS
+    load that opens a MOV-SS shadow here."""
+    kind = SITE_KINDS.get(insn.mnemonic)
+    if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
+        kind = "mov_ss"
+    return kind
 
 
 def find_sites(code: bytes, address: int) -> dict[int, str]:
-    """Addresses of IRET/HLT instructions in a linear decode of `code`."""
-    return {i.address: SITE_KINDS[i.mnemonic] for i in decode(code, address)
-            if i.mnemonic in SITE_KINDS}
+    """Addresses of IRET/HLT/STI/MOV SS instructions in a linear decode of `code`."""
+    out: dict[int, str] = {}
+    for i in decode(code, address):
+        kind = site_kind(i)
+        if kind is not None:
+            out[i.address] = kind
+    return out
 
 
 _STACK_MNEMONICS = {"push", "pop", "pushfq", "popfq", "call", "ret", "enter", "leave",

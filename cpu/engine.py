@@ -210,11 +210,16 @@ class Engine:
         self._poison_slots: dict[int, int] = {}
         self._poison_pages: list[int] = []
         self._sites: dict[int, int] = {}
+        self._mmio: list[Any] = []  # keeps the binding's callbacks alive
 
         # The native counter first, so it runs before any Python code hook.
         lib = native.load()
+        self._lib = lib
         self.counter = native.CounterStruct(
             0, 2**64 - 1, ctypes.cast(_ucpy.uclib.uc_emu_stop, ctypes.c_void_p), 0)
+        self.counter.stop_cycle = 2**64 - 1
+        self.counter.default_cost = 1
+        self._miss_fn: Any = None  # keeps the ctypes callback alive
         self._counter_hook = ctypes.c_size_t()
         fn = ctypes.cast(lib.idtlab_count_insn, ctypes.c_void_p)
         status = _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(self._counter_hook), UC_HOOK_CODE,
@@ -303,6 +308,70 @@ class Engine:
     @property
     def stopped_by_counter(self) -> bool:
         return bool(self.counter.stopped)
+
+    @property
+    def cycles(self) -> int:
+        return int(self.counter.cycles)
+
+    @cycles.setter
+    def cycles(self, value: int) -> None:
+        self.counter.cycles = value
+
+    def set_stop_cycle(self, cycle: int) -> None:
+        """Stop at the first boundary where the retired instructions' cycles reach `cycle`."""
+        self.counter.stop_cycle = min(max(cycle, 0), 2**64 - 1)
+
+    def uncount(self) -> None:
+        """Take back the last counted instruction (it was stopped before it retired)."""
+        self.counter.count -= 1
+        self.counter.cycles -= self.counter.last_cost
+
+    def recount(self) -> None:
+        """Count the last taken-back instruction again (an emulated IRET/HLT retired)."""
+        self.counter.count += 1
+        self.counter.cycles += self.counter.last_cost
+
+    def set_cost_mode(self, *, timed: bool, default_cost: int,
+                      miss: Callable[[int, int], int] | None = None) -> None:
+        """Fast mode: every instruction costs `default_cost`. Timed mode: `miss(address,
+        size)` gives an instruction's cost once; the native table caches it by address."""
+        self._lib.idtlab_table_clear(ctypes.byref(self.counter))
+        self.counter.default_cost = default_cost
+        self.counter.timed = int(timed)
+        if miss is None:
+            self._miss_fn = None
+            self.counter.miss = None
+            return
+
+        def safe(address: int, size: int) -> int:
+            try:
+                return max(0, min(int(miss(address, size)), 2**32 - 1))
+            except Exception:  # never let an exception cross the C boundary
+                return default_cost
+
+        self._miss_fn = native.MissCallback(safe)
+        self.counter.miss = ctypes.cast(self._miss_fn, ctypes.c_void_p)
+
+    def clear_cost_cache(self) -> None:
+        self._lib.idtlab_table_clear(ctypes.byref(self.counter))
+
+    def __del__(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is not None:
+            lib.idtlab_table_clear(ctypes.byref(self.counter))
+
+    def map_mmio(self, base: int, size: int, read: Callable[[int, int], int],
+                 write: Callable[[int, int, int], None]) -> None:
+        """A device at guest-physical [base, base+size): `read(offset, size)` and
+        `write(offset, size, value)` run for every access (fact 14)."""
+        def on_read(uc: Any, offset: int, sz: int, _data: object) -> int:
+            return read(offset, sz)
+
+        def on_write(uc: Any, offset: int, sz: int, value: int, _data: object) -> None:
+            write(offset, sz, value)
+
+        self._mmio.append((on_read, on_write))
+        self.uc.mmio_map(base, size, on_read, None, on_write, None)
 
     def flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)

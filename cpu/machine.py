@@ -33,8 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from cpu.decode import decode, decode_one, find_sites, is_stack_reference, memory_operands
+from cpu.decode import decode, decode_one, is_stack_reference, memory_operands, site_kind
+from cpu.devices.apic import APIC_BASE, APIC_SIZE, LocalApic
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
+from cpu.errors import Unsupported
 from cpu.memory import PhysicalMemory
 from cpu.mmu import (
     CR4_PAE,
@@ -50,7 +52,9 @@ from cpu.mmu import (
     build_identity_map,
     walk,
 )
+from cpu.timing import CostModel, Profile, load_profile
 from cpu.trace import Trace
+from idt.blocking import Choice, Interruptibility, Shadow, arbitrate
 from idt.descriptors import (
     GATE_TYPE_INTERRUPT,
     GATE_TYPE_TRAP,
@@ -69,6 +73,7 @@ from idt.descriptors import (
 from idt.double_fault import Combine, deliver_event
 from idt.iret import UnsupportedIret, iret64
 from idt.state import (
+    RFLAGS_IF,
     RFLAGS_RF,
     ArchFault,
     ArchState,
@@ -99,6 +104,48 @@ CR0_DEFAULT = 0x80010033  # PG | WP | NE | ET | MP | PE
 CR4_DEFAULT = CR4_PAE | (1 << 9) | (1 << 10)  # PAE, OSFXSR, OSXMMEXCPT
 EFER_DEFAULT = EFER_LME | EFER_LMA | EFER_NXE
 OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported")
+MODES = ("fast", "timed")
+EVENT_KINDS = ("nmi", "interrupt")
+
+
+@dataclass
+class Injection:
+    """An asynchronous event that becomes *pending* at a point of the run.
+
+    Exactly one of `before` (an address: pending when execution reaches it for the
+    `hit`-th time, before that instruction executes), `icount` (pending once that many
+    instructions have retired) or `cycle` (pending at the first boundary at or after that
+    cycle) is set; with none set the event is pending at the next boundary.
+    """
+
+    event: str
+    vector: int | None = None
+    before: int | None = None
+    hit: int = 1
+    icount: int | None = None
+    cycle: int | None = None
+    label: str = ""
+    fired: bool = False
+
+    def __post_init__(self) -> None:
+        if self.event not in EVENT_KINDS:
+            raise ValueError(f"unknown event {self.event!r} (known: {', '.join(EVENT_KINDS)})")
+        if self.event == "interrupt" and (self.vector is None or not 16 <= self.vector <= 255):
+            raise ValueError(f"an interrupt needs a vector in 16..255, not {self.vector!r}")
+        if sum(x is not None for x in (self.before, self.icount, self.cycle)) > 1:
+            raise ValueError("an injection has at most one of before/icount/cycle")
+        if self.hit < 1:
+            raise ValueError(f"hit must be >= 1, not {self.hit}")
+
+    @property
+    def point(self) -> dict[str, int]:
+        if self.before is not None:
+            return {"before": self.before, "hit": self.hit}
+        if self.icount is not None:
+            return {"at_icount": self.icount}
+        if self.cycle is not None:
+            return {"at_cycle": self.cycle}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -129,6 +176,7 @@ class RunResult:
     exit_code: int | None = None
     reason: str = ""
     serial: str = ""
+    cycles: int = 0
 
     @property
     def deliveries(self) -> list[dict[str, Any]]:
@@ -206,9 +254,18 @@ class Machine:
     """
 
     def __init__(self, memory: int = 16 << 20, *, max_insns: int = 10_000_000,
-                 max_events: int = 100_000) -> None:
+                 max_events: int = 100_000, mode: str = "fast",
+                 profile: Profile | str = "default", sti_blocks_nmi: bool = True,
+                 apic: bool = True) -> None:
         if memory < RESERVED_END + 0x1000:
             raise ValueError(f"guest memory must be at least {RESERVED_END + 0x1000:#x} bytes")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+        if memory > APIC_BASE:
+            raise ValueError(f"guest memory must end below the local APIC at {APIC_BASE:#x}")
+        self.mode = mode
+        self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
+        self._costs = CostModel(self.profile)
         self.phys = PhysicalMemory(memory)
         self.engine = Engine(self.phys)
         self.sysmem = GuestMemory(self)
@@ -220,7 +277,22 @@ class Machine:
         self.sites: dict[int, str] = {}
         self.pages: dict[int, PageSpec] = {}
         self.cpl = 0
-        self.nmi_blocked = False
+        self.intr = Interruptibility(sti_blocks_nmi=sti_blocks_nmi)
+        self.injections: list[Injection] = []
+        self._before: dict[int, list[Injection]] = {}
+        self._arrivals: dict[int, int] = {}
+        self._site_seen: tuple[int, int] | None = None
+        self._site_len: dict[int, int] = {}
+        # (icount after the shadow-opening instruction retires, the RIP after it, kind)
+        self._shadow_rec: tuple[int, int, Shadow] | None = None
+        self._step = False
+        self._halted = False
+        # Frames of delivered events whose IRET has not run yet: (address, slot names,
+        # event name, icount when pushed). A delivery that rewrites one of them is what
+        # the nested-NMI race looks like; the trace shows it as `frame_overwritten`.
+        self._frames: list[tuple[int, tuple[str, ...], str, int]] = []
+        self._exit_code: int | None = None
+        self._device_error: str | None = None
         self.serial = bytearray()
         self._built = False
         self._pending: Callable[[], None] | None = None
@@ -242,6 +314,27 @@ class Machine:
         e.site = self._on_site
         e.port_in = self._on_port_in
         e.port_out = self._on_port_out
+        if mode == "timed":
+            e.set_cost_mode(timed=True, default_cost=self.profile.cycles_per_instruction,
+                            miss=self._insn_cost)
+        else:
+            e.set_cost_mode(timed=False, default_cost=self.profile.cycles_per_instruction)
+        self.apic: LocalApic | None = None
+        if apic:
+            self.apic = LocalApic(on_nmi=self._apic_nmi, on_event=self._apic_event)
+            e.map_mmio(APIC_BASE, APIC_SIZE, self._apic_read, self._apic_write)
+            self.symbols["apic"] = APIC_BASE
+
+    @property
+    def nmi_blocked(self) -> bool:
+        return self.intr.nmi_blocked
+
+    @nmi_blocked.setter
+    def nmi_blocked(self, value: bool) -> None:
+        self.intr.nmi_blocked = value
+
+    def _emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return self.trace.emit(kind, self.engine.icount, self.engine.cycles, **fields)
 
     # -- building ----------------------------------------------------------------------
     def load(self, addr: int, data: bytes, *, code: bool = False) -> None:
@@ -251,9 +344,13 @@ class Machine:
             self.add_code(addr, data)
 
     def add_code(self, addr: int, data: bytes) -> None:
-        for site, kind in find_sites(data, addr).items():
-            self.sites[site] = kind
-            self.engine.add_site(site)
+        for insn in decode(data, addr):
+            kind = site_kind(insn)
+            if kind is not None:
+                self.sites[insn.address] = kind
+                self._site_len[insn.address] = insn.size
+                self.engine.add_site(insn.address)
+        self.engine.clear_cost_cache()
 
     def set_gate(self, vector: int, handler: int, *, ist: int = 0, gate_type: str = "interrupt",
                  dpl: int = 0, present: bool = True, selector: int = KERNEL_CS) -> None:
@@ -290,8 +387,11 @@ class Machine:
         self._built = True
         self.phys.write_u64(TSS_BASE + TSS_IOMAP_BASE_OFFSET - 2, 0)
         self.phys.write(TSS_BASE + TSS_IOMAP_BASE_OFFSET, struct.pack("<H", TSS_SIZE))
-        cr3, end = build_identity_map(self.phys, PT_BASE, self.phys.size,
-                                      {va: p.pte for va, p in self.pages.items()})
+        overrides = {va: p.pte for va, p in self.pages.items()}
+        if self.apic is not None:
+            # The APIC page: supervisor, writable, not executable (as Linux maps it).
+            overrides.setdefault(APIC_BASE, APIC_BASE | PTE_P | PTE_W | PTE_XD)
+        cr3, end = build_identity_map(self.phys, PT_BASE, self.phys.size, overrides)
         if end > RESERVED_END:
             raise ValueError("page tables overflow the reserved system area")
         self._cr3 = cr3
@@ -349,6 +449,8 @@ class Machine:
         except ArchFault:
             return None
         if not self.phys.contains(t.paddr, 4096):
+            if self.apic is not None and t.paddr == APIC_BASE and access is not Access.FETCH:
+                return t.paddr, PROT_R | (PROT_W if t.writable else 0)
             return None
         prot = PROT_R
         if t.writable and (t.dirty or access is Access.WRITE):
@@ -371,31 +473,73 @@ class Machine:
         self.engine.stop()
 
     def _on_site(self, address: int) -> None:
+        e = self.engine
+        injections = self._before.get(address)
+        if injections is not None and self._site_seen != (address, e.icount):
+            # An arrival at an injection point (the same boundary re-entered after an
+            # injection stop is not a new arrival; a return to it by IRET is).
+            self._site_seen = (address, e.icount)
+            n = self._arrivals[address] = self._arrivals.get(address, 0) + 1
+            due = [inj for inj in injections if inj.hit == n and not inj.fired]
+            if due:
+                def fire() -> None:
+                    e.uncount()  # stopped before the instruction at `address` executed
+                    for inj in due:
+                        self._fire(inj)
+                self._pending = fire
+                e.stop()
+                return
         kind = self.sites.get(address)
         if kind == "iret":
             self._pending = lambda: self._emulate_iret(address)
         elif kind == "hlt":
             self._pending = lambda: self._hlt(address)
-        self.engine.stop()
+        elif kind in ("sti", "mov_ss"):
+            self._open_shadow(address, kind)
+            return  # observed, not intercepted: the instruction runs natively
+        else:
+            return
+        e.stop()
+
+    def _open_shadow(self, address: int, kind: str) -> None:
+        """STI (only when IF was 0) and MOV SS open a one-instruction shadow, recorded as
+        "in force at the boundary where `icount` instructions have retired and RIP is the
+        next instruction". The instruction has been counted but not executed yet; if it
+        faults instead, the delivery clears the record. A shadow-opening instruction
+        inside an existing shadow opens none (only the first of a run of them is
+        guaranteed to delay, SDM STI; Bochs ignores a MOV SS in a MOV-SS shadow)."""
+        e = self.engine
+        if self._shadow_at(address, e.icount - 1) is not Shadow.NONE:
+            return
+        if kind == "sti":
+            if e.read_reg("rflags") & RFLAGS_IF:
+                return  # STI with IF already 1 opens no shadow
+            shadow = Shadow.STI
+        else:
+            shadow = Shadow.MOV_SS
+        self._shadow_rec = (e.icount, address + self._site_len.get(address, 1), shadow)
+
+    def _shadow_at(self, rip: int, retired: int) -> Shadow:
+        rec = self._shadow_rec
+        if rec is not None and rec[0] == retired and rec[1] == rip:
+            return rec[2]
+        return Shadow.NONE
 
     def _on_port_in(self, port: int, size: int) -> int:
         if port == SERIAL_PORT + 5:
             return 0x60  # LSR: transmitter holding register empty, transmitter empty
-        self.trace.emit("port", self.engine.icount, direction="in", port=port, size=size)
+        self._emit("port", direction="in", port=port, size=size)
         return (1 << (8 * size)) - 1
 
     def _on_port_out(self, port: int, size: int, value: int) -> None:
         if port == SERIAL_PORT:
             self.serial.append(value & 0xFF)
         elif port == EXIT_PORT:
-            def stop() -> None:
-                rip = self.engine.read_reg("rip")
-                raise _Stop("exit", f"exit device: {value:#x}", rip, exit_code=value)
-            self._pending = stop
-            self.engine.stop()
+            # Ends the run at the boundary after the OUT (the counter stops there exactly).
+            self._exit_code = value
+            self._request_boundary()
         else:
-            self.trace.emit("port", self.engine.icount, direction="out", port=port, size=size,
-                            value=value)
+            self._emit("port", direction="out", port=port, size=size, value=value)
 
     # -- event handling (run loop side) ----------------------------------------------
     def _memory_fault(self, vaddr: int, access: Access) -> None:
@@ -411,7 +555,7 @@ class Machine:
             # counted: it did not complete. A fetch fault happens while the engine
             # translates code, before the counter's hook runs for the instruction being
             # fetched, so there is nothing to take back.
-            self.engine.icount -= 1
+            self.engine.uncount()
         rip = self.engine.read_reg("rip")
         try:
             if not is_canonical(vaddr):
@@ -512,7 +656,7 @@ class Machine:
             # Single-step (TF) #DB: a trap at the boundary after the instruction.
             self.deliver(Event(vector, Source.EXCEPTION, rip, rip, trap_like=True), why="")
         else:
-            self.engine.icount -= 1  # a fault: the instruction did not retire
+            self.engine.uncount()  # a fault: the instruction did not retire
             ec = error_code if vector in (8, 10, 11, 12, 13, 14, 17, 21) else None
             self.deliver(Event.exception(vector, rip, ec), why="")
 
@@ -524,26 +668,27 @@ class Machine:
 
     def _invalid_opcode(self) -> None:
         rip = self.engine.read_reg("rip")
-        self.engine.icount -= 1
+        self.engine.uncount()
         if self._byte_at(rip) == 0xF1:
             # INT1/ICEBP: a trap through vector 1 with no gate-DPL check (EXT=1, Bochs).
-            self.engine.icount += 1
+            self.engine.recount()
             self.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
         else:
             self.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
 
     def _hlt(self, address: int) -> None:
-        self.engine.icount -= 1
+        self.engine.uncount()
         if self.cpl != 0:
             self.deliver(Event.exception(Vector.GP, address, 0), why="HLT at CPL>0")
             return
-        self.engine.icount += 1
-        # Nothing in this machine can wake a halted CPU yet: the run ends here, with RIP
-        # after the HLT (where an interrupt would return to).
-        raise _Stop("hlt", "HLT with no event that can wake the CPU", address + 1)
+        self.engine.recount()
+        # HLT retires; the CPU waits at the boundary after it, so an event that wakes it
+        # saves RIP = the instruction after the HLT (SDM HLT). The run loop does the wait.
+        self.engine.write({"rip": address + 1})
+        self._halted = True
 
     def _emulate_iret(self, address: int) -> None:
-        self.engine.icount -= 1
+        self.engine.uncount()
         code = self._byte_at(address)
         if code != 0x48:
             raise _Stop("unsupported", "IRET without REX.W (IRETD/IRETW) is not modelled", address)
@@ -554,7 +699,7 @@ class Machine:
                 res = iret64(self.sysmem, st)
         except ArchFault as fault:
             self.nmi_blocked = st.nmi_blocked  # cleared even though the IRET faulted
-            self.trace.emit("iret_fault", self.engine.icount, rip=address, vector=fault.vector,
+            self._emit("iret_fault", rip=address, vector=fault.vector,
                             error_code=fault.error_code, nmi_unblocked=was_blocked,
                             why=fault.why)
             self.deliver(Event.exception(fault.vector, address, fault.error_code, fault.cr2),
@@ -563,12 +708,41 @@ class Machine:
         except UnsupportedIret as exc:
             raise _Stop("unsupported", str(exc), address) from None
         self.nmi_blocked = False
-        self.engine.icount += 1
+        self.engine.recount()
+        cost = self.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
         self._load_segments(res.cs, res.ss, res.cpl)
         self.engine.write({"rip": res.rip, "rsp": res.rsp, "rflags": res.rflags})
         self._depth = max(0, self._depth - 1)
-        self.trace.emit("iret", self.engine.icount, rip=address, to_rip=res.rip, to_rsp=res.rsp,
-                        to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=self._depth)
+        if self._frames:
+            self._frames.pop()
+        self._emit("iret", rip=address, to_rip=res.rip, to_rsp=res.rsp,
+                   to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=self._depth)
+        self.engine.cycles += cost
+
+    def _snapshot_frames(self) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        for addr, slots, _name, _ic in self._frames:
+            try:
+                out.append((addr, self.sysmem.read(addr, 8 * len(slots))))
+            except (ArchFault, _Stop):
+                out.append((addr, b""))
+        return out
+
+    def _report_overwrites(self, before: list[tuple[int, bytes]], by: str) -> None:
+        """Emit `frame_overwritten` for each live frame this delivery's pushes changed."""
+        for (addr, slots, name, icount), (_a, old) in zip(self._frames, before, strict=True):
+            if not old:
+                continue
+            try:
+                new = self.sysmem.read(addr, len(old))
+            except (ArchFault, _Stop):
+                continue
+            if new != old:
+                olds = struct.unpack(f"<{len(slots)}Q", old)
+                news = struct.unpack(f"<{len(slots)}Q", new)
+                self._emit("frame_overwritten", by=by, victim=name, victim_icount=icount,
+                           at=addr, slots=[[s, o, n] for s, o, n in zip(slots, olds, news,
+                                                                      strict=True)])
 
     @contextmanager
     def _paging_snapshot(self) -> Iterator[None]:
@@ -593,18 +767,19 @@ class Machine:
             # executing instruction, so RF is architecturally 0; fault-class exceptions set
             # it in their pushed image anyway (idt.deliver).
             st.rflags &= ~RFLAGS_RF
+        live = self._snapshot_frames()
         with self._paging_snapshot():
             out = deliver_event(self.sysmem, st, ev)
         if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
             # fault while delivering them is a fault *on* the instruction (saved RIP = the
             # INT, which restarts after the handler): it did not retire.
-            self.engine.icount -= 1
+            self.engine.uncount()
         self.nmi_blocked = st.nmi_blocked
         if st.cr2 != cr2_before:
             self.engine.write({"cr2": st.cr2})
         for nf in out.nested:
-            self.trace.emit("delivery_fault", self.engine.icount, vector=nf.during.vector,
+            self._emit("delivery_fault", vector=nf.during.vector,
                             name=nf.during.name, fault=nf.fault.vector,
                             fault_name=vector_name(nf.fault.vector),
                             error_code=nf.fault.error_code, action=nf.action.value,
@@ -612,17 +787,22 @@ class Machine:
         if out.delivery is None:
             last = out.nested[-1]
             assert last.action is Combine.SHUTDOWN
-            self.trace.emit("shutdown", self.engine.icount, reason=out.shutdown_reason)
+            self._emit("shutdown", reason=out.shutdown_reason)
             raise _Stop("shutdown", out.shutdown_reason or "shutdown", ev.insn_rip)
         d = out.delivery
         self._events += 1
         if self._events > self.max_events:
             raise _Stop("max_events", f"more than {self.max_events} deliveries (runaway event "
                         "storm, e.g. a handler that returns to its own fault)", ev.insn_rip)
+        cost = self.profile.event("deliver_cpl_change" if d.new_cpl != st.cpl
+                                  else "deliver_same_cpl")
+        if d.event.source is Source.NMI:
+            cost += self.profile.event("nmi_extra")
         self._load_segments(d.new_cs, d.new_ss, d.new_cpl)
         self.engine.write({"rip": d.new_rip, "rsp": d.new_rsp, "rflags": d.new_rflags})
-        rec = self.trace.emit(
-            "deliver", self.engine.icount,
+        self._shadow_rec = None  # a delivered event ends any interrupt shadow
+        rec = self._emit(
+            "deliver",
             vector=d.event.vector, name=d.event.name, source=d.event.source.trace_name,
             error_code=d.frame.error_code, rip=d.frame.rip, cs=d.frame.cs,
             rflags=d.frame.rflags, old_rsp=d.frame.rsp, ss=d.frame.ss, rsp=d.new_rsp,
@@ -634,9 +814,209 @@ class Machine:
             rec["double_fault_of"] = list(out.double_fault_of)
         if why:
             rec["why"] = why
+        self._report_overwrites(live, d.event.name)
+        slots = ("error_code",) if d.frame.error_code is not None else ()
+        self._frames.append((d.new_rsp, (*slots, "rip", "cs", "rflags", "rsp", "ss"),
+                             d.event.name, self.engine.icount))
         self._depth += 1
+        self.engine.cycles += cost
         for cb in self.on_deliver:
             cb(rec)
+
+    # -- asynchronous events ---------------------------------------------------------------
+    def inject(self, event: str, *, vector: int | None = None, before: int | str | None = None,
+               hit: int = 1, icount: int | None = None, cycle: int | None = None,
+               label: str = "") -> Injection:
+        """Schedule an NMI or a maskable interrupt (which arrives through the APIC IRR).
+
+        `before` (an address or a symbol, `hit`-th arrival), `icount` or `cycle` say when
+        it becomes pending; with none of them it is pending at the next boundary. Pending
+        is not delivered: the blocking rules (idt.blocking) decide when it is.
+        """
+        if isinstance(before, str):
+            if before not in self.symbols:
+                raise ValueError(f"unknown symbol {before!r} for an injection point")
+            before = self.symbols[before]
+        if event == "interrupt" and self.apic is None:
+            raise ValueError("interrupt injection needs the local APIC (Machine(apic=True))")
+        inj = Injection(event, vector, before, hit, icount, cycle, label)
+        self.injections.append(inj)
+        if before is not None:
+            self._before.setdefault(before, []).append(inj)
+            self.engine.add_site(before)
+        return inj
+
+    def nmi(self) -> None:
+        """An NMI arrives now (pending at the current boundary)."""
+        self._fire(Injection("nmi", label="api"))
+
+    def interrupt(self, vector: int) -> None:
+        """A fixed interrupt with `vector` arrives at the APIC now."""
+        self._fire(Injection("interrupt", vector, label="api"))
+
+    def _fire(self, inj: Injection) -> None:
+        """The event of `inj` arrives: it becomes pending (or latched, or is dropped)."""
+        inj.fired = True
+        where = {**inj.point, **({"label": inj.label} if inj.label else {})}
+        if inj.event == "nmi":
+            self._nmi_arrives("inject" if inj.label != "api" else "api", where)
+        else:
+            assert inj.vector is not None and self.apic is not None
+            self.apic.set_irr(inj.vector)
+            self._emit("interrupt_pending", vector=inj.vector, source="inject", **where)
+
+    def _nmi_arrives(self, source: str, where: dict[str, Any] | None = None) -> None:
+        arrival = self.intr.nmi_arrives()
+        self._emit(arrival.value, source=source, nmi_blocked=self.intr.nmi_blocked,
+                   **(where or {}))
+
+    def _apic_nmi(self) -> None:
+        self._nmi_arrives("apic")
+
+    def _apic_event(self, kind: str, **fields: Any) -> None:
+        # The APIC stamps timer events with the exact expiry cycle; the record's own
+        # `cycle` is the boundary where the machine saw it.
+        if "cycle" in fields:
+            fields["expiry"] = fields.pop("cycle")
+        if kind == "timer" and not fields.get("masked"):
+            fields.pop("masked", None)
+            self._emit("interrupt_pending", source="apic_timer", **fields)
+        else:
+            self._emit(kind if kind.startswith("apic") else f"apic_{kind}", **fields)
+
+    def _apic_read(self, offset: int, size: int) -> int:
+        assert self.apic is not None
+        self.engine.cycles += self.profile.event("apic_access")
+        try:
+            return self.apic.read(offset, size, self.engine.cycles)
+        except Unsupported as exc:
+            self._device_error = str(exc)
+            self._request_boundary()
+            return 0
+
+    def _apic_write(self, offset: int, size: int, value: int) -> None:
+        assert self.apic is not None
+        self.engine.cycles += self.profile.event("apic_access")
+        self._emit("apic_write", offset=offset, value=value)
+        try:
+            self.apic.write(offset, size, value, self.engine.cycles)
+        except Unsupported as exc:
+            self._device_error = str(exc)
+        # EOI, TPR, ICR and timer writes can make an event deliverable or move the next
+        # timer deadline: stop at the boundary after this instruction and re-evaluate.
+        self._request_boundary()
+
+    def _request_boundary(self) -> None:
+        """Stop at the next instruction boundary (exact: the native counter stops there)."""
+        e = self.engine
+        e.set_stop_at(min(int(e.counter.stop_at), e.icount + 1))
+
+    def _fire_due(self) -> None:
+        """Fire the time-based sources that are due at this boundary."""
+        e = self.engine
+        if self.apic is not None:
+            self.apic.tick(e.cycles)
+        for inj in self.injections:
+            if inj.fired:
+                continue
+            if (inj.icount is not None and e.icount >= inj.icount) or (
+                    inj.cycle is not None and e.cycles >= inj.cycle) or (
+                    inj.before is None and inj.icount is None and inj.cycle is None):
+                self._fire(inj)
+
+    def _arbitrate(self) -> Choice:
+        e = self.engine
+        intr = self.apic is not None and self.apic.pending_vector() is not None
+        rip = e.read_reg("rip") if self._shadow_rec is not None else 0
+        self.intr.shadow = self._shadow_at(rip, e.icount) if self._shadow_rec else Shadow.NONE
+        if_flag = bool(e.read_reg("rflags") & RFLAGS_IF) if intr else False
+        return arbitrate(self.intr, if_flag=if_flag, intr_pending=intr)
+
+    def _service(self) -> None:
+        """At an instruction boundary: fire what is due, then deliver what the blocking
+        rules allow (idt.blocking.arbitrate), one event per boundary, until nothing more
+        can be taken. Sets `_step` when something is held by a shadow or IF = 0: the
+        next run then executes one instruction only, so the moment it becomes
+        deliverable is seen exactly."""
+        self._fire_due()
+        while True:
+            choice = self._arbitrate()
+            self._step = choice.needs_stepping
+            if choice.deliver is None:
+                return
+            rip = self.engine.read_reg("rip")
+            woke = self._halted
+            self._halted = False
+            if choice.deliver == "nmi":
+                self.intr.nmi_pending = False
+                ev = Event(Vector.NMI, Source.NMI, rip, rip)
+            else:
+                assert self.apic is not None
+                vector = self.apic.pending_vector()
+                assert vector is not None
+                self.apic.acknowledge(vector)
+                ev = Event(vector, Source.INTERRUPT, rip, rip)
+            if woke:
+                self.engine.cycles += self.profile.event("hlt_wake")
+                self._emit("wake", by=choice.deliver, vector=ev.vector)
+            self.deliver(ev)
+
+    def _pending_sources(self) -> tuple[object, ...]:
+        apic = self.apic
+        return (self.intr.nmi_pending, tuple(apic.irr) if apic is not None else ())
+
+    def _halt_wait(self) -> None:
+        """HLT: let time pass to the next scheduled source until an event is delivered
+        (which clears `_halted`), or end the run when nothing can ever wake the CPU."""
+        e = self.engine
+        while self._halted:
+            deadlines = [inj.cycle for inj in self.injections
+                         if not inj.fired and inj.cycle is not None]
+            if self.apic is not None:
+                nd = self.apic.next_deadline()
+                if nd is not None:
+                    deadlines.append(nd)
+            rip = e.read_reg("rip")
+            if not deadlines:
+                raise _Stop("hlt", "HLT with no event that can wake the CPU", rip)
+            before = self._pending_sources()
+            self._emit("hlt", rip=rip - 1, until=min(deadlines))
+            e.cycles = max(e.cycles, min(deadlines))
+            self._service()
+            if self._halted and self._pending_sources() == before and not any(
+                    not inj.fired and inj.cycle is not None for inj in self.injections):
+                # Only a timer that re-sets an IRR bit already set (held by IF = 0 or
+                # PPR) remains: time can pass forever without changing anything.
+                raise _Stop("hlt", "HLT with every wake source held (IF = 0 or masked)", rip)
+
+    def _next_stop_at(self) -> int:
+        e = self.engine
+        n = self.max_insns + 1
+        for inj in self.injections:
+            if not inj.fired and inj.icount is not None:
+                n = min(n, inj.icount + 1)
+        if self._step:
+            n = min(n, e.icount + 2)
+        return n
+
+    def _next_stop_cycle(self) -> int:
+        c = 2**64 - 1
+        for inj in self.injections:
+            if not inj.fired and inj.cycle is not None:
+                c = min(c, inj.cycle)
+        if self.apic is not None:
+            nd = self.apic.next_deadline()
+            if nd is not None:
+                c = min(c, nd)
+        return c
+
+    def _insn_cost(self, address: int, size: int) -> int:
+        """Timed mode: one instruction's cost (called once per address by the counter)."""
+        try:
+            code = self.read_linear(address, size)
+        except (ArchFault, _Stop):
+            return self.profile.cycles_per_instruction
+        return self._costs.instruction_cost(code, address)
 
     # -- running -----------------------------------------------------------------------
     def start_state(self, *, entry: int, rsp: int, cpl: int = 0, rflags: int = 0x202,
@@ -667,19 +1047,35 @@ class Machine:
             self.max_events = max_events
         e = self.engine
         while True:
-            e.set_stop_at(self.max_insns + 1)
-            self._pending = None
-            rip = e.read_reg("rip")
-            boundary, self._fetch_boundary = self._fetch_boundary, None
-            err = e.run(rip) if boundary is None else e.run(rip, until=boundary)
-            pending, self._pending = self._pending, None
             try:
-                if pending is not None:
+                self._service()
+                if self._halted:
+                    self._halt_wait()
+                e.set_stop_at(self._next_stop_at())
+                e.set_stop_cycle(self._next_stop_cycle())
+                self._pending = None
+                rip = e.read_reg("rip")
+                boundary, self._fetch_boundary = self._fetch_boundary, None
+                err = e.run(rip) if boundary is None else e.run(rip, until=boundary)
+                pending, self._pending = self._pending, None
+                if e.stopped_by_counter:
+                    # The counter stopped before an instruction ran: a boundary. Anything
+                    # a code hook of that same instruction asked for is void (it re-runs
+                    # when execution resumes there).
+                    e.uncount()
+                    self._site_seen = None
+                    if self._device_error is not None:
+                        why, self._device_error = self._device_error, None
+                        raise _Stop("unsupported", why, e.read_reg("rip"))
+                    if self._exit_code is not None:
+                        code, self._exit_code = self._exit_code, None
+                        raise _Stop("exit", f"exit device: {code:#x}", e.read_reg("rip"),
+                                    exit_code=code)
+                    if e.icount >= self.max_insns:
+                        raise _Stop("max_insns", f"instruction limit {self.max_insns} reached",
+                                    e.read_reg("rip"))
+                elif pending is not None:
                     pending()
-                elif e.stopped_by_counter:
-                    e.icount -= 1
-                    raise _Stop("max_insns", f"instruction limit {self.max_insns} reached",
-                                e.read_reg("rip"))
                 elif err == ERR_INSN_INVALID:
                     self._invalid_opcode()
                 elif err is None and boundary is not None and e.read_reg("rip") == boundary:
@@ -695,10 +1091,10 @@ class Machine:
                     fields["detail"] = stop.reason
                 if stop.exit_code is not None:
                     fields["exit_code"] = stop.exit_code
-                self.trace.emit("end", e.icount, **fields)
+                self._emit("end", **fields)
                 return RunResult(stop.outcome, stop.rip, e.icount, self.trace,
                                  exit_code=stop.exit_code, reason=stop.reason,
-                                 serial=self.serial.decode("latin-1"))
+                                 serial=self.serial.decode("latin-1"), cycles=e.cycles)
 
     def _native_stop(self) -> None:
         """The engine stopped without a hook: a HLT in code that was never decoded."""

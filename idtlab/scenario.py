@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import OUTCOMES, RESERVED_END, Machine, PageSpec, RunResult
+from cpu.machine import EVENT_KINDS, MODES, OUTCOMES, RESERVED_END, Machine, PageSpec, RunResult
+from cpu.timing import ProfileError, load_profile
 from idt.vectors import parse_vector_name, vector_name
 from idtlab.assemble import CodeBlock, assemble_blocks, resolve_address
 from idtlab.elf import load_elf
@@ -23,9 +24,10 @@ from idtlab.errors import BadInput
 
 Value = int | str
 
-_TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "expect")
+_TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "inject", "expect")
 _KEYS: dict[str, tuple[str, ...]] = {
-    "machine": ("memory", "max_events"),
+    "machine": ("memory", "max_events", "mode", "profile", "sti_blocks_nmi", "apic"),
+    "inject": ("event", "vector", "before", "hit", "icount", "cycle", "label"),
     "code": ("at", "asm", "file"),
     "data": ("at", "symbol", "size", "u64", "u32", "u8"),
     "image": ("elf", "multiboot"),
@@ -33,7 +35,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "tss": ("rsp0", "rsp1", "rsp2", "ist1", "ist2", "ist3", "ist4", "ist5", "ist6", "ist7"),
     "pages": ("va", "pa", "count", "present", "writable", "user", "nx"),
     "run": ("entry", "cpl", "rsp", "rflags", "regs", "max_insns"),
-    "expect": ("reg", "mem", "size", "equals", "outcome", "deliveries", "exit_code", "serial"),
+    "expect": ("reg", "mem", "size", "equals", "outcome", "deliveries", "exit_code", "serial",
+               "kinds"),
 }
 _REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
          "r12", "r13", "r14", "r15", "rip", "rflags", "cr2", "cr3")
@@ -151,7 +154,22 @@ def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
         raise chk.fail("[machine] memory", f"{memory:#x} must be a multiple of 4 KiB between "
                        f"{RESERVED_END + 0x1000:#x} and 4 GiB")
     max_events = chk.int_(mach.get("max_events", 100_000), "[machine] max_events", 1)
-    m = Machine(memory, max_events=max_events)
+    mode = mach.get("mode", "fast")
+    if mode not in MODES:
+        raise chk.fail("[machine] mode", f"'{mode}' is not one of {', '.join(MODES)}")
+    profile = mach.get("profile", "default")
+    if not isinstance(profile, str):
+        raise chk.fail("[machine] profile", "expected a profile name or a path to a .toml file")
+    if profile.endswith(".toml"):
+        profile = str((path.parent / profile).resolve())
+    try:
+        prof = load_profile(profile)
+    except ProfileError as exc:
+        raise chk.fail("[machine] profile", str(exc)) from None
+    m = Machine(memory, max_events=max_events, mode=mode, profile=prof,
+                sti_blocks_nmi=chk.bool_(mach.get("sti_blocks_nmi", True),
+                                         "[machine] sti_blocks_nmi"),
+                apic=chk.bool_(mach.get("apic", True), "[machine] apic"))
     sc.machine = m
     symbols: dict[str, int] = dict(m.symbols)
     symbols["pml4"] = 0x3000  # build_identity_map starts the tables at PT_BASE
@@ -319,14 +337,46 @@ def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
     if sc.run_args["cpl"] not in (0, 3):
         raise chk.fail("[run] cpl", "must be 0 or 3")
 
+    # [[inject]]
+    for i, inj in enumerate(chk.array_of_tables(data.get("inject", []), "[[inject]]"), 1):
+        where = f"[[inject]] #{i}"
+        chk.keys(inj, "inject", where)
+        event = inj.get("event")
+        if event not in EVENT_KINDS:
+            raise chk.fail(f"{where} event", f"{event!r} is not one of {', '.join(EVENT_KINDS)}"
+                           + _did_you_mean(str(event), EVENT_KINDS))
+        points = [k for k in ("before", "icount", "cycle") if k in inj]
+        if len(points) > 1:
+            raise chk.fail(where, f"give at most one of before, icount, cycle (got {', '.join(points)})")
+        if "hit" in inj and "before" not in inj:
+            raise chk.fail(f"{where} hit", "'hit' counts arrivals at a 'before' address")
+        inj_vector: int | None = None
+        if event == "interrupt":
+            if "vector" not in inj:
+                raise chk.fail(where, "an interrupt needs 'vector' (16..255)")
+            inj_vector = chk.int_(inj["vector"], f"{where} vector", 16, 255)
+        elif "vector" in inj:
+            raise chk.fail(f"{where} vector", f"an {event} has no vector")
+        label = inj.get("label", "")
+        if not isinstance(label, str):
+            raise chk.fail(f"{where} label", "expected a string")
+        try:
+            _inject(m, event, inj_vector, inj, where, addr, chk, label or f"inject #{i}")
+        except ValueError as exc:
+            raise chk.fail(where, str(exc)) from None
+
     # [[expect]]
     for i, e in enumerate(chk.array_of_tables(data.get("expect", []), "[[expect]]"), 1):
         where = f"[[expect]] #{i}"
         chk.keys(e, "expect", where)
-        kinds = [k for k in ("reg", "mem", "outcome", "deliveries", "exit_code", "serial") if k in e]
+        kinds = [k for k in ("reg", "mem", "outcome", "deliveries", "exit_code", "serial", "kinds")
+                 if k in e]
         if len(kinds) != 1:
             raise chk.fail(where, "give exactly one of reg, mem, outcome, deliveries, exit_code, "
-                           "serial")
+                           "serial, kinds")
+        if "kinds" in e and (not isinstance(e["kinds"], list)
+                             or not all(isinstance(k, str) for k in e["kinds"])):
+            raise chk.fail(f"{where} kinds", "expected a list of trace kinds (strings)")
         spec = dict(e)
         if "reg" in e and e["reg"] not in _REGS:
             raise chk.fail(f"{where} reg", f"unknown register '{e['reg']}'"
@@ -356,6 +406,16 @@ def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
             spec["deliveries"] = vecs
         sc.expects.append(Expectation(where, spec))
     return sc
+
+
+def _inject(m: Machine, event: str, vector: int | None, inj: dict[str, Any], where: str,
+            addr: Any, chk: _Checker, label: str) -> None:
+    m.inject(event, vector=vector,
+             before=addr(inj["before"], f"{where} before") if "before" in inj else None,
+             hit=chk.int_(inj.get("hit", 1), f"{where} hit", 1),
+             icount=chk.int_(inj["icount"], f"{where} icount") if "icount" in inj else None,
+             cycle=chk.int_(inj["cycle"], f"{where} cycle") if "cycle" in inj else None,
+             label=label)
 
 
 def _asm_first_line(text: str, index: int, asm: str) -> int:
@@ -415,6 +475,11 @@ def check(sc: Scenario, result: RunResult) -> list[Failure]:
                 out.append(Failure(exp.where, "deliveries",
                                    "[" + ", ".join(vector_name(v) for v in s["deliveries"]) + "]",
                                    "[" + ", ".join(vector_name(v) for v in got) + "]"))
+        elif "kinds" in s:
+            wanted = set(s["kinds"])
+            got_kinds = [r["kind"] for r in result.trace.records if r["kind"] in wanted]
+            if got_kinds != s["kinds"]:
+                out.append(Failure(exp.where, "trace kinds", str(s["kinds"]), str(got_kinds)))
         elif "reg" in s:
             actual = m.engine.read_reg(s["reg"])
             if actual != s["equals"]:

@@ -40,13 +40,17 @@ class Symbolizer:
         return f"{addr:#x}"
 
 
-def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer) -> list[str]:
-    """Readable lines: icount, nesting by indentation, names instead of numbers."""
+def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
+             cycles: bool = False) -> list[str]:
+    """Readable lines: icount (and the cycle stamp with `cycles`), nesting by
+    indentation, names instead of numbers."""
     out: list[str] = []
+    depth = 0
     for r in records:
         kind = r["kind"]
-        pad = "  " * int(r.get("depth", 0))
-        head = f"{r['icount']:>10}  "
+        depth = int(r.get("depth", depth))
+        pad = "  " * depth
+        head = f"{r['icount']:>10}  " + (f"{r['cycle']:>12}  " if cycles else "")
         if kind == "deliver":
             ec = "" if r["error_code"] is None else f"({r['error_code']:#x})"
             extra = ""
@@ -75,6 +79,25 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer) -> list[str]
         elif kind == "end":
             detail = f" ({r['detail']})" if r.get("detail") else ""
             out.append(f"{head}end: {r['reason']} at {sym(r['rip'])}{detail}")
+        elif kind in ("nmi_pending", "nmi_latched", "nmi_dropped", "interrupt_pending"):
+            what = "NMI" if kind.startswith("nmi") else f"interrupt {r['vector']:#x}"
+            verb = {"nmi_pending": "pending", "nmi_latched": "LATCHED (NMIs blocked)",
+                    "nmi_dropped": "DROPPED (one already latched)",
+                    "interrupt_pending": "pending in IRR"}[kind]
+            where = f" before {sym(r['before'])}" if "before" in r else ""
+            if "hit" in r and r["hit"] != 1:
+                where += f" (arrival {r['hit']})"
+            out.append(f"{head}{pad}~ {what} arrives ({r.get('source', '?')}){where}: {verb}")
+        elif kind == "frame_overwritten":
+            out.append(f"{head}{pad}!! {r['by']} frame at {r['at']:#x} overwrites the live "
+                       f"{r['victim']} frame (pushed at icount {r['victim_icount']}):")
+            for slot, old, new in r["slots"]:
+                mark = "  <- changed" if old != new else ""
+                out.append(f"{' ' * len(head)}{pad}     {slot:<7} {old:#018x} -> {new:#018x}{mark}")
+        elif kind == "hlt":
+            out.append(f"{head}{pad}hlt at {sym(r['rip'])}: waiting")
+        elif kind == "wake":
+            out.append(f"{head}{pad}wake-up by {r['by']}")
         elif kind == "port":
             val = f" = {r['value']:#x}" if "value" in r else ""
             out.append(f"{head}{pad}port {r['direction']} {r['port']:#x}{val} (no device)")

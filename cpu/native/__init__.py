@@ -1,4 +1,4 @@
-"""The native instruction counter (`counter.c`), built on first use with the system C
+"""The native instruction and cycle counter (`counter.c`), built on first use with the system C
 compiler and cached under `$IDTLAB_CACHE` (default `~/.cache/idtlab`)."""
 
 from __future__ import annotations
@@ -22,7 +22,21 @@ class CounterStruct(ctypes.Structure):
         ("stop_at", ctypes.c_uint64),
         ("stop", ctypes.c_void_p),
         ("stopped", ctypes.c_uint64),
+        ("cycles", ctypes.c_uint64),
+        ("stop_cycle", ctypes.c_uint64),
+        ("last_cost", ctypes.c_uint64),
+        ("default_cost", ctypes.c_uint64),
+        ("timed", ctypes.c_uint64),
+        ("keys", ctypes.c_void_p),
+        ("vals", ctypes.c_void_p),
+        ("mask", ctypes.c_uint64),
+        ("used", ctypes.c_uint64),
+        ("miss", ctypes.c_void_p),
     ]
+
+
+# uint32_t miss(uint64_t address, uint32_t size): the timed-mode cost of one instruction.
+MissCallback = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
 
 
 def _cache_dir() -> Path:

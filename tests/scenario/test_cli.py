@@ -46,11 +46,27 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=120)
 
 
-def test_the_demo_runs_and_every_expectation_holds() -> None:
-    proc = run_cli("demo")
+def test_the_delivery_demo_runs_and_every_expectation_holds() -> None:
+    proc = run_cli("demo", "delivery")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "7/7 expectations hold" in proc.stdout
     assert "stack=ist1" in proc.stdout and "stack=rsp0" in proc.stdout
+
+
+def test_the_default_demo_shows_the_latched_nmi_overwriting_the_outer_nmi_frame() -> None:
+    proc = run_cli("demo", "--cycles")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "LATCHED (NMIs blocked)" in proc.stdout
+    assert "overwrites the live NMI frame" in proc.stdout
+    assert "rip     0x0000000000100007 -> " in proc.stdout  # old vs new slot values
+    assert "3/3 expectations hold" in proc.stdout
+    assert "cycle" in proc.stdout.splitlines()[1]
+
+
+def test_the_safe_demo_survives_the_same_nmi_schedule() -> None:
+    proc = run_cli("demo", "nested-nmi-safe")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "end: exit at work" in proc.stdout and "4/4 expectations hold" in proc.stdout
 
 
 def test_a_passing_scenario_exits_0_and_a_failing_expectation_exits_1(tmp_path: Path,
