@@ -91,6 +91,19 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10
 MSR_EFER = 0xC0000080
 
 
+class _Mmr(ctypes.Structure):
+    """uc_x86_mmr: a descriptor-table register (IDTR, GDTR, LDTR, TR)."""
+
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
+                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class _Msr(ctypes.Structure):
+    """uc_x86_msr."""
+
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
 @dataclass(frozen=True)
 class BlobLayout:
     """Offsets inside Unicorn's CPU context blob (`uc_context_save`), found by probing."""
@@ -211,6 +224,12 @@ class Engine:
         self._poison_pages: list[int] = []
         self._sites: dict[int, int] = {}
         self._mmio: list[Any] = []  # keeps the binding's callbacks alive
+        self._uclib: Any = _ucpy.uclib
+        self._uch: Any = uc._uch
+        self._batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
+        self._mmr = _Mmr()
+        self._msr = _Msr()
+        self._ctx: Any = None
 
         # The native counter first, so it runs before any Python code hook.
         lib = native.load()
@@ -377,37 +396,82 @@ class Engine:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # -- registers ---------------------------------------------------------------------
+    # The binding's reg_read/reg_read_batch cost ~3 us per register (fact 10: most of it
+    # in its register-class lookup). Delivery and IRET read and write a handful of
+    # registers per event, so these call the library directly through ctypes with
+    # buffers prepared once per register list.
+    def _batch(self, names: tuple[str, ...]) -> tuple[Any, Any, Any]:
+        b = self._batches.get(names)
+        if b is None:
+            n = len(names)
+            ids = (ctypes.c_int * n)(*[REG[x] for x in names])
+            vals = (ctypes.c_uint64 * n)()
+            base = ctypes.addressof(vals)
+            ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+            b = self._batches[names] = (ids, vals, ptrs)
+        return b
+
     def read(self, names: Sequence[str]) -> list[int]:
-        return [int(v) for v in self.uc.reg_read_batch([REG[n] for n in names])]
+        key = tuple(names)
+        ids, vals, ptrs = self._batch(key)
+        ctypes.memset(vals, 0, 8 * len(key))  # segment registers fill only 2 bytes
+        status = self._uclib.uc_reg_read_batch(self._uch, ids, ptrs, len(key))
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+        return list(vals)
 
     def write(self, values: dict[str, int]) -> None:
-        self.uc.reg_write_batch([(REG[n], v) for n, v in values.items()])
+        key = tuple(values)
+        ids, vals, ptrs = self._batch(key)
+        for i, v in enumerate(values.values()):
+            vals[i] = v & 0xFFFFFFFFFFFFFFFF
+        status = self._uclib.uc_reg_write_batch(self._uch, ids, ptrs, len(key))
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
 
     def read_reg(self, name: str) -> int:
-        return int(self.uc.reg_read(REG[name]))
+        return self.read((name,))[0]
 
     def read_table(self, which: str) -> tuple[int, int, int]:
         """(selector, base, limit) of IDTR, GDTR or TR."""
         reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
-        sel, base, limit, _flags = self.uc.reg_read(reg)
-        return int(sel), int(base), int(limit)
+        mmr = self._mmr
+        status = self._uclib.uc_reg_read(self._uch, reg, ctypes.byref(mmr))
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+        return int(mmr.selector), int(mmr.base), int(mmr.limit)
 
     def write_table(self, which: str, selector: int, base: int, limit: int, flags: int = 0) -> None:
         reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
         self.uc.reg_write(reg, (selector, base, limit, flags))
 
     def read_msr(self, msr: int) -> int:
-        return int(self.uc.msr_read(msr)) if hasattr(self.uc, "msr_read") else int(
-            self.uc.reg_read(X.UC_X86_REG_MSR, msr))
+        m = self._msr
+        m.rid = msr
+        status = self._uclib.uc_reg_read(self._uch, X.UC_X86_REG_MSR, ctypes.byref(m))
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+        return int(m.value)
 
     def write_msr(self, msr: int, value: int) -> None:
         self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
 
     # -- context-blob patches ------------------------------------------------------------
+    def _saved_context(self) -> Any:
+        """The engine's CPU state in one reused context object (saving into an existing
+        context avoids allocating one per event)."""
+        if self._ctx is None:
+            self._ctx = self.uc.context_save()
+        else:
+            self.uc.context_update(self._ctx)
+        return self._ctx
+
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""
-        raw = bytes(_blob(self.uc.context_save()))
-        return _i32(raw, self.layout.error_code) & 0xFFFFFFFF, bool(_i32(raw, self.layout.is_int))
+        view = memoryview(_blob(self._saved_context())).cast("B")
+        error_code, is_int = struct.unpack_from("<Ii", view, self.layout.error_code)
+        assert self.layout.is_int == self.layout.error_code + 4
+        return int(error_code), bool(is_int)
 
     def patch_context(self, *, segments: tuple[int, int, int, int, int] | None = None,
                       clear_stale_exception: bool = False) -> None:
@@ -416,7 +480,7 @@ class Engine:
         `segments` = (cs_selector, cs_flags, ss_selector, ss_flags, cpl), where *_flags is
         the descriptor's high dword as QEMU caches it (0 for a null SS).
         """
-        ctx = self.uc.context_save()
+        ctx = self._saved_context()
         b = _blob(ctx)
         lay = self.layout
         if clear_stale_exception:

@@ -49,6 +49,7 @@ from cpu.mmu import (
     PTE_XD,
     Access,
     PagingControl,
+    WalkCache,
     build_identity_map,
     walk,
 )
@@ -200,6 +201,7 @@ class GuestMemory:
         # `Machine._paging_snapshot`): nothing can write CR0/CR3/CR4/EFER in between, and
         # reading them from the engine for every 8-byte access dominated event cost.
         self.ctl: PagingControl | None = None
+        self.walks = WalkCache(machine.phys)
 
     def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
         off = 0
@@ -214,7 +216,7 @@ class GuestMemory:
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                             why=f"non-canonical address {addr:#x}")
         ctl = self.ctl if self.ctl is not None else self.m.paging()
-        t = walk(self.m.phys, ctl, addr, access, user=user)
+        t = self.walks.walk(ctl, addr, access, user=user)
         paddr = t.paddr | (addr & 0xFFF)
         if not self.m.phys.contains(paddr, size):
             # A present translation to no RAM: a 2-MiB identity page over the end of a
@@ -295,6 +297,12 @@ class Machine:
         self._device_error: str | None = None
         self.serial = bytearray()
         self._built = False
+        self._step_cache: dict[str, object] = {}
+        # QEMU remembers an exception it raised until its own delivery code runs, which
+        # Unicorn skips (fact 4): set after every engine-raised exception, cleared by the
+        # next context patch (which resets the field).
+        self._stale_exception = False
+        self._running = False
         self._pending: Callable[[], None] | None = None
         self._fetch_boundary: int | None = None  # run only up to here next (a fetch fault)
         self._cr3 = 0
@@ -397,6 +405,7 @@ class Machine:
         self._cr3 = cr3
         self.symbols["pml4"] = cr3
         e = self.engine
+        self._step_cache.clear()
         e.write({"cr4": CR4_DEFAULT})
         e.write_msr(0xC0000080, EFER_DEFAULT)
         e.write({"cr3": cr3, "cr0": CR0_DEFAULT})
@@ -407,14 +416,36 @@ class Machine:
 
     # -- state -------------------------------------------------------------------------
     def paging(self) -> PagingControl:
+        """The paging controls. Between two engine runs nothing can change them but
+        Python, so they are read once per stop (`_step_cache`, cleared around every run);
+        during a run (TLB fills) they are read fresh."""
+        ctl = self._step_cache.get("paging")
+        if ctl is None:
+            ctl = self._read_paging()
+            if not self._running:
+                self._step_cache["paging"] = ctl
+        assert isinstance(ctl, PagingControl)
+        return ctl
+
+    def _read_paging(self) -> PagingControl:
         cr0, cr3, cr4 = self.engine.read(("cr0", "cr3", "cr4"))
         return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=self.engine.read_msr(0xC0000080))
 
+    def _table(self, which: str) -> tuple[int, int, int]:
+        """IDTR/GDTR/TR, read once per stop like `paging`."""
+        val = self._step_cache.get(which)
+        if val is None:
+            val = self.engine.read_table(which)
+            if not self._running:
+                self._step_cache[which] = val
+        assert isinstance(val, tuple)
+        return val
+
     def arch_state(self) -> ArchState:
         rip, rsp, rflags, cs, ss, cr2 = self.engine.read(("rip", "rsp", "rflags", "cs", "ss", "cr2"))
-        _, idt_base, idt_limit = self.engine.read_table("idtr")
-        _, gdt_base, gdt_limit = self.engine.read_table("gdtr")
-        tr_sel, tr_base, tr_limit = self.engine.read_table("tr")
+        _, idt_base, idt_limit = self._table("idtr")
+        _, gdt_base, gdt_limit = self._table("gdtr")
+        tr_sel, tr_base, tr_limit = self._table("tr")
         return ArchState(rip=rip, rsp=rsp, rflags=rflags, cs=cs, ss=ss, cpl=self.cpl,
                          idtr_base=idt_base, idtr_limit=idt_limit, gdtr_base=gdt_base,
                          gdtr_limit=gdt_limit, tr_selector=tr_sel, tr_base=tr_base,
@@ -425,8 +456,18 @@ class Machine:
         beyond what the hardware walk would do); raises `ArchFault` if unmapped."""
         return self.sysmem.read(addr, size)
 
-    def _load_segments(self, cs: int, ss: int, cpl: int) -> None:
-        """Load CS/SS hidden state and the CPL (and reset QEMU's stale exception state)."""
+    def _load_segments(self, cs: int, ss: int, cpl: int,
+                       current: tuple[int, int] | None = None) -> None:
+        """Load CS/SS hidden state and the CPL (and reset QEMU's stale exception state).
+
+        Skipped when nothing would change: `current` (the CS and SS selectors in the
+        engine now) equal the new ones at the same CPL — the engine's hidden caches then
+        already describe these selectors (set by an earlier patch, or loaded by the guest
+        from the same GDT entries) — and no QEMU exception is in flight. Saves a context
+        save/restore on INT n and same-stack IRETs."""
+        if current == (cs, ss) and cpl == self.cpl and not self._stale_exception:
+            return
+        self._stale_exception = False
         cs_desc = self._gdt_descriptor(cs)
         ss_flags = (cpl << 13) if ss & 0xFFFC == 0 else self._gdt_descriptor(ss).high_dword
         self.engine.patch_context(segments=(cs, cs_desc.high_dword, ss, ss_flags, cpl),
@@ -437,7 +478,7 @@ class Machine:
         self.cpl = cpl
 
     def _gdt_descriptor(self, selector: int) -> SegmentDescriptor:
-        _, base, _limit = self.engine.read_table("gdtr")
+        _, base, _limit = self._table("gdtr")
         return SegmentDescriptor.unpack(self.sysmem.read(base + (selector & ~7), 8))
 
     # -- engine callbacks (no Python state changes beyond recording) ----------------------
@@ -445,7 +486,7 @@ class Machine:
         if not is_canonical(vpage):
             return None
         try:
-            t = walk(self.phys, self.paging(), vpage, access, user=self.cpl == 3)
+            t = self.sysmem.walks.walk(self._read_paging(), vpage, access, user=self.cpl == 3)
         except ArchFault:
             return None
         if not self.phys.contains(t.paddr, 4096):
@@ -543,6 +584,7 @@ class Machine:
 
     # -- event handling (run loop side) ----------------------------------------------
     def _memory_fault(self, vaddr: int, access: Access) -> None:
+        self._stale_exception = True  # conservative: a context patch follows anyway
         if access is Access.FETCH:
             boundary = self._fetch_boundary_before(vaddr)
             if boundary is not None:
@@ -647,7 +689,13 @@ class Machine:
 
     def _hooked_exception(self, vector: int) -> None:
         rip = self.engine.read_reg("rip")
-        error_code, is_int = self.engine.exception_info()
+        if vector == Vector.BP or vector >= 32:
+            # Only INT3 / INT n raise these vectors here: software interrupts, which QEMU
+            # raises without its nested-exception bookkeeping.
+            error_code, is_int = 0, True
+        else:
+            error_code, is_int = self.engine.exception_info()
+            self._stale_exception = self._stale_exception or not is_int
         if is_int:
             # INT n / INT3 (trap): RIP is already past the instruction; find its start.
             insn = rip - 1 if vector == 3 and self._byte_at(rip - 1) == 0xCC else rip - 2
@@ -667,6 +715,7 @@ class Machine:
             return None
 
     def _invalid_opcode(self) -> None:
+        self._stale_exception = True
         rip = self.engine.read_reg("rip")
         self.engine.uncount()
         if self._byte_at(rip) == 0xF1:
@@ -710,7 +759,7 @@ class Machine:
         self.nmi_blocked = False
         self.engine.recount()
         cost = self.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
-        self._load_segments(res.cs, res.ss, res.cpl)
+        self._load_segments(res.cs, res.ss, res.cpl, current=(st.cs, st.ss))
         self.engine.write({"rip": res.rip, "rsp": res.rsp, "rflags": res.rflags})
         self._depth = max(0, self._depth - 1)
         if self._frames:
@@ -798,7 +847,7 @@ class Machine:
                                   else "deliver_same_cpl")
         if d.event.source is Source.NMI:
             cost += self.profile.event("nmi_extra")
-        self._load_segments(d.new_cs, d.new_ss, d.new_cpl)
+        self._load_segments(d.new_cs, d.new_ss, d.new_cpl, current=(st.cs, st.ss))
         self.engine.write({"rip": d.new_rip, "rsp": d.new_rsp, "rflags": d.new_rflags})
         self._shadow_rec = None  # a delivered event ends any interrupt shadow
         rec = self._emit(
@@ -1046,6 +1095,7 @@ class Machine:
         if max_events is not None:
             self.max_events = max_events
         e = self.engine
+        self._step_cache.clear()  # the caller may have written registers directly
         while True:
             try:
                 self._service()
@@ -1056,7 +1106,12 @@ class Machine:
                 self._pending = None
                 rip = e.read_reg("rip")
                 boundary, self._fetch_boundary = self._fetch_boundary, None
-                err = e.run(rip) if boundary is None else e.run(rip, until=boundary)
+                self._step_cache.clear()
+                self._running = True
+                try:
+                    err = e.run(rip) if boundary is None else e.run(rip, until=boundary)
+                finally:
+                    self._running = False
                 pending, self._pending = self._pending, None
                 if e.stopped_by_counter:
                     # The counter stopped before an instruction ran: a boundary. Anything

@@ -11,6 +11,7 @@ entry it uses and Dirty in the leaf on a write, only when the access succeeds.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -78,6 +79,53 @@ def walk(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *
     A paging-structure entry outside guest memory reads as not present (idtlab has no
     memory there), which is what a zeroed table would give.
     """
+    return walk_entries(mem, ctl, linear, access, user=user, set_ad=set_ad)[0]
+
+
+class WalkCache:
+    """Walks, memoised and *validated on every use*: a hit re-reads the paging-structure
+    entries the walk read and is taken only if all of them still hold the values the
+    walk left there (A/D included). So a hit returns exactly what a fresh walk would
+    (the same translation, or the same #PF), and sets no bit a fresh walk would set; it
+    only saves the walk. This is not a model of the hardware TLB (which may keep stale
+    translations until INVLPG or a CR3 write): it never changes a result, whatever the
+    guest does to its tables."""
+
+    LIMIT = 4096
+
+    def __init__(self, mem: PhysicalMemory) -> None:
+        self.mem = mem
+        self._entries: dict[tuple[int, int, int, int, int, int, bool],
+                            tuple[tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
+
+    def walk(self, ctl: PagingControl, linear: int, access: Access, *, user: bool) -> Translation:
+        key = (linear >> 12, ctl.cr3, ctl.cr0, ctl.cr4, ctl.efer, int(access), user)
+        hit = self._entries.get(key)
+        if hit is not None:
+            used, result = hit
+            view = self.mem.view
+            if all(struct.unpack_from("<Q", view, a)[0] == v for a, v in used):
+                if isinstance(result, ArchFault):
+                    raise ArchFault(result.vector, result.error_code, cr2=linear, why=result.why)
+                return result
+        if len(self._entries) >= self.LIMIT:
+            self._entries.clear()
+        read: list[tuple[int, int]] = []
+        try:
+            t, used = walk_entries(self.mem, ctl, linear, access, user=user, read=read)
+        except ArchFault as fault:
+            self._entries[key] = (tuple(read), fault)
+            raise
+        self._entries[key] = (used, t)
+        return t
+
+
+def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *,
+                 user: bool, set_ad: bool = True, read: list[tuple[int, int]] | None = None,
+                 ) -> tuple[Translation, tuple[tuple[int, int], ...]]:
+    """`walk`, also returning the (address, value after the walk) of each entry used.
+    `read`, if given, receives every (address, value) read, also when the walk faults
+    (an entry outside guest memory is not recorded: it cannot change)."""
     ec_base = (PFErr.W if access is Access.WRITE else 0) | (PFErr.U if user else 0)
     if access is Access.FETCH and (ctl.nxe or ctl.cr4 & CR4_SMEP):
         ec_base |= PFErr.ID
@@ -94,6 +142,8 @@ def walk(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *
         shift = 39 - 9 * level
         entry_addr = table + ((linear >> shift) & 0x1FF) * 8
         entry = mem.read_u64(entry_addr) if mem.contains(entry_addr, 8) else 0
+        if read is not None and mem.contains(entry_addr, 8):
+            read.append((entry_addr, entry))
         if not entry & PTE_P:
             raise fault(0, f"{LEVEL_NAMES[level]} not present")
         rsvd = bool(entry & RSVD_HIGH) or (bool(entry & PTE_XD) and not ctl.nxe)
@@ -127,17 +177,20 @@ def walk(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *
         raise fault(PFErr.P, "SMEP: supervisor fetch from a user page")
 
     leaf_addr, leaf = entries[-1]
-    if set_ad:
-        for addr, entry in entries:
-            new = entry | PTE_A
+    after: list[tuple[int, int]] = []
+    for addr, entry in entries:
+        new = entry
+        if set_ad:
+            new |= PTE_A
             if addr == leaf_addr and access is Access.WRITE:
                 new |= PTE_D
             if new != entry:
                 mem.write_u64(addr, new)
-        if access is Access.WRITE:
-            leaf |= PTE_D
+        after.append((addr, new))
+    if set_ad and access is Access.WRITE:
+        leaf |= PTE_D
     may_write = writable or (not user and not ctl.cr0 & CR0_WP)
-    return Translation(page_paddr, may_write, not nx, bool(leaf & PTE_D))
+    return Translation(page_paddr, may_write, not nx, bool(leaf & PTE_D)), tuple(after)
 
 
 def build_identity_map(mem: PhysicalMemory, base: int, memsize: int,
