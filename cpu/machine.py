@@ -575,6 +575,11 @@ class Machine:
     def _on_port_out(self, port: int, size: int, value: int) -> None:
         if port == SERIAL_PORT:
             self.serial.append(value & 0xFF)
+            if value & 0xFF == 0x0A:
+                # One record per line, so the output appears in the timeline where it was
+                # written.
+                start = self.serial.rfind(b"\n", 0, len(self.serial) - 1) + 1
+                self._emit("serial", text=self.serial[start:-1].decode("latin-1"))
         elif port == EXIT_PORT:
             # Ends the run at the boundary after the OUT (the counter stops there exactly).
             self._exit_code = value

@@ -94,6 +94,8 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
             for slot, old, new in r["slots"]:
                 mark = "  <- changed" if old != new else ""
                 out.append(f"{' ' * len(head)}{pad}     {slot:<7} {old:#018x} -> {new:#018x}{mark}")
+        elif kind == "serial":
+            out.append(f"{head}{pad}serial | {r['text']}")
         elif kind == "hlt":
             out.append(f"{head}{pad}hlt at {sym(r['rip'])}: waiting")
         elif kind == "wake":
