@@ -281,7 +281,8 @@ class Machine:
         self.cpl = 0
         self.intr = Interruptibility(sti_blocks_nmi=sti_blocks_nmi)
         self.injections: list[Injection] = []
-        self._before: dict[int, list[Injection]] = {}
+        self._waiting: list[Injection] = []  # not fired, point by icount/cycle/now
+        self._before: dict[int, dict[int, list[Injection]]] = {}  # address -> hit -> events
         self._arrivals: dict[int, int] = {}
         self._site_seen: tuple[int, int] | None = None
         self._site_len: dict[int, int] = {}
@@ -521,7 +522,7 @@ class Machine:
             # injection stop is not a new arrival; a return to it by IRET is).
             self._site_seen = (address, e.icount)
             n = self._arrivals[address] = self._arrivals.get(address, 0) + 1
-            due = [inj for inj in injections if inj.hit == n and not inj.fired]
+            due = [inj for inj in injections.pop(n, ()) if not inj.fired]
             if due:
                 def fire() -> None:
                     e.uncount()  # stopped before the instruction at `address` executed
@@ -895,8 +896,10 @@ class Machine:
             raise ValueError("interrupt injection needs the local APIC (Machine(apic=True))")
         inj = Injection(event, vector, before, hit, icount, cycle, label)
         self.injections.append(inj)
+        if before is None:
+            self._waiting.append(inj)
         if before is not None:
-            self._before.setdefault(before, []).append(inj)
+            self._before.setdefault(before, {}).setdefault(hit, []).append(inj)
             self.engine.add_site(before)
         return inj
 
@@ -970,13 +973,15 @@ class Machine:
         e = self.engine
         if self.apic is not None:
             self.apic.tick(e.cycles)
-        for inj in self.injections:
+        for inj in list(self._waiting):
             if inj.fired:
+                self._waiting.remove(inj)
                 continue
             if (inj.icount is not None and e.icount >= inj.icount) or (
                     inj.cycle is not None and e.cycles >= inj.cycle) or (
                     inj.before is None and inj.icount is None and inj.cycle is None):
                 self._fire(inj)
+                self._waiting.remove(inj)
 
     def _arbitrate(self) -> Choice:
         e = self.engine
@@ -1024,7 +1029,7 @@ class Machine:
         (which clears `_halted`), or end the run when nothing can ever wake the CPU."""
         e = self.engine
         while self._halted:
-            deadlines = [inj.cycle for inj in self.injections
+            deadlines = [inj.cycle for inj in self._waiting
                          if not inj.fired and inj.cycle is not None]
             if self.apic is not None:
                 nd = self.apic.next_deadline()
@@ -1038,7 +1043,7 @@ class Machine:
             e.cycles = max(e.cycles, min(deadlines))
             self._service()
             if self._halted and self._pending_sources() == before and not any(
-                    not inj.fired and inj.cycle is not None for inj in self.injections):
+                    not inj.fired and inj.cycle is not None for inj in self._waiting):
                 # Only a timer that re-sets an IRR bit already set (held by IF = 0 or
                 # PPR) remains: time can pass forever without changing anything.
                 raise _Stop("hlt", "HLT with every wake source held (IF = 0 or masked)", rip)
@@ -1046,7 +1051,7 @@ class Machine:
     def _next_stop_at(self) -> int:
         e = self.engine
         n = self.max_insns + 1
-        for inj in self.injections:
+        for inj in self._waiting:
             if not inj.fired and inj.icount is not None:
                 n = min(n, inj.icount + 1)
         if self._step:
@@ -1055,7 +1060,7 @@ class Machine:
 
     def _next_stop_cycle(self) -> int:
         c = 2**64 - 1
-        for inj in self.injections:
+        for inj in self._waiting:
             if not inj.fired and inj.cycle is not None:
                 c = min(c, inj.cycle)
         if self.apic is not None:
