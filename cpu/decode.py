@@ -51,12 +51,21 @@ SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt", "s
 
 def site_kind(insn: Insn) -> str | None:
     """"iret"/"hlt" (intercepted and emulated), "sti"/"mov_ss" (observed: they open an
-    interrupt shadow), or None. POP SS is #UD in 64-bit mode, so MOV SS is the only SS
+    interrupt shadow), "out" (observed: a write to the exit port ends the run exactly
+    there), or None. POP SS is #UD in 64-bit mode, so MOV SS is the only SS
     load that opens a MOV-SS shadow here."""
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
         kind = "mov_ss"
+    if kind is None and insn.mnemonic == "out":
+        kind = "out"
     return kind
+
+
+def out_port(insn_text: str) -> int | None:
+    """The port of `out imm8, reg` (None for `out dx, reg`: the port is in DX)."""
+    port = insn_text.split(",")[0].split()[-1]
+    return None if port == "dx" else int(port, 0)
 
 
 def find_sites(code: bytes, address: int) -> dict[int, str]:

@@ -38,6 +38,7 @@ from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exp
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
     UC_ERR_INSN_INVALID,
+    UC_HOOK_BLOCK,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
@@ -206,8 +207,13 @@ class Engine:
     Every callback that wants the engine to stop calls `stop()`.
     """
 
-    def __init__(self, mem: PhysicalMemory) -> None:
+    def __init__(self, mem: PhysicalMemory, *, block_counting: bool = False) -> None:
         self.mem = mem
+        self.block_counting = block_counting
+        # Reads guest code at a linear address (set by the machine); used to count the
+        # instructions of a translation block in block-counting mode.
+        self.code_reader: Callable[[int, int], bytes | None] = lambda a, n: None
+        self._block_starts: dict[tuple[int, int], tuple[int, ...]] = {}
         self.layout = blob_layout()
         uc: Any = _new_uc()
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
@@ -238,10 +244,19 @@ class Engine:
             0, 2**64 - 1, ctypes.cast(_ucpy.uclib.uc_emu_stop, ctypes.c_void_p), 0)
         self.counter.stop_cycle = 2**64 - 1
         self.counter.default_cost = 1
-        self._miss_fn: Any = None  # keeps the ctypes callback alive
+        self.counter.split = native.NO_SPLIT
+        self._miss_fn: Any = None  # keeps the ctypes callbacks alive
+        self._bmiss_fn: Any = None
         self._counter_hook = ctypes.c_size_t()
-        fn = ctypes.cast(lib.idtlab_count_insn, ctypes.c_void_p)
-        status = _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(self._counter_hook), UC_HOOK_CODE,
+        if block_counting:
+            self._bmiss_fn = native.MissCallback(self._block_miss)
+            self.counter.bmiss = ctypes.cast(self._bmiss_fn, ctypes.c_void_p)
+            fn = ctypes.cast(lib.idtlab_count_block, ctypes.c_void_p)
+            kind = UC_HOOK_BLOCK
+        else:
+            fn = ctypes.cast(lib.idtlab_count_insn, ctypes.c_void_p)
+            kind = UC_HOOK_CODE
+        status = _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(self._counter_hook), kind,
                                          fn, ctypes.byref(self.counter), ctypes.c_uint64(1),
                                          ctypes.c_uint64(0))
         if status != 0:
@@ -298,16 +313,139 @@ class Engine:
             self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None, address,
                                                     address)
 
-    def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:
-        """Run from `begin` until a callback stops the engine, or until execution reaches
-        `until` (Unicorn checks it before translating each instruction, so nothing at or
-        after `until` is fetched); return Unicorn's error code."""
-        self.counter.stopped = 0
+    def _emu(self, begin: int, until: int) -> int | None:
         try:
             self.uc.emu_start(begin, until)
         except UcError as exc:
             return int(exc.errno)
         return None
+
+    def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:
+        """Run from `begin` until a callback stops the engine, or until execution reaches
+        `until` (nothing at or after `until` runs); return Unicorn's error code.
+
+        Counting contract, the same in both counting modes: when this returns, `icount`
+        counts the instructions retired, plus the instruction at RIP if the engine
+        stopped *at* it (a fault in it, a code hook before it, the counter's threshold
+        before it — `stopped_by_counter`), which the machine takes back (`uncount`).
+        """
+        c = self.counter
+        c.stopped = 0
+        c.split = native.NO_SPLIT
+        if until != UNTIL_NEVER:
+            # `until` only takes effect in code translated after it is set: drop the
+            # translation of the block that holds it.
+            self.uc.ctl_remove_cache(until, until + 1)
+        err = self._emu(begin, until)
+        if until != UNTIL_NEVER:
+            self.uc.ctl_remove_cache(until, until + 1)
+        if not self.block_counting:
+            return err
+        if err is None and c.split != native.NO_SPLIT:
+            err = self._split(int(c.split), until)
+        else:
+            self._settle()
+        return err
+
+    # -- block counting (fast mode) -------------------------------------------------------
+    def _block_miss(self, address: int, size: int) -> int:
+        try:
+            return len(self._starts(address, size)) or 1
+        except Exception:  # never let an exception cross the C boundary
+            return 1
+
+    def _starts(self, address: int, size: int) -> tuple[int, ...]:
+        """Start addresses of the instructions of the translation block [address, +size)."""
+        key = (address, size)
+        starts = self._block_starts.get(key)
+        if starts is None:
+            code = self.code_reader(address, size)
+            found: list[int] = []
+            if code is not None:
+                from cpu.decode import decode  # capstone; imported lazily
+                end = address
+                for insn in decode(code, address):
+                    found.append(insn.address)
+                    end = insn.address + insn.size
+                if end != address + size:  # undecodable tail: count what QEMU ran anyway
+                    found.extend(range(end, address + size))
+            starts = tuple(found)
+            self._block_starts[key] = starts
+        return starts
+
+    def _index(self, rip: int) -> int | None:
+        """Instructions of the current block before `rip`, if `rip` starts one of them."""
+        c = self.counter
+        addr, size = int(c.block_addr), int(c.block_size)
+        if not size or not addr <= rip < addr + size:
+            return None
+        starts = self._starts(addr, size)
+        lo, hi = 0, len(starts)
+        while lo < hi:  # bisect: starts are sorted
+            mid = (lo + hi) // 2
+            if starts[mid] < rip:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo if lo < len(starts) and starts[lo] == rip else None
+
+    def _settle(self) -> None:
+        """Turn the block count into the counting contract of `run`: a stop inside the
+        current block (a fault, a code hook) retired only the instructions before RIP,
+        and the one at RIP counts as stopped-at."""
+        c = self.counter
+        k = self._index(self.read_reg("rip"))
+        if k is None:
+            return  # stopped between blocks: every counted instruction retired
+        n = len(self._starts(int(c.block_addr), int(c.block_size))) or 1
+        ran = int(c.count) - int(c.block_before)  # n, or 0 if the block hook stopped it
+        extra = int(c.cycles) - int(c.block_cycles_before) - ran * int(c.default_cost)
+        del n
+        c.count = int(c.block_before) + k + 1
+        c.cycles = int(c.block_cycles_before) + (k + 1) * int(c.default_cost) + extra
+        c.last_cost = c.default_cost
+
+    def count_at(self, address: int) -> int:
+        """In a code hook for `address`: the count with that instruction counted (the
+        per-instruction counter's value there)."""
+        if not self.block_counting:
+            return int(self.counter.count)
+        k = self._index(address)
+        return int(self.counter.block_before) + (k if k is not None else 0) + 1
+
+    def _split(self, k: int, until: int) -> int | None:
+        """The threshold falls before instruction `k` of the block at RIP: run exactly
+        that far (Unicorn's `until`, after dropping the block's translation)."""
+        c = self.counter
+        rip = self.read_reg("rip")
+        starts = self._starts(int(c.block_addr), int(c.block_size))
+        if k == 0 or k >= len(starts):
+            c.count += 1  # stopped before the block's first instruction: "counted"
+            c.cycles += c.default_cost
+            c.last_cost = c.default_cost
+            c.stopped = 1
+            return None
+        target = starts[k]
+        stop_at, stop_cycle = int(c.stop_at), int(c.stop_cycle)
+        c.stop_at, c.stop_cycle = 2**64 - 1, 2**64 - 1
+        c.split = native.NO_SPLIT
+        c.stopped = 0
+        if until != UNTIL_NEVER and rip <= until < target:
+            target = until
+        self.uc.ctl_remove_cache(int(c.block_addr), int(c.block_addr) + int(c.block_size))
+        full = (int(c.block_addr), int(c.block_addr) + int(c.block_size))
+        err = self._emu(rip, target)
+        self.uc.ctl_remove_cache(*full)  # the next pass translates the whole block again
+        c.stop_at, c.stop_cycle = stop_at, stop_cycle
+        if err is None and self.read_reg("rip") == target and not c.stopped and target != until:
+            # Reached the threshold boundary: report it as the counter's stop.
+            c.count += 1
+            c.cycles += c.default_cost
+            c.last_cost = c.default_cost
+            c.stopped = 1
+            return None
+        self._settle()
+        return err
 
     def stop(self) -> None:
         self.uc.emu_stop()

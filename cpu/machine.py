@@ -33,7 +33,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from cpu.decode import decode, decode_one, is_stack_reference, memory_operands, site_kind
+from cpu.decode import (
+    decode,
+    decode_one,
+    is_stack_reference,
+    memory_operands,
+    out_port,
+    site_kind,
+)
 from cpu.devices.apic import APIC_BASE, APIC_SIZE, LocalApic
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
 from cpu.errors import Unsupported
@@ -269,7 +276,9 @@ class Machine:
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._costs = CostModel(self.profile)
         self.phys = PhysicalMemory(memory)
-        self.engine = Engine(self.phys)
+        # Fast mode counts per translation block, timed mode per instruction (it needs
+        # each instruction's cost); both give exact counts at every stop.
+        self.engine = Engine(self.phys, block_counting=mode == "fast")
         self.sysmem = GuestMemory(self)
         self.trace = Trace()
         self.max_insns = max_insns
@@ -323,6 +332,7 @@ class Machine:
         e.site = self._on_site
         e.port_in = self._on_port_in
         e.port_out = self._on_port_out
+        e.code_reader = self._code_bytes
         if mode == "timed":
             e.set_cost_mode(timed=True, default_cost=self.profile.cycles_per_instruction,
                             miss=self._insn_cost)
@@ -517,10 +527,11 @@ class Machine:
     def _on_site(self, address: int) -> None:
         e = self.engine
         injections = self._before.get(address)
-        if injections is not None and self._site_seen != (address, e.icount):
+        here = e.count_at(address)
+        if injections is not None and self._site_seen != (address, here):
             # An arrival at an injection point (the same boundary re-entered after an
             # injection stop is not a new arrival; a return to it by IRET is).
-            self._site_seen = (address, e.icount)
+            self._site_seen = (address, here)
             n = self._arrivals[address] = self._arrivals.get(address, 0) + 1
             due = [inj for inj in injections.pop(n, ()) if not inj.fired]
             if due:
@@ -539,9 +550,35 @@ class Machine:
         elif kind in ("sti", "mov_ss"):
             self._open_shadow(address, kind)
             return  # observed, not intercepted: the instruction runs natively
+        elif kind == "out":
+            if not self._exit_write(address):
+                return  # another port: the instruction runs natively (port hook)
         else:
             return
         e.stop()
+
+    def _exit_write(self, address: int) -> bool:
+        """An OUT about to write the exit port: end the run right after it (exact in both
+        counting modes; the port hook alone would stop only at the next block boundary
+        in fast mode). Returns False for other ports."""
+        insn = decode_one(self._code_bytes(address, 2) or b"", address)
+        if insn is None:
+            return False
+        port = out_port(insn.op_str)
+        if port is None:
+            port = self.engine.read_reg("rdx") & 0xFFFF
+        if port != EXIT_PORT:
+            return False
+        width = {"al": 1, "ax": 2, "eax": 4}.get(insn.op_str.split(",")[-1].strip(), 1)
+        value = self.engine.read_reg("rax") & ((1 << (8 * width)) - 1)
+
+        def stop() -> None:
+            # The OUT retires (it was counted when the engine stopped before it).
+            self.engine.write({"rip": address + insn.size})
+            raise _Stop("exit", f"exit device: {value:#x}", address + insn.size, exit_code=value)
+
+        self._pending = stop
+        return True
 
     def _open_shadow(self, address: int, kind: str) -> None:
         """STI (only when IF was 0) and MOV SS open a one-instruction shadow, recorded as
@@ -551,7 +588,8 @@ class Machine:
         inside an existing shadow opens none (only the first of a run of them is
         guaranteed to delay, SDM STI; Bochs ignores a MOV SS in a MOV-SS shadow)."""
         e = self.engine
-        if self._shadow_at(address, e.icount - 1) is not Shadow.NONE:
+        here = e.count_at(address)
+        if self._shadow_at(address, here - 1) is not Shadow.NONE:
             return
         if kind == "sti":
             if e.read_reg("rflags") & RFLAGS_IF:
@@ -559,7 +597,7 @@ class Machine:
             shadow = Shadow.STI
         else:
             shadow = Shadow.MOV_SS
-        self._shadow_rec = (e.icount, address + self._site_len.get(address, 1), shadow)
+        self._shadow_rec = (here, address + self._site_len.get(address, 1), shadow)
 
     def _shadow_at(self, rip: int, retired: int) -> Shadow:
         rec = self._shadow_rec
@@ -1068,6 +1106,13 @@ class Machine:
             if nd is not None:
                 c = min(c, nd)
         return c
+
+    def _code_bytes(self, address: int, size: int) -> bytes | None:
+        """Guest code at a linear address (for counting a translation block)."""
+        try:
+            return self.sysmem.read(address, size)
+        except (ArchFault, _Stop):
+            return None
 
     def _insn_cost(self, address: int, size: int) -> int:
         """Timed mode: one instruction's cost (called once per address by the counter)."""

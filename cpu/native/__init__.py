@@ -32,7 +32,20 @@ class CounterStruct(ctypes.Structure):
         ("mask", ctypes.c_uint64),
         ("used", ctypes.c_uint64),
         ("miss", ctypes.c_void_p),
+        ("block_addr", ctypes.c_uint64),
+        ("block_size", ctypes.c_uint64),
+        ("block_before", ctypes.c_uint64),
+        ("block_cycles_before", ctypes.c_uint64),
+        ("split", ctypes.c_uint64),
+        ("bkeys", ctypes.c_void_p),
+        ("bvals", ctypes.c_void_p),
+        ("bmask", ctypes.c_uint64),
+        ("bused", ctypes.c_uint64),
+        ("bmiss", ctypes.c_void_p),
     ]
+
+
+NO_SPLIT = 2**64 - 1
 
 
 # uint32_t miss(uint64_t address, uint32_t size): the timed-mode cost of one instruction.

@@ -32,7 +32,20 @@ struct idtlab_counter {
     uint64_t mask;  /* capacity - 1 (capacity is a power of two) */
     uint64_t used;
     uint32_t (*miss)(uint64_t address, uint32_t size);
+    /* Block counting (fast mode): see idtlab_count_block. */
+    uint64_t block_addr;
+    uint64_t block_size;
+    uint64_t block_before;        /* count when the current block started */
+    uint64_t block_cycles_before; /* cycles when the current block started */
+    uint64_t split;               /* NO_SPLIT, or the index in the block to stop before */
+    uint64_t *bkeys;              /* block address + 1 */
+    uint64_t *bvals;              /* (size << 32) | instructions */
+    uint64_t bmask;
+    uint64_t bused;
+    uint32_t (*bmiss)(uint64_t address, uint32_t size);
 };
+
+#define NO_SPLIT UINT64_MAX
 
 static uint64_t slot_of(uint64_t key, uint64_t mask)
 {
@@ -111,7 +124,106 @@ void idtlab_count_insn(void *uc, uint64_t address, uint32_t size, void *user_dat
     }
 }
 
-/* Forget every cached cost (code was rewritten, or the profile changed). */
+static int btable_put(struct idtlab_counter *c, uint64_t key, uint64_t val);
+
+static int btable_grow(struct idtlab_counter *c)
+{
+    uint64_t old_cap = c->bkeys ? c->bmask + 1 : 0;
+    uint64_t *old_keys = c->bkeys, *old_vals = c->bvals;
+    uint64_t cap = old_cap ? old_cap * 2 : 1024;
+    uint64_t *keys = calloc(cap, sizeof *keys), *vals = calloc(cap, sizeof *vals);
+    if (!keys || !vals) {
+        free(keys);
+        free(vals);
+        return -1;
+    }
+    c->bkeys = keys;
+    c->bvals = vals;
+    c->bmask = cap - 1;
+    c->bused = 0;
+    for (uint64_t i = 0; i < old_cap; i++)
+        if (old_keys[i])
+            btable_put(c, old_keys[i], old_vals[i]);
+    free(old_keys);
+    free(old_vals);
+    return 0;
+}
+
+static int btable_put(struct idtlab_counter *c, uint64_t key, uint64_t val)
+{
+    if (!c->bkeys || (c->bused + 1) * 2 > c->bmask + 1)
+        if (btable_grow(c) != 0)
+            return -1;
+    uint64_t i = slot_of(key, c->bmask);
+    while (c->bkeys[i] && c->bkeys[i] != key)
+        i = (i + 1) & c->bmask;
+    if (!c->bkeys[i])
+        c->bused++;
+    c->bkeys[i] = key;
+    c->bvals[i] = val;
+    return 0;
+}
+
+static uint64_t block_insns(struct idtlab_counter *c, uint64_t address, uint32_t size)
+{
+    uint64_t key = address + 1;
+    if (c->bkeys) {
+        uint64_t i = slot_of(key, c->bmask);
+        while (c->bkeys[i]) {
+            if (c->bkeys[i] == key) {
+                if ((c->bvals[i] >> 32) == size)
+                    return c->bvals[i] & 0xFFFFFFFFu;
+                break; /* same start, other size (a split block): ask again */
+            }
+            i = (i + 1) & c->bmask;
+        }
+    }
+    uint64_t n = c->bmiss ? c->bmiss(address, size) : 1;
+    btable_put(c, key, ((uint64_t)size << 32) | n);
+    return n;
+}
+
+/* Fast mode: a UC_HOOK_BLOCK callback, called before each translation block runs.
+ *
+ * It adds the block's instruction count (and count * default_cost cycles) before the
+ * block runs, and remembers where the block started, so the machine can settle the
+ * exact count at any stop: the instructions retired are `block_before` plus those of
+ * the block before the stopping RIP. When the instruction or cycle threshold falls
+ * inside this block, it stops the engine *before* the block runs, adds nothing, and
+ * sets `split` to the index of the instruction the machine must stop before; the
+ * machine then runs exactly that far with Unicorn's `until`. */
+void idtlab_count_block(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct idtlab_counter *c = (struct idtlab_counter *)user_data;
+    uint64_t n = block_insns(c, address, size);
+    uint64_t cost = c->default_cost;
+    uint64_t k = NO_SPLIT;
+    c->block_addr = address;
+    c->block_size = size;
+    c->block_before = c->count;
+    c->block_cycles_before = c->cycles;
+    if (c->count + n >= c->stop_at)
+        k = c->stop_at > c->count + 1 ? c->stop_at - 1 - c->count : 0;
+    if (c->stop_cycle != UINT64_MAX) {
+        uint64_t kc = NO_SPLIT;
+        if (c->cycles >= c->stop_cycle)
+            kc = 0;
+        else if (cost)
+            kc = (c->stop_cycle - c->cycles + cost - 1) / cost;
+        if (kc < n && kc < k)
+            k = kc;
+    }
+    if (k != NO_SPLIT && k < n) {
+        c->split = k;
+        c->stopped = 1;
+        c->stop(uc);
+        return;
+    }
+    c->count += n;
+    c->cycles += n * c->default_cost;
+}
+
+/* Forget every cached cost and block count (code was rewritten, or the profile changed). */
 void idtlab_table_clear(struct idtlab_counter *c)
 {
     free(c->keys);
@@ -120,4 +232,10 @@ void idtlab_table_clear(struct idtlab_counter *c)
     c->vals = NULL;
     c->mask = 0;
     c->used = 0;
+    free(c->bkeys);
+    free(c->bvals);
+    c->bkeys = NULL;
+    c->bvals = NULL;
+    c->bmask = 0;
+    c->bused = 0;
 }
