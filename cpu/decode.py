@@ -125,3 +125,35 @@ def memory_operands(code: bytes, address: int) -> tuple[int, list[MemOperand]]:
     return insn.size, [MemOperand(name(op.mem.base), name(op.mem.index), int(op.mem.scale),
                                   int(op.mem.disp), int(op.size), name(op.mem.segment))
                        for op in insn.operands if op.type == CX.X86_OP_MEM]
+
+
+@dataclass(frozen=True)
+class MmioMove:
+    """A MOV between a register or immediate and memory (how drivers touch device
+    registers), decoded for emulation: `store` (to memory) or load, operand `size`,
+    the source register or immediate of a store, the destination register of a load."""
+
+    length: int
+    text: str
+    store: bool
+    size: int
+    reg: str | None = None
+    imm: int | None = None
+
+
+def mmio_move(code: bytes, address: int) -> MmioMove | None:
+    """The instruction at `address` if it is `mov mem, reg|imm` or `mov reg, mem`."""
+    insns = list(_cs().disasm(code, address, 1))
+    if not insns or insns[0].mnemonic != "mov" or len(insns[0].operands) != 2:
+        return None
+    insn = insns[0]
+    dst, src = insn.operands
+    text = f"{insn.mnemonic} {insn.op_str}"
+    if dst.type == CX.X86_OP_MEM:
+        if src.type == CX.X86_OP_REG:
+            return MmioMove(insn.size, text, True, int(dst.size), reg=str(insn.reg_name(src.reg)))
+        if src.type == CX.X86_OP_IMM:
+            return MmioMove(insn.size, text, True, int(dst.size), imm=int(src.imm))
+    elif src.type == CX.X86_OP_MEM and dst.type == CX.X86_OP_REG:
+        return MmioMove(insn.size, text, False, int(src.size), reg=str(insn.reg_name(dst.reg)))
+    return None

@@ -229,7 +229,6 @@ class Engine:
         self._poison_slots: dict[int, int] = {}
         self._poison_pages: list[int] = []
         self._sites: dict[int, int] = {}
-        self._mmio: list[Any] = []  # keeps the binding's callbacks alive
         self._uclib: Any = _ucpy.uclib
         self._uch: Any = uc._uch
         self._batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
@@ -516,19 +515,6 @@ class Engine:
         lib = getattr(self, "_lib", None)
         if lib is not None:
             lib.idtlab_table_clear(ctypes.byref(self.counter))
-
-    def map_mmio(self, base: int, size: int, read: Callable[[int, int], int],
-                 write: Callable[[int, int, int], None]) -> None:
-        """A device at guest-physical [base, base+size): `read(offset, size)` and
-        `write(offset, size, value)` run for every access (fact 14)."""
-        def on_read(uc: Any, offset: int, sz: int, _data: object) -> int:
-            return read(offset, sz)
-
-        def on_write(uc: Any, offset: int, sz: int, value: int, _data: object) -> None:
-            write(offset, sz, value)
-
-        self._mmio.append((on_read, on_write))
-        self.uc.mmio_map(base, size, on_read, None, on_write, None)
 
     def flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)

@@ -38,10 +38,11 @@ from cpu.decode import (
     decode_one,
     is_stack_reference,
     memory_operands,
+    mmio_move,
     out_port,
     site_kind,
 )
-from cpu.devices.apic import APIC_BASE, APIC_SIZE, LocalApic
+from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
 from cpu.errors import Unsupported
 from cpu.memory import PhysicalMemory
@@ -111,6 +112,10 @@ SERIAL_PORT = 0x3F8
 CR0_DEFAULT = 0x80010033  # PG | WP | NE | ET | MP | PE
 CR4_DEFAULT = CR4_PAE | (1 << 9) | (1 << 10)  # PAE, OSFXSR, OSXMMEXCPT
 EFER_DEFAULT = EFER_LME | EFER_LMA | EFER_NXE
+# 32- and 64-bit GPR names -> the 64-bit register (a 32-bit write zero-extends).
+_GPR64 = {**{r: r for r in GPRS},
+          **{"e" + r[1:]: r for r in GPRS if not r[1:].isdigit() and len(r) == 3},
+          **{r + "d": r for r in GPRS if r[1:].isdigit()}}
 OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported")
 MODES = ("fast", "timed")
 EVENT_KINDS = ("nmi", "interrupt")
@@ -304,7 +309,6 @@ class Machine:
         # the nested-NMI race looks like; the trace shows it as `frame_overwritten`.
         self._frames: list[tuple[int, tuple[str, ...], str, int]] = []
         self._exit_code: int | None = None
-        self._device_error: str | None = None
         self.serial = bytearray()
         self._built = False
         self._step_cache: dict[str, object] = {}
@@ -341,7 +345,6 @@ class Machine:
         self.apic: LocalApic | None = None
         if apic:
             self.apic = LocalApic(on_nmi=self._apic_nmi, on_event=self._apic_event)
-            e.map_mmio(APIC_BASE, APIC_SIZE, self._apic_read, self._apic_write)
             self.symbols["apic"] = APIC_BASE
 
     @property
@@ -501,8 +504,8 @@ class Machine:
         except ArchFault:
             return None
         if not self.phys.contains(t.paddr, 4096):
-            if self.apic is not None and t.paddr == APIC_BASE and access is not Access.FETCH:
-                return t.paddr, PROT_R | (PROT_W if t.writable else 0)
+            # Also the local APIC page: every access to it stops the engine at the
+            # accessing instruction, which the machine emulates (_emulate_apic_access).
             return None
         prot = PROT_R
         if t.writable and (t.dirty or access is Access.WRITE):
@@ -656,6 +659,9 @@ class Machine:
                 cr2 = self._split_access_cr2(rip, vaddr)
             self.deliver(Event.exception(fault.vector, rip, fault.error_code, cr2),
                          why=fault.why)
+            return
+        if self.apic is not None and t.paddr == APIC_BASE and access is not Access.FETCH:
+            self._emulate_apic_access(rip, vaddr, access)
             return
         if not self.phys.contains(t.paddr | (vaddr & 0xFFF)):
             raise _Stop("outside_memory",
@@ -979,30 +985,53 @@ class Machine:
         else:
             self._emit(kind if kind.startswith("apic") else f"apic_{kind}", **fields)
 
-    def _apic_read(self, offset: int, size: int) -> int:
-        assert self.apic is not None
-        self.engine.cycles += self.profile.event("apic_access")
-        try:
-            return self.apic.read(offset, size, self.engine.cycles)
-        except Unsupported as exc:
-            self._device_error = str(exc)
-            self._request_boundary()
-            return 0
+    def _emulate_apic_access(self, rip: int, vaddr: int, access: Access) -> None:
+        """The instruction at RIP reads or writes the local APIC page: emulate it.
 
-    def _apic_write(self, offset: int, size: int, value: int) -> None:
+        The APIC page is never mapped in the engine: an access to it stops the engine
+        *at* the instruction (like a fault), and this emulates it here, as a hypervisor
+        emulates MMIO: a MOV between a register or immediate and a 32-bit APIC register.
+        So the effect of the write (an EOI unmasking a vector, a self-IPI, a TPR change,
+        the timer starting) is seen at the boundary right after the instruction, in both
+        counting modes. Other instruction forms end the run as `unsupported`."""
+        e = self.engine
         assert self.apic is not None
-        self.engine.cycles += self.profile.event("apic_access")
-        self._emit("apic_write", offset=offset, value=value)
         try:
-            self.apic.write(offset, size, value, self.engine.cycles)
+            code = self.read_linear(rip, 15)
+        except ArchFault:
+            code = self.read_linear(rip, 0x1000 - (rip & 0xFFF))
+        mv = mmio_move(code, rip)
+        what = decode_one(code, rip)
+        if mv is None or (access is Access.WRITE) != mv.store:
+            raise _Stop("unsupported", f"local APIC access by '{what.text if what else '??'}' at "
+                        f"{rip:#x}: only MOV between a register or immediate and a 32-bit APIC "
+                        "register is emulated", rip)
+        e.recount()  # the instruction retires here
+        e.cycles += self.profile.event("apic_access")  # the access lands at its end
+        now = e.cycles
+        offset = vaddr & 0xFFF
+        try:
+            if mv.store:
+                value = mv.imm if mv.imm is not None else e.read_reg(_GPR64[str(mv.reg)])
+                value &= (1 << (8 * mv.size)) - 1
+                self._emit("apic_write", offset=offset, value=value)
+                self.apic.write(offset, mv.size, value, now)
+                e.write({"rip": rip + mv.length})
+            else:
+                value = self.apic.read(offset, mv.size, now)
+                reg = str(mv.reg)
+                if reg not in _GPR64 or mv.size != 4:
+                    raise Unsupported(f"APIC read into {reg} ({mv.size} bytes)")
+                # A 32-bit destination is zero-extended (SDM MOV, 64-bit mode).
+                e.write({_GPR64[reg]: value, "rip": rip + mv.length})
         except Unsupported as exc:
-            self._device_error = str(exc)
-        # EOI, TPR, ICR and timer writes can make an event deliverable or move the next
-        # timer deadline: stop at the boundary after this instruction and re-evaluate.
-        self._request_boundary()
+            e.cycles -= self.profile.event("apic_access")
+            e.uncount()
+            raise _Stop("unsupported", str(exc), rip) from None
 
     def _request_boundary(self) -> None:
-        """Stop at the next instruction boundary (exact: the native counter stops there)."""
+        """Stop at the next boundary the counter sees (the next instruction in timed mode,
+        the end of the current translation block in fast mode)."""
         e = self.engine
         e.set_stop_at(min(int(e.counter.stop_at), e.icount + 1))
 
@@ -1174,9 +1203,6 @@ class Machine:
                     # when execution resumes there).
                     e.uncount()
                     self._site_seen = None
-                    if self._device_error is not None:
-                        why, self._device_error = self._device_error, None
-                        raise _Stop("unsupported", why, e.read_reg("rip"))
                     if self._exit_code is not None:
                         code, self._exit_code = self._exit_code, None
                         raise _Stop("exit", f"exit device: {code:#x}", e.read_reg("rip"),
