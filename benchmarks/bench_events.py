@@ -2,7 +2,7 @@
 
 Six figures, measured in one process run, each the best of `--repeat` runs:
 
-  (a) raw Unicorn: the tight loop of bench/bench_loop.py (`mov rcx, N; l: dec rcx;
+  (a) raw Unicorn: the tight loop (`mov rcx, N; l: dec rcx;
       jnz l; hlt`, 2N + 1 instructions before the HLT) on a plain `mem_map`, UC_MODE_64,
       no hooks, stopped just before the HLT;
   (b) the same loop under `cpu.machine.Machine(mode="fast")`;
@@ -87,7 +87,7 @@ def assemble(source: str, at: int) -> bytes:
 
 
 def loop_source(iterations: int, body: str = "") -> str:
-    """The loop of bench/bench_loop.py: 2N + 1 instructions (plus `body` N times) + HLT."""
+    """The benchmark loop: 2N + 1 instructions (plus `body` N times) + HLT."""
     return f"mov rcx, {iterations}\nl:\n{body}dec rcx\njnz l\nhlt\n"
 
 
