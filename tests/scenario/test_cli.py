@@ -103,6 +103,18 @@ BAD_INPUTS = [
     ("[run\nentry = 1", "TOML syntax error"),
     (GOOD + '\n[[image]]\nelf = "nope.elf"\n', "nope.elf"),
     (GOOD.replace('outcome = "hlt"', 'outcome = "halt"'), "'halt' is not one of"),
+    (GOOD + '\n[[inject]]\nevent = "nmii"\n', "[[inject]] #1 event: 'nmii' is not one of nmi, interrupt (did you mean 'nmi'?)"),
+    (GOOD + '\n[[inject]]\nevent = "nmi"\nbefore = "mian"\n', "unknown symbol 'mian'; did you mean 'main'?"),
+    (GOOD + '\n[[inject]]\nevent = "nmi"\nicount = 3\ncycle = 9\n', "[[inject]] #1: give at most one of before, icount, cycle"),
+    (GOOD + '\n[[inject]]\nevent = "interrupt"\n', "[[inject]] #1: an interrupt needs 'vector' (16..255)"),
+    (GOOD + '\n[[inject]]\nevent = "interrupt"\nvector = 8\n', "[[inject]] #1 vector: 0x8 outside 0x10..0xff"),
+    (GOOD + '\n[[inject]]\nevent = "nmi"\nvector = 0x30\n', "[[inject]] #1 vector: an nmi has no vector"),
+    (GOOD + '\n[[inject]]\nevent = "nmi"\nhit = 2\n', "'hit' counts arrivals at a 'before' address"),
+    (GOOD + '\n[[inject]]\nevent = "nmi"\nbefor = "main"\n', "unknown key 'befor' (did you mean 'before'?)"),
+    (GOOD + '\n[machine]\nmode = "slow"\n', "[machine] mode: 'slow' is not one of fast, timed"),
+    (GOOD + '\n[machine]\nprofile = "nope.toml"\n', "[machine] profile"),
+    (GOOD + '\n[machine]\napic = false\n[[inject]]\nevent = "interrupt"\nvector = 0x30\n', "needs the local APIC"),
+    (GOOD + '\n[[expect]]\nkinds = "deliver"\n', "kinds: expected a list of trace kinds"),
 ]
 
 
