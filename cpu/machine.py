@@ -1158,6 +1158,8 @@ class Machine:
         if cpl not in (0, 3):
             raise ValueError(f"cpl must be 0 or 3, not {cpl}")
         cs, ss = (USER_CS, USER_DS) if cpl == 3 else (KERNEL_CS, KERNEL_DS)
+        self._halted = False  # a reset CPU is not halted and in no shadow
+        self._shadow_rec = None
         self.cpl = cpl
         self._load_segments(cs, ss, cpl)
         self.engine.flush_tlb()
