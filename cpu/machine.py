@@ -243,6 +243,9 @@ class GuestMemory:
         return paddr
 
     def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:
+        if (linear & 0xFFF) + size <= 0x1000:  # one page: the common case, no splitting
+            paddr = self._translate(linear, size, Access.READ, user, stack)
+            return bytes(self.m.phys.view[paddr : paddr + size])
         out = bytearray(size)
         for addr, off, n in self._pieces(linear, size):
             paddr = self._translate(addr, n, Access.READ, user, stack)
@@ -250,6 +253,10 @@ class GuestMemory:
         return bytes(out)
 
     def write(self, linear: int, data: bytes, *, user: bool = False, stack: bool = False) -> None:
+        if (linear & 0xFFF) + len(data) <= 0x1000:
+            paddr = self._translate(linear, len(data), Access.WRITE, user, stack)
+            self.m.phys.view[paddr : paddr + len(data)] = data
+            return
         for addr, off, n in self._pieces(linear, len(data)):
             paddr = self._translate(addr, n, Access.WRITE, user, stack)
             self.m.phys.write(paddr, data[off : off + n])
@@ -300,6 +307,7 @@ class Machine:
         self._arrivals: dict[int, int] = {}
         self._site_seen: tuple[int, int] | None = None
         self._site_len: dict[int, int] = {}
+        self._iretq: set[int] = set()  # IRET sites with REX.W (the only form modelled)
         # (icount after the shadow-opening instruction retires, the RIP after it, kind)
         self._shadow_rec: tuple[int, int, Shadow] | None = None
         self._step = False
@@ -371,6 +379,8 @@ class Machine:
             if kind is not None:
                 self.sites[insn.address] = kind
                 self._site_len[insn.address] = insn.size
+                if insn.mnemonic == "iretq":
+                    self._iretq.add(insn.address)
                 self.engine.add_site(insn.address)
         self.engine.clear_cost_cache()
 
@@ -788,8 +798,7 @@ class Machine:
 
     def _emulate_iret(self, address: int) -> None:
         self.engine.uncount()
-        code = self._byte_at(address)
-        if code != 0x48:
+        if address not in self._iretq:
             raise _Stop("unsupported", "IRET without REX.W (IRETD/IRETW) is not modelled", address)
         st = self.arch_state()
         was_blocked = st.nmi_blocked
