@@ -25,8 +25,8 @@ DEMOS = {
 
 
 def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
-              cycles: bool = False) -> int:
-    sc = scn.load(path)
+              cycles: bool = False, mode: str | None = None) -> int:
+    sc = scn.load(path, mode=mode)
     result = scn.run(sc)
     failures = scn.check(sc, result)
     if trace_out:
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_run.add_argument("-q", "--quiet", action="store_true", help="no timeline")
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
+    p_run.add_argument("--mode", choices=("fast", "timed"),
+                       help="cycle accounting, overriding the scenario's [machine] mode")
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_file(demo, args.trace, False,
                                  f"demo {args.name} (idtlab demo {args.name} --show prints it)",
                                  args.cycles)
-        return _run_file(args.scenario, args.trace, args.quiet, str(args.scenario), args.cycles)
+        return _run_file(args.scenario, args.trace, args.quiet, str(args.scenario), args.cycles,
+                         args.mode)
     except (BadInput, Unsupported) as exc:
         print(f"idtlab: error: {exc}", file=sys.stderr)
         return 2

@@ -126,7 +126,7 @@ def parse_size(text: Any, where: str, chk: _Checker) -> int:
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
-def load(path: str | Path) -> Scenario:
+def load(path: str | Path, *, mode: str | None = None) -> Scenario:
     """Parse and validate a scenario file and build its machine (not yet run)."""
     path = Path(path)
     try:
@@ -137,10 +137,11 @@ def load(path: str | Path) -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{path.name}: TOML syntax error: {exc}") from None
-    return build(path, data, text)
+    return build(path, data, text, mode=mode)
 
 
-def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
+def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None = None) -> Scenario:
+    """Validate `data` and build its machine; `mode` overrides `[machine] mode`."""
     chk = _Checker(path)
     for key in data:
         if key not in _TOP:
@@ -154,7 +155,8 @@ def build(path: Path, data: dict[str, Any], text: str = "") -> Scenario:
         raise chk.fail("[machine] memory", f"{memory:#x} must be a multiple of 4 KiB between "
                        f"{RESERVED_END + 0x1000:#x} and 4 GiB")
     max_events = chk.int_(mach.get("max_events", 100_000), "[machine] max_events", 1)
-    mode = mach.get("mode", "fast")
+    if mode is None:
+        mode = mach.get("mode", "fast")
     if mode not in MODES:
         raise chk.fail("[machine] mode", f"'{mode}' is not one of {', '.join(MODES)}")
     profile = mach.get("profile", "default")

@@ -63,6 +63,18 @@ def test_the_default_demo_shows_the_latched_nmi_overwriting_the_outer_nmi_frame(
     assert "cycle" in proc.stdout.splitlines()[1]
 
 
+def test_mode_on_the_command_line_overrides_the_scenario_and_changes_only_cycle_stamps(tmp_path: Path) -> None:
+    sc = write(tmp_path, GOOD.replace("    int3\n", "    cpuid\n    int3\n"))  # cpuid: ~100 cycles timed
+    fast, timed = tmp_path / "f.jsonl", tmp_path / "t.jsonl"
+    assert main(["run", str(sc), "--trace", str(fast), "-q", "--mode", "fast"]) == 0
+    assert main(["run", str(sc), "--trace", str(timed), "-q", "--mode", "timed"]) == 0
+    f = [json.loads(line) for line in fast.read_text().splitlines()]
+    t = [json.loads(line) for line in timed.read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k != "cycle"} for r in f]
+    assert strip == [{k: v for k, v in r.items() if k != "cycle"} for r in t]
+    assert [r["cycle"] for r in f] != [r["cycle"] for r in t]
+
+
 def test_the_safe_demo_survives_the_same_nmi_schedule() -> None:
     proc = run_cli("demo", "nested-nmi-safe")
     assert proc.returncode == 0, proc.stdout + proc.stderr
