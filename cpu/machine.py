@@ -44,6 +44,7 @@ from cpu.decode import (
 )
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
+from cpu.ept import Ept, EptViolation
 from cpu.errors import Unsupported
 from cpu.memory import PhysicalMemory
 from cpu.mmu import (
@@ -57,9 +58,9 @@ from cpu.mmu import (
     PTE_XD,
     Access,
     PagingControl,
+    Translation,
     WalkCache,
     build_identity_map,
-    walk,
 )
 from cpu.timing import CostModel, Profile, load_profile
 from cpu.trace import Trace
@@ -90,6 +91,16 @@ from idt.state import (
     Source,
     is_canonical,
 )
+from idt.ve import (
+    EXIT_REASON_EPT_VIOLATION,
+    VE_BUSY,
+    VE_INFO_BUSY,
+    VE_VECTOR,
+    VeInfo,
+    convert_to_ve,
+    decode_qualification,
+    ept_qualification,
+)
 from idt.vectors import Vector, vector_name
 
 GDT_BASE = 0x1000
@@ -116,9 +127,42 @@ EFER_DEFAULT = EFER_LME | EFER_LMA | EFER_NXE
 _GPR64 = {**{r: r for r in GPRS},
           **{"e" + r[1:]: r for r in GPRS if not r[1:].isdigit() and len(r) == 3},
           **{r + "d": r for r in GPRS if r[1:].isdigit()}}
-OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported")
+OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported",
+            "vmexit")
 MODES = ("fast", "timed")
 EVENT_KINDS = ("nmi", "interrupt")
+
+
+@dataclass(frozen=True)
+class VmxConfig:
+    """The VMX controls this machine models (SDM Vol. 3C; semantics.md §7.1): the
+    "EPT-violation #VE" secondary control, the VE-information address (guest-physical,
+    4-KiB aligned) and the EPTP index reported in the information area."""
+
+    ept_violation_ve: bool = False
+    ve_info: int | None = None
+    eptp_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ve_info is not None and self.ve_info % 4096:
+            raise ValueError(f"ve_info {self.ve_info:#x} must be 4-KiB aligned (VM entry fails "
+                             "otherwise)")
+        if not 0 <= self.eptp_index <= 0xFFFF:
+            raise ValueError(f"eptp_index {self.eptp_index} outside 0..0xffff")
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """An EPT-violation VM exit, as the host model sees it."""
+
+    reason: int
+    qualification: int
+    gpa: int
+    gla: int | None
+    rip: int
+    during_delivery: Event | None
+    nmi_unblocked_by_iret: bool
+    why: str
 
 
 @dataclass
@@ -207,8 +251,12 @@ class _Stop(Exception):
 class GuestMemory:
     """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, *, architectural: bool = True) -> None:
+        """`architectural`: the CPU's own implicit accesses (delivery, IRET), which go
+        through the second stage (EPT) when there is one; otherwise an inspection by the
+        emulator (disassembly, decoding), which never causes an EPT violation."""
         self.m = machine
+        self.architectural = architectural
         # Paging controls snapshotted for the duration of one delivery or IRET (see
         # `Machine._paging_snapshot`): nothing can write CR0/CR3/CR4/EFER in between, and
         # reading them from the engine for every 8-byte access dominated event cost.
@@ -228,7 +276,12 @@ class GuestMemory:
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                             why=f"non-canonical address {addr:#x}")
         ctl = self.ctl if self.ctl is not None else self.m.paging()
-        t = self.walks.walk(ctl, addr, access, user=user)
+        m = self.m
+        if self.architectural and m.ept is not None:
+            t = self.walks.walk(ctl, addr, access, user=user, stage2=m.stage2,
+                                stage2_generation=m.ept.generation)
+        else:
+            t = self.walks.walk(ctl, addr, access, user=user)
         paddr = t.paddr | (addr & 0xFFF)
         if not self.m.phys.contains(paddr, size):
             # A present translation to no RAM: a 2-MiB identity page over the end of a
@@ -277,7 +330,7 @@ class Machine:
     def __init__(self, memory: int = 16 << 20, *, max_insns: int = 10_000_000,
                  max_events: int = 100_000, mode: str = "fast",
                  profile: Profile | str = "default", sti_blocks_nmi: bool = True,
-                 apic: bool = True) -> None:
+                 apic: bool = True, vmx: VmxConfig | None = None) -> None:
         if memory < RESERVED_END + 0x1000:
             raise ValueError(f"guest memory must be at least {RESERVED_END + 0x1000:#x} bytes")
         if mode not in MODES:
@@ -292,6 +345,11 @@ class Machine:
         # each instruction's cost); both give exact counts at every stop.
         self.engine = Engine(self.phys, block_counting=mode == "fast")
         self.sysmem = GuestMemory(self)
+        self.inspect = GuestMemory(self, architectural=False)
+        # VMX: the second translation stage and the #VE controls (None: no VMX).
+        self.vmx = vmx
+        self.ept: Ept | None = Ept(memory) if vmx is not None else None
+        self.on_ept_violation: str | Callable[[Machine, VmExit], str] = "resume-fixed"
         self.trace = Trace()
         self.max_insns = max_insns
         self.max_events = max_events
@@ -478,7 +536,7 @@ class Machine:
     def read_linear(self, addr: int, size: int) -> bytes:
         """Read guest memory through guest paging as the supervisor (no A/D side effects
         beyond what the hardware walk would do); raises `ArchFault` if unmapped."""
-        return self.sysmem.read(addr, size)
+        return self.inspect.read(addr, size)
 
     def _load_segments(self, cs: int, ss: int, cpl: int,
                        current: tuple[int, int] | None = None) -> None:
@@ -503,16 +561,16 @@ class Machine:
 
     def _gdt_descriptor(self, selector: int) -> SegmentDescriptor:
         _, base, _limit = self._table("gdtr")
-        return SegmentDescriptor.unpack(self.sysmem.read(base + (selector & ~7), 8))
+        return SegmentDescriptor.unpack(self.inspect.read(base + (selector & ~7), 8))
 
     # -- engine callbacks (no Python state changes beyond recording) ----------------------
     def _fill(self, vpage: int, access: Access) -> tuple[int, int] | None:
         if not is_canonical(vpage):
             return None
         try:
-            t = self.sysmem.walks.walk(self._read_paging(), vpage, access, user=self.cpl == 3)
-        except ArchFault:
-            return None
+            t = self._guest_walk(self._read_paging(), vpage, access)
+        except (ArchFault, EptViolation):
+            return None  # poisoned: the access stops at its instruction (_memory_fault)
         if not self.phys.contains(t.paddr, 4096):
             # Also the local APIC page: every access to it stops the engine at the
             # accessing instruction, which the machine emulates (_emulate_apic_access).
@@ -523,6 +581,84 @@ class Machine:
         if t.executable:
             prot |= PROT_X
         return t.paddr, prot
+
+    # -- the second translation stage (VMX EPT) and #VE ------------------------------------
+    def _guest_walk(self, ctl: PagingControl, vaddr: int, access: Access) -> Translation:
+        """The guest's own access: guest paging, then EPT when the machine has it."""
+        if self.ept is None:
+            return self.sysmem.walks.walk(ctl, vaddr, access, user=self.cpl == 3)
+        return self.sysmem.walks.walk(ctl, vaddr, access, user=self.cpl == 3, stage2=self.stage2,
+                                      stage2_generation=self.ept.generation)
+
+    def stage2(self, gpa: int, access: Access, linear: int, final: bool) -> int:
+        """EPT translation of one guest-physical access (`cpu.mmu.Stage2`). A violation
+        is annotated with the guest-linear address and whether it hit the final
+        translation or a guest paging-structure entry (qualification bits 7 and 8)."""
+        assert self.ept is not None
+        if self.apic is not None and gpa & ~0xFFF == APIC_BASE:
+            return gpa  # the APIC page is not behind EPT here (no APIC virtualization)
+        try:
+            return self.ept.translate(gpa, access)
+        except EptViolation as v:
+            v.gla = linear
+            v.final = final
+            raise
+
+    def _ept_violation(self, v: EptViolation, rip: int, access: Access, *,
+                       during: Event | None = None, nmi_unblocked: bool = False) -> None:
+        """An EPT violation at `rip` (in the access `access`, or while delivering `during`):
+        convert it to #VE when SDM "EPT Violations" / semantics §7.1 allow, else VM-exit
+        to the host model."""
+        assert self.vmx is not None and self.ept is not None
+        gla = getattr(v, "gla", None)
+        qual = ept_qualification(
+            read=v.access is Access.READ, write=v.access is Access.WRITE,
+            fetch=v.access is Access.FETCH, readable=v.readable, writable=v.writable,
+            executable=v.executable, gla_valid=gla is not None,
+            final_translation=bool(getattr(v, "final", True)), nmi_unblocked_by_iret=nmi_unblocked)
+        ve_info = self.vmx.ve_info
+        busy = VE_BUSY if ve_info is None else self.phys.read_uint(ve_info + VE_INFO_BUSY, 4)
+        convert, why = convert_to_ve(ve_enabled=self.vmx.ept_violation_ve and self.vmx.ve_info is not None,
+                                     suppress_ve=v.suppress_ve, busy=busy,
+                                     during_delivery=during is not None)
+        if convert:
+            assert self.vmx.ve_info is not None
+            info = VeInfo(exit_reason=EXIT_REASON_EPT_VIOLATION, busy=VE_BUSY, qualification=qual,
+                          guest_linear=gla or 0, guest_physical=v.gpa,
+                          eptp_index=self.vmx.eptp_index)
+            self.phys.write(self.vmx.ve_info, info.pack())
+            self._emit("ve_info_written", at=self.vmx.ve_info, exit_reason=info.exit_reason,
+                       busy=info.busy, qualification=qual, gla=info.guest_linear,
+                       gpa=info.guest_physical, eptp_index=info.eptp_index,
+                       **decode_qualification(qual))
+            # #VE: a fault with no error code; saved RIP = the faulting instruction.
+            self.deliver(Event.exception(VE_VECTOR, rip), why=f"EPT violation at GPA {v.gpa:#x}")
+            return
+        exit_ = VmExit(reason=EXIT_REASON_EPT_VIOLATION, qualification=qual, gpa=v.gpa, gla=gla,
+                       rip=rip, during_delivery=during, nmi_unblocked_by_iret=nmi_unblocked, why=why)
+        self._events += 1
+        if self._events > self.max_events:
+            raise _Stop("max_events", f"more than {self.max_events} events (VM exits that never "
+                        "resolve?)", rip)
+        policy = self.on_ept_violation
+        action = policy(self, exit_) if callable(policy) else policy
+        self._emit("vmexit", reason=exit_.reason, qualification=qual, gpa=v.gpa, gla=gla, rip=rip,
+                   during_delivery=during.name if during is not None else None,
+                   nmi_unblocked_by_iret=nmi_unblocked, why=why, action=action)
+        if action == "stop":
+            raise _Stop("vmexit", f"EPT violation at GPA {v.gpa:#x} ({why}): VM exit, host stops",
+                        rip)
+        if action == "resume-fixed":
+            self.ept.fix(v.gpa)
+        elif action != "resume":
+            raise Unsupported(f"host action {action!r} (known: resume-fixed, resume, stop)")
+        self.engine.flush_tlb()
+        if nmi_unblocked:
+            # The IRET re-executes: the host re-establishes the NMI blocking it cleared
+            # (SDM "NMI Unblocking Due to IRET"; KVM vmx_recover_nmi_blocking).
+            self.nmi_blocked = True
+        if during is not None:
+            self.deliver(during)  # the interrupted delivery re-executes (re-injection)
 
     def _on_poison(self, vaddr: int, access: Access) -> None:
         self._pending = lambda: self._memory_fault(vaddr, access)
@@ -661,7 +797,11 @@ class Machine:
                 stack = access is not Access.FETCH and self._stack_reference(rip)
                 raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                                 why=f"non-canonical address {vaddr:#x}")
-            t = walk(self.phys, self.paging(), vaddr, access, user=self.cpl == 3)
+            t = self._guest_walk(self.paging(), vaddr, access)
+        except EptViolation as violation:
+            self.engine.flush_tlb()
+            self._ept_violation(violation, rip, access)
+            return
         except ArchFault as fault:
             self.engine.flush_tlb()  # drop the poison entry; the retry walks again
             cr2 = fault.cr2
@@ -815,6 +955,12 @@ class Machine:
             return
         except UnsupportedIret as exc:
             raise _Stop("unsupported", str(exc), address) from None
+        except EptViolation as violation:
+            # NMI blocking was cleared first thing (idt.iret); bit 12 of the
+            # qualification says so when it was in force before this IRET.
+            self.nmi_blocked = False
+            self._ept_violation(violation, address, violation.access, nmi_unblocked=was_blocked)
+            return
         self.nmi_blocked = False
         self.engine.recount()
         cost = self.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
@@ -831,7 +977,7 @@ class Machine:
         out: list[tuple[int, bytes]] = []
         for addr, slots, _name, _ic in self._frames:
             try:
-                out.append((addr, self.sysmem.read(addr, 8 * len(slots))))
+                out.append((addr, self.inspect.read(addr, 8 * len(slots))))
             except (ArchFault, _Stop):
                 out.append((addr, b""))
         return out
@@ -842,7 +988,7 @@ class Machine:
             if not old:
                 continue
             try:
-                new = self.sysmem.read(addr, len(old))
+                new = self.inspect.read(addr, len(old))
             except (ArchFault, _Stop):
                 continue
             if new != old:
@@ -876,8 +1022,14 @@ class Machine:
             # it in their pushed image anyway (idt.deliver).
             st.rflags &= ~RFLAGS_RF
         live = self._snapshot_frames()
-        with self._paging_snapshot():
-            out = deliver_event(self.sysmem, st, ev)
+        try:
+            with self._paging_snapshot():
+                out = deliver_event(self.sysmem, st, ev)
+        except EptViolation as violation:
+            # Never converted to #VE while delivering an event (SDM "EPT Violations"):
+            # a VM exit with the event in the IDT-vectoring information.
+            self._ept_violation(violation, ev.insn_rip, violation.access, during=ev)
+            return
         if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
             # fault while delivering them is a fault *on* the instruction (saved RIP = the
@@ -1148,7 +1300,7 @@ class Machine:
     def _code_bytes(self, address: int, size: int) -> bytes | None:
         """Guest code at a linear address (for counting a translation block)."""
         try:
-            return self.sysmem.read(address, size)
+            return self.inspect.read(address, size)
         except (ArchFault, _Stop):
             return None
 

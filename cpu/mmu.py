@@ -12,6 +12,7 @@ entry it uses and Dirty in the leaf on a write, only when the access succeeds.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -95,11 +96,15 @@ class WalkCache:
 
     def __init__(self, mem: PhysicalMemory) -> None:
         self.mem = mem
-        self._entries: dict[tuple[int, int, int, int, int, int, bool],
+        self._entries: dict[tuple[int, int, int, int, int, int, bool, int],
                             tuple[tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
 
-    def walk(self, ctl: PagingControl, linear: int, access: Access, *, user: bool) -> Translation:
-        key = (linear >> 12, ctl.cr3, ctl.cr0, ctl.cr4, ctl.efer, int(access), user)
+    def walk(self, ctl: PagingControl, linear: int, access: Access, *, user: bool,
+             stage2: Stage2 | None = None, stage2_generation: int = 0) -> Translation:
+        """A validated walk. With `stage2`, `stage2_generation` must change whenever the
+        second stage's rights change (a hit re-validates the guest entries only)."""
+        key = (linear >> 12, ctl.cr3, ctl.cr0, ctl.cr4, ctl.efer, int(access), user,
+               -1 if stage2 is None else stage2_generation)
         hit = self._entries.get(key)
         if hit is not None:
             used, result = hit
@@ -112,7 +117,8 @@ class WalkCache:
             self._entries.clear()
         read: list[tuple[int, int]] = []
         try:
-            t, used = walk_entries(self.mem, ctl, linear, access, user=user, read=read)
+            t, used = walk_entries(self.mem, ctl, linear, access, user=user, read=read,
+                                   stage2=stage2)
         except ArchFault as fault:
             self._entries[key] = (tuple(read), fault)
             raise
@@ -120,12 +126,24 @@ class WalkCache:
         return t
 
 
+# A second translation stage (EPT): (guest-physical address, access, linear address,
+# final) -> host-physical address, or raises (an EPT violation). `final` is False for the
+# accesses to guest paging-structure entries, True for the translated address itself.
+Stage2 = Callable[[int, Access, int, bool], int]
+
+
 def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *,
                  user: bool, set_ad: bool = True, read: list[tuple[int, int]] | None = None,
+                 stage2: Stage2 | None = None,
                  ) -> tuple[Translation, tuple[tuple[int, int], ...]]:
     """`walk`, also returning the (address, value after the walk) of each entry used.
     `read`, if given, receives every (address, value) read, also when the walk faults
-    (an entry outside guest memory is not recorded: it cannot change)."""
+    (an entry outside guest memory is not recorded: it cannot change).
+
+    With `stage2`, the guest's paging-structure entries are guest-physical: each read of
+    one is translated first (a read), each A/D update too (a write, SDM "EPT and Accessed
+    and Dirty Flags" treats them as writes), and so is the final page (the access
+    itself). The returned address and the recorded entry addresses are host-physical."""
     ec_base = (PFErr.W if access is Access.WRITE else 0) | (PFErr.U if user else 0)
     if access is Access.FETCH and (ctl.nxe or ctl.cr4 & CR4_SMEP):
         ec_base |= PFErr.ID
@@ -141,6 +159,8 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
     for level in range(4):
         shift = 39 - 9 * level
         entry_addr = table + ((linear >> shift) & 0x1FF) * 8
+        if stage2 is not None:
+            entry_addr = stage2(entry_addr, Access.READ, linear, False)
         entry = mem.read_u64(entry_addr) if mem.contains(entry_addr, 8) else 0
         if read is not None and mem.contains(entry_addr, 8):
             read.append((entry_addr, entry))
@@ -185,11 +205,18 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
             if addr == leaf_addr and access is Access.WRITE:
                 new |= PTE_D
             if new != entry:
+                if stage2 is not None:
+                    # idtlab's EPT maps guest-physical to the same host-physical
+                    # address (it varies rights, never addresses), so `addr` serves as
+                    # the guest-physical address of the entry.
+                    stage2(addr, Access.WRITE, linear, False)
                 mem.write_u64(addr, new)
         after.append((addr, new))
     if set_ad and access is Access.WRITE:
         leaf |= PTE_D
     may_write = writable or (not user and not ctl.cr0 & CR0_WP)
+    if stage2 is not None:
+        page_paddr = stage2(page_paddr, access, linear, True)
     return Translation(page_paddr, may_write, not nx, bool(leaf & PTE_D)), tuple(after)
 
 

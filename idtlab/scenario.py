@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import EVENT_KINDS, MODES, OUTCOMES, RESERVED_END, Machine, PageSpec, RunResult
+from cpu.ept import EptMisconfig
+from cpu.machine import (
+    EVENT_KINDS,
+    MODES,
+    OUTCOMES,
+    RESERVED_END,
+    Machine,
+    PageSpec,
+    RunResult,
+    VmxConfig,
+)
 from cpu.timing import ProfileError, load_profile
 from idt.vectors import parse_vector_name, vector_name
 from idtlab.assemble import CodeBlock, assemble_blocks, resolve_address
@@ -24,10 +34,14 @@ from idtlab.errors import BadInput
 
 Value = int | str
 
-_TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "inject", "expect")
+_TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "inject", "vmx", "ept",
+        "host", "expect")
 _KEYS: dict[str, tuple[str, ...]] = {
     "machine": ("memory", "max_events", "mode", "profile", "sti_blocks_nmi", "apic"),
     "inject": ("event", "vector", "before", "hit", "icount", "cycle", "label"),
+    "vmx": ("ept_violation_ve", "ve_info", "eptp_index"),
+    "ept": ("gpa", "size", "read", "write", "exec", "suppress_ve", "not_present_level"),
+    "host": ("on_ept_violation",),
     "code": ("at", "asm", "file"),
     "data": ("at", "symbol", "size", "u64", "u32", "u8"),
     "image": ("elf", "multiboot"),
@@ -168,7 +182,23 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
         prof = load_profile(profile)
     except ProfileError as exc:
         raise chk.fail("[machine] profile", str(exc)) from None
-    m = Machine(memory, max_events=max_events, mode=mode, profile=prof,
+    vmx: VmxConfig | None = None
+    if "vmx" in data or "ept" in data:
+        vt = chk.table(data.get("vmx", {}), "[vmx]")
+        chk.keys(vt, "vmx", "[vmx]")
+        ve_info = vt.get("ve_info")
+        if ve_info is not None:
+            ve_info = chk.int_(ve_info, "[vmx] ve_info")
+            if ve_info % 4096 or ve_info + 4096 > memory:
+                raise chk.fail("[vmx] ve_info", f"{ve_info:#x} must be a 4-KiB aligned page inside "
+                               "guest memory")
+        vmx = VmxConfig(ept_violation_ve=chk.bool_(vt.get("ept_violation_ve", False),
+                                                   "[vmx] ept_violation_ve"),
+                        ve_info=ve_info,
+                        eptp_index=chk.int_(vt.get("eptp_index", 0), "[vmx] eptp_index", 0, 0xFFFF))
+        if vmx.ept_violation_ve and ve_info is None:
+            raise chk.fail("[vmx]", "ept_violation_ve = true needs ve_info (the VE-information page)")
+    m = Machine(memory, max_events=max_events, mode=mode, profile=prof, vmx=vmx,
                 sti_blocks_nmi=chk.bool_(mach.get("sti_blocks_nmi", True),
                                          "[machine] sti_blocks_nmi"),
                 apic=chk.bool_(mach.get("apic", True), "[machine] apic"))
@@ -312,12 +342,51 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
             raise chk.fail(where, "va and pa must be 4-KiB aligned")
         if va >= 1 << 47:
             raise chk.fail(f"{where} va", f"{va:#x} is not a lower-half canonical address")
-        if pa + 4096 * count > memory:
+        if pa + 4096 * count > memory and m.ept is None:
+            # (In a VMX guest a guest-physical page outside RAM is legitimate: EPT decides
+            # what an access to it does, e.g. a violation at a not-present PML4 entry.)
             raise chk.fail(f"{where} pa", f"{pa:#x} is outside guest memory (0..{memory:#x})")
         flags = {k: chk.bool_(p[k], f"{where} {k}") for k in ("present", "writable", "user", "nx")
                  if k in p}
         for n in range(count):
             m.set_page(PageSpec(va=va + 4096 * n, pa=pa + 4096 * n, **flags))
+
+    # [[ept]] and [host]
+    for i, ep in enumerate(chk.array_of_tables(data.get("ept", []), "[[ept]]"), 1):
+        where = f"[[ept]] #{i}"
+        chk.keys(ep, "ept", where)
+        assert m.ept is not None
+        if "gpa" not in ep:
+            raise chk.fail(where, "missing key 'gpa'")
+        gpa = addr(ep["gpa"], f"{where} gpa")
+        rights: dict[str, bool] = {k: chk.bool_(ep.get(k, True), f"{where} {k}")
+                                   for k in ("read", "write", "exec")}
+        suppress = chk.bool_(ep.get("suppress_ve", False), f"{where} suppress_ve")
+        if gpa % 4096:
+            raise chk.fail(f"{where} gpa", f"{gpa:#x} must be 4-KiB aligned")
+        try:
+            if "not_present_level" in ep:
+                level = {"pml4": 4, "pdpt": 3, "pd": 2, "pt": 1}.get(str(ep["not_present_level"]))
+                if level is None:
+                    raise chk.fail(f"{where} not_present_level", "expected pml4, pdpt, pd or pt")
+                m.ept.set_not_present(gpa, level, suppress_ve=suppress)
+            else:
+                size = chk.int_(ep.get("size", 4096), f"{where} size", 4096)
+                if size % 4096:
+                    raise chk.fail(f"{where} size", f"{size:#x} must be a multiple of 4 KiB")
+                m.ept.set_range(gpa, size, read=rights["read"], write=rights["write"],
+                                execute=rights["exec"], suppress_ve=suppress)
+        except (ValueError, EptMisconfig) as exc:
+            raise chk.fail(where, str(exc)) from None
+    host = chk.table(data.get("host", {}), "[host]")
+    chk.keys(host, "host", "[host]")
+    if "on_ept_violation" in host:
+        if m.ept is None:
+            raise chk.fail("[host] on_ept_violation", "needs [vmx] or [[ept]] (a VMX guest)")
+        if host["on_ept_violation"] not in ("resume-fixed", "stop"):
+            raise chk.fail("[host] on_ept_violation",
+                           f"{host['on_ept_violation']!r} is not 'resume-fixed' or 'stop'")
+        m.on_ept_violation = host["on_ept_violation"]
 
     # [run]
     run = chk.table(data.get("run", {}), "[run]")

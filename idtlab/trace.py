@@ -94,6 +94,20 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
             for slot, old, new in r["slots"]:
                 mark = "  <- changed" if old != new else ""
                 out.append(f"{' ' * len(head)}{pad}     {slot:<7} {old:#018x} -> {new:#018x}{mark}")
+        elif kind == "ve_info_written":
+            bits = [b for b in ("read", "write", "fetch") if r.get(b)]
+            rights = "".join(c if r.get(k) else "-" for c, k in
+                             (("R", "readable"), ("W", "writable"), ("X", "executable")))
+            out.append(f"{head}{pad}EPT violation -> #VE: {'/'.join(bits)} of GPA {r['gpa']:#x} "
+                       f"(GLA {r['gla']:#x}, rights {rights}); VE info at {r['at']:#x}: "
+                       f"qualification {r['qualification']:#x}, busy word set")
+        elif kind == "vmexit":
+            gla = "-" if r["gla"] is None else f"{r['gla']:#x}"
+            during = f", during delivery of {r['during_delivery']}" if r["during_delivery"] else ""
+            nmi = ", NMI unblocked by IRET" if r["nmi_unblocked_by_iret"] else ""
+            out.append(f"{head}{pad}VM EXIT (EPT violation, reason {r['reason']}) at {sym(r['rip'])}: "
+                       f"GPA {r['gpa']:#x} GLA {gla} qualification {r['qualification']:#x}{during}"
+                       f"{nmi} [not #VE: {r['why']}] -> host: {r['action']}")
         elif kind == "serial":
             out.append(f"{head}{pad}serial | {r['text']}")
         elif kind == "hlt":
