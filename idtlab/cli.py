@@ -7,7 +7,9 @@ on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+import textwrap
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +23,12 @@ DEMOS = {
     "nested-nmi": "nested_nmi_naive.toml",
     "nested-nmi-safe": "nested_nmi_safe.toml",
     "delivery": "demo.toml",
+    "ve-first": "ve/ve_first.toml",
+}
+# Demos that run two designs against the same schedule and print them side by side.
+SIDE_BY_SIDE = {
+    "ve-rearm-race": ("ve/ve_rearm_race_clear_then_iret.toml", "ve/ve_rearm_race_deferred.toml"),
+    "nested-nmi-both": ("nested_nmi_naive.toml", "nested_nmi_safe.toml"),
 }
 
 
@@ -56,6 +64,34 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     return 1 if failures else 0
 
 
+def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> int:
+    """Run scenarios and print their timelines side by side (one column each), then
+    each one's outcome and expectations. Exit 1 if any expectation fails."""
+    columns: list[list[str]] = []
+    footers: list[str] = []
+    failed = False
+    for path in paths:
+        sc = scn.load(path, mode=mode)
+        result = scn.run(sc)
+        failures = scn.check(sc, result)
+        failed = failed or bool(failures)
+        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS)
+        lines = [path.name, "-" * min(width, len(path.name))]
+        for line in timeline(result.trace.records, sym, cycles=cycles):
+            lines.extend(textwrap.wrap(line, width, subsequent_indent=" " * 14,
+                                       drop_whitespace=False) or [""])
+        columns.append(lines)
+        ok = len(sc.expects) - len(failures)
+        footers.append(f"{path.name}: {result.outcome}; {ok}/{len(sc.expects)} expectations hold")
+        footers.extend(f"  FAIL {f}" for f in failures)
+    for row in itertools.zip_longest(*columns, fillvalue=""):
+        print("  |  ".join(cell.ljust(width) for cell in row).rstrip())
+    print()
+    for line in footers:
+        print(line)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="idtlab", description="x86-64 interrupt and exception delivery lab")
@@ -67,14 +103,31 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
     p_run.add_argument("--mode", choices=("fast", "timed"),
                        help="cycle accounting, overriding the scenario's [machine] mode")
+    p_cmp = sub.add_parser("compare", help="run scenarios and show their timelines side by side")
+    p_cmp.add_argument("scenarios", type=Path, nargs="+")
+    p_cmp.add_argument("--width", type=int, default=72, help="column width (72)")
+    p_cmp.add_argument("--cycles", action="store_true", help="show cycle stamps")
+    p_cmp.add_argument("--mode", choices=("fast", "timed"))
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
     p_demo.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
-    p_demo.add_argument("name", nargs="?", default="nested-nmi", choices=sorted(DEMOS),
+    p_demo.add_argument("name", nargs="?", default="nested-nmi",
+                        choices=sorted([*DEMOS, *SIDE_BY_SIDE]),
                         help="which demo (default: nested-nmi)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "compare":
+            return _compare(args.scenarios, args.width, args.cycles, args.mode)
+        if args.command == "demo" and args.name in SIDE_BY_SIDE:
+            files = [resources.files("idtlab") / "examples" / f for f in SIDE_BY_SIDE[args.name]]
+            with resources.as_file(files[0]) as a, resources.as_file(files[1]) as b:
+                if args.show:
+                    for f in (a, b):
+                        print(f"# ===== {f.name} =====")
+                        print(f.read_text(), end="")
+                    return 0
+                return _compare([a, b], 72, args.cycles, None)
         if args.command == "demo":
             res = resources.files("idtlab") / "examples" / DEMOS[args.name]
             with resources.as_file(res) as demo:

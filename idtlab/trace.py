@@ -93,7 +93,7 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
                        f"{r['victim']} frame (pushed at icount {r['victim_icount']}):")
             for slot, old, new in r["slots"]:
                 mark = "  <- changed" if old != new else ""
-                out.append(f"{' ' * len(head)}{pad}     {slot:<7} {old:#018x} -> {new:#018x}{mark}")
+                out.append(f"{' ' * len(head)}{pad}   {slot:<7} {old:#x} -> {new:#x}{mark}")
         elif kind == "ve_info_written":
             bits = [b for b in ("read", "write", "fetch") if r.get(b)]
             rights = "".join(c if r.get(k) else "-" for c, k in
@@ -108,6 +108,13 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
             out.append(f"{head}{pad}VM EXIT (EPT violation, reason {r['reason']}) at {sym(r['rip'])}: "
                        f"GPA {r['gpa']:#x} GLA {gla} qualification {r['qualification']:#x}{during}"
                        f"{nmi} [not #VE: {r['why']}] -> host: {r['action']}")
+        elif kind == "apic_write":
+            out.append(f"{head}{pad}APIC write [{r['offset']:#x}] = {r['value']:#x}")
+        elif kind == "apic_ipi":
+            to = r.get("shorthand", "?")
+            status = "" if r.get("delivered", True) else " (no target)"
+            out.append(f"{head}{pad}IPI {r.get('mode', '?')} vector {r.get('vector', 0):#x} to {to}"
+                       f"{status}")
         elif kind == "serial":
             out.append(f"{head}{pad}serial | {r['text']}")
         elif kind == "hlt":

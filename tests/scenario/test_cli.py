@@ -58,7 +58,7 @@ def test_the_default_demo_shows_the_latched_nmi_overwriting_the_outer_nmi_frame(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "LATCHED (NMIs blocked)" in proc.stdout
     assert "overwrites the live NMI frame" in proc.stdout
-    assert "rip     0x0000000000100007 -> " in proc.stdout  # old vs new slot values
+    assert "rip     0x100007 -> 0x100025  <- changed" in proc.stdout  # old vs new slot values
     assert "3/3 expectations hold" in proc.stdout
     assert "cycle" in proc.stdout.splitlines()[1]
 
@@ -159,3 +159,21 @@ def test_the_shipped_guest_image_scenarios_pass(name: str) -> None:
     proc = run_cli("run", f"guest_images/{name}.toml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
+
+
+def test_the_ve_rearm_race_demo_shows_both_handler_designs_side_by_side() -> None:
+    proc = run_cli("demo", "ve-rearm-race")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "ve_rearm_race_clear_then_iret.toml" in first and "ve_rearm_race_deferred.toml" in first
+    assert "overwrites the live #VE frame" in proc.stdout  # design 1: nested #VE on IST1
+    assert "VM EXIT (EPT violation" in proc.stdout          # design 2: busy word still set
+    assert "ve_rearm_race_clear_then_iret.toml: max_insns; 3/3 expectations hold" in proc.stdout
+    assert "ve_rearm_race_deferred.toml: exit; 5/5 expectations hold" in proc.stdout
+
+
+def test_compare_exits_1_when_an_expectation_of_either_scenario_fails(tmp_path: Path) -> None:
+    good = write(tmp_path, GOOD, "a.toml")
+    bad = write(tmp_path, GOOD.replace('deliveries = ["#BP"]', 'deliveries = ["#PF"]'), "b.toml")
+    assert main(["compare", str(good), str(good)]) == 0
+    assert main(["compare", str(good), str(bad)]) == 1
