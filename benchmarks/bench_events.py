@@ -60,7 +60,7 @@ from unicorn import (  # type: ignore[attr-defined]  # noqa: E402  # Uc is not r
 )
 from unicorn import x86_const as X  # noqa: E402
 
-from cpu.machine import Machine  # noqa: E402
+from cpu.machine import Machine, VmxConfig  # noqa: E402
 from idtlab.assemble import CodeBlock, assemble_blocks  # noqa: E402
 
 CODE = 0x10_0000
@@ -74,6 +74,7 @@ BP_VECTOR = 3
 TARGET_FAST_RATIO = 0.5
 TARGET_TIMED_MIPS = 4.0
 TARGET_ROUND_TRIPS = 50_000.0
+TARGET_EPT_RATIO = 0.8
 
 DEFAULTS = {"iterations": 10_000_000, "events": 10_000, "repeat": 3}
 QUICK = {"iterations": 1_000_000, "events": 2_000, "repeat": 1}
@@ -120,8 +121,9 @@ def raw_unicorn(iterations: int) -> Run:
     return Run(2 * iterations + 1, seconds)
 
 
-def machine_loop(iterations: int, mode: str) -> Run:
-    m = Machine(MEMORY, max_insns=2 * iterations + 16, mode=mode)
+def machine_loop(iterations: int, mode: str, *, ept: bool = False) -> Run:
+    m = Machine(MEMORY, max_insns=2 * iterations + 16, mode=mode,
+                vmx=VmxConfig() if ept else None)
     m.load(CODE, assemble(loop_source(iterations), CODE), code=True)
     m.start_state(entry=CODE, rsp=STACK_TOP)
     start = time.perf_counter()
@@ -130,6 +132,26 @@ def machine_loop(iterations: int, mode: str) -> Run:
     if result.outcome != "hlt" or result.icount != 2 * iterations + 2:
         raise RuntimeError(f"{mode} loop ended with {result.outcome} after {result.icount}")
     return Run(2 * iterations + 1, seconds)
+
+
+# A loop that walks 256 pages (one 8-byte load per page per iteration), so translation
+# (one TLB fill per page, two stages with EPT) is part of what is measured.
+PAGE_WALK_BODY = "mov rax, qword ptr [rsi + rdx]\nadd edx, 4096\nand edx, 0xff000\n"
+
+
+def machine_page_loop(iterations: int, *, ept: bool) -> Run:
+    """Fast mode on a loop touching 256 pages, with or without the EPT stage."""
+    m = Machine(8 << 20, max_insns=5 * iterations + 16, mode="fast",
+                vmx=VmxConfig() if ept else None)
+    m.load(CODE, assemble("mov rsi, 0x400000\nxor edx, edx\n"
+                          + loop_source(iterations, PAGE_WALK_BODY), CODE), code=True)
+    m.start_state(entry=CODE, rsp=STACK_TOP)
+    start = time.perf_counter()
+    result = m.run()
+    seconds = time.perf_counter() - start
+    if result.outcome != "hlt":
+        raise RuntimeError(f"page loop (ept={ept}) ended with {result.outcome}: {result.reason}")
+    return Run(result.icount, seconds)
 
 
 def int3_round_trips(events: int) -> Run:
@@ -227,6 +249,9 @@ def measure(iterations: int, events: int, repeat: int) -> list[Figure]:
     timed = best_of(repeat, lambda: machine_loop(iterations, "timed"))
     int3 = best_of(repeat, lambda: int3_round_trips(events))
     nmi = best_of(repeat, lambda: nmi_round_trips(events))
+    no_ept = best_of(repeat, lambda: machine_page_loop(iterations // 2, ept=False))
+    with_ept = best_of(repeat, lambda: machine_page_loop(iterations // 2, ept=True))
+    ept_tight = best_of(repeat, lambda: machine_loop(iterations, "fast", ept=True))
     return [
         Figure("raw_mips", "(a) raw Unicorn", raw.rate / 1e6, "MIPS"),
         Figure("fast_mips", "(b) Machine, fast mode", fast.rate / 1e6, "MIPS"),
@@ -238,6 +263,10 @@ def measure(iterations: int, events: int, repeat: int) -> list[Figure]:
                TARGET_ROUND_TRIPS),
         Figure("nmi_round_trips", "(f) NMI -> IRETQ round trips", nmi.rate, "per s",
                TARGET_ROUND_TRIPS),
+        Figure("ept_tight_ratio", "(g) EPT / no EPT, loop (a)", ept_tight.rate / fast.rate, "ratio",
+               TARGET_EPT_RATIO),
+        Figure("ept_pages_ratio", "(h) EPT / no EPT, 256-page loop", with_ept.rate / no_ept.rate,
+               "ratio", TARGET_EPT_RATIO),
     ]
 
 

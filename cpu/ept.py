@@ -144,6 +144,8 @@ class Ept:
         self._next = 0
         self._free: list[int] = []
         self.generation = 0
+        self._memo: dict[tuple[int, Access], int] = {}
+        self._memo_generation = 0
         self._pml4 = self._alloc(self.fill)
         top = -(-guest_memory_size // TWO_MB) * TWO_MB
         for region in range(0, top, TWO_MB):
@@ -158,7 +160,23 @@ class Ept:
     # -- translation ---------------------------------------------------------------------
     def translate(self, gpa: int, access: Access) -> int:
         """The host-physical address of `gpa` for `access`; raises `EptViolation` or
-        `EptMisconfig` (SDM 3C "EPT Translation Mechanism")."""
+        `EptMisconfig` (SDM 3C "EPT Translation Mechanism").
+
+        Successful translations are memoised per 4-KiB page and access until the tables
+        change (`generation`): the machine translates each guest paging-structure entry
+        through EPT on every guest walk."""
+        if self._memo_generation != self.generation:
+            self._memo.clear()
+            self._memo_generation = self.generation
+        key = (gpa >> 12, access)
+        page = self._memo.get(key)
+        if page is not None:
+            return page | (gpa & 0xFFF)
+        hpa = self._translate(gpa, access)
+        self._memo[key] = hpa & ~0xFFF
+        return hpa
+
+    def _translate(self, gpa: int, access: Access) -> int:
         self._check_gpa(gpa)
         read_u64 = self.mem.read_u64
         table = self._pml4
