@@ -14,4 +14,8 @@ Modules, one per mechanism (SDM Vol. 3A, "Interrupt and Exception Handling"):
 - `deliver`       one gate's delivery: the check order of §1.1, stack selection, the frame
 - `double_fault`  the #DF matrix and the "fault during delivery" driver, triple fault
 - `iret`          IRETQ, including the NMI-unblocking rule
+- `blocking`      which pending NMI/interrupt may be taken: NMI blocking and latch, IF,
+                  STI/MOV SS shadows, priority
+- `ve`            #VE: the VE-information area, the EPT-violation exit qualification, and
+                  when a violation converts to #VE
 """
