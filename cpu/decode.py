@@ -46,14 +46,16 @@ def decode_one(code: bytes, address: int) -> Insn | None:
     return next(decode(code, address), None)
 
 
-SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt", "sti": "sti"}
+SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt", "sti": "sti",
+              "rdmsr": "rdmsr", "wrmsr": "wrmsr", "cpuid": "cpuid"}
 
 
 def site_kind(insn: Insn) -> str | None:
-    """"iret"/"hlt" (intercepted and emulated), "sti"/"mov_ss" (observed: they open an
-    interrupt shadow), "out" (observed: a write to the exit port ends the run exactly
-    there), or None. POP SS is #UD in 64-bit mode, so MOV SS is the only SS
-    load that opens a MOV-SS shadow here."""
+    """"iret"/"hlt"/"rdmsr"/"wrmsr" (intercepted and emulated), "cpuid" (emulated for
+    the hypervisor leaves), "sti"/"mov_ss" (observed: they open an interrupt shadow),
+    "out" (observed: a write to the exit port ends the run exactly there), or None.
+    POP SS is #UD in 64-bit mode, so MOV SS is the only SS load that opens a MOV-SS
+    shadow here."""
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
         kind = "mov_ss"

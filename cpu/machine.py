@@ -42,6 +42,19 @@ from cpu.decode import (
     out_port,
     site_kind,
 )
+from cpu.devices.apf import (
+    APF_FLAGS_OFFSET,
+    APF_REASON_OFFSET,
+    APF_TOKEN_OFFSET,
+    REASON_PAGE_NOT_PRESENT,
+    REASON_PAGE_READY,
+    ApfMsrError,
+    AsyncPf,
+    Decision,
+    GuestState,
+    decide,
+)
+from cpu.devices.apf import cpuid as apf_cpuid
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
 from cpu.ept import Ept, EptViolation
@@ -81,6 +94,7 @@ from idt.descriptors import (
     user_data,
 )
 from idt.double_fault import Combine, deliver_event
+from idt.error_codes import PFErr
 from idt.iret import UnsupportedIret, iret64
 from idt.state import (
     RFLAGS_IF,
@@ -123,6 +137,22 @@ SERIAL_PORT = 0x3F8
 CR0_DEFAULT = 0x80010033  # PG | WP | NE | ET | MP | PE
 CR4_DEFAULT = CR4_PAE | (1 << 9) | (1 << 10)  # PAE, OSFXSR, OSXMMEXCPT
 EFER_DEFAULT = EFER_LME | EFER_LMA | EFER_NXE
+MSR_TSC = 0x10
+MSR_APIC_BASE = 0x1B
+MSR_EFER = 0xC0000080
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_ENABLE = 1 << 11
+EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_LMA | EFER_NXE  # SCE, LME, LMA, NXE
+# MSRs kept by the engine itself: SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR, FMASK,
+# FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX.
+PASSTHROUGH_MSRS = frozenset({0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083,
+                              0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103})
+
+
+class MsrFault(Exception):
+    """RDMSR/WRMSR raises #GP(0): unknown MSR, reserved bits."""
+
+
 # 32- and 64-bit GPR names -> the 64-bit register (a 32-bit write zero-extends).
 _GPR64 = {**{r: r for r in GPRS},
           **{"e" + r[1:]: r for r in GPRS if not r[1:].isdigit() and len(r) == 3},
@@ -130,7 +160,9 @@ _GPR64 = {**{r: r for r in GPRS},
 OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported",
             "vmexit")
 MODES = ("fast", "timed")
-EVENT_KINDS = ("nmi", "interrupt")
+EVENT_KINDS = ("nmi", "interrupt", "async_pf")
+APF_FAIL_ACTIONS = ("retry", "stop", "inject-pf")
+APF_MAX_RETRIES = 3  # "retry": give up (outcome vmexit) after this many failed page-ins
 
 
 @dataclass(frozen=True)
@@ -183,8 +215,14 @@ class Injection:
     cycle: int | None = None
     label: str = ""
     fired: bool = False
+    token: int | None = None  # async_pf: CR2 of the injected #PF
+    gpa: int | None = None  # async_pf: the page the host pages in (page ready follows)
 
     def __post_init__(self) -> None:
+        if self.event == "async_pf" and self.token is None and self.gpa is None:
+            raise ValueError("an async_pf needs a token (CR2) or a swapped-out gpa")
+        if self.token is not None and not 0 < self.token < 0xFFFFFFFF:
+            raise ValueError(f"an async_pf token must be in 1..0xfffffffe, not {self.token:#x}")
         if self.event not in EVENT_KINDS:
             raise ValueError(f"unknown event {self.event!r} (known: {', '.join(EVENT_KINDS)})")
         if self.event == "interrupt" and (self.vector is None or not 16 <= self.vector <= 255):
@@ -350,6 +388,8 @@ class Machine:
         self.vmx = vmx
         self.ept: Ept | None = Ept(memory) if vmx is not None else None
         self.on_ept_violation: str | Callable[[Machine, VmExit], str] = "resume-fixed"
+        self.apf: AsyncPf | None = None  # KVM async page faults (enable_apf)
+        self._tsc_offset = 0
         self.trace = Trace()
         self.max_insns = max_insns
         self.max_events = max_events
@@ -610,6 +650,9 @@ class Machine:
         convert it to #VE when SDM "EPT Violations" / semantics §7.1 allow, else VM-exit
         to the host model."""
         assert self.vmx is not None and self.ept is not None
+        if self.apf is not None and self.apf.is_swapped(v.gpa):
+            self._apf_fault(v, rip, during)
+            return
         gla = getattr(v, "gla", None)
         qual = ept_qualification(
             read=v.access is Access.READ, write=v.access is Access.WRITE,
@@ -660,6 +703,184 @@ class Machine:
         if during is not None:
             self.deliver(during)  # the interrupted delivery re-executes (re-injection)
 
+    # -- KVM async page faults: the host side (semantics §8) --------------------------------
+    def enable_apf(self, *, policy: str | Callable[[Machine, GuestState], Decision] = "kvm",
+                   layout: str = "2020", on_fail: str = "retry") -> AsyncPf:
+        """Model a KVM host with paravirtual async page faults. Swapped-out pages
+        (`swap_out`) are EPT-not-present with suppress-#VE set, so a guest access to one
+        is a VM exit that the host answers by `policy`: inject a page-not-present #PF
+        (error code 0, CR2 = token, `flags` = 1) or stall the vCPU ("artificial halt")
+        until the page is in. `on_fail`: what the host does when a page-in fails (seed
+        mail 2020-06-30): "retry" (synchronously, successfully), "stop" (outcome
+        `vmexit`), or "inject-pf" (a synchronous #PF for the access)."""
+        if on_fail not in APF_FAIL_ACTIONS:
+            raise ValueError(f"unknown on_fail {on_fail!r} (known: {', '.join(APF_FAIL_ACTIONS)})")
+        self.apf = AsyncPf(layout=layout, policy=policy if isinstance(policy, str) else "kvm")
+        self._apf_policy = policy
+        self._apf_on_fail = on_fail
+        self._apf_notified: set[int] = set()  # tokens given to the guest
+        self._apf_legacy_ready: list[int] = []
+        if self.ept is None:
+            # An async #PF is a host decision on an EPT violation: give the machine the
+            # second stage (identity, all RWX) without #VE.
+            self.vmx = VmxConfig()
+            self.ept = Ept(self.phys.size)
+        return self.apf
+
+    def swap_out(self, gpa: int, size: int = 4096, *, latency: int = 5000,
+                 fail: bool = False) -> None:
+        """The host swaps guest-physical [gpa, gpa+size) out: the first access waits
+        `latency` cycles for the page-in (asynchronously or not, by policy)."""
+        if self.apf is None or self.ept is None:
+            raise ValueError("swap_out needs async page faults (Machine.enable_apf)")
+        self.apf.swap_out(gpa, size, latency=latency, fail=fail)
+        self.ept.set_range(gpa, size, read=False, write=False, execute=False, suppress_ve=True)
+
+    def _apf_guest_state(self, rip: int) -> GuestState:
+        assert self.apf is not None
+        rflags = self.engine.read_reg("rflags")
+        # Pre-2020 KVM (the legacy layout) had no DELIVERY_AS_INT: page ready was a #PF.
+        legacy = self.apf.layout == "legacy"
+        return GuestState(apf_enabled=self.apf.enabled, send_always=self.apf.send_always,
+                          delivery_as_int=self.apf.delivery_as_int or legacy,
+                          if_flag=bool(rflags & RFLAGS_IF),
+                          shadow=self._shadow_at(rip, self.engine.icount) is not Shadow.NONE,
+                          exception_pending=False, cpl=self.cpl, nmi_blocked=self.nmi_blocked,
+                          paging=True)
+
+    def _apf_decide(self, rip: int) -> Decision:
+        policy = self._apf_policy
+        g = self._apf_guest_state(rip)
+        return policy(self, g) if callable(policy) else decide(policy, g)
+
+    def _apf_fault(self, v: EptViolation, rip: int, during: Event | None) -> None:
+        """A guest access hit a swapped-out page: a VM exit the host answers itself by
+        its policy (inject a page-not-present #PF, or stall the vCPU until the page is
+        in), or, for a page whose page-in fails, by `on_fail`."""
+        assert self.apf is not None and self.ept is not None
+        e = self.engine
+        page = v.gpa & ~0xFFF
+        st = self.apf.swap_state(page)
+        assert st is not None
+        gla = getattr(v, "gla", None)
+        if st.fail and st.token is None and st.failed_page_ins:
+            # A page-in of this page already failed (seed mail 2020-06-30).
+            self._emit("apf_page_in_failed", gpa=page, gla=gla, failures=st.failed_page_ins,
+                       action=self._apf_on_fail)
+            if self._apf_on_fail == "stop" or st.failed_page_ins >= APF_MAX_RETRIES:
+                raise _Stop("vmexit", f"page-in of GPA {page:#x} failed "
+                            f"{st.failed_page_ins} time(s): host stops", rip)
+            if self._apf_on_fail == "inject-pf" and during is None and gla is not None:
+                ec = int(PFErr.P) | (int(PFErr.W) if v.access is Access.WRITE else 0) | (
+                    int(PFErr.U) if self.cpl == 3 else 0)
+                self.deliver(Event.exception(Vector.PF, rip, ec, gla),
+                             why=f"page-in of GPA {page:#x} failed: host injects a #PF")
+                return
+        if st.token is not None:
+            decision = Decision(False, "page-in already in flight (repeated fault)")
+        elif during is not None:
+            decision = Decision(False, "during event delivery")
+        else:
+            decision = self._apf_decide(rip)
+        if decision.inject:
+            token = self.apf.start_page_in(page, e.cycles)
+            self._apf_notified.add(token)
+            self._emit("apf_not_present", token=token, gpa=page, gla=gla, decision="inject",
+                       reason=decision.reason, policy=self._policy_name())
+            self._apf_deliver_not_present(token, rip)
+            return
+        # Synchronous page-in or KVM's "artificial halt": the vCPU stalls until the page
+        # is in; the guest sees an ordinary (slow) access.
+        if st.token is None:
+            self.apf.start_page_in(page, e.cycles, notify=False)
+        st = self.apf.swap_state(page)
+        assert st is not None and st.ready_at is not None
+        wait = max(0, st.ready_at - e.cycles)
+        self._emit("apf_not_present", token=None, gpa=page, gla=gla, decision="halt",
+                   reason=decision.reason, policy=self._policy_name())
+        self._emit("apf_halt", gpa=page, cycles=wait)
+        e.cycles += wait
+        self._apf_service()  # completes the page-in (and queues any page-ready)
+        if during is not None:
+            self.deliver(during)
+
+    def _apf_area_write(self, offset: int, value: int) -> None:
+        assert self.apf is not None and self.apf.area_gpa is not None
+        self.phys.write(self.apf.area_gpa + offset, value.to_bytes(4, "little"))
+
+    def _apf_area_read(self, offset: int) -> int:
+        assert self.apf is not None and self.apf.area_gpa is not None
+        return self.phys.read_uint(self.apf.area_gpa + offset, 4)
+
+    def _policy_name(self) -> str:
+        return self._apf_policy if isinstance(self._apf_policy, str) else "callback"
+
+    def _apf_deliver_not_present(self, token: int, rip: int) -> None:
+        """Page not present: `flags` (or the legacy `reason`) = 1, then #PF(0), CR2 = token."""
+        assert self.apf is not None
+        if self.apf.area_gpa is not None:
+            self._apf_area_write(APF_FLAGS_OFFSET, REASON_PAGE_NOT_PRESENT)
+        self.deliver(Event.exception(Vector.PF, rip, 0, token), why="async #PF: page not present")
+
+    def _apf_inject(self, token: int | None, gpa: int | None, *, where: dict[str, Any]) -> None:
+        """A scenario-forced async #PF at an injection point (the policy is not asked).
+        With a swapped-out `gpa` the host starts its page-in and the #PF carries the
+        host's token (page ready follows); otherwise CR2 = `token`."""
+        assert self.apf is not None
+        rip = self.engine.read_reg("rip")
+        if gpa is not None and self.apf.is_swapped(gpa) and self.apf.swap_state(gpa) is not None \
+                and self.apf.swap_state(gpa).token is None:  # type: ignore[union-attr]
+            token = self.apf.start_page_in(gpa, self.engine.cycles)
+            self._apf_notified.add(token)
+        if token is None:
+            raise _Stop("unsupported", "async_pf injection without a token needs a swapped-out "
+                        "gpa whose page-in is not already in flight", rip)
+        self._emit("apf_not_present", token=token, gpa=gpa, gla=None, decision="inject",
+                   reason="forced by the scenario", policy=self._policy_name(), **where)
+        self._apf_deliver_not_present(token, rip)
+
+    def _apf_service(self) -> None:
+        """At a boundary: page-ins that completed, and page-ready notifications."""
+        apf = self.apf
+        if apf is None:
+            return
+        e = self.engine
+        for page, token in apf.complete_due(e.cycles):
+            assert self.ept is not None
+            if not apf.is_swapped(page):
+                self.ept.fix(page)
+                self.engine.flush_tlb()
+            self._emit("apf_page_in_done", gpa=page, token=token, ok=not apf.is_swapped(page))
+            if apf.layout == "legacy" and token in self._apf_notified:
+                self._apf_legacy_ready.append(token)
+        if apf.area_gpa is None or not apf.enabled:
+            return
+        if apf.layout == "legacy":
+            # Page ready is a second #PF with reason 2 (pre-2020 ABI), injected under
+            # the same conditions as page-not-present, when the reason word is free.
+            if not self._apf_legacy_ready or self._apf_area_read(APF_REASON_OFFSET) != 0:
+                return
+            rip = e.read_reg("rip")
+            if not self._apf_decide(rip).inject:
+                return
+            token = self._apf_legacy_ready.pop(0)
+            self._apf_area_write(APF_REASON_OFFSET, REASON_PAGE_READY)
+            self._emit("apf_page_ready", token=token, vector=int(Vector.PF), layout="legacy")
+            self.deliver(Event.exception(Vector.PF, rip, 0, token), why="async #PF: page ready")
+            return
+        if self.apic is None:
+            return
+        ready = apf.page_ready_to_deliver(self._apf_area_read(APF_TOKEN_OFFSET),
+                                          apic_enabled=self.apic.software_enabled)
+        if ready is None:
+            return
+        token = ready
+        assert apf.vector is not None
+        self._apf_area_write(APF_TOKEN_OFFSET, token)
+        apf.delivered(token)
+        self.apic.set_irr(apf.vector)
+        self._emit("apf_page_ready", token=token, vector=apf.vector, layout="2020")
+
     def _on_poison(self, vaddr: int, access: Access) -> None:
         self._pending = lambda: self._memory_fault(vaddr, access)
 
@@ -702,9 +923,104 @@ class Machine:
         elif kind == "out":
             if not self._exit_write(address):
                 return  # another port: the instruction runs natively (port hook)
+        elif kind in ("rdmsr", "wrmsr"):
+            self._pending = lambda: self._emulate_msr(address, write=kind == "wrmsr")
+        elif kind == "cpuid":
+            leaf = e.read_reg("rax") & 0xFFFFFFFF
+            if self._cpuid_leaf(leaf) is None:
+                return  # Unicorn's own CPUID
+            self._pending = lambda: self._emulate_cpuid(address, leaf)
         else:
             return
         e.stop()
+
+    # -- MSRs and CPUID (intercepted at their sites, like IRET) ----------------------------
+    def _emulate_msr(self, address: int, *, write: bool) -> None:
+        """RDMSR/WRMSR (SDM Vol. 2): #GP(0) at CPL > 0, for an MSR this machine does not
+        implement, or for reserved bits; otherwise EDX:EAX <-> MSR[ECX]."""
+        e = self.engine
+        e.uncount()
+        rax, rcx, rdx = e.read(("rax", "rcx", "rdx"))
+        msr = rcx & 0xFFFFFFFF
+        name = "WRMSR" if write else "RDMSR"
+        if self.cpl != 0:
+            self.deliver(Event.exception(Vector.GP, address, 0), why=f"{name} at CPL{self.cpl}")
+            return
+        value = ((rdx & 0xFFFFFFFF) << 32) | (rax & 0xFFFFFFFF)
+        try:
+            if write:
+                self._wrmsr(msr, value)
+            else:
+                value = self._rdmsr(msr)
+        except MsrFault as fault:
+            self._emit("msr_fault", msr=msr, write=write, why=str(fault))
+            self.deliver(Event.exception(Vector.GP, address, 0), why=f"{name} {msr:#x}: {fault}")
+            return
+        self._emit("msr_write" if write else "msr_read", msr=msr, value=value)
+        regs = {"rip": address + 2}
+        if not write:
+            regs.update(rax=value & 0xFFFFFFFF, rdx=value >> 32)
+        e.write(regs)
+        e.recount()
+
+    def _rdmsr(self, msr: int) -> int:
+        if msr == MSR_EFER:
+            return self.engine.read_msr(msr)
+        if msr == MSR_APIC_BASE:
+            return APIC_BASE | APIC_BASE_BSP | (APIC_BASE_ENABLE if self.apic is not None else 0)
+        if msr == MSR_TSC:
+            return (self.engine.cycles + self._tsc_offset) & (2**64 - 1)
+        if msr in PASSTHROUGH_MSRS:
+            return self.engine.read_msr(msr)
+        if self.apf is not None and self.apf.handles(msr):
+            return self.apf.rdmsr(msr)
+        raise MsrFault(f"MSR {msr:#x} is not implemented by this machine")
+
+    def _wrmsr(self, msr: int, value: int) -> None:
+        if msr == MSR_EFER:
+            old = self.engine.read_msr(msr)
+            if value & ~EFER_WRITABLE:
+                raise MsrFault(f"reserved EFER bits {value & ~EFER_WRITABLE:#x}")
+            if (value ^ old) & EFER_LME:
+                raise MsrFault("EFER.LME changed while paging is on")
+            # LMA is read-only: keep the processor's value.
+            self.engine.write_msr(msr, (value & ~EFER_LMA) | (old & EFER_LMA))
+            self._step_cache.clear()
+            self.engine.flush_tlb()
+            return
+        if msr == MSR_APIC_BASE:
+            if value != self._rdmsr(msr):
+                raise Unsupported(f"IA32_APIC_BASE write {value:#x}: moving or disabling the "
+                                  "local APIC is not modelled")
+            return
+        if msr == MSR_TSC:
+            self._tsc_offset = (value - self.engine.cycles) & (2**64 - 1)
+            return
+        if msr in PASSTHROUGH_MSRS:
+            self.engine.write_msr(msr, value)
+            return
+        if self.apf is not None and self.apf.handles(msr):
+            try:
+                self.apf.wrmsr(msr, value, self.engine.cycles)
+            except ApfMsrError as exc:
+                raise MsrFault(str(exc)) from None
+            return
+        raise MsrFault(f"MSR {msr:#x} is not implemented by this machine")
+
+    def _cpuid_leaf(self, leaf: int) -> tuple[int, int, int, int] | None:
+        """The hypervisor leaves when the machine models KVM's paravirtual interface."""
+        if self.apf is None:
+            return None
+        return apf_cpuid(leaf)
+
+    def _emulate_cpuid(self, address: int, leaf: int) -> None:
+        e = self.engine
+        e.uncount()
+        regs = self._cpuid_leaf(leaf)
+        assert regs is not None
+        eax, ebx, ecx, edx = regs
+        e.write({"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx, "rip": address + 2})
+        e.recount()
 
     def _exit_write(self, address: int) -> bool:
         """An OUT about to write the exit port: end the run right after it (exact in both
@@ -1086,7 +1402,7 @@ class Machine:
     # -- asynchronous events ---------------------------------------------------------------
     def inject(self, event: str, *, vector: int | None = None, before: int | str | None = None,
                hit: int = 1, icount: int | None = None, cycle: int | None = None,
-               label: str = "") -> Injection:
+               label: str = "", token: int | None = None, gpa: int | None = None) -> Injection:
         """Schedule an NMI or a maskable interrupt (which arrives through the APIC IRR).
 
         `before` (an address or a symbol, `hit`-th arrival), `icount` or `cycle` say when
@@ -1099,7 +1415,9 @@ class Machine:
             before = self.symbols[before]
         if event == "interrupt" and self.apic is None:
             raise ValueError("interrupt injection needs the local APIC (Machine(apic=True))")
-        inj = Injection(event, vector, before, hit, icount, cycle, label)
+        if event == "async_pf" and self.apf is None:
+            raise ValueError("async_pf injection needs async page faults (Machine.enable_apf)")
+        inj = Injection(event, vector, before, hit, icount, cycle, label, token=token, gpa=gpa)
         self.injections.append(inj)
         if before is None:
             self._waiting.append(inj)
@@ -1122,6 +1440,9 @@ class Machine:
         where = {**inj.point, **({"label": inj.label} if inj.label else {})}
         if inj.event == "nmi":
             self._nmi_arrives("inject" if inj.label != "api" else "api", where)
+        elif inj.event == "async_pf":
+            assert inj.token is not None
+            self._apf_inject(inj.token, inj.gpa, where=where)
         else:
             assert inj.vector is not None and self.apic is not None
             self.apic.set_irr(inj.vector)
@@ -1201,6 +1522,7 @@ class Machine:
         e = self.engine
         if self.apic is not None:
             self.apic.tick(e.cycles)
+        self._apf_service()
         for inj in list(self._waiting):
             if inj.fired:
                 self._waiting.remove(inj)
@@ -1263,6 +1585,10 @@ class Machine:
                 nd = self.apic.next_deadline()
                 if nd is not None:
                     deadlines.append(nd)
+            if self.apf is not None:
+                nr = self.apf.next_ready()
+                if nr is not None:
+                    deadlines.append(nr)
             rip = e.read_reg("rip")
             if not deadlines:
                 raise _Stop("hlt", "HLT with no event that can wake the CPU", rip)
@@ -1295,6 +1621,10 @@ class Machine:
             nd = self.apic.next_deadline()
             if nd is not None:
                 c = min(c, nd)
+        if self.apf is not None:
+            nr = self.apf.next_ready()
+            if nr is not None:
+                c = min(c, nr)
         return c
 
     def _code_bytes(self, address: int, size: int) -> bytes | None:

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cpu.devices.apf import LAYOUTS, POLICIES
 from cpu.ept import EptMisconfig
 from cpu.machine import (
+    APF_FAIL_ACTIONS,
     EVENT_KINDS,
     MODES,
     OUTCOMES,
@@ -35,10 +37,12 @@ from idtlab.errors import BadInput
 Value = int | str
 
 _TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "inject", "vmx", "ept",
-        "host", "expect")
+        "host", "apf", "swapped", "expect")
 _KEYS: dict[str, tuple[str, ...]] = {
     "machine": ("memory", "max_events", "mode", "profile", "sti_blocks_nmi", "apic"),
-    "inject": ("event", "vector", "before", "hit", "icount", "cycle", "label"),
+    "inject": ("event", "vector", "before", "hit", "icount", "cycle", "label", "token", "gpa"),
+    "apf": ("policy", "layout", "on_fail"),
+    "swapped": ("gpa", "size", "latency", "fail"),
     "vmx": ("ept_violation_ve", "ve_info", "eptp_index"),
     "ept": ("gpa", "size", "read", "write", "exec", "suppress_ve", "not_present_level"),
     "host": ("on_ept_violation",),
@@ -388,6 +392,29 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
                            f"{host['on_ept_violation']!r} is not 'resume-fixed' or 'stop'")
         m.on_ept_violation = host["on_ept_violation"]
 
+    # [apf] and [[swapped]]: a KVM host with async page faults
+    if "apf" in data or "swapped" in data:
+        apf_t = chk.table(data.get("apf", {}), "[apf]")
+        chk.keys(apf_t, "apf", "[apf]")
+        for key, known in (("policy", POLICIES), ("layout", LAYOUTS), ("on_fail", APF_FAIL_ACTIONS)):
+            if key in apf_t and apf_t[key] not in known:
+                raise chk.fail(f"[apf] {key}", f"{apf_t[key]!r} is not one of {', '.join(known)}"
+                               + _did_you_mean(str(apf_t[key]), known))
+        m.enable_apf(policy=apf_t.get("policy", "kvm"), layout=apf_t.get("layout", "2020"),
+                     on_fail=apf_t.get("on_fail", "retry"))
+    for i, sw in enumerate(chk.array_of_tables(data.get("swapped", []), "[[swapped]]"), 1):
+        where = f"[[swapped]] #{i}"
+        chk.keys(sw, "swapped", where)
+        if "gpa" not in sw:
+            raise chk.fail(where, "missing key 'gpa'")
+        gpa = addr(sw["gpa"], f"{where} gpa")
+        size = chk.int_(sw.get("size", 4096), f"{where} size", 1)
+        if gpa % 4096 or gpa + size > memory:
+            raise chk.fail(f"{where} gpa", f"{gpa:#x}..{gpa + size:#x} must be 4-KiB aligned and "
+                           "inside guest memory")
+        m.swap_out(gpa, size, latency=chk.int_(sw.get("latency", 5000), f"{where} latency"),
+                   fail=chk.bool_(sw.get("fail", False), f"{where} fail"))
+
     # [run]
     run = chk.table(data.get("run", {}), "[run]")
     chk.keys(run, "run", "[run]")
@@ -428,6 +455,9 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
             inj_vector = chk.int_(inj["vector"], f"{where} vector", 16, 255)
         elif "vector" in inj:
             raise chk.fail(f"{where} vector", f"an {event} has no vector")
+        for key in ("token", "gpa"):
+            if key in inj and event != "async_pf":
+                raise chk.fail(f"{where} {key}", f"'{key}' belongs to event = \"async_pf\"")
         label = inj.get("label", "")
         if not isinstance(label, str):
             raise chk.fail(f"{where} label", "expected a string")
@@ -486,7 +516,9 @@ def _inject(m: Machine, event: str, vector: int | None, inj: dict[str, Any], whe
              hit=chk.int_(inj.get("hit", 1), f"{where} hit", 1),
              icount=chk.int_(inj["icount"], f"{where} icount") if "icount" in inj else None,
              cycle=chk.int_(inj["cycle"], f"{where} cycle") if "cycle" in inj else None,
-             label=label)
+             label=label,
+             token=chk.int_(inj["token"], f"{where} token", 1, 0xFFFFFFFE) if "token" in inj else None,
+             gpa=addr(inj["gpa"], f"{where} gpa") if "gpa" in inj else None)
 
 
 def _asm_first_line(text: str, index: int, asm: str) -> int:
