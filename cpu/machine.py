@@ -878,6 +878,9 @@ class Machine:
         assert apf.vector is not None
         self._apf_area_write(APF_TOKEN_OFFSET, token)
         apf.delivered(token)
+        # KVM's dequeue loop goes on at once, finds the slot it just filled busy and
+        # stops: the next page-ready waits for the guest's ACK (or another completion).
+        apf.page_ready_to_deliver(token, apic_enabled=self.apic.software_enabled)
         self.apic.set_irr(apf.vector)
         self._emit("apf_page_ready", token=token, vector=apf.vector, layout="2020")
 

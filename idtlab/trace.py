@@ -40,6 +40,11 @@ class Symbolizer:
         return f"{addr:#x}"
 
 
+_MSR_NAMES = {0x4B564D02: "MSR_KVM_ASYNC_PF_EN", 0x4B564D06: "MSR_KVM_ASYNC_PF_INT",
+              0x4B564D07: "MSR_KVM_ASYNC_PF_ACK", 0xC0000080: "EFER", 0x1B: "IA32_APIC_BASE",
+              0x10: "TSC"}
+
+
 def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
              cycles: bool = False) -> list[str]:
     """Readable lines: icount (and the cycle stamp with `cycles`), nesting by
@@ -115,6 +120,26 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
             status = "" if r.get("delivered", True) else " (no target)"
             out.append(f"{head}{pad}IPI {r.get('mode', '?')} vector {r.get('vector', 0):#x} to {to}"
                        f"{status}")
+        elif kind in ("msr_read", "msr_write"):
+            verb = "WRMSR" if kind == "msr_write" else "RDMSR"
+            out.append(f"{head}{pad}{verb} {_MSR_NAMES.get(r['msr'], hex(r['msr']))} "
+                       f"{'=' if kind == 'msr_write' else '->'} {r['value']:#x}")
+        elif kind == "apf_not_present":
+            gpa = "?" if r.get("gpa") is None else f"{r['gpa']:#x}"
+            if r["decision"] == "inject":
+                out.append(f"{head}{pad}async #PF: GPA {gpa} swapped out -> host injects page-not-"
+                           f"present, token {r['token']:#x} ({r['policy']}: {r['reason']})")
+            else:
+                out.append(f"{head}{pad}async #PF: GPA {gpa} swapped out -> host stalls the vCPU "
+                           f"({r['policy']}: {r['reason']})")
+        elif kind == "apf_halt":
+            out.append(f"{head}{pad}vCPU halted {r['cycles']} cycles until GPA {r['gpa']:#x} is in")
+        elif kind == "apf_page_in_done":
+            ok = "paged in" if r["ok"] else "page-in FAILED"
+            out.append(f"{head}{pad}host: GPA {r['gpa']:#x} {ok} (token {r['token']:#x})")
+        elif kind == "apf_page_ready":
+            how = f"interrupt {r['vector']:#x}" if r["layout"] == "2020" else "#PF (reason 2)"
+            out.append(f"{head}{pad}page ready: token {r['token']:#x} by {how}")
         elif kind == "serial":
             out.append(f"{head}{pad}serial | {r['text']}")
         elif kind == "hlt":
