@@ -57,7 +57,7 @@ from cpu.devices.apf import (
 from cpu.devices.apf import cpuid as apf_cpuid
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
-from cpu.ept import Ept, EptViolation
+from cpu.ept import EXIT_REASON_EPT_MISCONFIG, Ept, EptMisconfig, EptViolation
 from cpu.errors import Unsupported
 from cpu.memory import PhysicalMemory
 from cpu.mmu import (
@@ -609,7 +609,7 @@ class Machine:
             return None
         try:
             t = self._guest_walk(self._read_paging(), vpage, access)
-        except (ArchFault, EptViolation):
+        except (ArchFault, EptViolation, EptMisconfig):
             return None  # poisoned: the access stops at its instruction (_memory_fault)
         if not self.phys.contains(t.paddr, 4096):
             # Also the local APIC page: every access to it stops the engine at the
@@ -620,7 +620,22 @@ class Machine:
             prot |= PROT_W  # a clean page is filled read-only so the first write sets D
         if t.executable:
             prot |= PROT_X
+        if self.ept is not None:
+            # The engine's TLB entry serves every kind of access: it may only grant what
+            # both stages allow. A kind EPT refuses misses the TLB and comes back here
+            # as its own fill, which then poisons (a violation at its instruction).
+            for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
+                if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
+                    prot &= ~bit
         return t.paddr, prot
+
+    def _ept_allows(self, hpa: int, access: Access) -> bool:
+        assert self.ept is not None
+        try:
+            self.ept.translate(hpa, access)  # identity: the host address is the GPA
+        except (EptViolation, EptMisconfig):
+            return False
+        return True
 
     # -- the second translation stage (VMX EPT) and #VE ------------------------------------
     def _guest_walk(self, ctl: PagingControl, vaddr: int, access: Access) -> Translation:
@@ -696,6 +711,10 @@ class Machine:
         elif action != "resume":
             raise Unsupported(f"host action {action!r} (known: resume-fixed, resume, stop)")
         self.engine.flush_tlb()
+        if during is not None and action == "resume":
+            # Nothing changed for the delivery: re-delivering would only exit again.
+            raise _Stop("vmexit", f"EPT violation at GPA {v.gpa:#x} while delivering "
+                        f"{during.name}: the host resumed without fixing it", rip)
         if nmi_unblocked:
             # The IRET re-executes: the host re-establishes the NMI blocking it cleared
             # (SDM "NMI Unblocking Due to IRET"; KVM vmx_recover_nmi_blocking).
@@ -883,6 +902,24 @@ class Machine:
         apf.page_ready_to_deliver(token, apic_enabled=self.apic.software_enabled)
         self.apic.set_irr(apf.vector)
         self._emit("apf_page_ready", token=token, vector=apf.vector, layout="2020")
+
+    def _ept_misconfig(self, bad: EptMisconfig, rip: int, *, during: Event | None = None) -> None:
+        """An EPT misconfiguration (SDM 3C "EPT Misconfigurations"): a VM exit with basic
+        reason 49, never a #VE. The host stops, or with "resume-fixed" rewrites the page's
+        entry as RWX and resumes (the delivery, if any, re-executes)."""
+        assert self.ept is not None
+        policy = self.on_ept_violation
+        action = "stop" if callable(policy) else policy
+        self._emit("vmexit", reason=EXIT_REASON_EPT_MISCONFIG, qualification=0, gpa=bad.gpa,
+                   gla=None, rip=rip, during_delivery=during.name if during is not None else None,
+                   nmi_unblocked_by_iret=False, why=bad.why, action=action)
+        self._events += 1
+        if action != "resume-fixed" or self._events > self.max_events:
+            raise _Stop("vmexit", str(bad), rip)
+        self.ept.set_range(bad.gpa & ~0xFFF, 4096, read=True, write=True, execute=True)
+        self.engine.flush_tlb()
+        if during is not None:
+            self.deliver(during)
 
     def _on_poison(self, vaddr: int, access: Access) -> None:
         self._pending = lambda: self._memory_fault(vaddr, access)
@@ -1121,6 +1158,10 @@ class Machine:
             self.engine.flush_tlb()
             self._ept_violation(violation, rip, access)
             return
+        except EptMisconfig as bad:
+            self.engine.flush_tlb()
+            self._ept_misconfig(bad, rip)
+            return
         except ArchFault as fault:
             self.engine.flush_tlb()  # drop the poison entry; the retry walks again
             cr2 = fault.cr2
@@ -1280,6 +1321,10 @@ class Machine:
             self.nmi_blocked = False
             self._ept_violation(violation, address, violation.access, nmi_unblocked=was_blocked)
             return
+        except EptMisconfig as bad:
+            self.nmi_blocked = was_blocked  # the host re-blocks: the IRET re-executes
+            self._ept_misconfig(bad, address)
+            return
         self.nmi_blocked = False
         self.engine.recount()
         cost = self.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
@@ -1348,6 +1393,9 @@ class Machine:
             # Never converted to #VE while delivering an event (SDM "EPT Violations"):
             # a VM exit with the event in the IDT-vectoring information.
             self._ept_violation(violation, ev.insn_rip, violation.access, during=ev)
+            return
+        except EptMisconfig as bad:
+            self._ept_misconfig(bad, ev.insn_rip, during=ev)
             return
         if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a

@@ -216,7 +216,8 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
         leaf |= PTE_D
     may_write = writable or (not user and not ctl.cr0 & CR0_WP)
     if stage2 is not None:
-        page_paddr = stage2(page_paddr, access, linear, True)
+        # With the offset of the access: an EPT violation reports the full GPA.
+        page_paddr = stage2(page_paddr | (linear & 0xFFF), access, linear, True) & ~0xFFF
     return Translation(page_paddr, may_write, not nx, bool(leaf & PTE_D)), tuple(after)
 
 
