@@ -390,6 +390,7 @@ class Machine:
         self.on_ept_violation: str | Callable[[Machine, VmExit], str] = "resume-fixed"
         self.apf: AsyncPf | None = None  # KVM async page faults (enable_apf)
         self._tsc_offset = 0
+        self._apf_wants_step = False
         self.trace = Trace()
         self.max_insns = max_insns
         self.max_events = max_events
@@ -738,6 +739,7 @@ class Machine:
         self._apf_policy = policy
         self._apf_on_fail = on_fail
         self._apf_notified: set[int] = set()  # tokens given to the guest
+        self._apf_wants_step = False
         self._apf_legacy_ready: list[int] = []
         if self.ept is None:
             # An async #PF is a host decision on an EPT violation: give the machine the
@@ -877,14 +879,29 @@ class Machine:
         if apf.layout == "legacy":
             # Page ready is a second #PF with reason 2 (pre-2020 ABI), injected under
             # the same conditions as page-not-present, when the reason word is free.
-            if not self._apf_legacy_ready or self._apf_area_read(APF_REASON_OFFSET) != 0:
+            if not self._apf_legacy_ready:
+                self._apf_wants_step = False
+                return
+            if self._apf_area_read(APF_REASON_OFFSET) != 0:
+                # The guest frees the reason word with an ordinary store: step until then.
+                self._apf_wants_step = True
                 return
             rip = e.read_reg("rip")
-            if not self._apf_decide(rip).inject:
+            decision = self._apf_decide(rip)
+            if not decision.inject:
+                # Held by IF = 0 or a shadow: both can end without an event the machine
+                # sees, so step until they do (KVM: the next VM exit re-checks).
+                self._apf_wants_step = decision.outcome == "synchronous"
                 return
+            self._apf_wants_step = False
             token = self._apf_legacy_ready.pop(0)
             self._apf_area_write(APF_REASON_OFFSET, REASON_PAGE_READY)
             self._emit("apf_page_ready", token=token, vector=int(Vector.PF), layout="legacy")
+            if self._halted:
+                # Old KVM made the vCPU runnable (kvm_arch_async_page_present).
+                self._halted = False
+                e.cycles += self.profile.event("hlt_wake")
+                self._emit("wake", by="async_pf", vector=int(Vector.PF))
             self.deliver(Event.exception(Vector.PF, rip, 0, token), why="async #PF: page ready")
             return
         if self.apic is None:
@@ -1492,7 +1509,6 @@ class Machine:
         if inj.event == "nmi":
             self._nmi_arrives("inject" if inj.label != "api" else "api", where)
         elif inj.event == "async_pf":
-            assert inj.token is not None
             self._apf_inject(inj.token, inj.gpa, where=where)
         else:
             assert inj.vector is not None and self.apic is not None
@@ -1601,7 +1617,7 @@ class Machine:
         self._fire_due()
         while True:
             choice = self._arbitrate()
-            self._step = choice.needs_stepping
+            self._step = choice.needs_stepping or self._apf_wants_step
             if choice.deliver is None:
                 return
             rip = self.engine.read_reg("rip")
