@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import textwrap
 from importlib import resources
@@ -92,6 +93,22 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
     return 1 if failed else 0
 
 
+def _explore(args: argparse.Namespace) -> int:
+    from idtlab import explore as ex
+
+    start, sep, end = str(args.window).partition("..")
+    if not sep or not start or not end:
+        raise BadInput(f"--window {args.window!r}: expected START..END (symbols or addresses)")
+    findings = ex.explore(args.scenario, args.event, start, end, jobs=max(1, args.jobs),
+                          mode=args.mode, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(ex.as_json(findings), indent=1))
+    else:
+        for line in ex.report(findings, args.event):
+            print(line)
+    return 1 if any(not f.ok for f in findings) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="idtlab", description="x86-64 interrupt and exception delivery lab")
@@ -108,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp.add_argument("--width", type=int, default=72, help="column width (72)")
     p_cmp.add_argument("--cycles", action="store_true", help="show cycle stamps")
     p_cmp.add_argument("--mode", choices=("fast", "timed"))
+    p_exp = sub.add_parser("explore", help="inject an event at every boundary of a window and "
+                           "check the scenario's expectations at each")
+    p_exp.add_argument("scenario", type=Path)
+    p_exp.add_argument("--event", default="nmi", help="the event to inject (nmi)")
+    p_exp.add_argument("--window", required=True, metavar="START..END",
+                       help="addresses or symbols: from the first arrival at START to the next "
+                            "arrival at END, both boundaries included")
+    p_exp.add_argument("--jobs", type=int, default=1, help="worker processes (1)")
+    p_exp.add_argument("--mode", choices=("fast", "timed"))
+    p_exp.add_argument("--json", action="store_true", help="machine-readable findings")
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
@@ -117,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="which demo (default: nested-nmi)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "explore":
+            return _explore(args)
         if args.command == "compare":
             return _compare(args.scenarios, args.width, args.cycles, args.mode)
         if args.command == "demo" and args.name in SIDE_BY_SIDE:

@@ -1,0 +1,161 @@
+"""The race explorer (first version): every boundary of a dynamic window, one injected
+NMI per boundary, the scenario's expectations checked at each; the CR2 race of the
+2020 async-#PF thread is found exactly where it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from idtlab.cli import main
+from idtlab.explore import enumerate_points, explore
+
+# The #PF handler records CR2 for the fault of `main` only (its saved RIP is the_load);
+# the NMI handler takes a #PF of its own, which overwrites CR2.
+SCENARIO = """
+[[code]]
+at = 0x100000
+asm = '''
+main:
+    mov rcx, 0x400000
+the_load:
+    mov rax, qword ptr [rcx]
+    mov dx, 0xf4
+    out dx, al
+
+pf_handler:
+    push rax
+    push rbx
+pf_read_cr2:
+    mov rax, cr2
+    lea rbx, [rip + the_load]
+    cmp qword ptr [rsp + 24], rbx
+    jne skip
+    mov qword ptr [main_cr2], rax
+skip:
+    add qword ptr [rsp + 24], 3
+    pop rbx
+    pop rax
+    add rsp, 8
+pf_done:
+    iretq
+
+nmi_handler:
+    push rcx
+    mov rcx, 0x500000
+    mov rcx, qword ptr [rcx]
+    pop rcx
+    iretq
+'''
+[[data]]
+at = 0x110000
+symbol = "main_cr2"
+size = 8
+[idt]
+2 = { handler = "nmi_handler", ist = 1 }
+14 = { handler = "pf_handler" }
+[tss]
+ist1 = 0x90000
+[[pages]]
+va = 0x400000
+present = false
+[[pages]]
+va = 0x500000
+present = false
+[run]
+entry = "main"
+[[expect]]
+mem = "main_cr2"
+equals = 0x400000
+"""
+
+
+@pytest.fixture()
+def scenario(tmp_path: Path) -> Path:
+    p = tmp_path / "cr2.toml"
+    p.write_text(SCENARIO)
+    return p
+
+
+def test_points_are_the_boundaries_of_the_window_in_execution_order(scenario: Path) -> None:
+    points = enumerate_points(scenario, "pf_handler", "pf_done")
+    assert [p.label for p in points] == [
+        "pf_handler (#1)", "pf_handler+0x1 (#1)", "pf_read_cr2 (#1)", "pf_read_cr2+0x3 (#1)",
+        "pf_read_cr2+0xa (#1)", "pf_read_cr2+0xf (#1)", "pf_read_cr2+0x11 (#1)", "skip (#1)",
+        "skip+0x6 (#1)", "skip+0x7 (#1)", "skip+0x8 (#1)", "pf_done (#1)"]  # add [rsp+24],3 is 6 bytes
+    assert points[0].icount == 1 and points[0].insn == "push rax"  # right after the delivery
+
+
+def test_the_cr2_race_breaks_exactly_the_boundaries_before_the_cr2_read(scenario: Path) -> None:
+    findings = explore(scenario, "nmi", "pf_handler", "pf_done")
+    broken = [f.point.label for f in findings if not f.ok]
+    assert broken == ["pf_handler (#1)", "pf_handler+0x1 (#1)", "pf_read_cr2 (#1)"]
+    assert "expected 0x400000, got 0x500000" in findings[0].failures[0]
+
+
+def test_saving_cr2_in_the_nmi_handler_closes_the_race(tmp_path: Path) -> None:
+    fixed = SCENARIO.replace('''nmi_handler:
+    push rcx
+    mov rcx, 0x500000
+    mov rcx, qword ptr [rcx]
+    pop rcx''', '''nmi_handler:
+    push rcx
+    push rax
+    mov rax, cr2
+    mov rcx, 0x500000
+    mov rcx, qword ptr [rcx]
+    mov cr2, rax
+    pop rax
+    pop rcx''')
+    p = tmp_path / "fixed.toml"
+    p.write_text(fixed)
+    assert all(f.ok for f in explore(p, "nmi", "pf_handler", "pf_done"))
+
+
+def test_a_loop_gives_one_point_per_arrival(tmp_path: Path) -> None:
+    p = tmp_path / "loop.toml"
+    p.write_text('''
+[[code]]
+at = 0x100000
+asm = """
+main:
+    mov ecx, 3
+again:
+    dec ecx
+    jnz again
+done:
+    hlt
+nmi_handler:
+    iretq
+"""
+[idt]
+2 = { handler = "nmi_handler" }
+[run]
+entry = "main"
+[[expect]]
+outcome = "hlt"
+''')
+    labels = [pt.label for pt in enumerate_points(p, "again", "done")]
+    assert labels == ["again (#1)", "again+0x2 (#1)", "again (#2)", "again+0x2 (#2)", "again (#3)",
+                      "again+0x2 (#3)", "done (#1)"]
+
+
+def test_the_report_is_the_same_with_one_or_two_worker_processes(scenario: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explore", str(scenario), "--window", "pf_handler..pf_done", "--json"]) == 1
+    one = capsys.readouterr().out
+    assert main(["explore", str(scenario), "--window", "pf_handler..pf_done", "--json",
+                 "--jobs", "2"]) == 1
+    two = capsys.readouterr().out
+    assert one == two
+    assert sum(1 for f in json.loads(one) if f["failures"]) == 3
+
+
+def test_bad_windows_are_one_line_errors_with_status_2(scenario: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explore", str(scenario), "--window", "pf_handler"]) == 2
+    assert "expected START..END" in capsys.readouterr().err
+    assert main(["explore", str(scenario), "--window", "nmi_handler..pf_done"]) == 2
+    assert "never reaches the window start 'nmi_handler'" in capsys.readouterr().err
