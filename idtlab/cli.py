@@ -99,13 +99,32 @@ def _explore(args: argparse.Namespace) -> int:
     start, sep, end = str(args.window).partition("..")
     if not sep or not start or not end:
         raise BadInput(f"--window {args.window!r}: expected START..END (symbols or addresses)")
-    findings = ex.explore(args.scenario, args.event, start, end, jobs=max(1, args.jobs),
-                          mode=args.mode, progress=sys.stderr.isatty())
-    if args.json:
-        print(json.dumps(ex.as_json(findings), indent=1))
+    events = tuple(args.event or ["nmi"])
+    invariants = tuple(args.invariant or ())
+    progress = sys.stderr.isatty()
+    minimal = None
+    if args.random:
+        findings, minimal = ex.random_search(
+            args.scenario, events, start, end, count=args.random, seed=args.seed,
+            max_events=args.max_events, jobs=max(1, args.jobs), mode=args.mode,
+            progress=progress, invariants=invariants)
     else:
-        for line in ex.report(findings, args.event):
+        findings = ex.explore(args.scenario, events, start, end, jobs=max(1, args.jobs),
+                              mode=args.mode, progress=progress, invariants=invariants)
+    if args.html:
+        Path(args.html).write_text(ex.html_report(args.scenario, findings, args.mode))
+    if args.json:
+        out: dict[str, object] = {"findings": ex.as_json(findings)}
+        if minimal is not None:
+            out["minimal"] = ex.as_json([minimal])[0]
+        print(json.dumps(out, indent=1))
+    else:
+        for line in ex.report(findings):
             print(line)
+        if minimal is not None:
+            print(f"minimal failing schedule: {minimal.name}: {minimal.failures[0]}")
+        if args.html:
+            print(f"report written to {args.html}")
     return 1 if any(not f.ok for f in findings) else 0
 
 
@@ -128,13 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     p_exp = sub.add_parser("explore", help="inject an event at every boundary of a window and "
                            "check the scenario's expectations at each")
     p_exp.add_argument("scenario", type=Path)
-    p_exp.add_argument("--event", default="nmi", help="the event to inject (nmi)")
+    p_exp.add_argument("--event", action="append",
+                       help="the event to inject (nmi); twice: every ordered pair of points")
     p_exp.add_argument("--window", required=True, metavar="START..END",
                        help="addresses or symbols: from the first arrival at START to the next "
                             "arrival at END, both boundaries included")
     p_exp.add_argument("--jobs", type=int, default=1, help="worker processes (1)")
     p_exp.add_argument("--mode", choices=("fast", "timed"))
     p_exp.add_argument("--json", action="store_true", help="machine-readable findings")
+    p_exp.add_argument("--html", metavar="REPORT.html", help="write an HTML report")
+    p_exp.add_argument("--invariant", action="append",
+                       help="also check a ready-made invariant: no-shutdown, no-vmexit, "
+                            "frames-intact, no-runaway (repeatable)")
+    p_exp.add_argument("--random", type=int, metavar="N",
+                       help="N random schedules of several events instead of every point; the "
+                            "first failing one is shrunk")
+    p_exp.add_argument("--seed", type=int, default=0, help="seed for --random (0)")
+    p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")

@@ -150,7 +150,7 @@ def test_the_report_is_the_same_with_one_or_two_worker_processes(scenario: Path,
                  "--jobs", "2"]) == 1
     two = capsys.readouterr().out
     assert one == two
-    assert sum(1 for f in json.loads(one) if f["failures"]) == 3
+    assert sum(1 for f in json.loads(one)["findings"] if f["failures"]) == 3
 
 
 def test_bad_windows_are_one_line_errors_with_status_2(scenario: Path,
@@ -159,3 +159,74 @@ def test_bad_windows_are_one_line_errors_with_status_2(scenario: Path,
     assert "expected START..END" in capsys.readouterr().err
     assert main(["explore", str(scenario), "--window", "nmi_handler..pf_done"]) == 2
     assert "never reaches the window start 'nmi_handler'" in capsys.readouterr().err
+
+
+def test_pairs_cover_every_ordered_pair_and_break_where_either_nmi_lands_before_the_read(
+        scenario: Path) -> None:
+    findings = explore(scenario, ("nmi", "nmi"), "pf_handler", "pf_done")
+    n = 12
+    assert len(findings) == n * (n + 1) // 2
+    early = {"pf_handler (#1)", "pf_handler+0x1 (#1)", "pf_read_cr2 (#1)"}
+    for f in findings:
+        if f.schedule[0].label in early:
+            assert not f.ok, f.name  # the first NMI alone breaks it
+    # Two NMIs can also break it after the read: the second, latched while the first
+    # one's #PF handler runs, lands on the NMI IST after that handler's IRET and the
+    # outer NMI returns through a clobbered frame (the run no longer finishes).
+    late = [f for f in findings if f.schedule[0].label not in early and not f.ok]
+    assert late and all(f.outcome == "max_insns" for f in late)
+
+
+def test_a_random_search_finds_the_race_and_shrinks_it_to_one_nmi_at_the_earliest_point(
+        scenario: Path) -> None:
+    from idtlab.explore import random_search
+
+    findings, minimal = random_search(scenario, ("nmi",), "pf_handler", "pf_done", count=12,
+                                      seed=3, max_events=3)
+    again, _ = random_search(scenario, ("nmi",), "pf_handler", "pf_done", count=12, seed=3,
+                             max_events=3)
+    assert [f.name for f in findings] == [f.name for f in again]  # deterministic per seed
+    assert any(not f.ok for f in findings) and minimal is not None
+    assert [p.label for p in minimal.schedule] == ["pf_handler (#1)"]
+    assert not minimal.ok
+
+
+def test_the_frames_intact_invariant_flags_a_nested_nmi_on_the_same_ist(tmp_path: Path) -> None:
+    p = tmp_path / "nmi.toml"
+    p.write_text('''
+[[code]]
+at = 0x100000
+asm = """
+main:
+    int3
+done:
+    mov dx, 0xf4
+    out dx, al
+bp_handler:                 # IST1
+    nop
+bp_iret:
+    iretq
+nmi_handler:                # IST1 too: a nested NMI lands on the #BP frame
+    iretq
+"""
+[idt]
+2 = { handler = "nmi_handler", ist = 1 }
+3 = { handler = "bp_handler", ist = 1 }
+[tss]
+ist1 = 0x90000
+[run]
+entry = "main"
+''')
+    findings = explore(p, "nmi", "bp_handler", "bp_iret", invariants=("frames-intact",))
+    assert [f.ok for f in findings] == [False, False]
+    assert "invariant frames-intact: the #BP frame at 0x8ffd8 was overwritten by a NMI" in \
+        findings[0].failures[0]
+
+
+def test_the_html_report_colours_the_points_and_shows_the_first_counterexample(
+        scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.html"
+    assert main(["explore", str(scenario), "--window", "pf_handler..pf_done", "--html", str(out)]) == 1
+    page = out.read_text()
+    assert page.count("#f8d0d0") == 3 and page.count("#d7f5d7") == 9
+    assert "First counterexample: nmi @ pf_handler (#1)" in page and "<pre>" in page
