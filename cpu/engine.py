@@ -396,10 +396,8 @@ class Engine:
         k = self._index(self.read_reg("rip"))
         if k is None:
             return  # stopped between blocks: every counted instruction retired
-        n = len(self._starts(int(c.block_addr), int(c.block_size))) or 1
-        ran = int(c.count) - int(c.block_before)  # n, or 0 if the block hook stopped it
+        ran = int(c.count) - int(c.block_before)  # the block's count, or 0 if its hook stopped it
         extra = int(c.cycles) - int(c.block_cycles_before) - ran * int(c.default_cost)
-        del n
         c.count = int(c.block_before) + k + 1
         c.cycles = int(c.block_cycles_before) + (k + 1) * int(c.default_cost) + extra
         c.last_cost = c.default_cost

@@ -739,7 +739,6 @@ class Machine:
         self._apf_policy = policy
         self._apf_on_fail = on_fail
         self._apf_notified: set[int] = set()  # tokens given to the guest
-        self._apf_wants_step = False
         self._apf_legacy_ready: list[int] = []
         if self.ept is None:
             # An async #PF is a host decision on an EPT violation: give the machine the
@@ -849,8 +848,8 @@ class Machine:
         host's token (page ready follows); otherwise CR2 = `token`."""
         assert self.apf is not None
         rip = self.engine.read_reg("rip")
-        if gpa is not None and self.apf.is_swapped(gpa) and self.apf.swap_state(gpa) is not None \
-                and self.apf.swap_state(gpa).token is None:  # type: ignore[union-attr]
+        st = self.apf.swap_state(gpa) if gpa is not None else None
+        if gpa is not None and st is not None and st.token is None:
             token = self.apf.start_page_in(gpa, self.engine.cycles)
             self._apf_notified.add(token)
         if token is None:
@@ -954,7 +953,7 @@ class Machine:
     def _on_site(self, address: int) -> None:
         e = self.engine
         injections = self._before.get(address)
-        here = e.count_at(address)
+        here = e.count_at(address) if injections is not None else 0
         if injections is not None and self._site_seen != (address, here):
             # An arrival at an injection point (the same boundary re-entered after an
             # injection stop is not a new arrival; a return to it by IRET is).
@@ -1646,22 +1645,13 @@ class Machine:
         (which clears `_halted`), or end the run when nothing can ever wake the CPU."""
         e = self.engine
         while self._halted:
-            deadlines = [inj.cycle for inj in self._waiting
-                         if not inj.fired and inj.cycle is not None]
-            if self.apic is not None:
-                nd = self.apic.next_deadline()
-                if nd is not None:
-                    deadlines.append(nd)
-            if self.apf is not None:
-                nr = self.apf.next_ready()
-                if nr is not None:
-                    deadlines.append(nr)
+            deadline = self._next_deadline()
             rip = e.read_reg("rip")
-            if not deadlines:
+            if deadline is None:
                 raise _Stop("hlt", "HLT with no event that can wake the CPU", rip)
             before = self._pending_sources()
-            self._emit("hlt", rip=rip - 1, until=min(deadlines))
-            e.cycles = max(e.cycles, min(deadlines))
+            self._emit("hlt", rip=rip - 1, until=deadline)
+            e.cycles = max(e.cycles, deadline)
             self._service()
             if self._halted and self._pending_sources() == before and not any(
                     not inj.fired and inj.cycle is not None for inj in self._waiting):
@@ -1679,20 +1669,19 @@ class Machine:
             n = min(n, e.icount + 2)
         return n
 
-    def _next_stop_cycle(self) -> int:
-        c = 2**64 - 1
-        for inj in self._waiting:
-            if not inj.fired and inj.cycle is not None:
-                c = min(c, inj.cycle)
+    def _next_deadline(self) -> int | None:
+        """The cycle of the next time-based source: a `cycle` injection, the APIC timer's
+        next expiry, a page-in completing. None if there is none."""
+        deadlines: list[int | None] = [inj.cycle for inj in self._waiting if not inj.fired]
         if self.apic is not None:
-            nd = self.apic.next_deadline()
-            if nd is not None:
-                c = min(c, nd)
+            deadlines.append(self.apic.next_deadline())
         if self.apf is not None:
-            nr = self.apf.next_ready()
-            if nr is not None:
-                c = min(c, nr)
-        return c
+            deadlines.append(self.apf.next_ready())
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def _next_stop_cycle(self) -> int:
+        deadline = self._next_deadline()
+        return 2**64 - 1 if deadline is None else deadline
 
     def _code_bytes(self, address: int, size: int) -> bytes | None:
         """Guest code at a linear address (for counting a translation block)."""

@@ -204,11 +204,9 @@ def baseline_budget(path: Path, mode: str | None = None) -> Budget:
     return Budget(insns=2 * r.icount + 500, events=4 * len(r.deliveries) + 50)
 
 
-def check_schedule(path: Path, events: tuple[str, ...], schedule: tuple[Point, ...],
-                   mode: str | None = None, invariants: tuple[str, ...] = (),
-                   budget: Budget | None = None) -> Finding:
-    """Rebuild the scenario, inject `events[i]` at `schedule[i]`, run, and check the
-    scenario's expectations and the named invariants."""
+def _run_schedule(path: Path, events: tuple[str, ...], schedule: tuple[Point, ...],
+                  mode: str | None, budget: Budget | None) -> tuple[scn.Scenario, RunResult]:
+    """Rebuild the scenario, inject `events[i]` at `schedule[i]`, and run it."""
     sc = _load(path, mode)
     m = sc.machine
     assert m is not None
@@ -217,7 +215,15 @@ def check_schedule(path: Path, events: tuple[str, ...], schedule: tuple[Point, .
         m.max_events = min(m.max_events, budget.events)
     for event, point in zip(events, schedule, strict=True):
         m.inject(event, before=point.rip, hit=point.arrival, label="explore")
-    result = scn.run(sc)
+    return sc, scn.run(sc)
+
+
+def check_schedule(path: Path, events: tuple[str, ...], schedule: tuple[Point, ...],
+                   mode: str | None = None, invariants: tuple[str, ...] = (),
+                   budget: Budget | None = None) -> Finding:
+    """Rebuild the scenario, inject `events[i]` at `schedule[i]`, run, and check the
+    scenario's expectations and the named invariants."""
+    sc, result = _run_schedule(path, events, schedule, mode, budget)
     failures = [str(f) for f in scn.check(sc, result)]
     for name in invariants:
         msg = INVARIANTS[name](result)
@@ -387,12 +393,7 @@ def html_report(path: Path, findings: list[Finding], mode: str | None = None) ->
     first = next((f for f in findings if not f.ok), None)
     detail = "<p>No schedule breaks an expectation.</p>"
     if first is not None:
-        sc = _load(path, mode)
-        m = sc.machine
-        assert m is not None
-        for event, point in zip(first.events, first.schedule, strict=True):
-            m.inject(event, before=point.rip, hit=point.arrival, label="explore")
-        run = scn.run(sc)
+        sc, run = _run_schedule(path, first.events, first.schedule, mode, None)
         sym = Symbolizer(sc.symbols, hide=("gdt", "tss", "idt", "pml4", "apic"))
         lines = "\n".join(timeline(run.trace.records, sym, cycles=True))
         detail = (f"<h2>First counterexample: {html.escape(first.name)}</h2>"

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cpu.devices.apf import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT
+from cpu.machine import MSR_APIC_BASE, MSR_EFER, MSR_TSC
 from idt.vectors import vector_name
 
 
@@ -40,9 +42,9 @@ class Symbolizer:
         return f"{addr:#x}"
 
 
-_MSR_NAMES = {0x4B564D02: "MSR_KVM_ASYNC_PF_EN", 0x4B564D06: "MSR_KVM_ASYNC_PF_INT",
-              0x4B564D07: "MSR_KVM_ASYNC_PF_ACK", 0xC0000080: "EFER", 0x1B: "IA32_APIC_BASE",
-              0x10: "TSC"}
+_MSR_NAMES = {MSR_KVM_ASYNC_PF_EN: "MSR_KVM_ASYNC_PF_EN", MSR_KVM_ASYNC_PF_INT: "MSR_KVM_ASYNC_PF_INT",
+              MSR_KVM_ASYNC_PF_ACK: "MSR_KVM_ASYNC_PF_ACK", MSR_EFER: "EFER",
+              MSR_APIC_BASE: "IA32_APIC_BASE", MSR_TSC: "TSC"}
 
 
 def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
