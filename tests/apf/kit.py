@@ -18,7 +18,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cpu.machine import Machine, PageSpec
-from tests.delivery.rig import CODE, DATA, IST1_TOP, KERNEL_STACK, PROBE, RSP0_TOP, USER_STACK
+from tests.delivery.rig import (
+    CODE,
+    DATA,
+    IST1_TOP,
+    KERNEL_STACK,
+    PROBE,
+    RSP0_TOP,
+    USER_STACK,
+    of_kind,
+    one,
+)
 from tests.delivery.rig import build as rig_build
 
 AREA = 0x140000
@@ -71,16 +81,6 @@ def build(source: str, *, gates: Mapping[int, Mapping[str, Any]] | None = None,
         for gpa, latency in swapped:
             m.swap_out(gpa, PAGE, latency=latency, fail=fail)
     return m, sym
-
-
-def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in records if r["kind"] == kind]
-
-
-def one(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = of_kind(records, kind)
-    assert len(found) == 1, f"expected one {kind!r} record, got {len(found)}"
-    return found[0]
 
 
 def kinds(records: list[dict[str, Any]], wanted: Iterable[str]) -> list[str]:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cpu.machine import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, Machine, PageSpec
+from cpu.machine import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, Machine, PageSpec, VmxConfig
 from idtlab.assemble import CodeBlock, assemble_blocks
 
 MEMORY = 16 << 20
@@ -47,7 +47,7 @@ __all__ = [
     "CODE", "DATA", "IST1_TOP", "IST2_TOP", "KERNEL_CS", "KERNEL_DS", "KERNEL_STACK",
     "PROBE", "RFLAGS_IF", "RFLAGS_RF", "RSP0_TOP", "START_RFLAGS", "USER_CS", "USER_DS",
     "USER_STACK", "Frame", "PageSpec", "assert_delivered", "assert_record", "build", "deliveries", "gate",
-    "handler_rsp", "read_frame",
+    "handler_rsp", "of_kind", "one", "read_frame",
 ]
 
 
@@ -60,14 +60,16 @@ def gate(handler: str | int, *, ist: int = 0, gate_type: str = "interrupt", dpl:
 
 def build(source: str, *, gates: Mapping[int, Mapping[str, Any]] | None = None,
           pages: Iterable[PageSpec] = (), known: Mapping[str, int] | None = None,
-          tss: Mapping[str, int] | None = None) -> tuple[Machine, dict[str, int]]:
+          tss: Mapping[str, int] | None = None,
+          vmx: VmxConfig | None = None) -> tuple[Machine, dict[str, int]]:
     """A fresh machine with `source` assembled at CODE, the IDT rows of `gates`, the page
     overrides `pages` and a TSS with RSP0/IST1/IST2 at their *_TOP values (override with
-    `tss`). Returns the machine and the symbol table (labels of `source`)."""
+    `tss`); a VMX guest with EPT when `vmx` is given. Returns the machine and the symbol
+    table (labels of `source`)."""
     blocks, symbols = assemble_blocks(
         [CodeBlock(CODE, textwrap.dedent(source), origin="test", first_line=1)],
         known={"DATA": DATA, "PROBE": PROBE, **(known or {})})
-    m = Machine(MEMORY)
+    m = Machine(MEMORY, vmx=vmx)
     for b in blocks:
         m.load(b.at, b.code, code=True)
     for spec in pages:
@@ -78,6 +80,18 @@ def build(source: str, *, gates: Mapping[int, Mapping[str, Any]] | None = None,
         handler = row.pop("handler")
         m.set_gate(vector, symbols[handler] if isinstance(handler, str) else handler, **row)
     return m, symbols
+
+
+def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The trace records of one kind, in order."""
+    return [r for r in records if r["kind"] == kind]
+
+
+def one(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The only trace record of `kind` (fails the test if there are none or several)."""
+    found = of_kind(records, kind)
+    assert len(found) == 1, f"expected one {kind!r} record, got {len(found)}"
+    return found[0]
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from tests.delivery.rig import (
     Frame,
     assert_record,
     handler_rsp,
+    of_kind,
     read_frame,
 )
 
@@ -117,6 +118,4 @@ def kinds(records: list[dict[str, Any]]) -> list[str]:
     return [r["kind"] for r in records]
 
 
-def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in records if r["kind"] == kind]
 

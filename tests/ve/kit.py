@@ -20,22 +20,21 @@ Layout (the delivery rig's, tests/delivery/rig.py, plus the VE-information page)
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cpu.machine import Machine, PageSpec, VmxConfig
-from idtlab.assemble import CodeBlock, assemble_blocks
 from tests.delivery.rig import (
     CODE,
     DATA,
     IST1_TOP,
     IST2_TOP,
     KERNEL_STACK,
-    MEMORY,
     PROBE,
-    RSP0_TOP,
+    of_kind,
+    one,
 )
+from tests.delivery.rig import build as rig_build
 
 VE_INFO = 0x130000
 PAGE = 0x1000
@@ -65,32 +64,10 @@ def build(source: str, *, gates: Mapping[int, Mapping[str, Any]] | None = None,
           known: Mapping[str, int] | None = None) -> tuple[Machine, dict[str, int]]:
     """A fresh VMX machine (16 MiB, EPT identity map with 2-MiB RWX leaves) with `source`
     at CODE, IDT rows `gates` ({vector: {"handler": label, "ist": n, ...}}), guest page
-    overrides `pages`, and TSS.RSP0/IST1/IST2 at their *_TOP values."""
-    blocks, symbols = assemble_blocks(
-        [CodeBlock(CODE, textwrap.dedent(source), origin="test", first_line=1)],
-        known={"DATA": DATA, "PROBE": PROBE, "VE_INFO": VE_INFO, **(known or {})})
-    m = Machine(MEMORY, vmx=VmxConfig(ept_violation_ve=ve, ve_info=ve_info,
-                                      eptp_index=eptp_index))
-    for b in blocks:
-        m.load(b.at, b.code, code=True)
-    for spec in pages:
-        m.set_page(spec)
-    m.set_tss(**{"rsp0": RSP0_TOP, "ist1": IST1_TOP, "ist2": IST2_TOP, **(tss or {})})
-    for vector, row in (gates or {}).items():
-        row = dict(row)
-        handler = row.pop("handler")
-        m.set_gate(vector, symbols[handler] if isinstance(handler, str) else handler, **row)
-    return m, symbols
-
-
-def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [r for r in records if r["kind"] == kind]
-
-
-def one(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = of_kind(records, kind)
-    assert len(found) == 1, f"expected one {kind!r} record, got {len(found)}"
-    return found[0]
+    overrides `pages`, and TSS.RSP0/IST1/IST2 at their *_TOP values (tests/delivery/rig)."""
+    return rig_build(source, gates=gates, pages=pages, tss=tss,
+                     known={"VE_INFO": VE_INFO, **(known or {})},
+                     vmx=VmxConfig(ept_violation_ve=ve, ve_info=ve_info, eptp_index=eptp_index))
 
 
 def kinds(records: list[dict[str, Any]], *wanted: str) -> list[str]:
