@@ -18,8 +18,9 @@ from capstone import x86_const as CX
 
 
 @cache
-def _cs() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+def _cs(bits: int = 64) -> capstone.Cs:
+    mode = capstone.CS_MODE_64 if bits == 64 else capstone.CS_MODE_32
+    md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     md.detail = True
     return md
 
@@ -37,13 +38,15 @@ class Insn:
         return f"{self.mnemonic} {self.op_str}".strip()
 
 
-def decode(code: bytes, address: int) -> Iterator[Insn]:
-    for i in _cs().disasm(code, address):
+def decode(code: bytes, address: int, *, bits: int = 64) -> Iterator[Insn]:
+    """Decode linearly; `bits` = 32 for 32-bit protected-mode code (a multiboot image's
+    entry code, cpu/multiboot.py)."""
+    for i in _cs(bits).disasm(code, address):
         yield Insn(i.address, i.size, i.mnemonic, i.op_str, bytes(i.bytes))
 
 
-def decode_one(code: bytes, address: int) -> Insn | None:
-    return next(decode(code, address), None)
+def decode_one(code: bytes, address: int, *, bits: int = 64) -> Insn | None:
+    return next(decode(code, address, bits=bits), None)
 
 
 SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt", "sti": "sti",

@@ -50,6 +50,7 @@ from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exp
     UC_MEM_READ_UNMAPPED,
     UC_MEM_WRITE,
     UC_MEM_WRITE_UNMAPPED,
+    UC_MODE_32,
     UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_EXEC,
@@ -90,6 +91,16 @@ REG = {
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
 MSR_EFER = 0xC0000080
+EFER_LMA = 1 << 10
+CR0_PG = 1 << 31
+DESC_L = 1 << 21  # the L (64-bit code) bit of a code descriptor's high dword
+# A UC_MODE_32 engine refuses the 64-bit registers (unicorn.md fact 18b): its names
+# map the 64-bit ones to their 32-bit halves (R8-R15 do not exist there).
+REG32 = {**{k: REG[k] for k in ("cs", "ss", "ds", "es", "fs", "gs", "cr0", "cr2", "cr3", "cr4")},
+         "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX,
+         "rdx": X.UC_X86_REG_EDX, "rsi": X.UC_X86_REG_ESI, "rdi": X.UC_X86_REG_EDI,
+         "rbp": X.UC_X86_REG_EBP, "rsp": X.UC_X86_REG_ESP, "rip": X.UC_X86_REG_EIP,
+         "rflags": X.UC_X86_REG_EFLAGS}
 
 
 class _Mmr(ctypes.Structure):
@@ -128,9 +139,24 @@ def _i32(b: bytes, off: int) -> int:
     return int(struct.unpack_from("<i", b, off)[0])
 
 
-def _new_uc() -> Any:
-    """A 64-bit engine. Unicorn's binding is only partly typed, so it is `Any` here."""
-    return Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
+def _new_uc(bits: int = 64) -> Any:
+    """A 64-bit (or 32-bit) engine. Unicorn's binding is only partly typed, so it is `Any`."""
+    return Uc(UC_ARCH_X86, UC_MODE_64 if bits == 64 else UC_MODE_32)  # type: ignore[no-untyped-call]
+
+
+@cache
+def native_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """EAX, EBX, ECX, EDX of Unicorn's own CPUID (its default x86-64 CPU model), for the
+    machine to adjust where the model differs from it (cpu/machine.py `_cpuid_leaf`)."""
+    uc: Any = _new_uc()
+    uc.mem_map(0, 0x1000, UC_PROT_ALL)
+    uc.mem_write(0, b"\x0f\xa2")  # cpuid
+    uc.reg_write(X.UC_X86_REG_RAX, leaf)
+    uc.reg_write(X.UC_X86_REG_RCX, subleaf)
+    uc.emu_start(0, 2)
+    eax, ebx, ecx, edx = (int(uc.reg_read(r)) for r in (X.UC_X86_REG_EAX, X.UC_X86_REG_EBX,
+                                                         X.UC_X86_REG_ECX, X.UC_X86_REG_EDX))
+    return eax, ebx, ecx, edx
 
 
 _PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF)
@@ -207,16 +233,24 @@ class Engine:
     Every callback that wants the engine to stop calls `stop()`.
     """
 
-    def __init__(self, mem: PhysicalMemory, *, block_counting: bool = False) -> None:
+    def __init__(self, mem: PhysicalMemory, *, block_counting: bool = False, bits: int = 64) -> None:
+        """`bits` = 32: a UC_MODE_32 engine for a multiboot image's 32-bit entry code
+        (fact 18b): QEMU's own page walk (no TLB-fill hook: nothing is modelled before
+        long mode), 32-bit register names, 32-bit decoding for block counting, a block
+        callback `block(address)` and a CPUID callback `cpuid(leaf, subleaf)`."""
+        if bits not in (32, 64):
+            raise ValueError(f"bits must be 32 or 64, not {bits}")
         self.mem = mem
+        self.bits = bits
         self.block_counting = block_counting
         # Reads guest code at a linear address (set by the machine); used to count the
         # instructions of a translation block in block-counting mode.
         self.code_reader: Callable[[int, int], bytes | None] = lambda a, n: None
         self._block_starts: dict[tuple[int, int], tuple[int, ...]] = {}
         self.layout = blob_layout()
-        uc: Any = _new_uc()
-        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc: Any = _new_uc(bits)
+        if bits == 64:
+            uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
         self.uc: Any = uc
         self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
@@ -232,6 +266,9 @@ class Engine:
         self._uclib: Any = _ucpy.uclib
         self._uch: Any = uc._uch
         self._batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
+        self._reg = REG if bits == 64 else REG32
+        self.block: Callable[[int], None] = lambda a: None
+        self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
         self._mmr = _Mmr()
         self._msr = _Msr()
         self._ctx: Any = None
@@ -266,6 +303,10 @@ class Engine:
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        if bits == 32:
+            # After the counter: a stop here comes after the block was counted.
+            uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
 
     # -- hooks -------------------------------------------------------------------------
     def _on_fill(self, uc: Any, vaddr: int, access: int, entry: object, _data: object) -> bool:
@@ -305,12 +346,69 @@ class Engine:
     def _on_out(self, uc: Any, port: int, size: int, value: int, _data: object) -> None:
         self.port_out(port, size, value)
 
+    def _on_block(self, uc: Any, address: int, size: int, _data: object) -> None:
+        self.block(address)
+
+    def _on_cpuid(self, uc: Any, _data: object) -> int:
+        leaf, subleaf = self.read(("rax", "rcx"))
+        regs = self.cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF)
+        if regs is None:
+            return 0  # Unicorn's own CPUID
+        self.write(dict(zip(("rax", "rbx", "rcx", "rdx"), regs, strict=True)))
+        return 1  # skip the native instruction
+
+    # -- operating mode and the 32 -> 64-bit migration (fact 18b) ---------------------------
+    def in_64bit_mode(self) -> bool:
+        """IA-32e mode active (EFER.LMA) and CS.L = 1 in the CS descriptor cache."""
+        if not self.read_reg("cr0") & CR0_PG or not self.read_msr(MSR_EFER) & EFER_LMA:
+            return False
+        flags = struct.unpack_from("<I", _blob(self._saved_context()), self.layout.cs + 20)[0]
+        return bool(flags & DESC_L)
+
+    def migrate_from(self, other: Engine) -> None:
+        """Take over `other`'s CPU state (a 32-bit engine whose guest entered 64-bit mode)
+        and its instruction and cycle counts. Both engines map the same guest memory."""
+        self.uc.context_restore(other.uc.context_save())
+        self._ctx = None
+        self.flush_tlb()
+        self.counter.count = other.counter.count
+        self.counter.cycles = other.counter.cycles
+
     # -- control -----------------------------------------------------------------------
     def add_site(self, address: int) -> None:
         """Call `site(address)` before the instruction at `address` executes."""
         if address not in self._sites:
             self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None, address,
                                                     address)
+            # A block translated before the hook existed would not call it.
+            self.uc.ctl_remove_cache(address, address + 1)
+
+    def remove_site(self, address: int) -> None:
+        handle = self._sites.pop(address, None)
+        if handle is not None:
+            self.uc.hook_del(handle)
+            self.uc.ctl_remove_cache(address, address + 1)
+
+    @property
+    def site_addresses(self) -> frozenset[int]:
+        return frozenset(self._sites)
+
+    # The counter's scalar state (its cost tables are caches keyed by address and stay).
+    _COUNTER_STATE = ("count", "stop_at", "stopped", "cycles", "stop_cycle", "last_cost",
+                      "block_addr", "block_size", "block_before", "block_cycles_before", "split")
+
+    def save_state(self) -> tuple[Any, tuple[int, ...]]:
+        """The CPU state and the counter's, for `restore_state` (cpu.snapshot)."""
+        c = self.counter
+        return self.uc.context_save(), tuple(int(getattr(c, f)) for f in self._COUNTER_STATE)
+
+    def restore_state(self, state: tuple[Any, tuple[int, ...]]) -> None:
+        ctx, counter = state
+        self.uc.context_restore(ctx)
+        c = self.counter
+        for f, v in zip(self._COUNTER_STATE, counter, strict=True):
+            setattr(c, f, v)
+        self.flush_tlb()
 
     def _emu(self, begin: int, until: int) -> int | None:
         try:
@@ -363,7 +461,7 @@ class Engine:
             if code is not None:
                 from cpu.decode import decode  # capstone; imported lazily
                 end = address
-                for insn in decode(code, address):
+                for insn in decode(code, address, bits=self.bits):
                     found.append(insn.address)
                     end = insn.address + insn.size
                 if end != address + size:  # undecodable tail: count what QEMU ran anyway
@@ -526,7 +624,7 @@ class Engine:
         b = self._batches.get(names)
         if b is None:
             n = len(names)
-            ids = (ctypes.c_int * n)(*[REG[x] for x in names])
+            ids = (ctypes.c_int * n)(*[self._reg[x] for x in names])
             vals = (ctypes.c_uint64 * n)()
             base = ctypes.addressof(vals)
             ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])

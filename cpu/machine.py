@@ -31,8 +31,9 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cpu import snapshot
 from cpu.decode import (
     decode,
     decode_one,
@@ -56,7 +57,10 @@ from cpu.devices.apf import (
 )
 from cpu.devices.apf import cpuid as apf_cpuid
 from cpu.devices.apic import APIC_BASE, LocalApic
-from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine
+from cpu.devices.fwcfg import FW_CFG_PORT_DATA, FW_CFG_PORT_SEL, FwCfg
+from cpu.devices.testports import BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT, BochsShutdown
+from cpu.devices.uart import Uart16550
+from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine, native_cpuid
 from cpu.ept import EXIT_REASON_EPT_MISCONFIG, Ept, EptMisconfig, EptViolation
 from cpu.errors import Unsupported
 from cpu.memory import PhysicalMemory
@@ -75,6 +79,7 @@ from cpu.mmu import (
     WalkCache,
     build_identity_map,
 )
+from cpu.snapshot import Checkpoint
 from cpu.timing import CostModel, Profile, load_profile
 from cpu.trace import Trace
 from idt.blocking import Choice, Interruptibility, Shadow, arbitrate
@@ -117,6 +122,9 @@ from idt.ve import (
 )
 from idt.vectors import Vector, vector_name
 
+if TYPE_CHECKING:
+    from cpu.multiboot import Boot
+
 GDT_BASE = 0x1000
 TSS_BASE = 0x1100
 IDT_BASE = 0x2000
@@ -134,6 +142,15 @@ GDT_ENTRIES: list[bytes] = [
 GDT_LIMIT = sum(len(e) for e in GDT_ENTRIES) - 1
 EXIT_PORT = 0xF4
 SERIAL_PORT = 0x3F8
+CPUID_FEATURES = 0x1
+CPUID_1_EDX_APIC = 1 << 9
+CPUID_1_ECX_HYPERVISOR = 1 << 31
+CPUID_EXT_FEATURES = 0x80000001
+CPUID_EXT_EDX_PAGE1GB = 1 << 26
+CPUID_HYPERVISOR_FIRST, CPUID_HYPERVISOR_LAST = 0x40000000, 0x4FFFFFFF
+SHUTDOWN_DETAIL = 'Bochs shutdown port 0x8900: "Shutdown"'
+# Ports whose writes are injection points (`Injection.at_port`): name -> port.
+PORT_POINTS = {"flush_page": FLUSH_PAGE_PORT}
 CR0_DEFAULT = 0x80010033  # PG | WP | NE | ET | MP | PE
 CR4_DEFAULT = CR4_PAE | (1 << 9) | (1 << 10)  # PAE, OSFXSR, OSXMMEXCPT
 EFER_DEFAULT = EFER_LME | EFER_LMA | EFER_NXE
@@ -160,7 +177,8 @@ _GPR64 = {**{r: r for r in GPRS},
 OUTCOMES = ("hlt", "shutdown", "max_insns", "max_events", "exit", "outside_memory", "unsupported",
             "vmexit")
 MODES = ("fast", "timed")
-EVENT_KINDS = ("nmi", "interrupt", "async_pf")
+EVENT_KINDS = ("nmi", "interrupt", "async_pf", "ept_revoke")
+PAUSE = "pause"  # internal: `Machine.run(pause_at=...)` stops the run at a point
 APF_FAIL_ACTIONS = ("retry", "stop", "inject-pf")
 APF_MAX_RETRIES = 3  # "retry": give up (outcome vmexit) after this many failed page-ins
 
@@ -204,7 +222,9 @@ class Injection:
     Exactly one of `before` (an address: pending when execution reaches it for the
     `hit`-th time, before that instruction executes), `icount` (pending once that many
     instructions have retired) or `cycle` (pending at the first boundary at or after that
-    cycle) is set; with none set the event is pending at the next boundary.
+    cycle) is set; with none set the event is pending at the next boundary. Or
+    `at_port` (a name in `PORT_POINTS`, e.g. "flush_page"): pending at the boundary right
+    after the `hit`-th write to that port.
     """
 
     event: str
@@ -216,24 +236,38 @@ class Injection:
     label: str = ""
     fired: bool = False
     token: int | None = None  # async_pf: CR2 of the injected #PF
-    gpa: int | None = None  # async_pf: the page the host pages in (page ready follows)
+    gpa: int | None = None  # async_pf: the page the host pages in (page ready follows);
+    # ept_revoke: the guest-physical page whose EPT access the host takes away
+    # The point as the trace shows it, when it differs from how it is counted (the race
+    # explorer counts arrivals from a checkpoint but reports them from the start).
+    shown: tuple[int, int] | None = None
+    at_port: str | None = None
 
     def __post_init__(self) -> None:
+        if self.at_port is not None and self.at_port not in PORT_POINTS:
+            raise ValueError(f"unknown port point {self.at_port!r} (known: "
+                             f"{', '.join(PORT_POINTS)})")
         if self.event == "async_pf" and self.token is None and self.gpa is None:
             raise ValueError("an async_pf needs a token (CR2) or a swapped-out gpa")
         if self.token is not None and not 0 < self.token < 0xFFFFFFFF:
             raise ValueError(f"an async_pf token must be in 1..0xfffffffe, not {self.token:#x}")
-        if self.event not in EVENT_KINDS:
+        if self.event not in EVENT_KINDS and self.event != PAUSE:
             raise ValueError(f"unknown event {self.event!r} (known: {', '.join(EVENT_KINDS)})")
+        if self.event == "ept_revoke" and self.gpa is None:
+            raise ValueError("an ept_revoke needs the gpa of the page it revokes")
         if self.event == "interrupt" and (self.vector is None or not 16 <= self.vector <= 255):
             raise ValueError(f"an interrupt needs a vector in 16..255, not {self.vector!r}")
-        if sum(x is not None for x in (self.before, self.icount, self.cycle)) > 1:
-            raise ValueError("an injection has at most one of before/icount/cycle")
+        if sum(x is not None for x in (self.before, self.icount, self.cycle, self.at_port)) > 1:
+            raise ValueError("an injection has at most one of before/icount/cycle/at_port")
         if self.hit < 1:
             raise ValueError(f"hit must be >= 1, not {self.hit}")
 
     @property
-    def point(self) -> dict[str, int]:
+    def point(self) -> dict[str, int | str]:
+        if self.at_port is not None:
+            return {"at_port": self.at_port, "hit": self.hit}
+        if self.shown is not None:
+            return {"before": self.shown[0], "hit": self.shown[1]}
         if self.before is not None:
             return {"before": self.before, "hit": self.hit}
         if self.icount is not None:
@@ -346,7 +380,10 @@ class GuestMemory:
     def write(self, linear: int, data: bytes, *, user: bool = False, stack: bool = False) -> None:
         if (linear & 0xFFF) + len(data) <= 0x1000:
             paddr = self._translate(linear, len(data), Access.WRITE, user, stack)
-            self.m.phys.view[paddr : paddr + len(data)] = data
+            phys = self.m.phys
+            if phys.dirty is not None:
+                phys.mark(paddr, len(data))
+            phys.view[paddr : paddr + len(data)] = data
             return
         for addr, off, n in self._pieces(linear, len(data)):
             paddr = self._translate(addr, n, Access.WRITE, user, stack)
@@ -428,7 +465,15 @@ class Machine:
         self._fetch_boundary: int | None = None  # run only up to here next (a fetch fault)
         self._cr3 = 0
         self.on_deliver: list[Callable[[dict[str, Any]], None]] = []
+        # Called with RIP at every boundary the machine holds between engine runs (where
+        # it looks for events to deliver), before anything is delivered there.
+        self.on_boundary: list[Callable[[int], None]] = []
         self._depth = 0
+        self._checkpoint: Checkpoint | None = None  # the live one (cpu.snapshot)
+        self._cr2_reads: set[int] = set()  # MOV reg, CR2 sites (observe_cr2_reads)
+        self._observe_cr2 = False
+        self._cr2_seen: tuple[int, int] | None = None
+        self._pf_cr2: dict[tuple[int, int], int] = {}  # #PF frame (address, icount) -> CR2
 
         self.phys.write(GDT_BASE, b"".join(GDT_ENTRIES))
         # Unconfigured vectors hold *not-present* 64-bit interrupt gates (not zeroes: a
@@ -453,6 +498,16 @@ class Machine:
         if apic:
             self.apic = LocalApic(on_nmi=self._apic_nmi, on_event=self._apic_event)
             self.symbols["apic"] = APIC_BASE
+        # Platform devices test kernels use (cpu/devices/uart.py, fwcfg.py, testports.py).
+        self.uart = Uart16550(SERIAL_PORT, on_byte=self._serial_byte)
+        self.fwcfg = FwCfg(ram_size=memory)
+        self.bochs_shutdown = BochsShutdown()
+        self._shutdown_requested = False
+        self.on_serial_line: list[Callable[[str], None]] = []  # each completed line
+        self._port_points: dict[str, dict[int, list[Injection]]] = {}  # at_port injections
+        self._port_writes: dict[str, int] = {}
+        # A multiboot image (cpu/multiboot.py): run() first runs its 32-bit phase.
+        self.multiboot: Boot | None = None
 
     @property
     def nmi_blocked(self) -> bool:
@@ -481,7 +536,30 @@ class Machine:
                 if insn.mnemonic == "iretq":
                     self._iretq.add(insn.address)
                 self.engine.add_site(insn.address)
+            elif insn.mnemonic == "mov" and insn.op_str.endswith(", cr2"):
+                self._cr2_reads.add(insn.address)
         self.engine.clear_cost_cache()
+
+    def observe_cr2_reads(self) -> None:
+        """Emit a `cr2_read` record at every `MOV reg, CR2` in decoded code: the value
+        read and, when the innermost live frame is a #PF's, the CR2 that #PF delivered
+        (what the race explorer's `cr2-consistent` invariant compares). Observation
+        only: the instruction runs natively."""
+        self._observe_cr2 = True
+        for address in self._cr2_reads:
+            self.engine.add_site(address)
+
+    def _cr2_read(self, address: int) -> None:
+        e = self.engine
+        boundary = e.count_at(address) - 1
+        if self._cr2_seen == (address, boundary):
+            return  # the same boundary re-entered after a stop there
+        self._cr2_seen = (address, boundary)
+        fields: dict[str, Any] = {"rip": address, "value": e.read_reg("cr2")}
+        if self._frames and self._frames[-1][2] == "#PF":
+            at, _slots, _name, pushed = self._frames[-1]
+            fields["pf_cr2"] = self._pf_cr2.get((at, pushed))
+        self.trace.emit("cr2_read", boundary, e.cycles, **fields)
 
     def set_gate(self, vector: int, handler: int, *, ist: int = 0, gate_type: str = "interrupt",
                  dpl: int = 0, present: bool = True, selector: int = KERNEL_CS) -> None:
@@ -619,6 +697,13 @@ class Machine:
         prot = PROT_R
         if t.writable and (t.dirty or access is Access.WRITE):
             prot |= PROT_W  # a clean page is filled read-only so the first write sets D
+        if self.phys.dirty is not None:
+            # Checkpoint tracking (cpu.snapshot): the engine may write a page only through
+            # an entry filled for a write, which is where the page is marked.
+            if access is Access.WRITE:
+                self.phys.mark(t.paddr, 4096)
+            else:
+                prot &= ~PROT_W
         if t.executable:
             prot |= PROT_X
         if self.ept is not None:
@@ -950,16 +1035,34 @@ class Machine:
         self._pending = lambda: self._hooked_exception(vector)
         self.engine.stop()
 
+    def _arrive(self, address: int, here: int) -> list[Injection]:
+        """Execution is at the boundary before instruction number `here`, at `address`,
+        an injection point: count the arrival (once per boundary: the same boundary
+        re-entered after a stop is not a new arrival; a return to it by IRET is) and
+        return the injections due there, a pause last."""
+        if self._site_seen == (address, here):
+            return []
+        self._site_seen = (address, here)
+        n = self._arrivals[address] = self._arrivals.get(address, 0) + 1
+        due = [inj for inj in self._before[address].pop(n, ()) if not inj.fired]
+        return sorted(due, key=lambda i: i.event == PAUSE)
+
+    def _arrive_here(self) -> None:
+        """At a boundary the machine holds (between engine runs): an arrival at an
+        injection point there counts even when an event is delivered before its
+        instruction runs (the code hook would never see it)."""
+        if self._before or self.on_boundary:
+            rip = self.engine.read_reg("rip")
+            for cb in self.on_boundary:
+                cb(rip)
+            if rip in self._before:
+                for inj in self._arrive(rip, self.engine.icount + 1):
+                    self._fire(inj)
+
     def _on_site(self, address: int) -> None:
         e = self.engine
-        injections = self._before.get(address)
-        here = e.count_at(address) if injections is not None else 0
-        if injections is not None and self._site_seen != (address, here):
-            # An arrival at an injection point (the same boundary re-entered after an
-            # injection stop is not a new arrival; a return to it by IRET is).
-            self._site_seen = (address, here)
-            n = self._arrivals[address] = self._arrivals.get(address, 0) + 1
-            due = [inj for inj in injections.pop(n, ()) if not inj.fired]
+        if address in self._before:
+            due = self._arrive(address, e.count_at(address))
             if due:
                 def fire() -> None:
                     e.uncount()  # stopped before the instruction at `address` executed
@@ -968,6 +1071,9 @@ class Machine:
                 self._pending = fire
                 e.stop()
                 return
+        if self._observe_cr2 and address in self._cr2_reads:
+            self._cr2_read(address)
+            return
         kind = self.sites.get(address)
         if kind == "iret":
             self._pending = lambda: self._emulate_iret(address)
@@ -1064,10 +1170,30 @@ class Machine:
         raise MsrFault(f"MSR {msr:#x} is not implemented by this machine")
 
     def _cpuid_leaf(self, leaf: int) -> tuple[int, int, int, int] | None:
-        """The hypervisor leaves when the machine models KVM's paravirtual interface."""
-        if self.apf is None:
-            return None
-        return apf_cpuid(leaf)
+        """CPUID where this machine differs from Unicorn's CPU model (None: Unicorn's own
+        answer is right). Leaf 1: the local APIC bit (EDX bit 9) and the initial APIC ID
+        (EBX[31:24]) say whether and which xAPIC there is, and the hypervisor bit (ECX
+        bit 31) is set only when the machine models KVM's paravirtual interface, whose
+        leaves (0x40000000..) it then answers; without it those leaves are all zero.
+        Leaf 0x80000001: 1-GiB pages (EDX bit 26), which the page walk implements."""
+        if leaf == CPUID_FEATURES:
+            eax, ebx, ecx, edx = native_cpuid(leaf)
+            edx &= ~CPUID_1_EDX_APIC
+            ecx &= ~CPUID_1_ECX_HYPERVISOR
+            ebx &= 0x00FFFFFF
+            if self.apic is not None:
+                edx |= CPUID_1_EDX_APIC
+                ebx |= self.apic.apic_id << 24
+            if self.apf is not None:
+                ecx |= CPUID_1_ECX_HYPERVISOR
+            return eax, ebx, ecx, edx
+        if leaf == CPUID_EXT_FEATURES:
+            eax, ebx, ecx, edx = native_cpuid(leaf)
+            return eax, ebx, ecx, edx | CPUID_EXT_EDX_PAGE1GB
+        if CPUID_HYPERVISOR_FIRST <= leaf <= CPUID_HYPERVISOR_LAST:
+            regs = apf_cpuid(leaf) if self.apf is not None else None
+            return regs if regs is not None else (0, 0, 0, 0)
+        return None
 
     def _emulate_cpuid(self, address: int, leaf: int) -> None:
         e = self.engine
@@ -1079,19 +1205,39 @@ class Machine:
         e.recount()
 
     def _exit_write(self, address: int) -> bool:
-        """An OUT about to write the exit port: end the run right after it (exact in both
-        counting modes; the port hook alone would stop only at the next block boundary
-        in fast mode). Returns False for other ports."""
+        """An OUT about to write the exit port, the last byte of Bochs' "Shutdown", or the
+        flush-page port while injections wait for it: emulate it and end the run (or fire
+        the injections) right after it (exact in both counting modes; the port hook alone
+        would stop only at the next block boundary in fast mode). Returns False for other
+        ports (the instruction then runs natively and reaches the port hook)."""
         insn = decode_one(self._code_bytes(address, 2) or b"", address)
         if insn is None:
             return False
         port = out_port(insn.op_str)
         if port is None:
             port = self.engine.read_reg("rdx") & 0xFFFF
-        if port != EXIT_PORT:
+        if port not in (EXIT_PORT, BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT):
             return False
         width = {"al": 1, "ax": 2, "eax": 4}.get(insn.op_str.split(",")[-1].strip(), 1)
         value = self.engine.read_reg("rax") & ((1 << (8 * width)) - 1)
+        after = address + insn.size
+        if port == BOCHS_SHUTDOWN_PORT and width == 1 and self.bochs_shutdown.completes(value):
+            def shutdown() -> None:
+                self.bochs_shutdown.write(value)
+                self.engine.write({"rip": after})  # the OUT retires
+                raise _Stop("exit", SHUTDOWN_DETAIL, after)
+
+            self._pending = shutdown
+            return True
+        if port == FLUSH_PAGE_PORT and self._port_points.get("flush_page"):
+            def flush() -> None:
+                self.engine.write({"rip": after})  # the OUT retires, then the flush happens
+                self._flush_page(value, in_hook=False)
+
+            self._pending = flush
+            return True
+        if port != EXIT_PORT:
+            return False
 
         def stop() -> None:
             # The OUT retires (it was counted when the engine stopped before it).
@@ -1127,19 +1273,57 @@ class Machine:
         return Shadow.NONE
 
     def _on_port_in(self, port: int, size: int) -> int:
-        if port == SERIAL_PORT + 5:
-            return 0x60  # LSR: transmitter holding register empty, transmitter empty
+        if self.uart.handles(port):
+            # A 16550's registers are bytes: a wider access reads consecutive ones.
+            return sum((self.uart.read(port + i) if self.uart.handles(port + i) else 0xFF) << 8 * i
+                       for i in range(size))
+        if port == FW_CFG_PORT_DATA and size == 1:
+            return self.fwcfg.read_data()
+        # No device: all ones, like an undriven ISA bus.
         self._emit("port", direction="in", port=port, size=size)
         return (1 << (8 * size)) - 1
 
+    def _serial_byte(self, byte: int) -> None:
+        """A byte the UART transmitted."""
+        self.serial.append(byte)
+        if byte == 0x0A:
+            # One record per line, so the output appears in the timeline where it was
+            # written.
+            start = self.serial.rfind(b"\n", 0, len(self.serial) - 1) + 1
+            text = self.serial[start:-1].decode("latin-1")
+            self._emit("serial", text=text)
+            for cb in self.on_serial_line:
+                cb(text)
+
+    def _flush_page(self, address: int, *, in_hook: bool) -> None:
+        """pc-testdev's flush-page port (cpu/devices/testports.py): drop the engine's
+        translations, so the next access to the page goes through the TLB-fill hook and
+        guest paging again; then the `at_port = "flush_page"` injections of this write
+        arrive (pending at the boundary right after the OUT)."""
+        self.engine.flush_tlb()
+        n = self._port_writes["flush_page"] = self._port_writes.get("flush_page", 0) + 1
+        self._emit("flush_page", address=address, hit=n)
+        due = [inj for inj in self._port_points.get("flush_page", {}).pop(n, ()) if not inj.fired]
+        for inj in due:
+            self._fire(inj)
+        if due and in_hook:
+            self._request_boundary()
+
     def _on_port_out(self, port: int, size: int, value: int) -> None:
-        if port == SERIAL_PORT:
-            self.serial.append(value & 0xFF)
-            if value & 0xFF == 0x0A:
-                # One record per line, so the output appears in the timeline where it was
-                # written.
-                start = self.serial.rfind(b"\n", 0, len(self.serial) - 1) + 1
-                self._emit("serial", text=self.serial[start:-1].decode("latin-1"))
+        if self.uart.handles(port):
+            for i in range(size):
+                if self.uart.handles(port + i):
+                    self.uart.write(port + i, value >> 8 * i)
+        elif port == FW_CFG_PORT_SEL and size == 2:
+            self.fwcfg.select(value)
+        elif port == FLUSH_PAGE_PORT:
+            self._flush_page(value, in_hook=True)
+        elif port == BOCHS_SHUTDOWN_PORT and size == 1:
+            if self.bochs_shutdown.write(value):
+                # Ends the run at the next boundary (exactly after the OUT when the OUT was
+                # decoded at load: _exit_write).
+                self._shutdown_requested = True
+                self._request_boundary()
         elif port == EXIT_PORT:
             # Ends the run at the boundary after the OUT (the counter stops there exactly).
             self._exit_code = value
@@ -1453,6 +1637,8 @@ class Machine:
         )
         if d.event.vector == Vector.PF and d.event.source is Source.EXCEPTION:
             rec["cr2"] = st.cr2
+            if self._observe_cr2:
+                self._pf_cr2[(d.new_rsp, self.engine.icount)] = st.cr2
         if out.double_fault_of is not None:
             rec["double_fault_of"] = list(out.double_fault_of)
         if why:
@@ -1469,12 +1655,15 @@ class Machine:
     # -- asynchronous events ---------------------------------------------------------------
     def inject(self, event: str, *, vector: int | None = None, before: int | str | None = None,
                hit: int = 1, icount: int | None = None, cycle: int | None = None,
-               label: str = "", token: int | None = None, gpa: int | None = None) -> Injection:
+               label: str = "", token: int | None = None, gpa: int | None = None,
+               shown: tuple[int, int] | None = None, at_port: str | None = None) -> Injection:
         """Schedule an NMI or a maskable interrupt (which arrives through the APIC IRR).
 
-        `before` (an address or a symbol, `hit`-th arrival), `icount` or `cycle` say when
-        it becomes pending; with none of them it is pending at the next boundary. Pending
-        is not delivered: the blocking rules (idt.blocking) decide when it is.
+        `before` (an address or a symbol, `hit`-th arrival), `icount`, `cycle` or
+        `at_port` ("flush_page": right after the `hit`-th write to pc-testdev's flush-page
+        port 0xE4) say when it becomes pending; with none of them it is pending at the
+        next boundary. Pending is not delivered: the blocking rules (idt.blocking) decide
+        when it is.
         """
         if isinstance(before, str):
             if before not in self.symbols:
@@ -1484,13 +1673,30 @@ class Machine:
             raise ValueError("interrupt injection needs the local APIC (Machine(apic=True))")
         if event == "async_pf" and self.apf is None:
             raise ValueError("async_pf injection needs async page faults (Machine.enable_apf)")
-        inj = Injection(event, vector, before, hit, icount, cycle, label, token=token, gpa=gpa)
+        if event == "ept_revoke" and self.ept is None:
+            raise ValueError("ept_revoke injection needs EPT (Machine(vmx=VmxConfig(...)))")
+        inj = Injection(event, vector, before, hit, icount, cycle, label, token=token, gpa=gpa,
+                        shown=shown, at_port=at_port)
         self.injections.append(inj)
-        if before is None:
+        if at_port is not None:
+            self._port_points.setdefault(at_port, {}).setdefault(hit, []).append(inj)
+        elif before is None:
             self._waiting.append(inj)
         if before is not None:
             self._before.setdefault(before, {}).setdefault(hit, []).append(inj)
             self.engine.add_site(before)
+        return inj
+
+    def arrive_now(self, event: str, *, vector: int | None = None, label: str = "",
+                   token: int | None = None, gpa: int | None = None,
+                   shown: tuple[int, int] | None = None) -> Injection:
+        """Between runs: the event arrives at this boundary now, as an injection point's
+        event would (before the time-based sources of the boundary are looked at)."""
+        if event == PAUSE:
+            raise ValueError("a pause is not an event")
+        inj = Injection(event, vector, label=label, token=token, gpa=gpa, shown=shown)
+        self.injections.append(inj)
+        self._fire(inj)
         return inj
 
     def nmi(self) -> None:
@@ -1504,15 +1710,30 @@ class Machine:
     def _fire(self, inj: Injection) -> None:
         """The event of `inj` arrives: it becomes pending (or latched, or is dropped)."""
         inj.fired = True
+        if inj.event == PAUSE:
+            raise _Stop(PAUSE, "paused", self.engine.read_reg("rip"))
         where = {**inj.point, **({"label": inj.label} if inj.label else {})}
         if inj.event == "nmi":
             self._nmi_arrives("inject" if inj.label != "api" else "api", where)
         elif inj.event == "async_pf":
             self._apf_inject(inj.token, inj.gpa, where=where)
+        elif inj.event == "ept_revoke":
+            self._ept_revoke(inj.gpa, where)
         else:
             assert inj.vector is not None and self.apic is not None
             self.apic.set_irr(inj.vector)
             self._emit("interrupt_pending", vector=inj.vector, source="inject", **where)
+
+    def _ept_revoke(self, gpa: int | None, where: dict[str, Any]) -> None:
+        """The host takes all access to a guest-physical page away (an EPT entry made not
+        present, suppress-#VE clear): the guest's next access to it is an EPT violation,
+        converted to a #VE when the #VE controls allow it (idt.ve), a VM exit otherwise."""
+        assert gpa is not None and self.ept is not None
+        page = gpa & ~0xFFF
+        self.ept.set_range(page, 0x1000, read=False, write=False, execute=False,
+                           suppress_ve=False)
+        self.engine.flush_tlb()  # entries filled earlier carry the old rights
+        self._emit("ept_revoke", gpa=page, **where)
 
     def _nmi_arrives(self, source: str, where: dict[str, Any] | None = None) -> None:
         arrival = self.intr.nmi_arrives()
@@ -1613,6 +1834,7 @@ class Machine:
         can be taken. Sets `_step` when something is held by a shadow or IF = 0: the
         next run then executes one instruction only, so the moment it becomes
         deliverable is seen exactly."""
+        self._arrive_here()
         self._fire_due()
         while True:
             choice = self._arbitrate()
@@ -1635,6 +1857,7 @@ class Machine:
                 self.engine.cycles += self.profile.event("hlt_wake")
                 self._emit("wake", by=choice.deliver, vector=ev.vector)
             self.deliver(ev)
+            self._arrive_here()  # the handler's first instruction is a boundary too
 
     def _pending_sources(self) -> tuple[object, ...]:
         apic = self.apic
@@ -1712,14 +1935,34 @@ class Machine:
         self.engine.flush_tlb()
         self.engine.write({**(regs or {}), "rip": entry, "rsp": rsp, "rflags": rflags | 2})
 
+    def checkpoint(self) -> Checkpoint:
+        """Remember the state at this boundary (between runs) for `rollback`: CPU,
+        counters, guest memory (by page, copy-on-write), EPT, and the machine's own state
+        (cpu.snapshot). Taking another moves the checkpoint forward."""
+        return snapshot.take(self)
+
+    def rollback(self, cp: Checkpoint) -> None:
+        """Return to checkpoint `cp` (the latest one), as if nothing ran since."""
+        snapshot.restore(self, cp)
+
     def run(self, *, entry: int | None = None, rsp: int | None = None, cpl: int = 0,
             rflags: int = 0x202, regs: dict[str, int] | None = None,
-            max_insns: int | None = None, max_events: int | None = None) -> RunResult:
+            max_insns: int | None = None, max_events: int | None = None,
+            pause_at: tuple[int, int] | None = None) -> RunResult:
         """Run until an outcome: hlt, shutdown, max_insns, exit, outside_memory, unsupported.
 
         With `entry` the CPU is first reset to that entry point (`start_state`); without
-        it, the run continues from the current state.
+        it, the run continues from the current state. With `pause_at = (address, hit)`
+        the run stops at the `hit`-th arrival at `address` (counted like an injection
+        point's, after the events due there have arrived) with outcome "pause" and no
+        `end` record; `run()` continues from there.
         """
+        if pause_at is not None:
+            address, hit = pause_at
+            self.inject(PAUSE, before=address, hit=hit)
+            self.injections.pop()  # not one of the run's events
+        if entry is not None and self.multiboot is not None:
+            raise ValueError("a multiboot machine starts at its image's entry: run() without entry")
         if entry is not None:
             self.start_state(entry=entry, rsp=rsp if rsp is not None else 0x70000, cpl=cpl,
                              rflags=rflags, regs=regs)
@@ -1731,6 +1974,11 @@ class Machine:
         self._step_cache.clear()  # the caller may have written registers directly
         while True:
             try:
+                if self.multiboot is not None and not self.multiboot.done:
+                    from cpu.multiboot import run_32bit_phase  # imports this module
+
+                    run_32bit_phase(self)  # on a 32-bit engine, until 64-bit mode
+                    e = self.engine
                 self._service()
                 if self._halted:
                     self._halt_wait()
@@ -1756,6 +2004,8 @@ class Machine:
                         code, self._exit_code = self._exit_code, None
                         raise _Stop("exit", f"exit device: {code:#x}", e.read_reg("rip"),
                                     exit_code=code)
+                    if self._shutdown_requested:
+                        raise _Stop("exit", SHUTDOWN_DETAIL, e.read_reg("rip"))
                     if e.icount >= self.max_insns:
                         raise _Stop("max_insns", f"instruction limit {self.max_insns} reached",
                                     e.read_reg("rip"))
@@ -1771,6 +2021,10 @@ class Machine:
                 else:
                     self._native_stop()
             except _Stop as stop:
+                e = self.engine  # the 32-bit engine when a multiboot image's 32-bit phase ended
+                if stop.outcome == PAUSE:
+                    return RunResult(PAUSE, stop.rip, e.icount, self.trace,
+                                     serial=self.serial.decode("latin-1"), cycles=e.cycles)
                 fields: dict[str, Any] = {"reason": stop.outcome, "rip": stop.rip}
                 if stop.reason:
                     fields["detail"] = stop.reason

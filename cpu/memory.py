@@ -28,6 +28,11 @@ class PhysicalMemory:
         self.size = size
         self._buf = (ctypes.c_ubyte * size)()
         self.view = memoryview(self._buf).cast("B")
+        # Checkpoint support (cpu.snapshot), copy-on-write: while tracking, `dirty` maps
+        # each page written since the checkpoint to its contents at the checkpoint,
+        # saved just before its first write. Writers outside this class (the engine,
+        # through TLB entries) call `mark` before they can write.
+        self.dirty: dict[int, bytes] | None = None
 
     @property
     def host_address(self) -> int:
@@ -46,6 +51,8 @@ class PhysicalMemory:
 
     def write(self, paddr: int, data: bytes) -> None:
         self._check(paddr, len(data))
+        if self.dirty is not None:
+            self.mark(paddr, len(data))
         self.view[paddr : paddr + len(data)] = data
 
     def read_u64(self, paddr: int) -> int:
@@ -54,7 +61,44 @@ class PhysicalMemory:
 
     def write_u64(self, paddr: int, value: int) -> None:
         self._check(paddr, 8)
+        if self.dirty is not None:
+            self.mark(paddr, 8)
         struct.pack_into("<Q", self.view, paddr, value & (2**64 - 1))
 
     def read_uint(self, paddr: int, size: int) -> int:
         return int.from_bytes(self.read(paddr, size), "little")
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def mark(self, paddr: int, size: int = 1) -> None:
+        """Pages [paddr, paddr + size) are about to be written: keep their checkpoint
+        contents (no-op unless tracking, or already kept)."""
+        dirty = self.dirty
+        if dirty is None:
+            return
+        view = self.view
+        for page in range(paddr >> 12, ((paddr + max(size, 1) - 1) >> 12) + 1):
+            if page not in dirty and page < self.size >> 12:
+                lo = page << 12
+                dirty[page] = bytes(view[lo : lo + PAGE])
+
+    @property
+    def tracking(self) -> bool:
+        return self.dirty is not None
+
+    def commit(self) -> None:
+        """Make the current contents the checkpoint (and start tracking writes)."""
+        self.dirty = {}
+
+    def revert(self) -> None:
+        """Put back the contents of the last `commit` (only the pages written since)."""
+        if self.dirty is None:
+            raise RuntimeError("no checkpoint to revert to (commit first)")
+        view = self.view
+        for page, data in self.dirty.items():
+            lo = page << 12
+            view[lo : lo + PAGE] = data
+        self.dirty.clear()
+
+    def untrack(self) -> None:
+        """Stop tracking writes (the checkpoint is gone)."""
+        self.dirty = None

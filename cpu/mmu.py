@@ -99,6 +99,9 @@ class WalkCache:
         self._entries: dict[tuple[int, int, int, int, int, int, bool, int],
                             tuple[tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def walk(self, ctl: PagingControl, linear: int, access: Access, *, user: bool,
              stage2: Stage2 | None = None, stage2_generation: int = 0) -> Translation:
         """A validated walk. With `stage2`, `stage2_generation` must change whenever the
@@ -144,6 +147,11 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
     one is translated first (a read), each A/D update too (a write, SDM "EPT and Accessed
     and Dirty Flags" treats them as writes), and so is the final page (the access
     itself). The returned address and the recorded entry addresses are host-physical."""
+    if not ctl.cr0 & CR0_PG:
+        # Paging off (a multiboot image's 32-bit entry code, before it enables long
+        # mode): linear addresses are physical, every access is allowed (SDM Vol. 3A
+        # "Paging Modes and Control Bits"). No entries are read.
+        return Translation(linear & 0xFFFFF000, True, True, True), ()
     ec_base = (PFErr.W if access is Access.WRITE else 0) | (PFErr.U if user else 0)
     if access is Access.FETCH and (ctl.nxe or ctl.cr4 & CR4_SMEP):
         ec_base |= PFErr.ID

@@ -1,4 +1,6 @@
-"""Build guest images: guest_images/<name>.S -> guest_images/build/<name>.elf.
+"""Build guest images: guest_images/<name>.S -> guest_images/build/<name>.elf, and the
+self-logging multiboot images guest_images/mb/<name>.S -> guest_images/build/mb/<name>.elf
+(ELF64) plus <name>.elf32 (the `objcopy -O elf32-i386` copy QEMU's -kernel needs).
 
 Images are assembled with GNU as and linked with GNU ld (guest_images/image.ld), not
 with Keystone: they are meant to be ordinary ELF files, as a kernel's entry code would
@@ -8,16 +10,24 @@ source, the linker script or this file is newer.
 
     python -m guest_images.build            # build every guest_images/*.S
     python -m guest_images.build bp_ist     # build one
+    python -m guest_images.build mb         # build every guest_images/mb/*.S
+    python -m guest_images.build mb/pf_codes
+
+A multiboot image is its own source linked with guest_images/mb/lib/runtime.S (boot,
+long mode, IDT, UART, exit) by guest_images/mb/lib/mb.ld; see docs/differential.md.
+The Bochs boot sector guest_images/boot/bootsect.S is built here too (boot_sector()).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from idtlab.errors import BadInput
@@ -27,6 +37,25 @@ BUILD_DIR = GUEST_DIR / "build"
 LINKER_SCRIPT = GUEST_DIR / "image.ld"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+MB_DIR = GUEST_DIR / "mb"
+MB_LIB_DIR = MB_DIR / "lib"
+MB_LINKER_SCRIPT = MB_LIB_DIR / "mb.ld"
+MB_BUILD_DIR = BUILD_DIR / "mb"
+BOOT_SECTOR_SOURCE = GUEST_DIR / "boot" / "bootsect.S"
+
+MULTIBOOT_MAGIC = 0x1BADB002
+MULTIBOOT_SEARCH = 8192     # the header must be in the first 8 KiB, 4-byte aligned
+
+
+@dataclass(frozen=True)
+class MultibootImage:
+    """A built self-logging image: the ELF64 (idtlab, the Bochs disk) and its ELF32 copy
+    (QEMU -kernel)."""
+
+    name: str
+    elf: Path
+    elf32: Path
 
 
 def image_names() -> list[str]:
@@ -62,6 +91,104 @@ def build_image(name: str, out_dir: Path | None = None) -> Path:
              failure=lambda line: f"{shown}: link failed: {line}")
         os.replace(elf, out)
     return out
+
+
+def mb_image_names() -> list[str]:
+    """Every self-logging multiboot image that has a source in guest_images/mb/."""
+    return sorted(p.stem for p in MB_DIR.glob("*.S"))
+
+
+def _mb_inputs() -> list[Path]:
+    return [*sorted(MB_LIB_DIR.glob("*.S")), *sorted(MB_LIB_DIR.glob("*.inc")),
+            MB_LINKER_SCRIPT, Path(__file__)]
+
+
+def build_mb_image(name: str, out_dir: Path | None = None) -> MultibootImage:
+    """Build guest_images/mb/<name>.S with the runtime into <name>.elf and <name>.elf32
+    (rebuilt when stale); assembler and linker errors are one-line `BadInput`s naming
+    the file and line."""
+    shown = f"guest_images/mb/{name}.S"
+    if not _NAME_RE.fullmatch(name):
+        raise BadInput(f"{shown}: not a guest image name (expected a file stem like 'pf_codes')")
+    source = MB_DIR / f"{name}.S"
+    if not source.is_file():
+        known = ", ".join(mb_image_names()) or "none"
+        raise BadInput(f"{shown}: no such multiboot image source (available: {known})")
+    out_dir = MB_BUILD_DIR if out_dir is None else Path(out_dir)
+    out = MultibootImage(name, out_dir / f"{name}.elf", out_dir / f"{name}.elf32")
+    inputs = [source, *_mb_inputs()]
+    if _is_fresh(out.elf, inputs) and _is_fresh(out.elf32, inputs):
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "guest_images/mb/"
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-") as tmp:
+        objs: list[str] = []
+        for src in [source, *sorted(MB_LIB_DIR.glob("*.S"))]:
+            rel = src.relative_to(MB_DIR).as_posix()
+            obj = Path(tmp) / (rel.replace("/", "_") + ".o")
+            # Run from guest_images/mb/ so that messages read "pf_codes.S:12: Error: ..."
+            # or "lib/runtime.S:40: Error: ...".
+            _run(f"{prefix}{rel}", ["as", "--64", "-I", "lib", "-o", str(obj), rel], cwd=MB_DIR,
+                 failure=lambda line: f"{prefix}{line}")
+            objs.append(str(obj))
+        elf = Path(tmp) / f"{name}.elf"
+        elf32 = Path(tmp) / f"{name}.elf32"
+        _run(shown, ["ld", "-m", "elf_x86_64", "-T", str(MB_LINKER_SCRIPT), "-z", "noexecstack",
+                     "-z", "max-page-size=0x1000", "--build-id=none", "-o", str(elf), *objs],
+             cwd=MB_DIR, failure=lambda line: f"{shown}: link failed: {line}")
+        _run(shown, ["objcopy", "-O", "elf32-i386", str(elf), str(elf32)], cwd=MB_DIR,
+             failure=lambda line: f"{shown}: objcopy -O elf32-i386 failed: {line}")
+        offset = multiboot_header_offset(elf.read_bytes())
+        if offset is None:
+            raise BadInput(f"{shown}: no multiboot header in the first {MULTIBOOT_SEARCH} bytes "
+                           "of the linked image")
+        os.replace(elf, out.elf)
+        os.replace(elf32, out.elf32)
+    return out
+
+
+def multiboot_header_offset(data: bytes) -> int | None:
+    """File offset of a valid multiboot v1 header (magic, flags, checksum summing to 0,
+    4-byte aligned, within the first 8 KiB), or None."""
+    end = min(len(data), MULTIBOOT_SEARCH) - 12
+    for off in range(0, end + 1, 4):
+        magic, flags, checksum = struct.unpack_from("<III", data, off)
+        if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            return off
+    return None
+
+
+BOOT_SECTOR_SIZE = 512
+# The boot sector's parameter block (guest_images/boot/bootsect.S, `.org 0x1f0`).
+BOOT_PARAM_OFFSET = 0x1F0
+BOOT_PARAM_FORMAT = "<IIH"      # load address, entry, image sectors
+
+
+def boot_sector(out_dir: Path | None = None) -> bytes:
+    """The Bochs boot sector (512 bytes, parameter block zero), built from
+    guest_images/boot/bootsect.S when stale."""
+    out_dir = BUILD_DIR if out_dir is None else Path(out_dir)
+    out = out_dir / "bootsect.bin"
+    shown = "guest_images/boot/bootsect.S"
+    if not _is_fresh(out, (BOOT_SECTOR_SOURCE, Path(__file__))):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bootsect-") as tmp:
+            obj, elf, binary = (Path(tmp) / n for n in ("bootsect.o", "bootsect.elf",
+                                                         "bootsect.bin"))
+            _run(shown, ["as", "--32", "-o", str(obj), BOOT_SECTOR_SOURCE.name],
+                 cwd=BOOT_SECTOR_SOURCE.parent, failure=lambda line: f"guest_images/boot/{line}")
+            _run(shown, ["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "start", "-z",
+                         "noexecstack", "--build-id=none", "-o", str(elf), str(obj)],
+                 cwd=BOOT_SECTOR_SOURCE.parent, failure=lambda line: f"{shown}: link failed: {line}")
+            _run(shown, ["objcopy", "-O", "binary", "-j", ".text", str(elf), str(binary)],
+                 cwd=BOOT_SECTOR_SOURCE.parent,
+                 failure=lambda line: f"{shown}: objcopy -O binary failed: {line}")
+            data = binary.read_bytes()
+            if len(data) != BOOT_SECTOR_SIZE or data[510:] != b"\x55\xaa":
+                raise BadInput(f"{shown}: the boot sector is {len(data)} bytes (must be "
+                               f"{BOOT_SECTOR_SIZE}, ending in 55 aa)")
+            os.replace(binary, out)
+    return out.read_bytes()
 
 
 def _is_fresh(out: Path, inputs: Sequence[Path]) -> bool:
@@ -101,9 +228,17 @@ def _first_error(stderr: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     names = list(sys.argv[1:] if argv is None else argv) or image_names()
+    if "mb" in names:
+        names.remove("mb")
+        names.extend(f"mb/{n}" for n in mb_image_names())
     try:
         for name in names:
-            print(build_image(name))
+            if name.startswith("mb/"):
+                built = build_mb_image(name[3:])
+                print(built.elf)
+                print(built.elf32)
+            else:
+                print(build_image(name))
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,12 @@ SIDE_BY_SIDE = {
 def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
               cycles: bool = False, mode: str | None = None) -> int:
     sc = scn.load(path, mode=mode)
+    # A multiboot image's serial output is printed as it comes (it may run long).
+    live = sc.machine is not None and sc.machine.multiboot is not None and not quiet
+    if live:
+        assert sc.machine is not None
+        print(f"idtlab: {display}: serial output")
+        sc.machine.on_serial_line.append(lambda text: print(f"  | {text}", flush=True))
     result = scn.run(sc)
     failures = scn.check(sc, result)
     if trace_out:
@@ -50,7 +56,7 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
         assert m is not None
         print(f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode, "
               f"profile {m.profile.name})")
-        if result.serial:
+        if result.serial and not live:
             print("serial output:")
             for line in result.serial.splitlines():
                 print(f"  | {line}")
@@ -63,6 +69,41 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     elif trace_out:
         print(f"trace written to {trace_out}")
     return 1 if failures else 0
+
+
+def _run_image(args: argparse.Namespace) -> int:
+    """`idtlab run --image X.elf`: boot a multiboot image, print its serial output line by
+    line as it comes, then a summary. Exit status 0 when the image ended through an exit
+    port with code 0 (isa-debug-exit 0xF4 value 0, or Bochs' "Shutdown"), 1 otherwise."""
+    from cpu import multiboot as mbt  # imports idtlab.errors: not at module level
+    from cpu.machine import Machine
+
+    memory = scn.parse_size(args.memory, "--memory", scn._Checker(Path("run")))
+    if memory % 4096 or not 1 << 20 <= memory <= 0xFEE00000:
+        raise BadInput(f"run: --memory {args.memory}: must be a multiple of 4 KiB between "
+                       "1M and the local APIC at 0xfee00000")
+    image = mbt.read_image(args.image)
+    m = Machine(memory, mode=args.mode or "fast", max_insns=max(1, args.max_insns))
+    mbt.load(m, image, cmdline=args.cmdline)
+    if not args.quiet:
+        m.on_serial_line.append(lambda text: print(text, flush=True))
+    result = m.run()
+    tail = result.serial[result.serial.rfind("\n") + 1:]
+    if tail and not args.quiet:
+        print(tail, flush=True)  # a last line without its newline
+    if args.trace:
+        write_jsonl(result.trace.records, args.trace)
+    sym = Symbolizer(m.symbols, hide=SYSTEM_SYMBOLS)
+    if args.timeline:
+        print(f"{'icount':>10}  " + (f"{'cycle':>12}  " if args.cycles else "") + "event")
+        for line in timeline(result.trace.records, sym, cycles=args.cycles):
+            print(line)
+    detail = f" ({result.reason})" if result.reason else ""
+    print(f"idtlab: {args.image.name}: {result.outcome}{detail} at {sym(result.rip)}; "
+          f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode), "
+          f"{len(result.deliveries)} events delivered"
+          + (f"; trace written to {args.trace}" if args.trace else ""))
+    return 0 if result.outcome == "exit" and result.exit_code in (0, None) else 1
 
 
 def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> int:
@@ -97,22 +138,29 @@ def _explore(args: argparse.Namespace) -> int:
     from idtlab import explore as ex
 
     start, sep, end = str(args.window).partition("..")
-    if not sep or not start or not end:
-        raise BadInput(f"--window {args.window!r}: expected START..END (symbols or addresses)")
+    if not sep or not start:
+        raise BadInput(f"--window {args.window!r}: expected START..END or START.. (symbols or "
+                       "addresses; START.. runs to the end of the run)")
     events = tuple(args.event or ["nmi"])
     invariants = tuple(args.invariant or ())
-    progress = sys.stderr.isatty()
+    progress = sys.stderr.isatty() and not args.json
     minimal = None
+    if args.dask:
+        args.dask = ex.dask_client(args.dask, args.dask_timeout)
     if args.random:
         findings, minimal = ex.random_search(
             args.scenario, events, start, end, count=args.random, seed=args.seed,
             max_events=args.max_events, jobs=max(1, args.jobs), mode=args.mode,
-            progress=progress, invariants=invariants)
+            progress=progress, invariants=invariants, dask=args.dask, budget=args.budget)
     else:
         findings = ex.explore(args.scenario, events, start, end, jobs=max(1, args.jobs),
-                              mode=args.mode, progress=progress, invariants=invariants)
+                              mode=args.mode, progress=progress, invariants=invariants,
+                              dask=args.dask, budget=args.budget)
+    if args.dask:
+        args.dask.close()
     if args.html:
-        Path(args.html).write_text(ex.html_report(args.scenario, findings, args.mode))
+        plan = ex.Plan(args.scenario, args.mode, ex.Window((), ()), None, invariants)
+        Path(args.html).write_text(ex.html_report(plan, findings))
     if args.json:
         out: dict[str, object] = {"findings": ex.as_json(findings)}
         if minimal is not None:
@@ -132,8 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="idtlab", description="x86-64 interrupt and exception delivery lab")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="run a scenario file and check its expectations")
-    p_run.add_argument("scenario", type=Path)
+    p_run = sub.add_parser("run", help="run a scenario file and check its expectations, or boot "
+                           "a multiboot image (--image)")
+    p_run.add_argument("scenario", type=Path, nargs="?")
+    p_run.add_argument("--image", type=Path, metavar="X.elf",
+                       help="boot a multiboot v1 image (ELF32 or ELF64) instead of a scenario; "
+                            "its serial output is printed as it comes")
+    p_run.add_argument("--cmdline", help="--image: the multiboot command line (default: the "
+                       "image's file name)")
+    p_run.add_argument("--memory", default="64M",
+                       help="--image: guest RAM (64M, as the reference runners use)")
+    p_run.add_argument("--max-insns", type=int, default=10_000_000,
+                       help="--image: instruction limit (10000000)")
+    p_run.add_argument("--timeline", action="store_true",
+                       help="--image: also print the timeline after the run")
     p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_run.add_argument("-q", "--quiet", action="store_true", help="no timeline")
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
@@ -148,22 +208,39 @@ def main(argv: list[str] | None = None) -> int:
                            "check the scenario's expectations at each")
     p_exp.add_argument("scenario", type=Path)
     p_exp.add_argument("--event", action="append",
-                       help="the event to inject (nmi); twice: every ordered pair of points")
+                       help="the event to inject: nmi (default), interrupt:VECTOR, "
+                            "async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA; twice: every "
+                            "ordered pair of points; with --random: the events to draw from")
     p_exp.add_argument("--window", required=True, metavar="START..END",
                        help="addresses or symbols: from the first arrival at START to the next "
-                            "arrival at END, both boundaries included")
+                            "arrival at END, both boundaries included (START..: to the end "
+                            "of the run)")
     p_exp.add_argument("--jobs", type=int, default=1, help="worker processes (1)")
     p_exp.add_argument("--mode", choices=("fast", "timed"))
     p_exp.add_argument("--json", action="store_true", help="machine-readable findings")
     p_exp.add_argument("--html", metavar="REPORT.html", help="write an HTML report")
     p_exp.add_argument("--invariant", action="append",
-                       help="also check a ready-made invariant: no-shutdown, no-vmexit, "
-                            "frames-intact, no-runaway (repeatable)")
+                       help="also check an invariant (repeatable): a ready-made one "
+                            "(no-shutdown, no-vmexit, frames-intact, no-runaway, "
+                            "cr2-consistent) or your own, MODULE:FUNCTION or FILE.py:FUNCTION "
+                            "taking (result, machine) and returning a message or None")
+    p_exp.add_argument("--dask-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds to wait for the Dask scheduler (10)")
+    p_exp.add_argument("--budget", type=int, default=200, metavar="N",
+                       help="instructions each injected event may add to twice the undisturbed "
+                            "run's before a schedule counts as a runaway (200)")
+    p_exp.add_argument("--dask", metavar="tcp://HOST:8786",
+                       help="run the schedules on this Dask distributed scheduler (needs "
+                            "idtlab[dask]) instead of local processes")
     p_exp.add_argument("--random", type=int, metavar="N",
                        help="N random schedules of several events instead of every point; the "
                             "first failing one is shrunk")
     p_exp.add_argument("--seed", type=int, default=0, help="seed for --random (0)")
     p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
+    from idtlab import diff as differ  # issue 4: reference runners and the differ
+    from idtlab import ref
+    ref.add_parser(sub)
+    differ.add_parser(sub)
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
@@ -173,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which demo (default: nested-nmi)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "ref":
+            return ref.run_cli(args)
+        if args.command == "diff":
+            return differ.run_cli(args)
         if args.command == "explore":
             return _explore(args)
         if args.command == "compare":
@@ -195,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_file(demo, args.trace, False,
                                  f"demo {args.name} (idtlab demo {args.name} --show prints it)",
                                  args.cycles)
+        if args.image is not None:
+            if args.scenario is not None:
+                raise BadInput("run: give a scenario file or --image, not both")
+            return _run_image(args)
+        if args.scenario is None:
+            raise BadInput("run: give a scenario file (or --image X.elf)")
         return _run_file(args.scenario, args.trace, args.quiet, str(args.scenario), args.cycles,
                          args.mode)
     except (BadInput, Unsupported) as exc:

@@ -1,46 +1,61 @@
-"""The race explorer, first version: run a scenario once per injection point in a window
-and check its expectations at each.
+"""The race explorer: run a scenario once per injection schedule and check its
+invariants at each.
 
 A *point* is an instruction boundary of the actual execution: execution about to run
 the instruction at an address for the k-th time, so loops and nested handlers are
 covered and each arrival is a point of its own (a handler's first instruction right
-after a delivery included). The window is dynamic: it opens at the first
-boundary where execution reaches `start` and closes at the next boundary where it
-reaches `end` (both included), whatever runs in between (handlers of events delivered
-in the window included).
+after a delivery included). The window is dynamic: it opens at the first boundary where
+execution reaches `start` and closes at the next boundary where it reaches `end` (both
+included), whatever runs in between. The scenario's own `[[inject]]` events are part of
+every run, so a window can lie inside a handler that only runs because of one of them
+(a window *opened by an event*).
 
-For each point the scenario is rebuilt from its file, the event is injected with
-`before = address, hit = k` (exact in both counting modes), and the scenario's
-`[[expect]]` entries are checked. Results come back in point order, so the report is the same whatever the
-number of worker processes.
+Schedules: one event at every point; two events at every ordered pair of points; random
+schedules of several events, shrunk to a minimal failing one. Events: `nmi`,
+`interrupt:VECTOR`, `async_pf:gpa=ADDR` or `async_pf:token=N`, `ept_revoke:GPA` (the host
+takes a page's EPT access away: the guest's next access is a #VE or a VM exit).
 
-Besides single events: every ordered pair of points for two events, random schedules
-of several events with shrinking to a minimal failing schedule, ready-made invariants
-(`INVARIANTS`), worker processes.
+Speed: the scenario is loaded once per worker. The undisturbed run goes forward from
+checkpoint to checkpoint (`cpu.snapshot`: a checkpoint at the first point of each group
+of schedules); each schedule is injected there, run to its end, checked, and rolled
+back. Arrival counts of later points are translated from "since the start" to "since
+the checkpoint", and the trace reports them from the start, so a schedule's trace is
+the one a fresh run would give (`check_schedule` is that fresh run; the tests compare
+the two).
 
-Not in this version (issue "Race explorer"): snapshot/restore of the common prefix
-(each schedule re-runs from the start), events other than NMI, windows opened by an
-event, Dask, user-supplied Python invariants from the command line.
+Invariants: the scenario's `[[expect]]` entries, the ready-made ones in `INVARIANTS`,
+and the user's own: `module:function` or `path/to/file.py:function`, a function
+`(result, machine) -> str | None` (a message when the invariant is broken); an optional
+`setup(machine)` attribute runs before each run.
+
+Parallel: `jobs` worker processes, or a Dask cluster (`dask="tcp://host:8786"`, extra
+`idtlab[dask]`); schedules are cut into chunks of consecutive checkpoints, and results
+come back in schedule order, so the report is the same whatever runs it.
 """
 
 from __future__ import annotations
 
 import html
+import importlib
+import importlib.util
 import multiprocessing
 import random
 import sys
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import EVENT_KINDS, RunResult
+from cpu.machine import EVENT_KINDS, PAUSE, Machine, RunResult
+from cpu.snapshot import Checkpoint
 from idtlab import scenario as scn
 from idtlab.assemble import resolve_address
 from idtlab.errors import BadInput
 from idtlab.trace import Symbolizer
 
 MAX_WINDOW_STEPS = 200_000
+HIDDEN_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,75 @@ class Point:
     arrival: int
     label: str  # symbol+offset (#k): the k-th arrival at that address in the run
     insn: str
+
+
+@dataclass(frozen=True)
+class Window:
+    """The points of a window, and how often each address was reached before it."""
+
+    points: tuple[Point, ...]
+    before: tuple[tuple[int, int], ...]  # (address, arrivals before the first point)
+
+    def arrivals_through(self, rip: int, index: int) -> int:
+        """Arrivals at `rip` from the start of the run up to and including point
+        `index` (-1: none, the run has not started)."""
+        if index < 0:
+            return 0
+        for p in reversed(self.points[: index + 1]):
+            if p.rip == rip:
+                return p.arrival
+        return dict(self.before).get(rip, 0)
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """An event to inject: `nmi`, `interrupt:VECTOR`, `async_pf:gpa=ADDR`,
+    `async_pf:token=N` or `ept_revoke:GPA`."""
+
+    text: str
+    kind: str
+    vector: int | None = None
+    token: int | None = None
+    gpa: int | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"vector": self.vector, "token": self.token, "gpa": self.gpa}
+
+
+EVENT_FORMS = "nmi, interrupt:VECTOR, async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA"
+
+
+def parse_event(text: str) -> EventSpec:
+    kind, _, arg = text.partition(":")
+    where = f"--event {text!r}"
+    if kind not in EVENT_KINDS:
+        raise BadInput(f"{where}: unknown event (known: {EVENT_FORMS})")
+
+    def number(s: str, what: str) -> int:
+        try:
+            return int(s, 0)
+        except ValueError:
+            raise BadInput(f"{where}: {what} {s!r} is not a number") from None
+
+    if kind == "nmi":
+        if arg:
+            raise BadInput(f"{where}: an NMI takes no argument")
+        return EventSpec(text, kind)
+    if kind == "interrupt":
+        vector = number(arg, "vector") if arg else -1
+        if not 16 <= vector <= 255:
+            raise BadInput(f"{where}: give the vector, 16..255 (interrupt:0x40)")
+        return EventSpec(text, kind, vector=vector)
+    if kind == "async_pf":
+        key, eq, value = arg.partition("=")
+        if not eq or key not in ("gpa", "token"):
+            raise BadInput(f"{where}: give the swapped page or the token (async_pf:gpa=0x300000 "
+                           "or async_pf:token=7)")
+        n = number(value, key)
+        return EventSpec(text, kind, **{key: n})
+    if not arg:
+        raise BadInput(f"{where}: give the guest-physical page (ept_revoke:0x300000)")
+    return EventSpec(text, kind, gpa=number(arg, "gpa"))
 
 
 @dataclass(frozen=True)
@@ -78,23 +162,25 @@ class Finding:
                                                              strict=True))
 
 
-# Ready-made invariants, checked after every run besides the scenario's [[expect]]s:
-# each takes the run's result and returns a failure message or None.
-Invariant = Callable[[RunResult], "str | None"]
+# -- invariants ------------------------------------------------------------------------
+# Each takes the run's result and the machine (in its state at the end of the run) and
+# returns a failure message or None. An optional `setup(machine)` attribute prepares the
+# machine before the run (e.g. turns on an observation).
+Invariant = Callable[[RunResult, Machine], "str | None"]
 
 
-def _no_shutdown(r: RunResult) -> str | None:
+def _no_shutdown(r: RunResult, m: Machine) -> str | None:
     return f"the CPU shut down ({r.reason})" if r.outcome == "shutdown" else None
 
 
-def _no_vmexit(r: RunResult) -> str | None:
+def _no_vmexit(r: RunResult, m: Machine) -> str | None:
     exits = r.trace.of_kind("vmexit")
     if exits or r.outcome == "vmexit":
         return f"a VM exit happened ({exits[0]['why'] if exits else r.reason})"
     return None
 
 
-def _frames_intact(r: RunResult) -> str | None:
+def _frames_intact(r: RunResult, m: Machine) -> str | None:
     hit = r.trace.of_kind("frame_overwritten")
     if hit:
         h = hit[0]
@@ -103,25 +189,79 @@ def _frames_intact(r: RunResult) -> str | None:
     return None
 
 
-def _no_runaway(r: RunResult) -> str | None:
+def _no_runaway(r: RunResult, m: Machine) -> str | None:
     return f"the run did not finish ({r.outcome})" if r.outcome in ("max_insns", "max_events") \
         else None
 
+
+def _cr2_consistent(r: RunResult, m: Machine) -> str | None:
+    for rec in r.trace.of_kind("cr2_read"):
+        pf = rec.get("pf_cr2")
+        if pf is not None and rec["value"] != pf:
+            return (f"the #PF handler read CR2 = {rec['value']:#x} at {rec['rip']:#x}, but its "
+                    f"#PF was for {pf:#x}")
+    return None
+
+
+_cr2_consistent.setup = Machine.observe_cr2_reads  # type: ignore[attr-defined]
 
 INVARIANTS: dict[str, Invariant] = {
     "no-shutdown": _no_shutdown,
     "no-vmexit": _no_vmexit,
     "frames-intact": _frames_intact,
     "no-runaway": _no_runaway,
+    "cr2-consistent": _cr2_consistent,
 }
 
 
+def resolve_invariant(name: str) -> Invariant:
+    """A ready-made invariant by name, or a user's: `module:function` or
+    `path/to/file.py:function`."""
+    if name in INVARIANTS:
+        return INVARIANTS[name]
+    where, sep, func = name.rpartition(":")
+    if not sep or not where or not func:
+        raise BadInput(f"--invariant {name!r}: not a ready-made invariant "
+                       f"({', '.join(INVARIANTS)}) nor MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise BadInput(f"--invariant {name!r}: no such file {where}")
+            spec = importlib.util.spec_from_file_location(f"idtlab_invariant_{path.stem}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except BadInput:
+        raise
+    except Exception as exc:  # the user's module failed to import: say where
+        raise BadInput(f"--invariant {name!r}: cannot load {where}: "
+                       f"{type(exc).__name__}: {exc}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise BadInput(f"--invariant {name!r}: {where} has no function {func!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _check_invariants(invariants: Sequence[tuple[str, Invariant]], result: RunResult,
+                      m: Machine) -> list[str]:
+    out = []
+    for name, inv in invariants:
+        try:
+            msg = inv(result, m)
+        except Exception as exc:  # a broken user invariant is a failure, not a crash
+            msg = f"the invariant raised {type(exc).__name__}: {exc}"
+        if msg is not None:
+            out.append(f"invariant {name}: {msg}")
+    return out
+
+
+# -- loading and the window --------------------------------------------------------------
 def _load(path: Path, mode: str | None) -> scn.Scenario:
     sc = scn.load(path, mode=mode)
     assert sc.machine is not None
-    if sc.machine.injections:
-        raise BadInput(f"{path.name}: the explorer injects its own events; remove the "
-                       "scenario's [[inject]] tables")
     return sc
 
 
@@ -132,33 +272,43 @@ def _address(text: str) -> int | str:
         return text
 
 
-def enumerate_points(path: Path, start: str, end: str, *, mode: str | None = None) -> list[Point]:
-    """The boundaries of the window [start, end] in one uninterrupted run."""
-    sc = _load(path, mode)
+def _start(sc: scn.Scenario) -> Machine:
     m = sc.machine
     assert m is not None
+    a = sc.run_args
+    m.start_state(entry=a["entry"], rsp=a["rsp"], cpl=a["cpl"], rflags=a["rflags"],
+                  regs=a["regs"])
+    return m
+
+
+def window(path: Path, start: str, end: str | None, *, mode: str | None = None) -> Window:
+    """The boundaries of the window [start, end] in one run without the explorer's events
+    (with the scenario's own). `end` None (or ""): up to the end of the run."""
+    sc = _load(path, mode)
     lo = resolve_address(_address(start), sc.symbols, f"{path.name}: --window start")
-    hi = resolve_address(_address(end), sc.symbols, f"{path.name}: --window end")
-    sym = Symbolizer(sc.symbols, hide=("gdt", "tss", "idt", "pml4", "apic"))
-    args = dict(sc.run_args)
-    limit = args.pop("max_insns")
-    m.start_state(entry=args["entry"], rsp=args["rsp"], cpl=args["cpl"], rflags=args["rflags"],
-                  regs=args["regs"])
+    hi = resolve_address(_address(end), sc.symbols, f"{path.name}: --window end") if end \
+        else None
+    sym = Symbolizer(sc.symbols, hide=HIDDEN_SYMBOLS)
+    limit = sc.run_args["max_insns"]
+    m = _start(sc)
     points: list[Point] = []
     arrivals: dict[int, int] = {}
+    before: dict[int, int] = {}
     state = {"inside": False, "done": False}
-
     last: list[tuple[int, int]] = []
 
     def arrive(rip: int) -> None:
         """Execution reaches `rip` (the instruction there is about to execute)."""
         here = (m.engine.icount, rip)
-        if state["done"] or (last and last[-1] == here):
-            return  # the same boundary seen by the delivery callback and the step loop
+        if state["done"] or (last and last[-1] == here) or m.engine.icount >= limit:
+            # The same boundary seen by the delivery callback and the step loop; or the
+            # run's instruction limit, where it ends before any event could arrive.
+            return
         last.append(here)
-        arrivals[rip] = arrivals.get(rip, 0) + 1
-        if rip == lo:
+        if rip == lo and not state["inside"]:
             state["inside"] = True
+            before.update(arrivals)
+        arrivals[rip] = arrivals.get(rip, 0) + 1
         if state["inside"]:
             points.append(Point(m.engine.icount, rip, arrivals[rip],
                                 f"{sym(rip)} (#{arrivals[rip]})", m.disassemble(rip)))
@@ -169,175 +319,359 @@ def enumerate_points(path: Path, start: str, end: str, *, mode: str | None = Non
     # step (the handler's first instruction runs before the next stop): the delivery
     # callback records that boundary.
     m.on_deliver.append(lambda rec: arrive(int(rec["handler"])))
+    # A boundary where an event is delivered before its instruction runs (after an
+    # emulated WRMSR or IRET, say) is one too: the machine reports the boundaries it holds.
+    m.on_boundary.append(arrive)
     arrive(m.engine.read_reg("rip"))
     for _ in range(MAX_WINDOW_STEPS):
-        if state["done"]:
-            return points
-        if m.engine.icount >= limit:
+        if state["done"] or m.engine.icount >= limit:
             break
         result = m.run(max_insns=m.engine.icount + 1)
         if result.outcome != "max_insns":
             break
         arrive(m.engine.read_reg("rip"))
-    if state["done"]:
-        return points
-    inside = state["inside"]
-    if not inside:
+    if state["done"] or (hi is None and state["inside"]):
+        return Window(tuple(points), tuple(sorted(before.items())))
+    if not state["inside"]:
         raise BadInput(f"{path.name}: execution never reaches the window start {start!r}")
     raise BadInput(f"{path.name}: execution never reaches the window end {end!r} after "
                    f"{start!r} (within {MAX_WINDOW_STEPS} instructions)")
 
 
+def enumerate_points(path: Path, start: str, end: str | None, *, mode: str | None = None) -> list[Point]:
+    """The boundaries of the window [start, end] in one undisturbed run."""
+    return list(window(path, start, end, mode=mode).points)
+
+
 @dataclass(frozen=True)
 class Budget:
     """Limits for one schedule's run, from the undisturbed run: a schedule that makes the
-    guest loop (an IRET through a clobbered frame, say) ends as `max_insns` quickly
-    instead of running to the scenario's own, much larger limit."""
+    guest loop (an IRET through a clobbered frame, say) ends as `max_insns` soon instead
+    of running to the scenario's own, much larger limit. A schedule of n events may run
+    `insns + n * per_event` instructions and `events` deliveries."""
 
     insns: int
     events: int
+    per_event: int = 200
+
+    def limit(self, n_events: int) -> int:
+        return self.insns + n_events * self.per_event
 
 
-def baseline_budget(path: Path, mode: str | None = None) -> Budget:
+def baseline_budget(path: Path, mode: str | None = None, per_event: int = 200) -> Budget:
     sc = _load(path, mode)
     r = scn.run(sc)
-    return Budget(insns=2 * r.icount + 500, events=4 * len(r.deliveries) + 50)
+    return Budget(insns=2 * r.icount + 100, events=4 * len(r.deliveries) + 50,
+                  per_event=per_event)
 
 
-def _run_schedule(path: Path, events: tuple[str, ...], schedule: tuple[Point, ...],
-                  mode: str | None, budget: Budget | None) -> tuple[scn.Scenario, RunResult]:
-    """Rebuild the scenario, inject `events[i]` at `schedule[i]`, and run it."""
-    sc = _load(path, mode)
+# -- running schedules -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """What every worker needs to run schedules: picklable, so it travels to worker
+    processes and Dask workers."""
+
+    path: Path
+    mode: str | None
+    window: Window
+    budget: Budget | None
+    invariants: tuple[str, ...] = ()
+
+
+def _limits(sc: scn.Scenario, budget: Budget | None, n_events: int) -> None:
     m = sc.machine
     assert m is not None
     if budget is not None:
-        sc.run_args["max_insns"] = min(sc.run_args["max_insns"], budget.insns)
+        sc.run_args["max_insns"] = min(sc.run_args["max_insns"], budget.limit(n_events))
         m.max_events = min(m.max_events, budget.events)
-    for event, point in zip(events, schedule, strict=True):
-        m.inject(event, before=point.rip, hit=point.arrival, label="explore")
-    return sc, scn.run(sc)
 
 
-def check_schedule(path: Path, events: tuple[str, ...], schedule: tuple[Point, ...],
-                   mode: str | None = None, invariants: tuple[str, ...] = (),
-                   budget: Budget | None = None) -> Finding:
-    """Rebuild the scenario, inject `events[i]` at `schedule[i]`, run, and check the
-    scenario's expectations and the named invariants."""
-    sc, result = _run_schedule(path, events, schedule, mode, budget)
+def _run_fresh(plan: Plan, events: tuple[EventSpec, ...], schedule: tuple[Point, ...],
+               budget: Budget | None) -> tuple[scn.Scenario, RunResult,
+                                                list[tuple[str, Invariant]]]:
+    """Load the scenario afresh, inject `events[i]` at `schedule[i]` (arrivals counted
+    from the start), and run it."""
+    sc = _load(plan.path, plan.mode)
+    m = sc.machine
+    assert m is not None
+    _limits(sc, budget, len(events))
+    invs = [(name, resolve_invariant(name)) for name in plan.invariants]
+    for _, inv in invs:
+        setup = getattr(inv, "setup", None)
+        if setup is not None:
+            setup(m)
+    for ev, point in zip(events, schedule, strict=True):
+        m.inject(ev.kind, before=point.rip, hit=point.arrival, label="explore", **ev.kwargs())
+    return sc, scn.run(sc), invs
+
+
+def check_schedule(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, ...]) -> Finding:
+    """The reference path: a fresh load and run from the start for one schedule (what the
+    checkpointed `Session` must agree with)."""
+    specs = tuple(parse_event(e) for e in events)
+    sc, result, invs = _run_fresh(plan, specs, schedule, plan.budget)
+    assert sc.machine is not None
     failures = [str(f) for f in scn.check(sc, result)]
-    for name in invariants:
-        msg = INVARIANTS[name](result)
-        if msg is not None:
-            failures.append(f"invariant {name}: {msg}")
+    failures += _check_invariants(invs, result, sc.machine)
     return Finding(events, schedule, result.outcome, tuple(failures))
 
 
-def check_point(path: Path, event: str, point: Point, mode: str | None = None) -> Finding:
-    return check_schedule(path, (event,), (point,), mode)
+class Session:
+    """One loaded scenario that runs many schedules, going forward along the undisturbed
+    run from checkpoint to checkpoint (schedules must come in order of their first
+    point)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.sc = _load(plan.path, plan.mode)
+        self.scenario_limit = int(self.sc.run_args["max_insns"])
+        _limits(self.sc, plan.budget, 0)
+        self.limit = int(self.sc.run_args["max_insns"])  # the undisturbed run's
+        self.invariants = [(name, resolve_invariant(name)) for name in plan.invariants]
+        self.m = _start(self.sc)
+        for _, inv in self.invariants:
+            setup = getattr(inv, "setup", None)
+            if setup is not None:
+                setup(self.m)
+        self.index = {p: i for i, p in enumerate(plan.window.points)}
+        self.cp: Checkpoint | None = None
+        self.at = -1  # the point the checkpoint stands at (-1: the start of the run)
+        self.last: RunResult | None = None
+
+    def _hit(self, p: Point) -> int:
+        """The arrival number at `p.rip` the machine will count when it reaches `p`,
+        from the checkpoint (it counts arrivals at an address from when it started
+        watching it)."""
+        counted = self.m._arrivals.get(p.rip, 0)
+        return p.arrival - self.plan.window.arrivals_through(p.rip, self.at) + counted
+
+    def _advance(self, index: int) -> None:
+        """Move the checkpoint forward to point `index` of the undisturbed run."""
+        if index < self.at:
+            raise ValueError("a session runs schedules in order of their first point")
+        target = self.plan.window.points[index]
+        m = self.m
+        r = m.run(max_insns=self.limit, pause_at=(target.rip, self._hit(target)))
+        if r.outcome != PAUSE or m.engine.icount != target.icount:
+            raise RuntimeError(f"the undisturbed run did not come back to {target.label} "
+                               f"(it ended: {r.outcome} at icount {m.engine.icount}); is "
+                               "the scenario deterministic?")
+        self.cp = m.checkpoint()
+        self.at = index
+
+    def run(self, events: tuple[EventSpec, ...], schedule: tuple[Point, ...]) -> RunResult:
+        """Run one schedule from the checkpoint at its first point; the machine stays in
+        the run's final state until `rollback`."""
+        first = self.index[schedule[0]]
+        if first != self.at:
+            self._advance(first)
+        m = self.m
+        here = self.plan.window.points[self.at]
+        for ev, p in zip(events, schedule, strict=True):
+            shown = (p.rip, p.arrival)
+            if p == here:
+                m.arrive_now(ev.kind, label="explore", shown=shown, **ev.kwargs())
+            else:
+                m.inject(ev.kind, before=p.rip, hit=self._hit(p), label="explore", shown=shown,
+                         **ev.kwargs())
+        limit = self.scenario_limit
+        if self.plan.budget is not None:
+            limit = min(limit, self.plan.budget.limit(len(events)))
+        self.last = m.run(max_insns=limit)
+        return self.last
+
+    def rollback(self) -> None:
+        assert self.cp is not None
+        self.m.rollback(self.cp)
+
+    def check(self, events: tuple[str, ...], schedule: tuple[Point, ...]) -> Finding:
+        result = self.run(tuple(parse_event(e) for e in events), schedule)
+        failures = [str(f) for f in scn.check(self.sc, result)]
+        failures += _check_invariants(self.invariants, result, self.m)
+        self.rollback()
+        return Finding(events, schedule, result.outcome, tuple(failures))
 
 
-Job = tuple[Path, tuple[str, ...], tuple[Point, ...], "str | None", tuple[str, ...],
-            "Budget | None"]
+Schedule = tuple[tuple[str, ...], tuple[Point, ...]]
 
 
-def _check(job: Job) -> Finding:
-    return check_schedule(*job)
+def run_chunk(plan: Plan, schedules: Sequence[Schedule]) -> list[Finding]:
+    """Run schedules (sorted by first point) in one session: the unit of parallel work."""
+    session = Session(plan)
+    return [session.check(events, sch) for events, sch in schedules]
 
 
-def _run_all(jobs_list: list[Job], jobs: int, progress: bool) -> list[Finding]:
-    findings: list[Finding] = []
-    pool: Any = None
-    if jobs <= 1:
-        results: Iterable[Finding] = map(_check, jobs_list)
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(jobs)
-        results = pool.imap(_check, jobs_list, chunksize=4)  # imap keeps the order
+def _run_chunk_job(job: tuple[Plan, Sequence[Schedule]]) -> list[Finding]:
+    return run_chunk(*job)
+
+
+def _chunks(plan: Plan, schedules: list[Schedule], parts: int) -> list[list[int]]:
+    """Indices of `schedules` cut into about `parts` chunks of consecutive checkpoints,
+    each sorted by first point (a session only goes forward)."""
+    index = {p: i for i, p in enumerate(plan.window.points)}
+    order = sorted(range(len(schedules)), key=lambda i: index[schedules[i][1][0]])
+    if parts <= 1 or len(order) <= 1:
+        return [order]
+    size = -(-len(order) // parts)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _progress(done: int, total: int, started: float, enabled: bool) -> None:
+    if not enabled:
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    print(f"\rexplore [{'#' * filled}{'.' * (width - filled)}] {done}/{total} schedules "
+          f"({rate:.0f}/s)", end="", file=sys.stderr, flush=True)
+
+
+def run_schedules(plan: Plan, schedules: list[Schedule], *, jobs: int = 1,
+                  dask: str | Any | None = None, progress: bool = False) -> list[Finding]:
+    """Every schedule's finding, in the order of `schedules`, whatever runs them: this
+    process (`jobs` = 1), `jobs` worker processes, or a Dask cluster (`dask`: the
+    scheduler's address, or a `distributed.Client`)."""
+    if not schedules:
+        return []
+    started = time.perf_counter()
+    results: dict[int, Finding] = {}
+    workers = jobs if dask is None else 0
+    # Several chunks per worker keep them busy; one chunk per process otherwise.
+    parts = 1 if workers == 1 and dask is None else max(2, 4 * max(workers, 2))
+    chunks = _chunks(plan, schedules, parts)
+    jobs_list = [(plan, [schedules[i] for i in c]) for c in chunks]
+
+    def collect(chunk: list[int], found: list[Finding]) -> None:
+        for i, f in zip(chunk, found, strict=True):
+            results[i] = f
+        _progress(len(results), len(schedules), started, progress)
+
     try:
-        for i, f in enumerate(results, 1):
-            findings.append(f)
-            if progress:
-                print(f"\rexplore: {i}/{len(jobs_list)} schedules", end="", file=sys.stderr,
-                      flush=True)
+        if dask is not None:
+            for chunk, found in zip(chunks, _dask_map(dask, jobs_list), strict=True):
+                collect(chunk, found)
+        elif workers <= 1:
+            session = Session(plan)
+            for i in chunks[0]:
+                events, sch = schedules[i]
+                results[i] = session.check(events, sch)
+                if progress and (len(results) % 16 == 0 or len(results) == len(schedules)):
+                    _progress(len(results), len(schedules), started, progress)
+        else:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for chunk, found in zip(chunks, pool.imap(_run_chunk_job, jobs_list),
+                                        strict=True):
+                    collect(chunk, found)
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if progress:
             print(file=sys.stderr)
-    return findings
+    return [results[i] for i in range(len(schedules))]
 
 
-def _validate(events: tuple[str, ...], invariants: tuple[str, ...]) -> None:
+def dask_client(address: str, timeout: float = 10.0) -> Any:
+    """A `distributed.Client` for the scheduler at `address`, or a clear error."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise BadInput("--dask needs Dask distributed: pip install 'idtlab[dask]'") from None
+    try:
+        return Client(address, timeout=timeout)  # type: ignore[no-untyped-call]
+    except (OSError, TimeoutError) as exc:
+        raise BadInput(f"--dask: cannot reach the Dask scheduler at {address} within "
+                       f"{timeout:g} s ({type(exc).__name__})") from None
+
+
+def _dask_map(dask: str | Any, jobs_list: list[tuple[Plan, list[Schedule]]]) -> Iterator[
+        list[Finding]]:
+    client = dask_client(dask) if isinstance(dask, str) else dask
+    try:
+        futures = client.map(_run_chunk_job, jobs_list, pure=False)
+        yield from client.gather(futures)
+    finally:
+        if isinstance(dask, str):
+            client.close()
+
+
+# -- the explorations ----------------------------------------------------------------------
+def _validate(events: Iterable[str], invariants: tuple[str, ...]) -> None:
     for event in events:
-        if event != "nmi":
-            raise BadInput(f"--event {event!r}: this version injects 'nmi' (interrupts need a "
-                           "vector, async_pf a token)" + ("" if event in EVENT_KINDS else
-                                                         f"; known events: {', '.join(EVENT_KINDS)}"))
+        parse_event(event)
     for name in invariants:
-        if name not in INVARIANTS:
-            raise BadInput(f"--invariant {name!r}: known invariants: {', '.join(INVARIANTS)}")
+        resolve_invariant(name)
 
 
-def explore(path: Path, event: str | tuple[str, ...], start: str, end: str, *, jobs: int = 1,
-            mode: str | None = None, progress: bool = False,
-            invariants: tuple[str, ...] = ()) -> list[Finding]:
+def plan_for(path: Path, start: str, end: str | None, *, mode: str | None = None,
+             invariants: tuple[str, ...] = (), budget: int | None = 200) -> Plan:
+    """The window and the budget (`budget` instructions per injected event on top of
+    twice the undisturbed run's; None: only the scenario's own limits)."""
+    w = window(path, start, end, mode=mode)
+    b = baseline_budget(path, mode, budget) if budget is not None else None
+    return Plan(path, mode, w, b, invariants)
+
+
+def explore(path: Path, event: str | tuple[str, ...], start: str, end: str | None, *, jobs: int = 1,
+            mode: str | None = None, progress: bool = False, invariants: tuple[str, ...] = (),
+            dask: str | Any | None = None, budget: int | None = 200) -> list[Finding]:
     """One event: every point of the window. Two events: every ordered pair of points
     (the second at or after the first in the undisturbed run). Results in schedule
-    order, whatever `jobs` is."""
+    order, whatever runs them."""
     events = (event,) if isinstance(event, str) else tuple(event)
     if not 1 <= len(events) <= 2:
         raise BadInput("give one --event (every point) or two (every ordered pair of points); "
                        "for more, use --random")
     _validate(events, invariants)
-    points = enumerate_points(path, start, end, mode=mode)
-    budget = baseline_budget(path, mode)
-    schedules: list[tuple[Point, ...]]
+    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget)
+    points = plan.window.points
+    schedules: list[Schedule]
     if len(events) == 1:
-        schedules = [(p,) for p in points]
+        schedules = [(events, (p,)) for p in points]
     else:
-        schedules = [(a, b) for i, a in enumerate(points) for b in points[i:]]
-    work: list[Job] = [(path, events, sch, mode, invariants, budget) for sch in schedules]
-    return _run_all(work, jobs, progress)
+        schedules = [(events, (a, b)) for i, a in enumerate(points) for b in points[i:]]
+    return run_schedules(plan, schedules, jobs=jobs, dask=dask, progress=progress)
 
 
-def random_search(path: Path, events: tuple[str, ...], start: str, end: str, *, count: int,
+def random_search(path: Path, events: tuple[str, ...], start: str, end: str | None, *, count: int,
                   seed: int, max_events: int = 3, jobs: int = 1, mode: str | None = None,
-                  progress: bool = False, invariants: tuple[str, ...] = ()) -> tuple[
+                  progress: bool = False, invariants: tuple[str, ...] = (),
+                  dask: str | Any | None = None, budget: int | None = 200) -> tuple[
                       list[Finding], Finding | None]:
     """`count` random schedules of 1..`max_events` events (drawn from `events`) at points
     of the window, in increasing point order; the first failing one is shrunk to a
     minimal failing schedule (events removed one at a time, then each point moved as
     early as it still fails). Deterministic for a given seed."""
     _validate(events, invariants)
-    points = enumerate_points(path, start, end, mode=mode)
-    budget = baseline_budget(path, mode)
+    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget)
+    points = plan.window.points
     rng = random.Random(seed)
-    work: list[Job] = []
+    schedules: list[Schedule] = []
     for _ in range(count):
         k = rng.randint(1, max_events)
         idx = sorted(rng.randrange(len(points)) for _ in range(k))
         evs = tuple(rng.choice(events) for _ in range(k))
-        work.append((path, evs, tuple(points[i] for i in idx), mode, invariants, budget))
-    findings = _run_all(work, jobs, progress)
+        schedules.append((evs, tuple(points[i] for i in idx)))
+    findings = run_schedules(plan, schedules, jobs=jobs, dask=dask, progress=progress)
     first = next((f for f in findings if not f.ok), None)
     if first is None:
         return findings, None
-    return findings, shrink(path, first, points, mode, invariants, budget)
+    return findings, shrink(plan, first)
 
 
-def shrink(path: Path, failing: Finding, points: list[Point], mode: str | None,
-           invariants: tuple[str, ...], budget: Budget | None = None) -> Finding:
+def shrink(plan: Plan, failing: Finding) -> Finding:
     """A smaller schedule that still fails: drop events while it fails, then move each
     remaining event to the earliest point where it still fails."""
+    points = plan.window.points
     best = failing
     index = {p: i for i, p in enumerate(points)}
+
+    def attempt(events: tuple[str, ...], sch: tuple[Point, ...]) -> Finding:
+        return Session(plan).check(events, sch)
+
     changed = True
     while changed:
         changed = False
         for i in range(len(best.schedule) if len(best.schedule) > 1 else 0):
-            evs = best.events[:i] + best.events[i + 1:]
-            sch = best.schedule[:i] + best.schedule[i + 1:]
-            f = check_schedule(path, evs, sch, mode, invariants, budget)
+            f = attempt(best.events[:i] + best.events[i + 1:],
+                        best.schedule[:i] + best.schedule[i + 1:])
             if not f.ok:
                 best, changed = f, True
                 break
@@ -346,8 +680,7 @@ def shrink(path: Path, failing: Finding, points: list[Point], mode: str | None,
         for i in range(len(best.schedule)):
             lo = index[best.schedule[i - 1]] if i else 0
             for j in range(lo, index[best.schedule[i]]):
-                sch = (*best.schedule[:i], points[j], *best.schedule[i + 1:])
-                f = check_schedule(path, best.events, sch, mode, invariants, budget)
+                f = attempt(best.events, (*best.schedule[:i], points[j], *best.schedule[i + 1:]))
                 if not f.ok:
                     best, changed = f, True
                     break
@@ -356,8 +689,9 @@ def shrink(path: Path, failing: Finding, points: list[Point], mode: str | None,
     return best
 
 
+# -- reports ----------------------------------------------------------------------------
 def report(findings: list[Finding]) -> list[str]:
-    if findings and len(findings[0].schedule) == 1:
+    if findings and len(findings[0].schedule) == 1 and len({f.events for f in findings}) == 1:
         lines = [f"{'point':<34} {'instruction':<34} result"]
         for f in findings:
             res = "ok" if f.ok else f"BREAKS: {f.failures[0]}"
@@ -377,7 +711,7 @@ def as_json(findings: list[Finding]) -> list[dict[str, Any]]:
              "outcome": f.outcome, "failures": list(f.failures)} for f in findings]
 
 
-def html_report(path: Path, findings: list[Finding], mode: str | None = None) -> str:
+def html_report(plan: Plan, findings: list[Finding]) -> str:
     """A self-contained HTML page: the points (or schedules) coloured by outcome, each
     beside its instruction, and the timeline of the first counterexample."""
     from idtlab.trace import timeline
@@ -393,15 +727,17 @@ def html_report(path: Path, findings: list[Finding], mode: str | None = None) ->
     first = next((f for f in findings if not f.ok), None)
     detail = "<p>No schedule breaks an expectation.</p>"
     if first is not None:
-        sc, run = _run_schedule(path, first.events, first.schedule, mode, None)
-        sym = Symbolizer(sc.symbols, hide=("gdt", "tss", "idt", "pml4", "apic"))
+        specs = tuple(parse_event(e) for e in first.events)
+        sc, run, _ = _run_fresh(plan, specs, first.schedule, None)
+        sym = Symbolizer(sc.symbols, hide=HIDDEN_SYMBOLS)
         lines = "\n".join(timeline(run.trace.records, sym, cycles=True))
         detail = (f"<h2>First counterexample: {html.escape(first.name)}</h2>"
                   f"<p>{html.escape('; '.join(first.failures))}</p><pre>{html.escape(lines)}</pre>")
     bad = sum(not f.ok for f in findings)
+    name = plan.path.name
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>idtlab explore: "
-            f"{html.escape(path.name)}</title></head><body style='font-family:sans-serif'>"
-            f"<h1>{html.escape(path.name)}: {len(findings)} schedules, {bad} failing</h1>"
+            f"{html.escape(name)}</title></head><body style='font-family:sans-serif'>"
+            f"<h1>{html.escape(name)}: {len(findings)} schedules, {bad} failing</h1>"
             "<table border='1' cellspacing='0' cellpadding='3'><tr><th>schedule</th>"
             "<th>instruction</th><th>outcome</th><th>result</th></tr>"
             + "".join(rows) + f"</table>{detail}</body></html>\n")

@@ -22,6 +22,7 @@ from cpu.machine import (
     EVENT_KINDS,
     MODES,
     OUTCOMES,
+    PORT_POINTS,
     RESERVED_END,
     Machine,
     PageSpec,
@@ -40,7 +41,8 @@ _TOP = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "injec
         "host", "apf", "swapped", "expect")
 _KEYS: dict[str, tuple[str, ...]] = {
     "machine": ("memory", "max_events", "mode", "profile", "sti_blocks_nmi", "apic"),
-    "inject": ("event", "vector", "before", "hit", "icount", "cycle", "label", "token", "gpa"),
+    "inject": ("event", "vector", "before", "hit", "icount", "cycle", "label", "token", "gpa",
+               "at_port"),
     "apf": ("policy", "layout", "on_fail"),
     "swapped": ("gpa", "size", "latency", "fail"),
     "vmx": ("ept_violation_ve", "ve_info", "eptp_index"),
@@ -48,7 +50,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "host": ("on_ept_violation",),
     "code": ("at", "asm", "file"),
     "data": ("at", "symbol", "size", "u64", "u32", "u8"),
-    "image": ("elf", "multiboot"),
+    "image": ("elf", "multiboot", "cmdline"),
     "gate": ("handler", "ist", "type", "dpl", "present", "selector"),
     "tss": ("rsp0", "rsp1", "rsp2", "ist1", "ist2", "ist3", "ist4", "ist5", "ist6", "ist7"),
     "pages": ("va", "pa", "count", "present", "writable", "user", "nx"),
@@ -219,6 +221,28 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
                 raise chk.fail(what, f"{at:#x}..{at + size:#x} overlaps {other} ({lo:#x}..{hi:#x})")
         regions.append((at, at + size, what))
 
+    # A multiboot image boots itself: it brings its own GDT, IDT, TSS and page tables and
+    # starts at its own 32-bit entry (cpu/multiboot.py).
+    images = chk.array_of_tables(data.get("image", []), "[[image]]")
+    for i, im in enumerate(images, 1):
+        chk.keys(im, "image", f"[[image]] #{i}")
+    multiboot = any(chk.bool_(im.get("multiboot", False), f"[[image]] #{i} multiboot")
+                    for i, im in enumerate(images, 1))
+    if multiboot:
+        if len(images) != 1:
+            raise chk.fail("[[image]]", "a multiboot image must be the only [[image]]")
+        for table in ("code", "data", "idt", "tss", "pages"):
+            if table in data:
+                raise chk.fail(f"[{table}]" if table in ("idt", "tss") else f"[[{table}]]",
+                               "not with a multiboot image (the image builds its own "
+                               "structures and loads its own code)")
+        for key in ("entry", "rsp", "cpl", "rflags", "regs"):
+            if key in chk.table(data.get("run", {}), "[run]"):
+                raise chk.fail(f"[run] {key}", "not with a multiboot image (it starts at its own "
+                               "32-bit entry, in the state the multiboot specification defines)")
+    elif any("cmdline" in im for im in images):
+        raise chk.fail("[[image]] cmdline", "only for a multiboot image (multiboot = true)")
+
     # [[data]] blocks: zero-filled or initialised, optionally named.
     for i, d in enumerate(chk.array_of_tables(data.get("data", []), "[[data]]"), 1):
         where = f"[[data]] #{i}"
@@ -249,12 +273,13 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
             symbols[sym] = at
 
     # [[image]] ELF files.
-    for i, im in enumerate(chk.array_of_tables(data.get("image", []), "[[image]]"), 1):
+    for i, im in enumerate(images, 1):
         where = f"[[image]] #{i}"
-        chk.keys(im, "image", where)
-        if im.get("multiboot"):
-            raise chk.fail(where, "multiboot images are not supported yet (32-bit entry); "
-                           "load a 64-bit image without multiboot = true")
+        if multiboot:
+            _load_multiboot(m, im, where, path, chk)
+            symbols.clear()  # the machine's own structures (gdt, idt...) are not there
+            symbols.update(m.symbols)
+            continue
         if not isinstance(im.get("elf"), str):
             raise chk.fail(where, "missing key 'elf' (path to an x86-64 ELF file)")
         elf_path = (path.parent / im["elf"]).resolve()
@@ -418,14 +443,14 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
     # [run]
     run = chk.table(data.get("run", {}), "[run]")
     chk.keys(run, "run", "[run]")
-    if "entry" not in run:
+    if "entry" not in run and not multiboot:
         raise chk.fail("[run]", "missing key 'entry'")
     regs = chk.table(run.get("regs", {}), "[run] regs")
     for r in regs:
         if r not in _REGS[:16]:
             raise chk.fail(f"[run] regs {r}", f"unknown register{_did_you_mean(r, _REGS[:16])}")
     sc.run_args = {
-        "entry": addr(run["entry"], "[run] entry"),
+        "entry": addr(run["entry"], "[run] entry") if not multiboot else None,
         "rsp": addr(run.get("rsp", 0x70000), "[run] rsp"),
         "cpl": chk.int_(run.get("cpl", 0), "[run] cpl", 0, 3),
         "rflags": chk.int_(run.get("rflags", 0x202), "[run] rflags"),
@@ -434,6 +459,8 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
     }
     if sc.run_args["cpl"] not in (0, 3):
         raise chk.fail("[run] cpl", "must be 0 or 3")
+    if multiboot:
+        sc.run_args = {"max_insns": sc.run_args["max_insns"]}
 
     # [[inject]]
     for i, inj in enumerate(chk.array_of_tables(data.get("inject", []), "[[inject]]"), 1):
@@ -443,11 +470,16 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
         if event not in EVENT_KINDS:
             raise chk.fail(f"{where} event", f"{event!r} is not one of {', '.join(EVENT_KINDS)}"
                            + _did_you_mean(str(event), EVENT_KINDS))
-        points = [k for k in ("before", "icount", "cycle") if k in inj]
+        points = [k for k in ("before", "icount", "cycle", "at_port") if k in inj]
         if len(points) > 1:
-            raise chk.fail(where, f"give at most one of before, icount, cycle (got {', '.join(points)})")
-        if "hit" in inj and "before" not in inj:
-            raise chk.fail(f"{where} hit", "'hit' counts arrivals at a 'before' address")
+            raise chk.fail(where, "give at most one of before, icount, cycle, at_port (got "
+                           f"{', '.join(points)})")
+        if "hit" in inj and "before" not in inj and "at_port" not in inj:
+            raise chk.fail(f"{where} hit", "'hit' counts arrivals at a 'before' address or writes "
+                           "to an 'at_port' port")
+        if "at_port" in inj and inj["at_port"] not in PORT_POINTS:
+            raise chk.fail(f"{where} at_port", f"{inj['at_port']!r} is not one of "
+                           f"{', '.join(PORT_POINTS)}")
         inj_vector: int | None = None
         if event == "interrupt":
             if "vector" not in inj:
@@ -455,9 +487,13 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
             inj_vector = chk.int_(inj["vector"], f"{where} vector", 16, 255)
         elif "vector" in inj:
             raise chk.fail(f"{where} vector", f"an {event} has no vector")
-        for key in ("token", "gpa"):
-            if key in inj and event != "async_pf":
-                raise chk.fail(f"{where} {key}", f"'{key}' belongs to event = \"async_pf\"")
+        if "token" in inj and event != "async_pf":
+            raise chk.fail(f"{where} token", "'token' belongs to event = \"async_pf\"")
+        if "gpa" in inj and event not in ("async_pf", "ept_revoke"):
+            raise chk.fail(f"{where} gpa", "'gpa' belongs to event = \"async_pf\" or "
+                           "\"ept_revoke\"")
+        if event == "ept_revoke" and "gpa" not in inj:
+            raise chk.fail(where, "an ept_revoke needs 'gpa' (the page the host revokes)")
         label = inj.get("label", "")
         if not isinstance(label, str):
             raise chk.fail(f"{where} label", "expected a string")
@@ -518,7 +554,8 @@ def _inject(m: Machine, event: str, vector: int | None, inj: dict[str, Any], whe
              cycle=chk.int_(inj["cycle"], f"{where} cycle") if "cycle" in inj else None,
              label=label,
              token=chk.int_(inj["token"], f"{where} token", 1, 0xFFFFFFFE) if "token" in inj else None,
-             gpa=addr(inj["gpa"], f"{where} gpa") if "gpa" in inj else None)
+             gpa=addr(inj["gpa"], f"{where} gpa") if "gpa" in inj else None,
+             at_port=inj.get("at_port"))
 
 
 def _asm_first_line(text: str, index: int, asm: str) -> int:
@@ -537,6 +574,23 @@ def _asm_first_line(text: str, index: int, asm: str) -> int:
                 return n + 1  # multi-line string: TOML drops the first newline
             return n if first and first in line else n + 1
     return 1
+
+
+def _load_multiboot(m: Machine, im: dict[str, Any], where: str, path: Path,
+                    chk: _Checker) -> None:
+    from cpu import multiboot as mbt  # imports idtlab.errors: not at module level
+
+    if not isinstance(im.get("elf"), str):
+        raise chk.fail(where, "missing key 'elf' (path to a multiboot ELF32 or ELF64 image)")
+    cmdline = im.get("cmdline")
+    if cmdline is not None and not isinstance(cmdline, str):
+        raise chk.fail(f"{where} cmdline", "expected a string")
+    elf_path = (path.parent / im["elf"]).resolve()
+    _maybe_build_guest_image(elf_path)
+    try:
+        mbt.load(m, mbt.read_image(elf_path), cmdline=cmdline)
+    except BadInput as exc:
+        raise chk.fail(f"{where} elf", str(exc)) from None
 
 
 def _maybe_build_guest_image(elf_path: Path) -> None:

@@ -95,6 +95,16 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
             if "hit" in r and r["hit"] != 1:
                 where += f" (arrival {r['hit']})"
             out.append(f"{head}{pad}~ {what} arrives ({r.get('source', '?')}){where}: {verb}")
+        elif kind == "cr2_read":
+            pf = r.get("pf_cr2")
+            verdict = "" if pf is None else (
+                f" (the #PF being handled had CR2 = {pf:#x})" if pf == r["value"] else
+                f" -- WRONG: the #PF being handled had CR2 = {pf:#x}")
+            out.append(f"{head}{pad}{sym(r['rip'])}: reads CR2 = {r['value']:#x}{verdict}")
+        elif kind == "ept_revoke":
+            where = f" before {sym(r['before'])}" if "before" in r else ""
+            out.append(f"{head}{pad}~ host revokes EPT access to GPA {r['gpa']:#x}{where} "
+                       "(not present, suppress-#VE clear)")
         elif kind == "frame_overwritten":
             out.append(f"{head}{pad}!! {r['by']} frame at {r['at']:#x} overwrites the live "
                        f"{r['victim']} frame (pushed at icount {r['victim_icount']}):")
@@ -142,6 +152,16 @@ def timeline(records: Iterable[Mapping[str, Any]], sym: Symbolizer, *,
         elif kind == "apf_page_ready":
             how = f"interrupt {r['vector']:#x}" if r["layout"] == "2020" else "#PF (reason 2)"
             out.append(f"{head}{pad}page ready: token {r['token']:#x} by {how}")
+        elif kind == "boot":
+            out.append(f"{head}{pad}{r['protocol']} boot: 32-bit entry at {sym(r['entry'])}, "
+                       f"EAX={r['eax']:#x} EBX={r['info']:#x} (boot information), "
+                       f"cmdline {r['cmdline']!r}")
+        elif kind == "mode_switch":
+            out.append(f"{head}{pad}mode switch: {r['from']} -> {r['to']} at {sym(r['rip'])} "
+                       f"(cs {r['cs']:#x}); the machine model is active from here")
+        elif kind == "flush_page":
+            out.append(f"{head}{pad}flush page {r['address']:#x} (port 0xe4, write {r['hit']}): "
+                       "translations dropped")
         elif kind == "serial":
             out.append(f"{head}{pad}serial | {r['text']}")
         elif kind == "hlt":

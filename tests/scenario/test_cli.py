@@ -115,7 +115,7 @@ BAD_INPUTS = [
     ("[run\nentry = 1", "TOML syntax error"),
     (GOOD + '\n[[image]]\nelf = "nope.elf"\n', "nope.elf"),
     (GOOD.replace('outcome = "hlt"', 'outcome = "halt"'), "'halt' is not one of"),
-    (GOOD + '\n[[inject]]\nevent = "nmii"\n', "[[inject]] #1 event: 'nmii' is not one of nmi, interrupt, async_pf (did you mean 'nmi'?)"),
+    (GOOD + '\n[[inject]]\nevent = "nmii"\n', "[[inject]] #1 event: 'nmii' is not one of nmi, interrupt, async_pf, ept_revoke (did you mean 'nmi'?)"),
     (GOOD + '\n[[inject]]\nevent = "nmi"\nbefore = "mian"\n', "unknown symbol 'mian'; did you mean 'main'?"),
     (GOOD + '\n[[inject]]\nevent = "nmi"\nicount = 3\ncycle = 9\n', "[[inject]] #1: give at most one of before, icount, cycle"),
     (GOOD + '\n[[inject]]\nevent = "interrupt"\n', "[[inject]] #1: an interrupt needs 'vector' (16..255)"),

@@ -1,0 +1,138 @@
+"""Checkpoints: roll a machine back to an instruction boundary it passed.
+
+The race explorer runs one scenario many times with events injected at different
+points. Everything before the first injection is the same in all of those runs, so it
+runs once: the machine is checkpointed at a boundary, a schedule runs from there to its
+end, and the machine is rolled back for the next one (`unicorn.md` fact 15 describes the
+engine's own memory snapshots; they do not cover memory mapped from a host buffer with
+`mem_map_ptr`, which is how idtlab maps guest RAM, nor the machine's Python state — so
+this module does it itself).
+
+What a checkpoint holds:
+
+- the engine's CPU state (a Unicorn context, CPU only) and the instruction/cycle
+  counter's scalar state;
+- guest memory, by page, copy-on-write: after `PhysicalMemory.commit`, the first write
+  to a page saves its contents first — Python's writes (frames, A/D bits, device DMA)
+  in `PhysicalMemory`, the engine's through the TLB: while tracking, `Machine._fill`
+  grants write permission only to an entry filled *for* a write, and saves the page
+  then; the TLB is flushed at every checkpoint and rollback. A rollback puts back only
+  the saved pages, and moving the checkpoint forward forgets them, so both cost what
+  the schedule wrote, not the size of RAM;
+- the EPT's host memory the same way, and the machine's Python state (blocking state,
+  injections, arrival counts, open frames, APIC, async-#PF host, EPT bookkeeping) as deep
+  copies; the trace and the serial log by length (records are not changed once the
+  boundary that emitted them is past).
+
+Caches that depend on memory contents (the page-walk memos, the EPT translation memo)
+are dropped at a rollback. Code is not re-decoded: a schedule must not change code
+(idtlab does not model self-modifying code anyway).
+
+One checkpoint is live per machine: `take` again moves it forward, and `restore`
+accepts only the latest.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cpu.machine import Machine
+
+# Machine attributes that change while it runs (the rest is configuration fixed at load
+# time, or engine/memory state handled separately). Injection objects are shared between
+# `injections`, `_waiting` and `_before`: they are copied together so the sharing stays.
+STATE = ("cpl", "intr", "injections", "_waiting", "_before", "_arrivals", "_site_seen",
+         "_shadow_rec", "_step", "_halted", "_frames", "_exit_code", "_stale_exception",
+         "_fetch_boundary", "_cr3", "_depth", "_events", "_tsc_offset", "_apf_wants_step",
+         "_apf_notified", "_apf_legacy_ready", "max_insns", "max_events", "apic", "apf",
+         "on_ept_violation", "_cr2_seen", "_pf_cr2")
+EPT_SKIP = ("mem", "_memo")
+
+
+class CheckpointError(RuntimeError):
+    """A rollback that cannot be done (not the latest checkpoint, another engine)."""
+
+
+@dataclass
+class Checkpoint:
+    engine: Any
+    cpu: tuple[Any, tuple[int, ...]]
+    state: dict[str, Any]
+    ept: dict[str, Any] | None
+    ept_mem: Any
+    trace_len: int
+    serial_len: int
+    sites: frozenset[int]
+
+
+def _present(machine: Machine) -> list[str]:
+    return [name for name in STATE if hasattr(machine, name)]
+
+
+def take(machine: Machine) -> Checkpoint:
+    """Checkpoint `machine` at the boundary where it stands (between runs)."""
+    if machine._running or machine._pending is not None:
+        raise CheckpointError("a checkpoint is taken between runs, at a boundary")
+    e = machine.engine
+    memo: dict[int, Any] = {id(machine): machine}
+    state = copy.deepcopy({name: getattr(machine, name) for name in _present(machine)}, memo)
+    ept_state = None
+    ept_mem = None
+    if machine.ept is not None:
+        ept = machine.ept
+        ept_state = copy.deepcopy({k: v for k, v in vars(ept).items() if k not in EPT_SKIP})
+        ept_mem = ept.mem
+        ept.mem.commit()
+    machine.phys.commit()
+    e.flush_tlb()  # entries filled before tracking may grant write access
+    cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
+                    trace_len=len(machine.trace.records), serial_len=len(machine.serial),
+                    sites=e.site_addresses)
+    machine._checkpoint = cp
+    return cp
+
+
+def restore(machine: Machine, cp: Checkpoint) -> None:
+    """Put `machine` back to checkpoint `cp` (the latest one taken)."""
+    if getattr(machine, "_checkpoint", None) is not cp:
+        raise CheckpointError("only the latest checkpoint of a machine can be restored")
+    e = machine.engine
+    if e is not cp.engine:
+        raise CheckpointError("the machine changed engines since the checkpoint (a mode switch)")
+    machine.phys.revert()
+    for address in e.site_addresses - cp.sites:
+        e.remove_site(address)
+    e.restore_state(cp.cpu)  # flushes the TLB
+    memo: dict[int, Any] = {id(machine): machine}
+    for name, value in copy.deepcopy(cp.state, memo).items():
+        setattr(machine, name, value)
+    if machine.ept is not None:
+        ept = machine.ept
+        assert cp.ept is not None
+        ept.mem = cp.ept_mem
+        ept.mem.revert()
+        for k, v in copy.deepcopy(cp.ept).items():
+            setattr(ept, k, v)
+        ept._memo.clear()
+    del machine.trace.records[cp.trace_len:]
+    del machine.serial[cp.serial_len:]
+    machine._step_cache.clear()
+    machine._pending = None
+    for mem in (machine.sysmem, machine.inspect):
+        mem.ctl = None
+        if machine.ept is not None:
+            # Walks are validated against guest memory, but keyed by the EPT generation,
+            # which went back: drop them.
+            mem.walks.clear()
+
+
+def release(machine: Machine) -> None:
+    """Stop tracking writes (the checkpoint is gone)."""
+    machine.phys.untrack()
+    if machine.ept is not None:
+        machine.ept.mem.untrack()
+    machine._checkpoint = None
+    machine.engine.flush_tlb()
