@@ -31,6 +31,10 @@ SIDE_BY_SIDE = {
     "ve-rearm-race": ("ve/ve_rearm_race_clear_then_iret.toml", "ve/ve_rearm_race_deferred.toml"),
     "nested-nmi-both": ("nested_nmi_naive.toml", "nested_nmi_safe.toml"),
 }
+# Demos that print a table computed by the race explorer (no single scenario).
+TABLES = {
+    "apf-matrix": "the async-#PF policy x handler-design matrix (idtlab.apf_matrix)",
+}
 
 
 def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
@@ -82,6 +86,9 @@ def _run_image(args: argparse.Namespace) -> int:
     if memory % 4096 or not 1 << 20 <= memory <= 0xFEE00000:
         raise BadInput(f"run: --memory {args.memory}: must be a multiple of 4 KiB between "
                        "1M and the local APIC at 0xfee00000")
+    from idtlab.ref import resolve_image
+
+    args.image = resolve_image(args.image)  # a file, or one of guest_images/mb/ by name
     image = mbt.read_image(args.image)
     m = Machine(memory, mode=args.mode or "fast", max_insns=max(1, args.max_insns))
     mbt.load(m, image, cmdline=args.cmdline)
@@ -184,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                            "a multiboot image (--image)")
     p_run.add_argument("scenario", type=Path, nargs="?")
     p_run.add_argument("--image", type=Path, metavar="X.elf",
-                       help="boot a multiboot v1 image (ELF32 or ELF64) instead of a scenario; "
-                            "its serial output is printed as it comes")
+                       help="boot a multiboot v1 image (ELF32 or ELF64, or the name of one of "
+                            "guest_images/mb/, built on demand) instead of a scenario; its "
+                            "serial output is printed as it comes")
     p_run.add_argument("--cmdline", help="--image: the multiboot command line (default: the "
                        "image's file name)")
     p_run.add_argument("--memory", default="64M",
@@ -246,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
     p_demo.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
     p_demo.add_argument("name", nargs="?", default="nested-nmi",
-                        choices=sorted([*DEMOS, *SIDE_BY_SIDE]),
+                        choices=sorted([*DEMOS, *SIDE_BY_SIDE, *TABLES]),
                         help="which demo (default: nested-nmi)")
     args = parser.parse_args(argv)
     try:
@@ -258,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             return _explore(args)
         if args.command == "compare":
             return _compare(args.scenarios, args.width, args.cycles, args.mode)
+        if args.command == "demo" and args.name in TABLES:
+            from idtlab import apf_matrix
+
+            if args.show:
+                print(apf_matrix.__doc__, end="")
+                return 0
+            apf_matrix.print_matrix(apf_matrix.policy_matrix())
+            return 0
         if args.command == "demo" and args.name in SIDE_BY_SIDE:
             files = [resources.files("idtlab") / "examples" / f for f in SIDE_BY_SIDE[args.name]]
             with resources.as_file(files[0]) as a, resources.as_file(files[1]) as b:
