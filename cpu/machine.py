@@ -1953,14 +1953,11 @@ class Machine:
 
         With `entry` the CPU is first reset to that entry point (`start_state`); without
         it, the run continues from the current state. With `pause_at = (address, hit)`
-        the run stops at the `hit`-th arrival at `address` (counted like an injection
-        point's, after the events due there have arrived) with outcome "pause" and no
-        `end` record; `run()` continues from there.
+        the run stops at the `hit`-th arrival at `address` from here on (a boundary the
+        machine already stopped at does not count again; an address that injections
+        already watch keeps counting as theirs do), after the events due there have
+        arrived, with outcome "pause" and no `end` record; `run()` continues from there.
         """
-        if pause_at is not None:
-            address, hit = pause_at
-            self.inject(PAUSE, before=address, hit=hit)
-            self.injections.pop()  # not one of the run's events
         if entry is not None and self.multiboot is not None:
             raise ValueError("a multiboot machine starts at its image's entry: run() without entry")
         if entry is not None:
@@ -1970,6 +1967,39 @@ class Machine:
             self.max_insns = max_insns
         if max_events is not None:
             self.max_events = max_events
+        pause: tuple[int, Injection, bool] | None = None
+        if pause_at is not None:
+            address, hit = pause_at
+            fresh = address not in self.engine.site_addresses
+            pause = (address, self.inject(PAUSE, before=address, hit=hit), fresh)
+            self.injections.pop()  # not one of the run's events
+        try:
+            return self._loop()
+        finally:
+            if pause is not None:
+                self._drop_pause(*pause)
+
+    def _drop_pause(self, address: int, inj: Injection, fresh: bool) -> None:
+        """After a run with `pause_at`: forget the pause point. A site the pause added is
+        removed with its arrival count, so a checkpoint taken there does not keep a code
+        hook at every address the explorer paused at (each costs a Python call whenever
+        that instruction runs); counting starts afresh if that address is watched again."""
+        waiting = self._before.get(address, {})
+        for hit, injs in list(waiting.items()):
+            if inj in injs:
+                injs.remove(inj)
+                if not injs:
+                    del waiting[hit]
+        if fresh and not waiting:
+            self._before.pop(address, None)
+            self._arrivals.pop(address, None)
+            if address not in self.sites and address not in self._cr2_watch():
+                self.engine.remove_site(address)
+
+    def _cr2_watch(self) -> set[int]:
+        return self._cr2_reads if self._observe_cr2 else set()
+
+    def _loop(self) -> RunResult:
         e = self.engine
         self._step_cache.clear()  # the caller may have written registers directly
         while True:

@@ -86,7 +86,7 @@ from elftools.elf.elffile import ELFFile
 from cpu.devices.apic import APIC_BASE
 from idt.vectors import vector_name
 from idtlab.elf import _read_symbols  # the same code ranges as any ELF image
-from idtlab.errors import BadInput
+from idtlab.errors import BadInput, read_input
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -326,14 +326,7 @@ def parse(raw: bytes, name: str) -> MultibootImage:
 
 def read_image(path: str | Path) -> MultibootImage:
     name = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{name}: is a directory, not a multiboot image") from None
-    except OSError as exc:
-        raise BadInput(f"{name}: cannot read ({exc.strerror})") from None
+    raw = read_input(path, "a multiboot image")
     return parse(raw, name)
 
 

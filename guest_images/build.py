@@ -74,7 +74,7 @@ def build_image(name: str, out_dir: Path | None = None) -> Path:
         raise BadInput(f"{shown}: no such guest image source (available: {known})")
     out_dir = BUILD_DIR if out_dir is None else Path(out_dir)
     out = out_dir / f"{name}.elf"
-    if _is_fresh(out, (source, LINKER_SCRIPT, Path(__file__))):
+    if is_fresh(out, (source, LINKER_SCRIPT, Path(__file__))):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     # Build in a private directory and rename into place, so that concurrent builds
@@ -84,9 +84,9 @@ def build_image(name: str, out_dir: Path | None = None) -> Path:
         elf = Path(tmp) / f"{name}.elf"
         # Run from guest_images/ with the bare file name so that messages read
         # "bp_ist.S:12: Error: ...".
-        _run(shown, ["as", "--64", "-o", str(obj), source.name], cwd=GUEST_DIR,
+        run_tool(shown, ["as", "--64", "-o", str(obj), source.name], cwd=GUEST_DIR,
              failure=lambda line: f"guest_images/{line}")
-        _run(shown, ["ld", "-m", "elf_x86_64", "-T", str(LINKER_SCRIPT), "-z", "noexecstack",
+        run_tool(shown, ["ld", "-m", "elf_x86_64", "-T", str(LINKER_SCRIPT), "-z", "noexecstack",
                      "--build-id=none", "-o", str(elf), str(obj)], cwd=GUEST_DIR,
              failure=lambda line: f"{shown}: link failed: {line}")
         os.replace(elf, out)
@@ -117,7 +117,7 @@ def build_mb_image(name: str, out_dir: Path | None = None) -> MultibootImage:
     out_dir = MB_BUILD_DIR if out_dir is None else Path(out_dir)
     out = MultibootImage(name, out_dir / f"{name}.elf", out_dir / f"{name}.elf32")
     inputs = [source, *_mb_inputs()]
-    if _is_fresh(out.elf, inputs) and _is_fresh(out.elf32, inputs):
+    if is_fresh(out.elf, inputs) and is_fresh(out.elf32, inputs):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = "guest_images/mb/"
@@ -128,15 +128,15 @@ def build_mb_image(name: str, out_dir: Path | None = None) -> MultibootImage:
             obj = Path(tmp) / (rel.replace("/", "_") + ".o")
             # Run from guest_images/mb/ so that messages read "pf_codes.S:12: Error: ..."
             # or "lib/runtime.S:40: Error: ...".
-            _run(f"{prefix}{rel}", ["as", "--64", "-I", "lib", "-o", str(obj), rel], cwd=MB_DIR,
+            run_tool(f"{prefix}{rel}", ["as", "--64", "-I", "lib", "-o", str(obj), rel], cwd=MB_DIR,
                  failure=lambda line: f"{prefix}{line}")
             objs.append(str(obj))
         elf = Path(tmp) / f"{name}.elf"
         elf32 = Path(tmp) / f"{name}.elf32"
-        _run(shown, ["ld", "-m", "elf_x86_64", "-T", str(MB_LINKER_SCRIPT), "-z", "noexecstack",
+        run_tool(shown, ["ld", "-m", "elf_x86_64", "-T", str(MB_LINKER_SCRIPT), "-z", "noexecstack",
                      "-z", "max-page-size=0x1000", "--build-id=none", "-o", str(elf), *objs],
              cwd=MB_DIR, failure=lambda line: f"{shown}: link failed: {line}")
-        _run(shown, ["objcopy", "-O", "elf32-i386", str(elf), str(elf32)], cwd=MB_DIR,
+        run_tool(shown, ["objcopy", "-O", "elf32-i386", str(elf), str(elf32)], cwd=MB_DIR,
              failure=lambda line: f"{shown}: objcopy -O elf32-i386 failed: {line}")
         offset = multiboot_header_offset(elf.read_bytes())
         if offset is None:
@@ -170,17 +170,17 @@ def boot_sector(out_dir: Path | None = None) -> bytes:
     out_dir = BUILD_DIR if out_dir is None else Path(out_dir)
     out = out_dir / "bootsect.bin"
     shown = "guest_images/boot/bootsect.S"
-    if not _is_fresh(out, (BOOT_SECTOR_SOURCE, Path(__file__))):
+    if not is_fresh(out, (BOOT_SECTOR_SOURCE, Path(__file__))):
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".bootsect-") as tmp:
             obj, elf, binary = (Path(tmp) / n for n in ("bootsect.o", "bootsect.elf",
                                                          "bootsect.bin"))
-            _run(shown, ["as", "--32", "-o", str(obj), BOOT_SECTOR_SOURCE.name],
+            run_tool(shown, ["as", "--32", "-o", str(obj), BOOT_SECTOR_SOURCE.name],
                  cwd=BOOT_SECTOR_SOURCE.parent, failure=lambda line: f"guest_images/boot/{line}")
-            _run(shown, ["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "start", "-z",
+            run_tool(shown, ["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "-e", "start", "-z",
                          "noexecstack", "--build-id=none", "-o", str(elf), str(obj)],
                  cwd=BOOT_SECTOR_SOURCE.parent, failure=lambda line: f"{shown}: link failed: {line}")
-            _run(shown, ["objcopy", "-O", "binary", "-j", ".text", str(elf), str(binary)],
+            run_tool(shown, ["objcopy", "-O", "binary", "-j", ".text", str(elf), str(binary)],
                  cwd=BOOT_SECTOR_SOURCE.parent,
                  failure=lambda line: f"{shown}: objcopy -O binary failed: {line}")
             data = binary.read_bytes()
@@ -191,7 +191,8 @@ def boot_sector(out_dir: Path | None = None) -> bytes:
     return out.read_bytes()
 
 
-def _is_fresh(out: Path, inputs: Sequence[Path]) -> bool:
+def is_fresh(out: Path, inputs: Sequence[Path]) -> bool:
+    """`out` exists and is newer than every input."""
     try:
         built = out.stat().st_mtime_ns
     except FileNotFoundError:
@@ -199,7 +200,8 @@ def _is_fresh(out: Path, inputs: Sequence[Path]) -> bool:
     return all(p.stat().st_mtime_ns <= built for p in inputs)
 
 
-def _run(shown: str, argv: list[str], cwd: Path, failure: Callable[[str], str]) -> None:
+def run_tool(shown: str, argv: list[str], cwd: Path, failure: Callable[[str], str]) -> None:
+    """Run a binutils tool; its first error becomes one `BadInput` line (`failure`)."""
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError:

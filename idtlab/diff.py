@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idtlab.errors import BadInput
+from idtlab.errors import BadInput, read_input
 
 RECORD_TAG = "idtlog1 "
 REFERENCES = ("bochs", "qemu")
@@ -232,14 +232,7 @@ def parse_log(text: str) -> list[Record]:
 def read_log(path: str | Path) -> list[Record]:
     """The records of a log file; `BadInput` if it cannot be read or holds none."""
     name = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{name}: is a directory, not a log") from None
-    except OSError as e:
-        raise BadInput(f"{name}: cannot read ({e.strerror})") from None
+    raw = read_input(path, "a log")
     records = parse_log(raw.decode("latin-1"))
     if not records:
         raise BadInput(f"{name}: no '{RECORD_TAG.strip()}' records (not a serial log of a "

@@ -24,7 +24,7 @@ from elftools.elf.constants import P_FLAGS, SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from idtlab.errors import BadInput
+from idtlab.errors import BadInput, read_input
 
 _ELF_MAGIC = b"\x7fELF"
 # Symbol types that mark a place in code. Linker-script symbols and assembler labels
@@ -58,14 +58,7 @@ class ElfImage:
 def load_elf(path: str | Path) -> ElfImage:
     """Read an ELF64 x86-64 image; raise `BadInput` for anything idtlab cannot load."""
     name = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{name}: is a directory, not an ELF file") from None
-    except OSError as e:
-        raise BadInput(f"{name}: cannot read ({e.strerror})") from None
+    raw = read_input(path, "an ELF file")
     if not raw.startswith(_ELF_MAGIC):
         raise BadInput(f"{name}: not an ELF file")
     try:

@@ -17,12 +17,12 @@ so parallel test runs never see a half-written file. Assembler and linker errors
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from guest_images.build import is_fresh, run_tool
 from idtlab.errors import BadInput
 
 IMAGE_DIR = Path(__file__).resolve().parent
@@ -53,7 +53,7 @@ def build(out_dir: Path | None = None, *, eptp_index: int = 0, nmi_ist: int = 0)
     name = image_name(eptp_index, nmi_ist)
     out = out_dir / f"{name}.elf"
     inputs = [IMAGE_DIR / s for s in (*SOURCES, *INCLUDES)] + [LINKER_SCRIPT, Path(__file__)]
-    if _is_fresh(out, inputs):
+    if is_fresh(out, inputs):
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-") as tmp:
@@ -62,50 +62,16 @@ def build(out_dir: Path | None = None, *, eptp_index: int = 0, nmi_ist: int = 0)
             obj = Path(tmp) / src.replace(".S", ".o")
             # Run from the image directory with bare file names, so that messages read
             # "hyp.S:12: Error: ..." and `.include "vmx_ve.inc"` resolves.
-            _run(["as", "--64", "--defsym", f"EPTP_INDEX={eptp_index}", "--defsym",
+            run_tool(SHOWN, ["as", "--64", "--defsym", f"EPTP_INDEX={eptp_index}", "--defsym",
                   f"NMI_IST={nmi_ist}", "-o", str(obj), src],
-                 failure=lambda line: f"{SHOWN}/{line}")
+                     IMAGE_DIR, failure=lambda line: f"{SHOWN}/{line}")
             objs.append(str(obj))
         elf = Path(tmp) / f"{name}.elf"
-        _run(["ld", "-m", "elf_x86_64", "-T", str(LINKER_SCRIPT), "-z", "noexecstack",
-              "-z", "max-page-size=0x1000", "--build-id=none", "-o", str(elf), *objs],
-             failure=lambda line: f"{SHOWN}: link failed: {line}")
+        run_tool(SHOWN, ["ld", "-m", "elf_x86_64", "-T", str(LINKER_SCRIPT), "-z", "noexecstack",
+                         "-z", "max-page-size=0x1000", "--build-id=none", "-o", str(elf), *objs],
+                 IMAGE_DIR, failure=lambda line: f"{SHOWN}: link failed: {line}")
         os.replace(elf, out)
     return out
-
-
-def _is_fresh(out: Path, inputs: Sequence[Path]) -> bool:
-    try:
-        built = out.stat().st_mtime_ns
-    except FileNotFoundError:
-        return False
-    return all(p.stat().st_mtime_ns <= built for p in inputs)
-
-
-def _run(argv: list[str], failure: Callable[[str], str]) -> None:
-    try:
-        proc = subprocess.run(argv, cwd=IMAGE_DIR, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise BadInput(f"{SHOWN}: cannot build: '{argv[0]}' not found (building guest images "
-                       "needs GNU binutils)") from None
-    if proc.returncode != 0:
-        raise BadInput(failure(_first_error(proc.stderr)
-                               or f"{argv[0]} exited with status {proc.returncode}"))
-
-
-def _first_error(stderr: str) -> str:
-    """The first line that says what went wrong ("file:line: Error: message" from GNU as;
-    ld's "in function" context lines and warnings are skipped)."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for line in lines:
-        if ": Error:" in line or ": error:" in line:
-            return line
-    for line in lines:
-        if (line.endswith("Assembler messages:") or "warning:" in line.lower()
-                or "in function" in line):
-            continue
-        return line
-    return lines[0] if lines else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,7 +113,7 @@ def test_the_checkpoint_moves_forward_and_only_the_latest_can_be_restored() -> N
     m, sym = machine()
     paused_at(m, sym["loop"], 2)
     old = m.checkpoint()
-    paused_at(m, sym["loop"], 3)
+    paused_at(m, sym["loop"], 1)  # the next arrival: the one it stands at does not count
     new = m.checkpoint()
     assert m.engine.read_reg("rcx") == 2
     with pytest.raises(CheckpointError, match="latest"):
@@ -145,3 +145,12 @@ def test_a_checkpoint_cannot_be_taken_in_the_middle_of_a_run() -> None:
     m._running = True  # what a hook called from inside the engine would see
     with pytest.raises(CheckpointError, match="between runs"):
         m.checkpoint()
+
+
+def test_a_pause_leaves_no_code_hook_behind_where_it_added_one() -> None:
+    m, sym = machine()
+    before = m.engine.site_addresses
+    paused_at(m, sym["loop"], 2)
+    assert m.engine.site_addresses == before and sym["loop"] not in m._arrivals
+    paused_at(m, sym["after"], 1)  # an address with no hook of its own either
+    assert m.engine.site_addresses == before
