@@ -276,14 +276,20 @@ def _start(sc: scn.Scenario) -> Machine:
     m = sc.machine
     assert m is not None
     a = sc.run_args
-    m.start_state(entry=a["entry"], rsp=a["rsp"], cpl=a["cpl"], rflags=a["rflags"],
-                  regs=a["regs"])
+    if "entry" in a:  # a multiboot image starts at its own entry, in 32-bit mode
+        m.start_state(entry=a["entry"], rsp=a["rsp"], cpl=a["cpl"], rflags=a["rflags"],
+                      regs=a["regs"])
     return m
 
 
 def window(path: Path, start: str, end: str | None, *, mode: str | None = None) -> Window:
     """The boundaries of the window [start, end] in one run without the explorer's events
-    (with the scenario's own). `end` None (or ""): up to the end of the run."""
+    (with the scenario's own). `end` None (or ""): up to the end of the run.
+
+    The run goes at full speed to the first arrival at `start` (a pause point) and is
+    stepped from there, one instruction at a time, until `end`. Arrival numbers count from
+    the start of the run: a second run, also at full speed, counts the arrivals at the
+    window's addresses before the window."""
     sc = _load(path, mode)
     lo = resolve_address(_address(start), sc.symbols, f"{path.name}: --window start")
     hi = resolve_address(_address(end), sc.symbols, f"{path.name}: --window end") if end \
@@ -291,29 +297,23 @@ def window(path: Path, start: str, end: str | None, *, mode: str | None = None) 
     sym = Symbolizer(sc.symbols, hide=HIDDEN_SYMBOLS)
     limit = sc.run_args["max_insns"]
     m = _start(sc)
-    points: list[Point] = []
+    if m.run(max_insns=limit, pause_at=(lo, 1)).outcome != PAUSE:
+        raise BadInput(f"{path.name}: execution never reaches the window start {start!r}")
+    steps: list[tuple[int, int, int]] = []  # (icount, rip, arrival in the window)
     arrivals: dict[int, int] = {}
-    before: dict[int, int] = {}
-    state = {"inside": False, "done": False}
-    last: list[tuple[int, int]] = []
+    state = {"done": False}
 
     def arrive(rip: int) -> None:
         """Execution reaches `rip` (the instruction there is about to execute)."""
-        here = (m.engine.icount, rip)
-        if state["done"] or (last and last[-1] == here) or m.engine.icount >= limit:
+        icount = m.engine.icount
+        if state["done"] or (steps and steps[-1][:2] == (icount, rip)) or icount >= limit:
             # The same boundary seen by the delivery callback and the step loop; or the
             # run's instruction limit, where it ends before any event could arrive.
             return
-        last.append(here)
-        if rip == lo and not state["inside"]:
-            state["inside"] = True
-            before.update(arrivals)
         arrivals[rip] = arrivals.get(rip, 0) + 1
-        if state["inside"]:
-            points.append(Point(m.engine.icount, rip, arrivals[rip],
-                                f"{sym(rip)} (#{arrivals[rip]})", m.disassemble(rip)))
-            if rip == hi:
-                state["done"] = True
+        steps.append((icount, rip, arrivals[rip]))
+        if rip == hi:
+            state["done"] = True
 
     # A run stepped one retired instruction at a time still crosses a delivery in one
     # step (the handler's first instruction runs before the next stop): the delivery
@@ -330,12 +330,31 @@ def window(path: Path, start: str, end: str | None, *, mode: str | None = None) 
         if result.outcome != "max_insns":
             break
         arrive(m.engine.read_reg("rip"))
-    if state["done"] or (hi is None and state["inside"]):
-        return Window(tuple(points), tuple(sorted(before.items())))
-    if not state["inside"]:
-        raise BadInput(f"{path.name}: execution never reaches the window start {start!r}")
-    raise BadInput(f"{path.name}: execution never reaches the window end {end!r} after "
-                   f"{start!r} (within {MAX_WINDOW_STEPS} instructions)")
+    if not (state["done"] or hi is None):
+        raise BadInput(f"{path.name}: execution never reaches the window end {end!r} after "
+                       f"{start!r} (within {MAX_WINDOW_STEPS} instructions)")
+    before = _arrivals_before(path, mode, lo, {rip for _, rip, _ in steps})
+    points = []
+    for icount, rip, k in steps:
+        n = before.get(rip, 0) + k
+        points.append(Point(icount, rip, n, f"{sym(rip)} (#{n})", m.disassemble(rip)))
+    return Window(tuple(points), tuple(sorted(before.items())))
+
+
+def _arrivals_before(path: Path, mode: str | None, start: int,
+                     addresses: set[int]) -> dict[int, int]:
+    """How often execution reached each of `addresses` before its first arrival at
+    `start`, counted by the machine itself (watch points that never fire) in a run at
+    full speed."""
+    sc = _load(path, mode)
+    m = _start(sc)
+    for address in addresses:
+        m.inject(PAUSE, before=address, hit=2**62)  # counts arrivals, never fires
+        m.injections.pop()
+    m.run(max_insns=int(sc.run_args["max_insns"]), pause_at=(start, 1))
+    counts = {a: m._arrivals.get(a, 0) for a in addresses}
+    counts[start] -= 1  # the window's first boundary
+    return {a: n for a, n in counts.items() if n}
 
 
 def enumerate_points(path: Path, start: str, end: str | None, *, mode: str | None = None) -> list[Point]:

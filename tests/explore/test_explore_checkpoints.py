@@ -295,3 +295,34 @@ def test_a_dask_address_that_cannot_be_reached_is_a_clear_error(
                  "tcp://127.0.0.1:1", "--dask-timeout", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in err
+
+
+def test_a_multiboot_image_is_explored_past_its_32_bit_boot(tmp_path: Path) -> None:
+    from guest_images.build import build_mb_image
+
+    elf = build_mb_image("bp_stacks").elf
+    path = _write(tmp_path, "mb.toml", f"""
+        [machine]
+        memory = "64M"
+        [[image]]
+        elf = "{elf}"
+        multiboot = true
+        [[expect]]
+        exit_code = 0
+        """)
+    sym = scn.load(path).symbols
+    plan = ex.plan_for(path, "bp_ist1", f"{sym['bp_ist1'] + 7:#x}")
+    points = plan.window.points
+    # The window lies past the boot code and the switch to 64-bit mode (tens of thousands
+    # of instructions, run at full speed to the window's first arrival).
+    assert points[0].label == "bp_ist1 (#1)" and points[0].icount > 10_000
+    session = ex.Session(plan)
+    nmi = (ex.parse_event("nmi"),)
+    for point in points[:2]:
+        got = session.run(nmi, (point,))
+        checkpointed = [dict(r) for r in got.trace.records]
+        session.rollback()
+        _, fresh, _ = ex._run_fresh(plan, nmi, (point,), plan.budget)
+        assert checkpointed == [dict(r) for r in fresh.trace.records]
+        # The image has no NMI handler of its own: it logs the NMI as unexpected and fails.
+        assert (got.outcome, got.exit_code) == ("exit", 1)
