@@ -8,6 +8,7 @@ writes only data (frames, A/D bits, loaded images before the run).
 from __future__ import annotations
 
 import ctypes
+import mmap
 import struct
 
 PAGE = 4096
@@ -26,8 +27,11 @@ class PhysicalMemory:
         if size <= 0 or size % PAGE:
             raise ValueError(f"guest memory size {size:#x} must be a positive multiple of 4 KiB")
         self.size = size
-        self._buf = (ctypes.c_ubyte * size)()
-        self.view = memoryview(self._buf).cast("B")
+        # Anonymous memory: zero pages come from the OS on first touch, so a machine with
+        # large RAM costs nothing until the guest uses it.
+        self._map = mmap.mmap(-1, size)
+        self._buf = (ctypes.c_ubyte * size).from_buffer(self._map)
+        self.view = memoryview(self._map).cast("B")
         # Checkpoint support (cpu.snapshot), copy-on-write: while tracking, `dirty` maps
         # each page written since the checkpoint to its contents at the checkpoint,
         # saved just before its first write. Writers outside this class (the engine,

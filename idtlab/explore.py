@@ -435,6 +435,9 @@ def check_schedule(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, .
     return Finding(events, schedule, result.outcome, tuple(failures))
 
 
+CHECKPOINT_EVERY = 8
+
+
 class Session:
     """One loaded scenario that runs many schedules, going forward along the undisturbed
     run from checkpoint to checkpoint (schedules must come in order of their first
@@ -479,10 +482,12 @@ class Session:
         self.at = index
 
     def run(self, events: tuple[EventSpec, ...], schedule: tuple[Point, ...]) -> RunResult:
-        """Run one schedule from the checkpoint at its first point; the machine stays in
-        the run's final state until `rollback`."""
+        """Run one schedule from the checkpoint at or shortly before its first point (a
+        checkpoint serves the next `CHECKPOINT_EVERY` points: moving it costs more than
+        re-running a few instructions); the machine stays in the run's final state until
+        `rollback`."""
         first = self.index[schedule[0]]
-        if first != self.at:
+        if self.cp is None or not self.at <= first < self.at + CHECKPOINT_EVERY:
             self._advance(first)
         m = self.m
         here = self.plan.window.points[self.at]
