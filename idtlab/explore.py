@@ -282,7 +282,8 @@ def _start(sc: scn.Scenario) -> Machine:
     return m
 
 
-def window(path: Path, start: str, end: str | None, *, mode: str | None = None) -> Window:
+def window(path: Path, start: str, end: str | None, *, mode: str | None = None,
+           progress: bool = False) -> Window:
     """The boundaries of the window [start, end] in one run without the explorer's events
     (with the scenario's own). `end` None (or ""): up to the end of the run.
 
@@ -323,13 +324,18 @@ def window(path: Path, start: str, end: str | None, *, mode: str | None = None) 
     # emulated WRMSR or IRET, say) is one too: the machine reports the boundaries it holds.
     m.on_boundary.append(arrive)
     arrive(m.engine.read_reg("rip"))
-    for _ in range(MAX_WINDOW_STEPS):
+    for n in range(MAX_WINDOW_STEPS):
         if state["done"] or m.engine.icount >= limit:
             break
         result = m.run(max_insns=m.engine.icount + 1)
         if result.outcome != "max_insns":
             break
         arrive(m.engine.read_reg("rip"))
+        if progress and n % 500 == 499:
+            print(f"\rexplore: finding the window's points: {len(steps)}", end="",
+                  file=sys.stderr, flush=True)
+    if progress and len(steps) >= 500:
+        print(file=sys.stderr)
     if not (state["done"] or hi is None):
         raise BadInput(f"{path.name}: execution never reaches the window end {end!r} after "
                        f"{start!r} (within {MAX_WINDOW_STEPS} instructions)")
@@ -625,10 +631,11 @@ def _validate(events: Iterable[str], invariants: tuple[str, ...]) -> None:
 
 
 def plan_for(path: Path, start: str, end: str | None, *, mode: str | None = None,
-             invariants: tuple[str, ...] = (), budget: int | None = 200) -> Plan:
+             invariants: tuple[str, ...] = (), budget: int | None = 200,
+             progress: bool = False) -> Plan:
     """The window and the budget (`budget` instructions per injected event on top of
     twice the undisturbed run's; None: only the scenario's own limits)."""
-    w = window(path, start, end, mode=mode)
+    w = window(path, start, end, mode=mode, progress=progress)
     b = baseline_budget(path, mode, budget) if budget is not None else None
     return Plan(path, mode, w, b, invariants)
 
@@ -644,7 +651,8 @@ def explore(path: Path, event: str | tuple[str, ...], start: str, end: str | Non
         raise BadInput("give one --event (every point) or two (every ordered pair of points); "
                        "for more, use --random")
     _validate(events, invariants)
-    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget)
+    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget,
+                    progress=progress)
     points = plan.window.points
     schedules: list[Schedule]
     if len(events) == 1:
@@ -664,7 +672,8 @@ def random_search(path: Path, events: tuple[str, ...], start: str, end: str | No
     minimal failing schedule (events removed one at a time, then each point moved as
     early as it still fails). Deterministic for a given seed."""
     _validate(events, invariants)
-    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget)
+    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget,
+                    progress=progress)
     points = plan.window.points
     rng = random.Random(seed)
     schedules: list[Schedule] = []
