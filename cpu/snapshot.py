@@ -48,7 +48,8 @@ STATE = ("cpl", "intr", "injections", "_waiting", "_before", "_arrivals", "_site
          "_shadow_rec", "_step", "_halted", "_frames", "_exit_code", "_stale_exception",
          "_fetch_boundary", "_cr3", "_depth", "_events", "_tsc_offset", "_apf_wants_step",
          "_apf_notified", "_apf_legacy_ready", "max_insns", "max_events", "apic", "apf",
-         "on_ept_violation", "_cr2_seen", "_pf_cr2")
+         "on_ept_violation", "_cr2_seen", "_pf_cr2", "uart", "fwcfg", "bochs_shutdown",
+         "_shutdown_requested", "_port_points", "_port_writes")
 EPT_SKIP = ("mem", "_memo")
 
 

@@ -154,3 +154,23 @@ def test_a_pause_leaves_no_code_hook_behind_where_it_added_one() -> None:
     assert m.engine.site_addresses == before and sym["loop"] not in m._arrivals
     paused_at(m, sym["after"], 1)  # an address with no hook of its own either
     assert m.engine.site_addresses == before
+
+
+def test_device_registers_written_after_the_checkpoint_roll_back() -> None:
+    m, sym = build("""
+        mov dx, 0x3fb
+        mov al, 0x83
+        out dx, al          # UART LCR: 8N1 with DLAB set
+        mov dx, 0x510
+        mov ax, 0x5
+        out dx, ax          # fw_cfg selector: CPU count
+        mov dx, 0xf4
+        out dx, al
+    """)
+    m.start_state(entry=CODE, rsp=KERNEL_STACK)
+    lcr, selector = m.uart.lcr, m.fwcfg.__dict__.copy()
+    cp = m.checkpoint()
+    assert m.run().outcome == "exit"
+    assert m.uart.lcr == 0x83 and m.fwcfg.__dict__ != selector
+    m.rollback(cp)
+    assert m.uart.lcr == lcr and m.fwcfg.__dict__ == selector
