@@ -157,7 +157,7 @@ def test_a_pause_leaves_no_code_hook_behind_where_it_added_one() -> None:
 
 
 def test_device_registers_written_after_the_checkpoint_roll_back() -> None:
-    m, sym = build("""
+    m, _ = build("""
         mov dx, 0x3fb
         mov al, 0x83
         out dx, al          # UART LCR: 8N1 with DLAB set
