@@ -247,8 +247,8 @@ class Engine:
         # instructions of a translation block in block-counting mode.
         self.code_reader: Callable[[int, int], bytes | None] = lambda a, n: None
         self._block_starts: dict[tuple[int, int], tuple[int, ...]] = {}
-        # address -> (size, instruction starts, instruction ends) of its longest block
-        self._block_decodes: dict[int, tuple[int, tuple[int, ...], frozenset[int]]] = {}
+        # address -> (size, instruction starts) of the longest block decoded there
+        self._block_decodes: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.layout = blob_layout()
         uc: Any = _new_uc(bits)
         if bits == 64:
@@ -460,8 +460,9 @@ class Engine:
         if starts is None:
             # Blocks at one address differ in size (a threshold or a breakpoint splits
             # them): a longer block's decode serves the shorter ones.
+            # A shorter block ends where one of the longer block's instructions starts.
             longest = self._block_decodes.get(address)
-            if longest is not None and longest[0] >= size and address + size in longest[2]:
+            if longest is not None and size < longest[0] and address + size in longest[1]:
                 starts = tuple(a for a in longest[1] if a < address + size)
             else:
                 starts = self._decode_starts(address, size)
@@ -471,20 +472,17 @@ class Engine:
     def _decode_starts(self, address: int, size: int) -> tuple[int, ...]:
         code = self.code_reader(address, size)
         found: list[int] = []
-        ends: set[int] = set()
         if code is not None:
             from cpu.decode import decode  # capstone; imported lazily
             end = address
             for insn in decode(code, address, bits=self.bits):
                 found.append(insn.address)
                 end = insn.address + insn.size
-                ends.add(end)
             if end != address + size:  # undecodable tail: count what QEMU ran anyway
                 found.extend(range(end, address + size))
-                ends.update(range(end + 1, address + size + 1))
             longest = self._block_decodes.get(address)
             if longest is None or longest[0] < size:
-                self._block_decodes[address] = (size, tuple(found), frozenset(ends))
+                self._block_decodes[address] = (size, tuple(found))
         return tuple(found)
 
     def _index(self, rip: int) -> int | None:

@@ -1657,7 +1657,8 @@ class Machine:
                hit: int = 1, icount: int | None = None, cycle: int | None = None,
                label: str = "", token: int | None = None, gpa: int | None = None,
                shown: tuple[int, int] | None = None, at_port: str | None = None) -> Injection:
-        """Schedule an NMI or a maskable interrupt (which arrives through the APIC IRR).
+        """Schedule an event (`EVENT_KINDS`): an NMI, a maskable interrupt (which arrives
+        through the APIC IRR), an async #PF, or the host revoking a page's EPT access.
 
         `before` (an address or a symbol, `hit`-th arrival), `icount`, `cycle` or
         `at_port` ("flush_page": right after the `hit`-th write to pc-testdev's flush-page
@@ -1683,9 +1684,23 @@ class Machine:
         elif before is None:
             self._waiting.append(inj)
         if before is not None:
-            self._before.setdefault(before, {}).setdefault(hit, []).append(inj)
-            self.engine.add_site(before)
+            self._watch(before).setdefault(hit, []).append(inj)
         return inj
+
+    def _watch(self, address: int) -> dict[int, list[Injection]]:
+        """Count arrivals at `address` from now on; its injections by arrival number."""
+        self.engine.add_site(address)
+        return self._before.setdefault(address, {})
+
+    def watch(self, address: int) -> None:
+        """Count the arrivals at `address` (as an injection point there would) without
+        scheduling anything: `arrivals(address)` reads the count."""
+        self._watch(address)
+
+    def arrivals(self, address: int) -> int:
+        """Arrivals at `address` counted since it became an injection point or was
+        watched (0 if it never was)."""
+        return self._arrivals.get(address, 0)
 
     def arrive_now(self, event: str, *, vector: int | None = None, label: str = "",
                    token: int | None = None, gpa: int | None = None,
@@ -1971,8 +1986,9 @@ class Machine:
         if pause_at is not None:
             address, hit = pause_at
             fresh = address not in self.engine.site_addresses
-            pause = (address, self.inject(PAUSE, before=address, hit=hit), fresh)
-            self.injections.pop()  # not one of the run's events
+            inj = Injection(PAUSE, before=address, hit=hit)  # not one of the run's events
+            self._watch(address).setdefault(hit, []).append(inj)
+            pause = (address, inj, fresh)
         try:
             return self._loop()
         finally:

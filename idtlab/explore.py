@@ -258,6 +258,24 @@ def _check_invariants(invariants: Sequence[tuple[str, Invariant]], result: RunRe
     return out
 
 
+def _prepare_invariants(names: Sequence[str], m: Machine) -> list[tuple[str, Invariant]]:
+    """The invariants by name, each one's `setup(machine)` done on `m`."""
+    invs = [(name, resolve_invariant(name)) for name in names]
+    for _, inv in invs:
+        setup = getattr(inv, "setup", None)
+        if setup is not None:
+            setup(m)
+    return invs
+
+
+def _failures(sc: scn.Scenario, result: RunResult,
+              invariants: Sequence[tuple[str, Invariant]]) -> tuple[str, ...]:
+    """The scenario's failed expectations, then the broken invariants."""
+    assert sc.machine is not None
+    return tuple([str(f) for f in scn.check(sc, result)]
+                 + _check_invariants(invariants, result, sc.machine))
+
+
 # -- loading and the window --------------------------------------------------------------
 def _load(path: Path, mode: str | None) -> scn.Scenario:
     sc = scn.load(path, mode=mode)
@@ -350,15 +368,13 @@ def window(path: Path, start: str, end: str | None, *, mode: str | None = None,
 def _arrivals_before(path: Path, mode: str | None, start: int,
                      addresses: set[int]) -> dict[int, int]:
     """How often execution reached each of `addresses` before its first arrival at
-    `start`, counted by the machine itself (watch points that never fire) in a run at
-    full speed."""
+    `start`, counted by the machine itself (`Machine.watch`) in a run at full speed."""
     sc = _load(path, mode)
     m = _start(sc)
     for address in addresses:
-        m.inject(PAUSE, before=address, hit=2**62)  # counts arrivals, never fires
-        m.injections.pop()
+        m.watch(address)
     m.run(max_insns=int(sc.run_args["max_insns"]), pause_at=(start, 1))
-    counts = {a: m._arrivals.get(a, 0) for a in addresses}
+    counts = {a: m.arrivals(a) for a in addresses}
     counts[start] -= 1  # the window's first boundary
     return {a: n for a, n in counts.items() if n}
 
@@ -420,11 +436,7 @@ def _run_fresh(plan: Plan, events: tuple[EventSpec, ...], schedule: tuple[Point,
     m = sc.machine
     assert m is not None
     _limits(sc, budget, len(events))
-    invs = [(name, resolve_invariant(name)) for name in plan.invariants]
-    for _, inv in invs:
-        setup = getattr(inv, "setup", None)
-        if setup is not None:
-            setup(m)
+    invs = _prepare_invariants(plan.invariants, m)
     for ev, point in zip(events, schedule, strict=True):
         m.inject(ev.kind, before=point.rip, hit=point.arrival, label="explore", **ev.kwargs())
     return sc, scn.run(sc), invs
@@ -435,10 +447,7 @@ def check_schedule(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, .
     checkpointed `Session` must agree with)."""
     specs = tuple(parse_event(e) for e in events)
     sc, result, invs = _run_fresh(plan, specs, schedule, plan.budget)
-    assert sc.machine is not None
-    failures = [str(f) for f in scn.check(sc, result)]
-    failures += _check_invariants(invs, result, sc.machine)
-    return Finding(events, schedule, result.outcome, tuple(failures))
+    return Finding(events, schedule, result.outcome, _failures(sc, result, invs))
 
 
 CHECKPOINT_EVERY = 8
@@ -455,22 +464,17 @@ class Session:
         self.scenario_limit = int(self.sc.run_args["max_insns"])
         _limits(self.sc, plan.budget, 0)
         self.limit = int(self.sc.run_args["max_insns"])  # the undisturbed run's
-        self.invariants = [(name, resolve_invariant(name)) for name in plan.invariants]
         self.m = _start(self.sc)
-        for _, inv in self.invariants:
-            setup = getattr(inv, "setup", None)
-            if setup is not None:
-                setup(self.m)
+        self.invariants = _prepare_invariants(plan.invariants, self.m)
         self.index = {p: i for i, p in enumerate(plan.window.points)}
         self.cp: Checkpoint | None = None
         self.at = -1  # the point the checkpoint stands at (-1: the start of the run)
-        self.last: RunResult | None = None
 
     def _hit(self, p: Point) -> int:
         """The arrival number at `p.rip` the machine will count when it reaches `p`,
         from the checkpoint (it counts arrivals at an address from when it started
         watching it)."""
-        counted = self.m._arrivals.get(p.rip, 0)
+        counted = self.m.arrivals(p.rip)
         return p.arrival - self.plan.window.arrivals_through(p.rip, self.at) + counted
 
     def _advance(self, index: int) -> None:
@@ -507,8 +511,7 @@ class Session:
         limit = self.scenario_limit
         if self.plan.budget is not None:
             limit = min(limit, self.plan.budget.limit(len(events)))
-        self.last = m.run(max_insns=limit)
-        return self.last
+        return m.run(max_insns=limit)
 
     def rollback(self) -> None:
         assert self.cp is not None
@@ -516,10 +519,9 @@ class Session:
 
     def check(self, events: tuple[str, ...], schedule: tuple[Point, ...]) -> Finding:
         result = self.run(tuple(parse_event(e) for e in events), schedule)
-        failures = [str(f) for f in scn.check(self.sc, result)]
-        failures += _check_invariants(self.invariants, result, self.m)
+        failures = _failures(self.sc, result, self.invariants)
         self.rollback()
-        return Finding(events, schedule, result.outcome, tuple(failures))
+        return Finding(events, schedule, result.outcome, failures)
 
 
 Schedule = tuple[tuple[str, ...], tuple[Point, ...]]
