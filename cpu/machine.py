@@ -2009,11 +2009,9 @@ class Machine:
         if fresh and not waiting:
             self._before.pop(address, None)
             self._arrivals.pop(address, None)
-            if address not in self.sites and address not in self._cr2_watch():
+            observed = self._observe_cr2 and address in self._cr2_reads
+            if address not in self.sites and not observed:
                 self.engine.remove_site(address)
-
-    def _cr2_watch(self) -> set[int]:
-        return self._cr2_reads if self._observe_cr2 else set()
 
     def _loop(self) -> RunResult:
         e = self.engine
