@@ -1,7 +1,41 @@
-"""Errors of the machine layer (re-exported by `idtlab.errors`)."""
+"""Errors that cross layers.
+
+`BadInput` is for anything wrong with what the *user* gave (a scenario key, an event
+spelling, an ELF file): `str(exc)` is the complete one-line message, naming the file and
+the key or line, that the command line prints before exiting with status 2. Guest
+misbehaviour is never a `BadInput`: it is an outcome in the trace.
+
+`Unsupported` names a mechanism idtlab does not model; a run that needs one ends with
+the outcome "unsupported" and that message.
+
+They live at the bottom of the import order (`cpu` is imported by `guest_images` and
+`idtlab`) so that every layer that reads user input can raise them.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["BadInput", "Unsupported", "read_input"]
 
 
 class Unsupported(NotImplementedError):
     """A mechanism that idtlab does not model (yet). The message names it."""
+
+
+class BadInput(Exception):
+    """Invalid user input. `str(exc)` is a complete one-line message naming where."""
+
+
+def read_input(path: str | Path, what: str) -> bytes:
+    """The bytes of a file the user named; `BadInput` naming it when it cannot be read
+    (`what` says what it should have been: "an ELF file", "a log")."""
+    name = str(path)
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{name}: is a directory, not {what}") from None
+    except OSError as exc:
+        raise BadInput(f"{name}: cannot read ({exc.strerror})") from None

@@ -63,6 +63,7 @@ from cpu.devices.uart import Uart16550
 from cpu.engine import ERR_INSN_INVALID, GPRS, PROT_R, PROT_W, PROT_X, Engine, native_cpuid
 from cpu.ept import EXIT_REASON_EPT_MISCONFIG, Ept, EptMisconfig, EptViolation
 from cpu.errors import Unsupported
+from cpu.events import AsyncEvent, AtCycle, AtIcount, AtPort, Before, Point
 from cpu.memory import PhysicalMemory
 from cpu.mmu import (
     CR4_PAE,
@@ -1653,7 +1654,8 @@ class Machine:
             cb(rec)
 
     # -- asynchronous events ---------------------------------------------------------------
-    def inject(self, event: str, *, vector: int | None = None, before: int | str | None = None,
+    def inject(self, event: str | AsyncEvent, point: Point | None = None, *,
+               vector: int | None = None, before: int | str | None = None,
                hit: int = 1, icount: int | None = None, cycle: int | None = None,
                label: str = "", token: int | None = None, gpa: int | None = None,
                shown: tuple[int, int] | None = None, at_port: str | None = None) -> Injection:
@@ -1666,6 +1668,19 @@ class Machine:
         next boundary. Pending is not delivered: the blocking rules (idt.blocking) decide
         when it is.
         """
+        if not isinstance(event, str):
+            vector = getattr(event, "vector", None)
+            token = getattr(event, "token", None)
+            gpa = getattr(event, "gpa", None)
+            event = str(event.kind)
+        if isinstance(point, Before):
+            before, hit = point.address, point.hit
+        elif isinstance(point, AtIcount):
+            icount = point.icount
+        elif isinstance(point, AtCycle):
+            cycle = point.cycle
+        elif isinstance(point, AtPort):
+            at_port, hit = point.port, point.hit
         if isinstance(before, str):
             if before not in self.symbols:
                 raise ValueError(f"unknown symbol {before!r} for an injection point")
@@ -1702,11 +1717,16 @@ class Machine:
         watched (0 if it never was)."""
         return self._arrivals.get(address, 0)
 
-    def arrive_now(self, event: str, *, vector: int | None = None, label: str = "",
+    def arrive_now(self, event: str | AsyncEvent, *, vector: int | None = None, label: str = "",
                    token: int | None = None, gpa: int | None = None,
                    shown: tuple[int, int] | None = None) -> Injection:
         """Between runs: the event arrives at this boundary now, as an injection point's
         event would (before the time-based sources of the boundary are looked at)."""
+        if not isinstance(event, str):
+            vector = getattr(event, "vector", None)
+            token = getattr(event, "token", None)
+            gpa = getattr(event, "gpa", None)
+            event = str(event.kind)
         if event == PAUSE:
             raise ValueError("a pause is not an event")
         inj = Injection(event, vector, label=label, token=token, gpa=gpa, shown=shown)

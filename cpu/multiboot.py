@@ -62,7 +62,7 @@ Which code is 32-bit (the decoding convention)
 ----------------------------------------------
 Interception sites (IRET, HLT, STI, MOV SS, OUT, RDMSR, WRMSR, CPUID) are found by
 decoding the image's code ranges (from its symbol table, as for any ELF image:
-idtlab/elf.py) when it is loaded, and they are registered in the 64-bit engine only.
+cpu/elf.py) when it is loaded, and they are registered in the 64-bit engine only.
 Every code range is decoded as 64-bit code. A range that holds 32-bit boot code decodes
 to garbage, and any "site" found in it is inert: such code runs only in the 32-bit
 engine, which has no sites (nothing is intercepted before the switch), and never again
@@ -84,9 +84,9 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from cpu.devices.apic import APIC_BASE
+from cpu.elf import read_symbols  # the same code ranges as any ELF image
+from cpu.errors import BadInput, read_input
 from idt.vectors import vector_name
-from idtlab.elf import _read_symbols  # the same code ranges as any ELF image
-from idtlab.errors import BadInput, read_input
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -307,7 +307,7 @@ def parse(raw: bytes, name: str) -> MultibootImage:
                                "the file")
             segments.append(Segment(int(seg["p_paddr"]), int(seg["p_vaddr"]), data,
                                     int(seg["p_memsz"])))
-        symbols, ranges = _read_symbols(elf)
+        symbols, ranges = read_symbols(elf)
         entry = int(elf.header["e_entry"])
     except ELFError as exc:
         raise BadInput(f"{name}: malformed ELF file ({exc})") from None

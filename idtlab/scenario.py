@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cpu.devices.apf import LAYOUTS, POLICIES
+from cpu.elf import load_elf
 from cpu.ept import EptMisconfig
 from cpu.machine import (
     APF_FAIL_ACTIONS,
@@ -32,7 +33,6 @@ from cpu.machine import (
 from cpu.timing import ProfileError, load_profile
 from idt.vectors import parse_vector_name, vector_name
 from idtlab.assemble import CodeBlock, assemble_blocks, resolve_address
-from idtlab.elf import load_elf
 from idtlab.errors import BadInput
 
 Value = int | str

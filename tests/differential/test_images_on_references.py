@@ -49,7 +49,7 @@ def test_qemu_agrees_with_bochs_modulo_exactly_its_listed_divergences(
 
 def test_the_nmi_tests_log_where_the_latched_nmis_arrived_on_bochs(
         bochs_logs: dict[str, ref.RefResult], built_images: dict[str, gib.MultibootImage]) -> None:
-    from idtlab.elf import load_elf
+    from cpu.elf import load_elf
 
     symbols = load_elf(built_images["nmi_apic"].elf).symbols
     checks = {(r.test, *r.fields[0]) for r in differ.parse_log(bochs_logs["nmi_apic"].log)

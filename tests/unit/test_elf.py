@@ -1,4 +1,4 @@
-"""idtlab.elf: what a linked guest image yields, and how bad files are refused."""
+"""cpu.elf: what a linked guest image yields, and how bad files are refused."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cpu.elf import ElfImage, load_elf
 from guest_images.build import build_image
-from idtlab.elf import ElfImage, load_elf
 from idtlab.errors import BadInput
 
 pytestmark = pytest.mark.skipif(shutil.which("as") is None or shutil.which("ld") is None,

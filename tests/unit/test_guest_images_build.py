@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import guest_images.build as build
+from cpu.elf import load_elf
 from idtlab.assemble import resolve_address
-from idtlab.elf import load_elf
 from idtlab.errors import BadInput
 
 pytestmark = pytest.mark.skipif(shutil.which("as") is None or shutil.which("ld") is None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from idtlab.elf import load_elf
+from cpu.elf import load_elf
 
 IMAGE = "vmx_ve"
 HOST_PREFIX = "host_"           # the hypervisor's own records (test names host_*)

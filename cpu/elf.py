@@ -24,7 +24,7 @@ from elftools.elf.constants import P_FLAGS, SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from idtlab.errors import BadInput, read_input
+from cpu.errors import BadInput, read_input
 
 _ELF_MAGIC = b"\x7fELF"
 # Symbol types that mark a place in code. Linker-script symbols and assembler labels
@@ -65,7 +65,7 @@ def load_elf(path: str | Path) -> ElfImage:
         elf = ELFFile(io.BytesIO(raw))
         _check_header(name, elf)
         segments = _load_segments(name, elf)
-        symbols, code_ranges = _read_symbols(elf)
+        symbols, code_ranges = read_symbols(elf)
     except ELFError as e:
         raise BadInput(f"{name}: malformed ELF file ({e})") from None
     return ElfImage(path=name, entry=int(elf.header["e_entry"]), segments=segments,
@@ -103,7 +103,7 @@ def _load_segments(name: str, elf: Any) -> list[ElfSegment]:
     return segments
 
 
-def _read_symbols(elf: Any) -> tuple[dict[str, int], list[tuple[int, int]]]:
+def read_symbols(elf: Any) -> tuple[dict[str, int], list[tuple[int, int]]]:
     symbols: dict[str, int] = {}
     global_names: set[str] = set()
     # Per executable section: every symbol address (range ends) and code symbol
