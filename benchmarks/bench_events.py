@@ -60,7 +60,8 @@ from unicorn import (  # type: ignore[attr-defined]  # noqa: E402  # Uc is not r
 )
 from unicorn import x86_const as X  # noqa: E402
 
-from cpu.machine import Machine, VmxConfig  # noqa: E402
+from cpu.machine import Machine  # noqa: E402
+from cpu.vmx import VmxConfig  # noqa: E402
 from idtlab.assemble import CodeBlock, assemble_blocks  # noqa: E402
 
 CODE = 0x10_0000

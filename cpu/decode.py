@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import cache
 
 import capstone
@@ -49,11 +50,25 @@ def decode_one(code: bytes, address: int, *, bits: int = 64) -> Insn | None:
     return next(decode(code, address, bits=bits), None)
 
 
-SITE_KINDS = {"iretq": "iret", "iretd": "iret", "iret": "iret", "hlt": "hlt", "sti": "sti",
-              "rdmsr": "rdmsr", "wrmsr": "wrmsr", "cpuid": "cpuid"}
+class SiteKind(StrEnum):
+    """Instructions the machine stops at (a *site*: a code hook at that address)."""
+
+    IRET = "iret"  # emulated (cpu/emulated.py): NMI unblocking, the frame pop
+    HLT = "hlt"  # emulated: the CPU waits at the next boundary
+    RDMSR = "rdmsr"  # emulated against the CPU model's MSR table
+    WRMSR = "wrmsr"
+    CPUID = "cpuid"  # emulated for the leaves the CPU model declares
+    STI = "sti"  # observed: opens an interrupt shadow when it sets IF
+    MOV_SS = "mov_ss"  # observed: opens a MOV-SS shadow
+    OUT = "out"  # observed: a write to an exit port ends the run exactly after it
 
 
-def site_kind(insn: Insn) -> str | None:
+SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
+              "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
+              "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID}
+
+
+def site_kind(insn: Insn) -> SiteKind | None:
     """"iret"/"hlt"/"rdmsr"/"wrmsr" (intercepted and emulated), "cpuid" (emulated for
     the hypervisor leaves), "sti"/"mov_ss" (observed: they open an interrupt shadow),
     "out" (observed: a write to the exit port ends the run exactly there), or None.
@@ -61,9 +76,9 @@ def site_kind(insn: Insn) -> str | None:
     shadow here."""
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
-        kind = "mov_ss"
+        kind = SiteKind.MOV_SS
     if kind is None and insn.mnemonic == "out":
-        kind = "out"
+        kind = SiteKind.OUT
     return kind
 
 
@@ -73,9 +88,9 @@ def out_port(insn_text: str) -> int | None:
     return None if port == "dx" else int(port, 0)
 
 
-def find_sites(code: bytes, address: int) -> dict[int, str]:
+def find_sites(code: bytes, address: int) -> dict[int, SiteKind]:
     """Addresses of IRET/HLT/STI/MOV SS instructions in a linear decode of `code`."""
-    out: dict[int, str] = {}
+    out: dict[int, SiteKind] = {}
     for i in decode(code, address):
         kind = site_kind(i)
         if kind is not None:

@@ -78,7 +78,7 @@ import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -86,7 +86,7 @@ from elftools.elf.elffile import ELFFile
 from cpu.devices.apic import APIC_BASE
 from cpu.elf import read_symbols  # the same code ranges as any ELF image
 from cpu.errors import BadInput, read_input
-from idt.vectors import vector_name
+from cpu.layout import RESERVED_END
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -374,8 +374,6 @@ def plan(image: MultibootImage, memsize: int, *, apic: bool,
 def load(m: Machine, image: MultibootImage, *, cmdline: str | None = None) -> BootInfo:
     """Load `image` into a fresh machine and arrange for `m.run()` to start at its 32-bit
     entry. Symbols go to `m.symbols`; code ranges are decoded for sites (64-bit)."""
-    from cpu.machine import RESERVED_END
-
     if m.multiboot is not None:
         raise BadInput(f"{image.name}: the machine already has a multiboot image "
                        f"({m.multiboot.image.name})")
@@ -391,7 +389,7 @@ def load(m: Machine, image: MultibootImage, *, cmdline: str | None = None) -> Bo
     for name in ("gdt", "tss", "idt", "pml4"):  # the machine's structures: not built here
         m.symbols.pop(name, None)
     m.symbols.update(image.symbols)
-    m.multiboot = Boot(image, info)
+    m.state.boot = Boot(image, info)
     return info
 
 
@@ -402,163 +400,3 @@ class Boot:
     image: MultibootImage
     info: BootInfo
     done: bool = False
-
-
-# -- the 32-bit phase ---------------------------------------------------------------------------
-def run_32bit_phase(m: Machine) -> None:
-    """Run the image from its 32-bit entry until it is in 64-bit mode, then move the CPU to
-    the machine's 64-bit engine (`m.engine`). Raises the machine's stop for every other
-    end of the 32-bit phase (the run then ends with that outcome)."""
-    from cpu.engine import Engine
-    from cpu.machine import SHUTDOWN_DETAIL, _Stop
-
-    boot = m.multiboot
-    assert boot is not None and not boot.done
-    e64 = m.engine
-    # Per-instruction counting in both modes (the phase is short): a stop requested by a
-    # port write (an exit port) then lands exactly after the OUT.
-    e32 = Engine(m.phys, bits=32)
-    e32.set_cost_mode(timed=False, default_cost=m.profile.cycles_per_instruction)
-    e32.counter.count = e64.counter.count
-    e32.counter.cycles = e64.counter.cycles
-    e32.code_reader = m._code_bytes
-    e32.port_in = m._on_port_in
-    e32.port_out = m._on_port_out
-    e32.cpuid = lambda leaf, subleaf: m._cpuid_leaf(leaf)
-    why: list[tuple[str, Any]] = []  # what stopped the engine, set by the callbacks
-    saved: list[tuple[int, int]] = []
-
-    def on_interrupt(vector: int) -> None:
-        why.append(("exception", vector))
-        e32.stop()
-
-    def on_unmapped(paddr: int, access: Any) -> None:
-        why.append(("unmapped", (paddr, access)))
-
-    def on_block(address: int) -> None:
-        cr0 = e32.read_reg("cr0")
-        if not cr0 & CR0_PG:
-            return
-        c = e32.counter
-        if not e32.read_msr(MSR_EFER) & EFER_LMA:
-            why.append(("paging", address))
-        elif e32.in_64bit_mode():
-            why.append(("long_mode", address))
-        else:
-            return  # compatibility mode: long mode is on, the code is still 32-bit
-        # Stop before this block runs (whatever the counter adds for it is taken back).
-        saved.append((int(c.count), int(c.cycles)))
-        e32.stop()
-
-    e32.interrupt = on_interrupt
-    e32.unmapped = on_unmapped
-    e32.block = on_block
-
-    e32.write_table("gdtr", 0, boot.info.gdt, 8 * len(ENTRY_GDT) - 1)
-    e32.write({"cr0": ENTRY_CR0, "cr4": 0})
-    e32.write({"cs": ENTRY_CS, "ds": ENTRY_DS, "es": ENTRY_DS, "fs": ENTRY_DS, "gs": ENTRY_DS,
-               "ss": ENTRY_DS})
-    e32.write({"rax": MB_BOOT_MAGIC, "rbx": boot.info.address, "rcx": 0, "rdx": 0, "rsi": 0,
-               "rdi": 0, "rbp": 0, "rsp": 0, "rflags": ENTRY_EFLAGS, "rip": boot.image.entry})
-    m.engine = e32
-    m._emit("boot", protocol="multiboot", entry=boot.image.entry, info=boot.info.address,
-            eax=MB_BOOT_MAGIC, cmdline=boot.info.cmdline.decode("latin-1"))
-
-    def eip() -> int:
-        return e32.read_reg("rip")
-
-    while True:
-        if m.intr.nmi_pending or (m.apic is not None and m.apic.pending_vector() is not None):
-            raise _Stop("unsupported", "an event is pending in 32-bit mode; events are modelled "
-                        "from the switch to 64-bit mode on", eip())
-        due = [inj for inj in m._waiting if not inj.fired]
-        stop_at = m.max_insns + 1
-        stop_cycle = 2**64 - 1
-        for inj in due:
-            if inj.icount is not None:
-                stop_at = min(stop_at, inj.icount + 1)
-            elif inj.cycle is not None:
-                stop_cycle = min(stop_cycle, inj.cycle)
-            else:
-                raise _Stop("unsupported", f"{_event_name(inj)} pending at the 32-bit entry: "
-                            "events are modelled from the switch to 64-bit mode on", eip())
-        e32.set_stop_at(stop_at)
-        e32.set_stop_cycle(stop_cycle)
-        why.clear()
-        saved.clear()
-        err = e32.run(eip())
-        by_counter = e32.stopped_by_counter
-        if saved:
-            e32.counter.count, e32.counter.cycles = saved[-1]
-        elif by_counter:
-            e32.uncount()  # counted, not executed: the boundary before it
-        kind: str = ""
-        arg: Any = None
-        if why:
-            kind, arg = why[-1]
-        if m._exit_code is not None:
-            code, m._exit_code = m._exit_code, None
-            raise _Stop("exit", f"exit device: {code:#x}", eip(), exit_code=code)
-        if m._shutdown_requested:
-            raise _Stop("exit", SHUTDOWN_DETAIL, eip())
-        if kind == "long_mode":
-            break
-        if kind == "paging":
-            raise _Stop("unsupported", "paging enabled without long mode (32-bit or PAE paging) "
-                        f"at {arg:#x}: only 4-level paging in long mode is modelled", arg)
-        if kind == "exception":
-            if not e32.exception_info()[1]:
-                e32.uncount()  # a fault: the instruction did not retire (INT n / INT3 did)
-            raise _Stop("unsupported", f"an exception in 32-bit mode: {vector_name(arg)} "
-                        f"(vector {arg}) at {eip():#x}; events are modelled from the switch to "
-                        "64-bit mode on", eip())
-        if kind == "unmapped":
-            paddr, access = arg
-            raise _Stop("outside_memory", f"{access.name.lower()} of physical {paddr:#x} in "
-                        "32-bit mode", eip())
-        if by_counter:
-            if e32.icount >= m.max_insns:
-                raise _Stop("max_insns", f"instruction limit {m.max_insns} reached", eip())
-            for inj in due:
-                if (inj.icount is not None and e32.icount >= inj.icount) or (
-                        inj.cycle is not None and e32.cycles >= inj.cycle):
-                    raise _Stop("unsupported", f"{_event_name(inj)} arrives in 32-bit mode "
-                                f"({inj.point}); events are modelled from the switch to 64-bit "
-                                "mode on", eip())
-            continue
-        if err is not None:
-            if err == _insn_invalid():
-                e32.uncount()
-                raise _Stop("unsupported", f"an exception in 32-bit mode: #UD (vector 6) at "
-                            f"{eip():#x}; events are modelled from the switch to 64-bit mode on",
-                            eip())
-            raise _Stop("unsupported", f"engine error {err} in 32-bit mode at {eip():#x}", eip())
-        if m.phys.contains(eip() - 1) and m.phys.read(eip() - 1, 1) == b"\xf4":
-            raise _Stop("hlt", "HLT in 32-bit mode (no event can wake the CPU before the switch "
-                        "to 64-bit mode)", eip())
-        raise _Stop("unsupported", f"engine stopped unexpectedly in 32-bit mode at {eip():#x}",
-                    eip())
-
-    # The guest is in 64-bit mode: the machine's own engine takes over.
-    cs = e32.read_reg("cs")
-    rip = eip()
-    e64.migrate_from(e32)
-    m.engine = e64
-    m.cpl = cs & 3
-    m._step_cache.clear()
-    boot.done = True
-    m._emit("mode_switch", **{"from": "32-bit", "to": "64-bit"}, rip=rip, cs=cs)
-
-
-def _event_name(inj: Any) -> str:
-    if inj.event == "nmi":
-        return "an injected NMI"
-    if inj.event == "interrupt":
-        return f"an injected interrupt ({inj.vector:#x})"
-    return f"an injected {inj.event}"
-
-
-def _insn_invalid() -> int:
-    from cpu.engine import ERR_INSN_INVALID
-
-    return int(ERR_INSN_INVALID)

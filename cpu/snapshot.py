@@ -3,10 +3,9 @@
 The race explorer runs one scenario many times with events injected at different
 points. Everything before the first injection is the same in all of those runs, so it
 runs once: the machine is checkpointed at a boundary, a schedule runs from there to its
-end, and the machine is rolled back for the next one (`unicorn.md` fact 15 describes the
-engine's own memory snapshots; they do not cover memory mapped from a host buffer with
-`mem_map_ptr`, which is how idtlab maps guest RAM, nor the machine's Python state — so
-this module does it itself).
+end, and the machine is rolled back for the next one (Unicorn's own context and memory snapshots
+do not cover memory mapped from a host buffer with `mem_map_ptr`, which is how idtlab
+maps guest RAM, nor the machine's Python state — so this module does it itself).
 
 What a checkpoint holds:
 
@@ -14,15 +13,15 @@ What a checkpoint holds:
   counter's scalar state;
 - guest memory, by page, copy-on-write: after `PhysicalMemory.commit`, the first write
   to a page saves its contents first — Python's writes (frames, A/D bits, device DMA)
-  in `PhysicalMemory`, the engine's through the TLB: while tracking, `Machine._fill`
+  in `PhysicalMemory`, the engine's through the TLB: while tracking, `Translator.fill`
   grants write permission only to an entry filled *for* a write, and saves the page
   then; the TLB is flushed at every checkpoint and rollback. A rollback puts back only
   the saved pages, and moving the checkpoint forward forgets them, so both cost what
   the schedule wrote, not the size of RAM;
-- the EPT's host memory the same way, and the machine's Python state (blocking state,
-  injections, arrival counts, open frames, APIC, async-#PF host, EPT bookkeeping) as deep
-  copies; the trace and the serial log by length (records are not changed once the
-  boundary that emitted them is past).
+- the EPT's host memory the same way, and the machine's Python state — `Machine.state`
+  (cpu/state.py), every component's mutable state in one object — as a deep copy; the
+  trace and the serial log by length (records are not changed once the boundary that
+  emitted them is past).
 
 Caches that depend on memory contents (the page-walk memos, the EPT translation memo)
 are dropped at a rollback. Code is not re-decoded: a schedule must not change code
@@ -38,18 +37,11 @@ import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cpu.state import MachineState, assign
+
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
-# Machine attributes that change while it runs (the rest is configuration fixed at load
-# time, or engine/memory state handled separately). Injection objects are shared between
-# `injections`, `_waiting` and `_before`: they are copied together so the sharing stays.
-STATE = ("cpl", "intr", "injections", "_waiting", "_before", "_arrivals", "_site_seen",
-         "_shadow_rec", "_step", "_halted", "_frames", "_exit_code", "_stale_exception",
-         "_fetch_boundary", "_cr3", "_depth", "_events", "_tsc_offset", "_apf_wants_step",
-         "_apf_notified", "_apf_legacy_ready", "max_insns", "max_events", "apic", "apf",
-         "on_ept_violation", "_cr2_seen", "_pf_cr2", "uart", "fwcfg", "bochs_shutdown",
-         "_shutdown_requested", "_port_points", "_port_writes")
 EPT_SKIP = ("mem", "_memo")
 
 
@@ -61,7 +53,7 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     engine: Any
     cpu: tuple[Any, tuple[int, ...]]
-    state: dict[str, Any]
+    state: MachineState
     ept: dict[str, Any] | None
     ept_mem: Any
     trace_len: int
@@ -69,17 +61,19 @@ class Checkpoint:
     sites: frozenset[int]
 
 
-def _present(machine: Machine) -> list[str]:
-    return [name for name in STATE if hasattr(machine, name)]
+def _memo(machine: Machine) -> dict[int, Any]:
+    """Deep copies of the state keep pointing at the machine and its components (device
+    callbacks are bound methods of components), not at copies of them."""
+    keep = [machine, *(v for v in vars(machine).values() if hasattr(v, "m") and v.m is machine)]
+    return {id(o): o for o in keep}
 
 
 def take(machine: Machine) -> Checkpoint:
     """Checkpoint `machine` at the boundary where it stands (between runs)."""
-    if machine._running or machine._pending is not None:
+    if machine.regs.running or machine.stops.pending is not None:
         raise CheckpointError("a checkpoint is taken between runs, at a boundary")
     e = machine.engine
-    memo: dict[int, Any] = {id(machine): machine}
-    state = copy.deepcopy({name: getattr(machine, name) for name in _present(machine)}, memo)
+    state = copy.deepcopy(machine.state, _memo(machine))
     ept_state = None
     ept_mem = None
     if machine.ept is not None:
@@ -98,7 +92,7 @@ def take(machine: Machine) -> Checkpoint:
 
 def restore(machine: Machine, cp: Checkpoint) -> None:
     """Put `machine` back to checkpoint `cp` (the latest one taken)."""
-    if getattr(machine, "_checkpoint", None) is not cp:
+    if machine._checkpoint is not cp:
         raise CheckpointError("only the latest checkpoint of a machine can be restored")
     e = machine.engine
     if e is not cp.engine:
@@ -107,9 +101,7 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
     for address in e.site_addresses - cp.sites:
         e.remove_site(address)
     e.restore_state(cp.cpu)  # flushes the TLB
-    memo: dict[int, Any] = {id(machine): machine}
-    for name, value in copy.deepcopy(cp.state, memo).items():
-        setattr(machine, name, value)
+    assign(machine.state, copy.deepcopy(cp.state, _memo(machine)))
     if machine.ept is not None:
         ept = machine.ept
         assert cp.ept is not None
@@ -120,8 +112,8 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
         ept._memo.clear()
     del machine.trace.records[cp.trace_len:]
     del machine.serial[cp.serial_len:]
-    machine._step_cache.clear()
-    machine._pending = None
+    machine.regs.forget()
+    machine.stops.pending = None
     for mem in (machine.sysmem, machine.inspect):
         mem.ctl = None
         if machine.ept is not None:

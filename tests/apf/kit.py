@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cpu.machine import Machine, PageSpec
+from cpu.layout import PageSpec
+from cpu.machine import Machine
 from tests.delivery.rig import (
     CODE,
     DATA,

@@ -25,7 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cpu.machine import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, Machine, PageSpec, VmxConfig
+from cpu.layout import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, PageSpec
+from cpu.machine import Machine
+from cpu.vmx import VmxConfig
 from idtlab.assemble import CodeBlock, assemble_blocks
 
 MEMORY = 16 << 20

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cpu import multiboot as mb
-from cpu.machine import Machine, RunResult
+from cpu.machine import Machine
+from cpu.outcomes import RunResult
 
 HERE = Path(__file__).resolve().parent
 LINKER_SCRIPT = HERE / "mb.ld"

@@ -14,7 +14,8 @@ import pytest
 
 from cpu import multiboot as mb
 from cpu.decode import decode
-from cpu.machine import SHUTDOWN_DETAIL, Machine
+from cpu.machine import Machine
+from cpu.platform import SHUTDOWN_DETAIL
 from tests.multiboot.mbkit import MEMORY, boot, build, inline
 
 SERIAL = "boot64: in long mode\nboot64: #BP\nboot64: done\n"

@@ -11,7 +11,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from cpu import multiboot as mb
-from cpu.machine import GDT_BASE, Machine
+from cpu.layout import GDT_BASE
+from cpu.machine import Machine
 from idtlab.errors import BadInput
 from tests.multiboot.mbkit import MEMORY, build
 

@@ -12,7 +12,10 @@ import pytest
 from cpu.devices.fwcfg import FwCfg
 from cpu.devices.testports import BochsShutdown
 from cpu.devices.uart import Uart16550
-from cpu.machine import SHUTDOWN_DETAIL, Machine, PageSpec, RunResult
+from cpu.layout import PageSpec
+from cpu.machine import Machine
+from cpu.outcomes import RunResult
+from cpu.platform import SHUTDOWN_DETAIL
 from idtlab import load_asm
 
 CODE = 0x100000

@@ -12,16 +12,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cpu.machine import (
-    GDT_ENTRIES,
-    IDT_BASE,
-    KERNEL_CS,
-    OUTCOMES,
-    TSS_BASE,
-    TSS_SEL,
-    USER_CS,
-    Machine,
-)
+from cpu.layout import GDT_ENTRIES, IDT_BASE, KERNEL_CS, TSS_BASE, TSS_SEL, USER_CS
+from cpu.machine import Machine
+from cpu.outcomes import OUTCOMES
 from idt.descriptors import GATE_SIZE, GateDescriptor, SegmentDescriptor
 from idt.double_fault import Combine, deliver_event
 from idt.state import RFLAGS_IF, ArchState, Event, Source

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from cpu.machine import Machine, VmxConfig
+from cpu.machine import Machine
 from cpu.snapshot import CheckpointError
+from cpu.vmx import VmxConfig
 from tests.delivery.rig import CODE, DATA, IST1_TOP, KERNEL_STACK, build, gate
 
 # Counts to 3 in a loop, storing into DATA each time, then takes an INT3 (its frame goes
@@ -46,7 +47,7 @@ def snapshot_of(m: Machine) -> tuple[object, ...]:
     e = m.engine
     return (tuple(e.read(("rax", "rcx", "rdx", "rsp", "rip", "rflags"))), e.icount, e.cycles,
             m.phys.read(DATA, 16), m.phys.read(IST1_TOP - 40, 40), len(m.trace.records),
-            m.intr.nmi_blocked, m.intr.nmi_pending, dict(m._arrivals))
+            m.intr.nmi_blocked, m.intr.nmi_pending, dict(m.state.injections.arrivals))
 
 
 def test_a_pause_stops_at_the_kth_arrival_with_no_end_record() -> None:
@@ -142,7 +143,7 @@ def test_ept_changes_and_the_memory_they_guard_roll_back() -> None:
 
 def test_a_checkpoint_cannot_be_taken_in_the_middle_of_a_run() -> None:
     m, _ = machine()
-    m._running = True  # what a hook called from inside the engine would see
+    m.regs.running = True  # what a hook called from inside the engine would see
     with pytest.raises(CheckpointError, match="between runs"):
         m.checkpoint()
 
@@ -151,7 +152,7 @@ def test_a_pause_leaves_no_code_hook_behind_where_it_added_one() -> None:
     m, sym = machine()
     before = m.engine.site_addresses
     paused_at(m, sym["loop"], 2)
-    assert m.engine.site_addresses == before and sym["loop"] not in m._arrivals
+    assert m.engine.site_addresses == before and sym["loop"] not in m.state.injections.arrivals
     paused_at(m, sym["after"], 1)  # an address with no hook of its own either
     assert m.engine.site_addresses == before
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cpu.machine import Machine, PageSpec, VmxConfig
+from cpu.layout import PageSpec
+from cpu.machine import Machine
+from cpu.vmx import VmxConfig
 from tests.delivery.rig import (
     CODE,
     DATA,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cpu.machine import OUTCOMES
+from cpu.outcomes import OUTCOMES
 from tests.ve.kit import DATA, IST1_TOP, KERNEL_STACK, PAGE, PROBE, VE_INFO, build, of_kind
 
 RIGHTS = ["---", "R--", "R-X", "RW-", "RWX", "--X"]  # legal EPT leaf states

@@ -16,8 +16,10 @@ import contextlib
 import pytest
 
 from cpu.ept import EPT_RWX, EPT_SUPPRESS_VE
-from cpu.machine import OUTCOMES, Machine, VmExit
+from cpu.machine import Machine
 from cpu.mmu import Access
+from cpu.outcomes import OUTCOMES
+from cpu.vmx import VmExit
 from idt.ve import VeInfo
 from tests.delivery.rig import (
     KERNEL_CS,

@@ -1,0 +1,168 @@
+"""The platform around the CPU: I/O ports and the devices behind them.
+
+The devices test kernels use (cpu/devices/): a 16550 UART at 0x3F8 (its output is the
+`serial` trace record, one per line), QEMU's fw_cfg at 0x510/0x511, and the ways a test
+kernel ends its run — isa-debug-exit at 0xF4 (QEMU `-device isa-debug-exit`), Bochs'
+"Shutdown" string on port 0x8900 — and pc-testdev's flush-page port 0xE4 (QEMU
+hw/misc/pc-testdev.c), which drops the engine's translations and is an injection point.
+A port with no device reads all ones, like an undriven ISA bus, and its accesses appear
+in the trace as `port` records.
+
+An exit ends the run exactly after the OUT that wrote it: an OUT to an exit port is a
+site (cpu/sites.py), emulated at the boundary in both counting modes; a write that
+reaches the port hook anyway (code not decoded at load) ends the run at the next
+boundary the counter sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cpu.decode import decode_one, out_port
+from cpu.devices.fwcfg import FW_CFG_PORT_DATA, FW_CFG_PORT_SEL, FwCfg
+from cpu.devices.testports import BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT, BochsShutdown
+from cpu.devices.uart import Uart16550
+from cpu.outcomes import Outcome, Stop
+
+if TYPE_CHECKING:
+    from cpu.machine import Machine
+
+EXIT_PORT = 0xF4
+SERIAL_PORT = 0x3F8
+SHUTDOWN_DETAIL = 'Bochs shutdown port 0x8900: "Shutdown"'
+
+
+@dataclass
+class PlatformState:
+    """The devices' state and what the guest asked of the exit ports."""
+
+    uart: Uart16550
+    fwcfg: FwCfg
+    bochs_shutdown: BochsShutdown = field(default_factory=BochsShutdown)
+    exit_code: int | None = None  # written to the exit port, not yet acted on
+    shutdown_requested: bool = False  # Bochs' "Shutdown" completed
+
+
+class Platform:
+    """Port reads and writes, and the exit devices."""
+
+    def __init__(self, m: Machine, memory: int) -> None:
+        self.m = m
+        self.state = PlatformState(uart=Uart16550(SERIAL_PORT, on_byte=self.serial_byte),
+                                   fwcfg=FwCfg(ram_size=memory))
+        self.serial = bytearray()  # what the UART transmitted (checkpointed by length)
+        self.on_serial_line: list[Callable[[str], None]] = []  # each completed line
+
+    def port_in(self, port: int, size: int) -> int:
+        st = self.state
+        if st.uart.handles(port):
+            # A 16550's registers are bytes: a wider access reads consecutive ones.
+            return sum((st.uart.read(port + i) if st.uart.handles(port + i) else 0xFF) << 8 * i
+                       for i in range(size))
+        if port == FW_CFG_PORT_DATA and size == 1:
+            return st.fwcfg.read_data()
+        # No device: all ones, like an undriven ISA bus.
+        self.m.emit("port", direction="in", port=port, size=size)
+        return (1 << (8 * size)) - 1
+
+    def port_out(self, port: int, size: int, value: int) -> None:
+        st = self.state
+        if st.uart.handles(port):
+            for i in range(size):
+                if st.uart.handles(port + i):
+                    st.uart.write(port + i, value >> 8 * i)
+        elif port == FW_CFG_PORT_SEL and size == 2:
+            st.fwcfg.select(value)
+        elif port == FLUSH_PAGE_PORT:
+            self.flush_page(value, in_hook=True)
+        elif port == BOCHS_SHUTDOWN_PORT and size == 1:
+            if st.bochs_shutdown.write(value):
+                # Ends the run at the next boundary (exactly after the OUT when the OUT was
+                # decoded at load: exit_write).
+                st.shutdown_requested = True
+                self.m.boundary.request_boundary()
+        elif port == EXIT_PORT:
+            # Ends the run at the boundary after the OUT (the counter stops there exactly).
+            st.exit_code = value
+            self.m.boundary.request_boundary()
+        else:
+            self.m.emit("port", direction="out", port=port, size=size, value=value)
+
+    def serial_byte(self, byte: int) -> None:
+        """A byte the UART transmitted."""
+        self.serial.append(byte)
+        if byte == 0x0A:
+            # One record per line, so the output appears in the timeline where it was
+            # written.
+            start = self.serial.rfind(b"\n", 0, len(self.serial) - 1) + 1
+            text = self.serial[start:-1].decode("latin-1")
+            self.m.emit("serial", text=text)
+            for cb in self.on_serial_line:
+                cb(text)
+
+    def flush_page(self, address: int, *, in_hook: bool) -> None:
+        """pc-testdev's flush-page port: drop the engine's translations, so the next
+        access to the page goes through the TLB-fill hook and guest paging again; then
+        the `at_port = "flush_page"` injections of this write arrive (pending at the
+        boundary right after the OUT)."""
+        m = self.m
+        m.engine.flush_tlb()
+        due = m.injections.port_written("flush_page", address)
+        if due and in_hook:
+            m.boundary.request_boundary()
+
+    def check_exit(self) -> None:
+        """At a boundary the counter stopped at: end the run if the guest asked to."""
+        st = self.state
+        if st.exit_code is not None:
+            code, st.exit_code = st.exit_code, None
+            rip = self.m.engine.read_reg("rip")
+            raise Stop(Outcome.EXIT, f"exit device: {code:#x}", rip, exit_code=code)
+        if st.shutdown_requested:
+            raise Stop(Outcome.EXIT, SHUTDOWN_DETAIL, self.m.engine.read_reg("rip"))
+
+    def exit_write(self, address: int) -> bool:
+        """An OUT about to write the exit port, the last byte of Bochs' "Shutdown", or the
+        flush-page port while injections wait for it: emulate it and end the run (or fire
+        the injections) right after it (exact in both counting modes; the port hook alone
+        would stop only at the next block boundary in fast mode). Returns False for other
+        ports (the instruction then runs natively and reaches the port hook)."""
+        m = self.m
+        insn = decode_one(m.code_bytes(address, 2) or b"", address)
+        if insn is None:
+            return False
+        port = out_port(insn.op_str)
+        if port is None:
+            port = m.engine.read_reg("rdx") & 0xFFFF
+        if port not in (EXIT_PORT, BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT):
+            return False
+        width = {"al": 1, "ax": 2, "eax": 4}.get(insn.op_str.split(",")[-1].strip(), 1)
+        value = m.engine.read_reg("rax") & ((1 << (8 * width)) - 1)
+        after = address + insn.size
+        if port == BOCHS_SHUTDOWN_PORT and width == 1 and self.state.bochs_shutdown.completes(value):
+            def shutdown() -> None:
+                self.state.bochs_shutdown.write(value)
+                m.engine.write({"rip": after})  # the OUT retires
+                raise Stop(Outcome.EXIT, SHUTDOWN_DETAIL, after)
+
+            m.stops.pending = shutdown
+            return True
+        if port == FLUSH_PAGE_PORT and m.injections.waits_for_port("flush_page"):
+            def flush() -> None:
+                m.engine.write({"rip": after})  # the OUT retires, then the flush happens
+                self.flush_page(value, in_hook=False)
+
+            m.stops.pending = flush
+            return True
+        if port != EXIT_PORT:
+            return False
+
+        def stop() -> None:
+            # The OUT retires (it was counted when the engine stopped before it).
+            m.engine.write({"rip": after})
+            raise Stop(Outcome.EXIT, f"exit device: {value:#x}", after, exit_code=value)
+
+        m.stops.pending = stop
+        return True

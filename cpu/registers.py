@@ -1,0 +1,116 @@
+"""The CPU's architectural registers as the event model sees them: the paging controls
+and descriptor-table registers (read once per engine stop), the CPL, CS/SS loads with
+their hidden parts, and the `idt.state.ArchState` that delivery and IRET work on.
+
+Unicorn keeps the registers; this module decides when to read them. Between two engine
+runs nothing but Python can change CR0/CR3/CR4/EFER, GDTR, IDTR or TR, so they are read
+once per stop and cached until the next run (`forget` clears the cache, as every run and
+every Python write of those registers does). During a run (a TLB fill) they are read
+fresh.
+
+The CPL is not an engine register: a CS/SS load in 64-bit mode sets only the selectors,
+so privilege changes are made by patching the engine's context (segment caches and the
+CPL bits of `hflags`; cpu/engine.py), and the CPL is kept here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cpu.layout import MSR_EFER
+from cpu.mmu import PagingControl
+from idt.descriptors import SegmentDescriptor
+from idt.state import ArchState
+
+if TYPE_CHECKING:
+    from cpu.machine import Machine
+
+
+@dataclass
+class RegisterState:
+    """What the machine knows about the CPU beyond the engine's registers."""
+
+    cpl: int = 0
+    # QEMU remembers an exception it raised until its own delivery code runs, which
+    # Unicorn skips: set after every engine-raised exception, cleared by the next context
+    # patch (which resets the field).
+    stale_exception: bool = False
+
+
+class Registers:
+    """Cached reads of the control and table registers, CS/SS loads, `ArchState`."""
+
+    def __init__(self, m: Machine, state: RegisterState) -> None:
+        self.m = m
+        self.state = state
+        self.running = False  # True while the engine runs (a hook is asking)
+        self._cache: dict[str, object] = {}  # per stop: "paging", "idtr", "gdtr", "tr"
+
+    def forget(self) -> None:
+        """Drop the per-stop cache (before a run, after Python wrote a register)."""
+        self._cache.clear()
+
+    def paging(self) -> PagingControl:
+        """The paging controls: once per stop between runs, fresh during a run."""
+        ctl = self._cache.get("paging")
+        if ctl is None:
+            ctl = self.read_paging()
+            if not self.running:
+                self._cache["paging"] = ctl
+        assert isinstance(ctl, PagingControl)
+        return ctl
+
+    def read_paging(self) -> PagingControl:
+        e = self.m.engine
+        cr0, cr3, cr4 = e.read(("cr0", "cr3", "cr4"))
+        return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=e.read_msr(MSR_EFER))
+
+    def table(self, which: str) -> tuple[int, int, int]:
+        """IDTR/GDTR/TR as (selector, base, limit), cached like `paging`."""
+        val = self._cache.get(which)
+        if val is None:
+            val = self.m.engine.read_table(which)
+            if not self.running:
+                self._cache[which] = val
+        assert isinstance(val, tuple)
+        return val
+
+    def arch_state(self) -> ArchState:
+        """The state `idt` delivers from: RIP, RSP, RFLAGS, CS, SS, CPL, the table
+        registers, CR2 and NMI blocking."""
+        rip, rsp, rflags, cs, ss, cr2 = self.m.engine.read(("rip", "rsp", "rflags", "cs", "ss",
+                                                            "cr2"))
+        _, idt_base, idt_limit = self.table("idtr")
+        _, gdt_base, gdt_limit = self.table("gdtr")
+        tr_sel, tr_base, tr_limit = self.table("tr")
+        return ArchState(rip=rip, rsp=rsp, rflags=rflags, cs=cs, ss=ss, cpl=self.state.cpl,
+                         idtr_base=idt_base, idtr_limit=idt_limit, gdtr_base=gdt_base,
+                         gdtr_limit=gdt_limit, tr_selector=tr_sel, tr_base=tr_base,
+                         tr_limit=tr_limit, cr2=cr2, nmi_blocked=self.m.intr.nmi_blocked)
+
+    def load_segments(self, cs: int, ss: int, cpl: int,
+                      current: tuple[int, int] | None = None) -> None:
+        """Load CS/SS hidden state and the CPL (and reset QEMU's stale exception state).
+
+        Skipped when nothing would change: `current` (the CS and SS selectors in the
+        engine now) equal the new ones at the same CPL — the engine's hidden caches then
+        already describe these selectors (set by an earlier patch, or loaded by the guest
+        from the same GDT entries) — and no QEMU exception is in flight. Saves a context
+        save/restore on INT n and same-stack IRETs."""
+        st = self.state
+        if current == (cs, ss) and cpl == st.cpl and not st.stale_exception:
+            return
+        st.stale_exception = False
+        cs_desc = self.gdt_descriptor(cs)
+        ss_flags = (cpl << 13) if ss & 0xFFFC == 0 else self.gdt_descriptor(ss).high_dword
+        self.m.engine.patch_context(segments=(cs, cs_desc.high_dword, ss, ss_flags, cpl),
+                                    clear_stale_exception=True)
+        if cpl != st.cpl:
+            # TLB entries carry rights computed for one privilege: drop them on a change.
+            self.m.engine.flush_tlb()
+        st.cpl = cpl
+
+    def gdt_descriptor(self, selector: int) -> SegmentDescriptor:
+        _, base, _limit = self.table("gdtr")
+        return SegmentDescriptor.unpack(self.m.inspect.read(base + (selector & ~7), 8))

@@ -1,0 +1,263 @@
+"""Engine stops: why Unicorn stopped, and what the architecture does about it.
+
+The engine runs at full speed until a hook stops it. Each hook here only records what
+happened (`StopState.pending`, a deferred action) and stops the engine; the run loop
+then calls the action at the boundary, outside the engine, where Python may change the
+CPU state. The kinds of stop:
+
+* an exception the engine raised (`UC_HOOK_INTR`): INT n/INT3 are traps (saved RIP after
+  the instruction), #DB from TF is a trap, everything else a fault on the instruction
+  (saved RIP = the instruction; it did not retire) — SDM Vol. 3A 6.5 "Exception
+  Classifications";
+* a memory access the TLB fill refused (poisoned): a #PF, #GP/#SS for a non-canonical
+  address, an EPT violation or misconfiguration, the local APIC page (emulated MMIO), or
+  a code fetch that belongs to a later instruction of the block;
+* an invalid opcode (#UD, or INT1/ICEBP which Unicorn does not know);
+* a site (cpu/sites.py): an injection point, an IRET/HLT/MSR/CPUID to emulate, a
+  STI/MOV SS that opens a shadow, an OUT to an exit port;
+* a physical access outside RAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cpu.decode import SiteKind, decode, is_stack_reference, memory_operands
+from cpu.engine import GPRS
+from cpu.ept import EptMisconfig, EptViolation
+from cpu.mmu import Access
+from cpu.outcomes import Outcome, Stop
+from idt.state import ArchFault, Event, Source, is_canonical
+from idt.vectors import Vector
+
+if TYPE_CHECKING:
+    from cpu.machine import Machine
+
+# Exceptions that push an error code (SDM Vol. 3A 6.13, "Error Code").
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+
+@dataclass
+class StopState:
+    """A code fetch that faults in a later instruction of a block: run only up to it
+    first (see `fetch_boundary_before`). Set by a stop, used by the next run."""
+
+    fetch_boundary: int | None = None
+
+
+class Stops:
+    """The engine's hooks and what each stop means."""
+
+    def __init__(self, m: Machine, state: StopState) -> None:
+        self.m = m
+        self.state = state
+        # The action for the stop in progress (None between runs: a checkpoint checks).
+        self.pending: Callable[[], None] | None = None
+        self._site_actions: dict[SiteKind, Callable[[int], bool]] = {
+            SiteKind.IRET: lambda a: self._defer(lambda: m.emulated.iret(a)),
+            SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
+            SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
+            SiteKind.MOV_SS: lambda a: m.boundary.open_shadow(a, SiteKind.MOV_SS),
+            SiteKind.OUT: m.platform.exit_write,
+            SiteKind.RDMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=False)),
+            SiteKind.WRMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=True)),
+            SiteKind.CPUID: m.emulated.cpuid_site,
+        }
+
+    def _defer(self, action: Callable[[], None]) -> bool:
+        self.pending = action
+        return True
+
+    # -- engine hooks (record, stop; no CPU state changes) ---------------------------------
+    def on_poison(self, vaddr: int, access: Access) -> None:
+        self.pending = lambda: self.memory_fault(vaddr, access)
+
+    def on_unmapped(self, paddr: int, access: Access) -> None:
+        def stop() -> None:
+            rip = self.m.engine.read_reg("rip")
+            raise Stop(Outcome.OUTSIDE_MEMORY, f"{access.name.lower()} of physical {paddr:#x}",
+                       rip)
+        self.pending = stop
+
+    def on_interrupt(self, vector: int) -> None:
+        self.pending = lambda: self.hooked_exception(vector)
+        self.m.engine.stop()
+
+    def on_site(self, address: int) -> None:
+        """A code hook: an injection point, an observed CR2 read, or a site. A site
+        action returns True when the engine must stop before the instruction."""
+        m = self.m
+        if m.injections.at_site(address):
+            return
+        if m.frames.cr2_read_site(address):
+            return
+        kind = m.sites.kinds.get(address)
+        if kind is not None and self._site_actions[kind](address):
+            m.engine.stop()
+
+    # -- what a stop means -------------------------------------------------------------
+    def memory_fault(self, vaddr: int, access: Access) -> None:
+        m = self.m
+        m.regs.state.stale_exception = True  # conservative: a context patch follows anyway
+        if access is Access.FETCH:
+            boundary = self.fetch_boundary_before(vaddr)
+            if boundary is not None:
+                # Not this instruction's fault yet: run up to the boundary, then retry.
+                self.state.fetch_boundary = boundary
+                m.engine.flush_tlb()
+                return
+        if access is not Access.FETCH:
+            # A data access faults inside an instruction the native counter has already
+            # counted: it did not complete. A fetch fault happens while the engine
+            # translates code, before the counter's hook runs for the instruction being
+            # fetched, so there is nothing to take back.
+            m.engine.uncount()
+        rip = m.engine.read_reg("rip")
+        try:
+            if not is_canonical(vaddr):
+                stack = access is not Access.FETCH and self.stack_reference(rip)
+                raise ArchFault(Vector.SS if stack else Vector.GP, 0,
+                                why=f"non-canonical address {vaddr:#x}")
+            t = m.translator.guest_walk(m.regs.paging(), vaddr, access)
+        except EptViolation as violation:
+            m.engine.flush_tlb()
+            m.vmx_host.ept_violation(violation, rip, access)
+            return
+        except EptMisconfig as bad:
+            m.engine.flush_tlb()
+            m.vmx_host.ept_misconfig(bad, rip)
+            return
+        except ArchFault as fault:
+            m.engine.flush_tlb()  # drop the poison entry; the retry walks again
+            cr2 = fault.cr2
+            if cr2 is not None and access is not Access.FETCH:
+                cr2 = self.split_access_cr2(rip, vaddr)
+            m.deliver(Event.exception(fault.vector, rip, fault.error_code, cr2), why=fault.why)
+            return
+        if m.apic_mmio.claims(t.paddr) and access is not Access.FETCH:
+            m.apic_mmio.emulate(rip, vaddr, access)
+            return
+        if not m.phys.contains(t.paddr | (vaddr & 0xFFF)):
+            raise Stop(Outcome.OUTSIDE_MEMORY,
+                       f"{access.name.lower()} of {vaddr:#x} maps to physical {t.paddr:#x}, "
+                       "outside guest memory", rip)
+        m.engine.flush_tlb()  # the page became valid since it was poisoned: retry
+
+    def split_access_cr2(self, rip: int, vaddr: int) -> int:
+        """CR2 for a data #PF at `vaddr`, reported by the engine, in the instruction at RIP.
+
+        An access that starts on one page and runs into a second, faulting page faults
+        at the first byte of the second page (CR2 = that page's address; Bochs translates
+        both pages before it touches memory). Unicorn splits such a store into pieces and
+        the poisoned piece may be any byte of the second page (e.g. 0x401003 for an
+        8-byte store at 0x400ffc), so when an explicit memory operand of the instruction
+        covers `vaddr` but starts on an earlier page, CR2 is that page boundary.
+        Known deviation, not repaired: the bytes of such a store that the engine already
+        wrote to the first page stay written (the architecture writes none of them).
+        """
+        m = self.m
+        page = vaddr & ~0xFFF
+        try:
+            length, operands = memory_operands(m.read_linear(rip, 15), rip)
+        except ArchFault:
+            return vaddr
+        for op in operands:
+            if op.segment in ("fs", "gs"):
+                continue  # segment bases are not read here
+            ea = op.disp
+            regs = [r for r in (op.base, op.index) if r is not None]
+            if any(r != "rip" and r not in GPRS for r in regs):
+                continue  # 32-bit address size and the like: keep the engine's address
+            if op.base == "rip":
+                ea += rip + length
+            elif op.base is not None:
+                ea += m.engine.read_reg(op.base)
+            if op.index is not None:
+                ea += m.engine.read_reg(op.index) * op.scale
+            ea &= 2**64 - 1
+            if ea < page <= vaddr < ea + op.size:
+                return page
+        return vaddr
+
+    def fetch_boundary_before(self, vaddr: int) -> int | None:
+        """Where straight-line code from RIP first touches `vaddr`'s page, if not at RIP.
+
+        Unicorn translates a whole block of straight-line code before running any of it,
+        and a block may run on from one page into the next. When fetching a *later*
+        instruction of the block faults, the engine stops at the block's start with none
+        of it executed, but architecturally the instructions before the faulting one run
+        and retire first, and the #PF names the faulting instruction (SDM "Page-Fault
+        Exceptions"; the saved RIP is the instruction whose fetch faulted). A block has
+        no taken branch inside, so a linear decode from RIP finds that instruction: the
+        first one not wholly inside the bytes before `vaddr`'s page (it either starts on
+        that page or straddles into it). Returns its address, or None if it is at RIP.
+        """
+        rip = self.m.engine.read_reg("rip")
+        page = vaddr & ~0xFFF
+        if not rip < page <= rip + 4096:
+            return None
+        try:
+            code = self.m.read_linear(rip, page - rip)
+        except ArchFault:
+            return None
+        end = rip
+        for insn in decode(code, rip):  # stops at an instruction cut off by the page end
+            end = insn.address + insn.size
+        return end if end != rip else None
+
+    def stack_reference(self, rip: int) -> bool:
+        try:
+            code = self.m.read_linear(rip, 15)
+        except ArchFault:
+            return False
+        return is_stack_reference(code, rip)
+
+    def hooked_exception(self, vector: int) -> None:
+        m = self.m
+        e = m.engine
+        rip = e.read_reg("rip")
+        if vector == Vector.BP or vector >= 32:
+            # Only INT3 / INT n raise these vectors here: software interrupts, which QEMU
+            # raises without its nested-exception bookkeeping.
+            error_code, is_int = 0, True
+        else:
+            error_code, is_int = e.exception_info()
+            m.regs.state.stale_exception = m.regs.state.stale_exception or not is_int
+        if is_int:
+            # INT n / INT3 (trap): RIP is already past the instruction; find its start.
+            insn = rip - 1 if vector == 3 and self.byte_at(rip - 1) == 0xCC else rip - 2
+            m.deliver(Event(vector, Source.SOFTWARE, rip, insn), why="")
+        elif vector == Vector.DB:
+            # Single-step (TF) #DB: a trap at the boundary after the instruction.
+            m.deliver(Event(vector, Source.EXCEPTION, rip, rip, trap_like=True), why="")
+        else:
+            e.uncount()  # a fault: the instruction did not retire
+            ec = error_code if vector in _ERROR_CODE_VECTORS else None
+            m.deliver(Event.exception(vector, rip, ec), why="")
+
+    def byte_at(self, addr: int) -> int | None:
+        try:
+            return self.m.read_linear(addr, 1)[0]
+        except ArchFault:
+            return None
+
+    def invalid_opcode(self) -> None:
+        m = self.m
+        m.regs.state.stale_exception = True
+        rip = m.engine.read_reg("rip")
+        m.engine.uncount()
+        if self.byte_at(rip) == 0xF1:
+            # INT1/ICEBP: a trap through vector 1 with no gate-DPL check (EXT=1, Bochs).
+            m.engine.recount()
+            m.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
+        else:
+            m.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
+
+    def native_stop(self) -> None:
+        """The engine stopped without a hook: a HLT in code that was never decoded."""
+        rip = self.m.engine.read_reg("rip")
+        if self.byte_at(rip - 1) == 0xF4:
+            raise Stop(Outcome.HLT, "HLT (in code not decoded at load time)", rip)
+        raise Stop(Outcome.UNSUPPORTED, f"engine stopped unexpectedly at {rip:#x}", rip)

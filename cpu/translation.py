@@ -1,0 +1,173 @@
+"""Address translation: the guest's page walk (and the EPT stage behind it) for the
+engine's TLB fills, and guest memory as delivery and IRET access it.
+
+Unicorn does not walk the guest's page tables; it asks (`UC_HOOK_TLB_FILL`) and this
+module answers with the physical page and the rights both stages grant, or refuses, in
+which case the access lands on a poison page and stops the engine at its instruction
+(the fault is then raised by cpu/stops.py with the exact error code and CR2; SDM Vol. 3A
+4.7 "Page-Fault Exceptions").
+
+`GuestMemory` is the `idt.state.SystemMemory` the pure model reads and writes: the
+CPU's implicit accesses during delivery and IRET (the IDT, the TSS, the stacks) go
+through guest paging and — when the machine has VMX — through EPT, so they can fault
+(#PF, #SS, an EPT violation during delivery) exactly as on hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from cpu.devices.apic import APIC_BASE
+from cpu.engine import PROT_R, PROT_W, PROT_X
+from cpu.ept import EptMisconfig, EptViolation
+from cpu.mmu import Access, PagingControl, Translation, WalkCache
+from cpu.outcomes import Outcome, Stop
+from idt.state import ArchFault, is_canonical
+from idt.vectors import Vector
+
+if TYPE_CHECKING:
+    from cpu.machine import Machine
+
+
+class GuestMemory:
+    """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
+
+    def __init__(self, machine: Machine, *, architectural: bool = True) -> None:
+        """`architectural`: the CPU's own implicit accesses (delivery, IRET), which go
+        through the second stage (EPT) when there is one; otherwise an inspection by the
+        emulator (disassembly, decoding), which never causes an EPT violation."""
+        self.m = machine
+        self.architectural = architectural
+        # Paging controls snapshotted for the duration of one delivery or IRET (see
+        # `Machine.paging_snapshot`): nothing can write CR0/CR3/CR4/EFER in between, and
+        # reading them from the engine for every 8-byte access dominated event cost.
+        self.ctl: PagingControl | None = None
+        self.walks = WalkCache(machine.phys)
+
+    def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
+        off = 0
+        while off < size:
+            addr = (linear + off) & (2**64 - 1)
+            n = min(size - off, 4096 - (addr & 0xFFF))
+            yield addr, off, n
+            off += n
+
+    def _translate(self, addr: int, size: int, access: Access, user: bool, stack: bool) -> int:
+        if not is_canonical(addr):
+            raise ArchFault(Vector.SS if stack else Vector.GP, 0,
+                            why=f"non-canonical address {addr:#x}")
+        m = self.m
+        ctl = self.ctl if self.ctl is not None else m.regs.paging()
+        if self.architectural and m.ept is not None:
+            t = self.walks.walk(ctl, addr, access, user=user, stage2=m.translator.stage2,
+                                stage2_generation=m.ept.generation)
+        else:
+            t = self.walks.walk(ctl, addr, access, user=user)
+        paddr = t.paddr | (addr & 0xFFF)
+        if not m.phys.contains(paddr, size):
+            # A present translation to no RAM: a 2-MiB identity page over the end of a
+            # memory size that is not a multiple of 2 MiB, a PageSpec, or tables the guest
+            # rewrote. The guest's own accesses end the run as "outside_memory"
+            # (cpu/stops.py); delivery's and IRET's implicit accesses (a frame pushed
+            # through RSP0/IST) must end it the same way, not escape Machine.run as
+            # PhysicalAccessError.
+            raise Stop(Outcome.OUTSIDE_MEMORY,
+                       f"{access.name.lower()} of {addr:#x} maps to physical {paddr:#x}, "
+                       "outside guest memory", m.engine.read_reg("rip"))
+        return paddr
+
+    def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:
+        if (linear & 0xFFF) + size <= 0x1000:  # one page: the common case, no splitting
+            paddr = self._translate(linear, size, Access.READ, user, stack)
+            return bytes(self.m.phys.view[paddr : paddr + size])
+        out = bytearray(size)
+        for addr, off, n in self._pieces(linear, size):
+            paddr = self._translate(addr, n, Access.READ, user, stack)
+            out[off : off + n] = self.m.phys.read(paddr, n)
+        return bytes(out)
+
+    def write(self, linear: int, data: bytes, *, user: bool = False, stack: bool = False) -> None:
+        if (linear & 0xFFF) + len(data) <= 0x1000:
+            paddr = self._translate(linear, len(data), Access.WRITE, user, stack)
+            phys = self.m.phys
+            if phys.dirty is not None:
+                phys.mark(paddr, len(data))
+            phys.view[paddr : paddr + len(data)] = data
+            return
+        for addr, off, n in self._pieces(linear, len(data)):
+            paddr = self._translate(addr, n, Access.WRITE, user, stack)
+            self.m.phys.write(paddr, data[off : off + n])
+
+
+class Translator:
+    """The guest's own accesses: TLB fills for the engine, the two-stage walk."""
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+
+    def fill(self, vpage: int, access: Access) -> tuple[int, int] | None:
+        """The engine's TLB fill: (physical page, PROT_* rights), or None to poison."""
+        m = self.m
+        if not is_canonical(vpage):
+            return None
+        try:
+            t = self.guest_walk(m.regs.read_paging(), vpage, access)
+        except (ArchFault, EptViolation, EptMisconfig):
+            return None  # poisoned: the access stops at its instruction (cpu/stops.py)
+        if not m.phys.contains(t.paddr, 4096):
+            # Also the local APIC page: every access to it stops the engine at the
+            # accessing instruction, which the machine emulates (cpu/apic_mmio.py).
+            return None
+        prot = PROT_R
+        if t.writable and (t.dirty or access is Access.WRITE):
+            prot |= PROT_W  # a clean page is filled read-only so the first write sets D
+        if m.phys.dirty is not None:
+            # Checkpoint tracking (cpu.snapshot): the engine may write a page only through
+            # an entry filled for a write, which is where the page is marked.
+            if access is Access.WRITE:
+                m.phys.mark(t.paddr, 4096)
+            else:
+                prot &= ~PROT_W
+        if t.executable:
+            prot |= PROT_X
+        if m.ept is not None:
+            # The engine's TLB entry serves every kind of access: it may only grant what
+            # both stages allow. A kind EPT refuses misses the TLB and comes back here
+            # as its own fill, which then poisons (a violation at its instruction).
+            for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
+                if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
+                    prot &= ~bit
+        return t.paddr, prot
+
+    def _ept_allows(self, hpa: int, access: Access) -> bool:
+        assert self.m.ept is not None
+        try:
+            self.m.ept.translate(hpa, access)  # identity: the host address is the GPA
+        except (EptViolation, EptMisconfig):
+            return False
+        return True
+
+    def guest_walk(self, ctl: PagingControl, vaddr: int, access: Access) -> Translation:
+        """The guest's own access: guest paging, then EPT when the machine has it."""
+        m = self.m
+        user = m.regs.state.cpl == 3
+        if m.ept is None:
+            return m.sysmem.walks.walk(ctl, vaddr, access, user=user)
+        return m.sysmem.walks.walk(ctl, vaddr, access, user=user, stage2=self.stage2,
+                                   stage2_generation=m.ept.generation)
+
+    def stage2(self, gpa: int, access: Access, linear: int, final: bool) -> int:
+        """EPT translation of one guest-physical access (`cpu.mmu.Stage2`). A violation
+        is annotated with the guest-linear address and whether it hit the final
+        translation or a guest paging-structure entry (qualification bits 7 and 8)."""
+        m = self.m
+        assert m.ept is not None
+        if m.apic is not None and gpa & ~0xFFF == APIC_BASE:
+            return gpa  # the APIC page is not behind EPT here (no APIC virtualization)
+        try:
+            return m.ept.translate(gpa, access)
+        except EptViolation as v:
+            v.gla = linear
+            v.final = final
+            raise
