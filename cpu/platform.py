@@ -48,6 +48,9 @@ class PlatformState:
 class Platform:
     """Port reads and writes, and the exit devices."""
 
+    # Append-only, checkpointed by length like the trace (cpu/snapshot.py).
+    LOGS = frozenset({"serial"})
+
     def __init__(self, m: Machine, memory: int) -> None:
         self.m = m
         self.state = PlatformState(uart=Uart16550(SERIAL_PORT, on_byte=self.serial_byte),

@@ -41,6 +41,9 @@ class RegisterState:
 class Registers:
     """Cached reads of the control and table registers, CS/SS loads, `ArchState`."""
 
+    # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
+    CACHES = frozenset({"_cache", "running"})
+
     def __init__(self, m: Machine, state: RegisterState) -> None:
         self.m = m
         self.state = state

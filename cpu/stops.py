@@ -50,6 +50,9 @@ class StopState:
 class Stops:
     """The engine's hooks and what each stop means."""
 
+    # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
+    CACHES = frozenset({"pending"})
+
     def __init__(self, m: Machine, state: StopState) -> None:
         self.m = m
         self.state = state

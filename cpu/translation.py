@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 class GuestMemory:
     """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
 
+    # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
+    CACHES = frozenset({"walks", "ctl"})
+
     def __init__(self, machine: Machine, *, architectural: bool = True) -> None:
         """`architectural`: the CPU's own implicit accesses (delivery, IRET), which go
         through the second stage (EPT) when there is one; otherwise an inspection by the
