@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from cpu.devices.apf import ApfMsrError
 from cpu.devices.apf import cpuid as apf_cpuid
 from cpu.devices.apic import APIC_BASE
-from cpu.engine import native_cpuid
+from cpu.engine_blob import native_cpuid
 from cpu.errors import Unsupported
 from cpu.mmu import EFER_LMA, EFER_LME, EFER_NXE
 

@@ -1,25 +1,28 @@
-"""The engine adapter: the only module in idtlab that imports `unicorn`.
+"""The engine adapter: with cpu/engine_blob.py, the only code in idtlab that imports
+`unicorn`.
 
-Contract (each point is a verified fact of Unicorn 2.1.4, see docs/ARCHITECTURE.md and
-`shared/docs/unicorn.md`):
+Contract (each point a behaviour of Unicorn 2.1.4 that idtlab depends on, which is why
+the version is pinned):
 
 * Unicorn executes guest instructions and nothing else. It never delivers an event:
-  exceptions and INT n reach `UC_HOOK_INTR` as a bare vector, the hook records it and
-  stops the engine, and Python delivers (fact 1-3).
-* Address translation is Python's (`UC_TLB_VIRTUAL` + `UC_HOOK_TLB_FILL`, fact 5). A
-  refused translation is filled with a *poison* physical page that is not mapped, so the
-  access lands in `UC_HOOK_MEM_*_UNMAPPED` with the exact offset in the page (fact 6).
+  exceptions and INT n reach `UC_HOOK_INTR` as a bare vector (no error code, no CR2),
+  with RIP at the faulting instruction for faults and after it for INT n/INT3; the hook
+  records it and stops the engine, and Python delivers.
+* Address translation is Python's (`UC_TLB_VIRTUAL` + `UC_HOOK_TLB_FILL`). A refused
+  translation is filled with a *poison* physical page that is not mapped, so the access
+  lands in `UC_HOOK_MEM_*_UNMAPPED` with the exact offset in the page (refusing the fill
+  itself would stop emulation without the address).
 * Privilege is changed by patching the CPU context blob: the CS/SS segment caches and
-  the CPL bits of `hflags` (register writes in 64-bit mode only set selectors). The
-  offsets are found once per process by a probe that runs native IRETQs to CPL0 and CPL3
-  and compares the blobs, never hard-coded.
-* QEMU's stale "exception in flight" field (`old_exception`, issue #1883, fact 4) is
-  reset to -1 after every exception the hook consumed, or the next contributory fault
-  arrives as #DF and a third as a triple-fault reset. Its offset is found by probing the
-  -1 → 0 → 8 sequence.
-* QEMU's error code for instruction-level faults (e.g. #GP(sel) from MOV DS) and whether
-  the event was an INT instruction are read from the same blob (`error_code`,
-  `exception_is_int`), located by probing a known #GP(0x1238).
+  the CPL bits of `hflags` (register writes in 64-bit mode only set selectors). QEMU's
+  stale "exception in flight" field (`old_exception`; Unicorn issue #1883) is reset to
+  -1 after every exception the hook consumed, or the next contributory fault arrives as
+  #DF and a third as a triple-fault reset. The offsets are probed (cpu/engine_blob.py).
+* HLT stops emulation silently (Unicorn issue #1082), native IRETQ's NMI unblocking is
+  invisible, and IN/OUT run at CPL 3 with IOPL 0 without #GP: those instructions are
+  sites the machine intercepts (cpu/sites.py).
+* A `UC_MODE_32` engine executes a real switch to long mode but its binding will not
+  access the 64-bit registers; the state is then moved to a `UC_MODE_64` engine
+  (`migrate_from`).
 * Instructions are counted by a native UC_HOOK_CODE callback (`cpu/native/counter.c`),
   registered first so it runs before any Python code hook on the same instruction.
 """
@@ -29,12 +32,9 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exported
-    UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
     UC_ERR_INSN_INVALID,
@@ -50,20 +50,19 @@ from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exp
     UC_MEM_READ_UNMAPPED,
     UC_MEM_WRITE,
     UC_MEM_WRITE_UNMAPPED,
-    UC_MODE_32,
-    UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_READ,
     UC_PROT_WRITE,
     UC_TLB_VIRTUAL,
-    Uc,
     UcError,
 )
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucpy
 
 from cpu import native
+from cpu.decode import decode
+from cpu.engine_blob import blob, blob_layout, new_uc
 from cpu.memory import PhysicalMemory
 from cpu.mmu import Access
 
@@ -94,7 +93,7 @@ MSR_EFER = 0xC0000080
 EFER_LMA = 1 << 10
 CR0_PG = 1 << 31
 DESC_L = 1 << 21  # the L (64-bit code) bit of a code descriptor's high dword
-# A UC_MODE_32 engine refuses the 64-bit registers (unicorn.md fact 18b): its names
+# A UC_MODE_32 engine refuses the 64-bit registers (see `migrate_from`): its names
 # map the 64-bit ones to their 32-bit halves (R8-R15 do not exist there).
 REG32 = {**{k: REG[k] for k in ("cs", "ss", "ds", "es", "fs", "gs", "cr0", "cr2", "cr3", "cr4")},
          "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX,
@@ -116,110 +115,6 @@ class _Msr(ctypes.Structure):
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
-@dataclass(frozen=True)
-class BlobLayout:
-    """Offsets inside Unicorn's CPU context blob (`uc_context_save`), found by probing."""
-
-    hflags: int
-    cs: int  # SegmentCache of CS: selector at +0, base +8, limit +16, flags +20
-    ss: int
-    error_code: int
-    is_int: int
-    old_exception: int
-
-
-def _blob(ctx: Any) -> ctypes.Array[ctypes.c_char]:
-    """The raw bytes of a `UcContext`, writable in place (`context_restore` reads them)."""
-    ptr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-    blob: ctypes.Array[ctypes.c_char] = (ctypes.c_char * ctx.size).from_address(ptr)
-    return blob
-
-
-def _i32(b: bytes, off: int) -> int:
-    return int(struct.unpack_from("<i", b, off)[0])
-
-
-def _new_uc(bits: int = 64) -> Any:
-    """A 64-bit (or 32-bit) engine. Unicorn's binding is only partly typed, so it is `Any`."""
-    return Uc(UC_ARCH_X86, UC_MODE_64 if bits == 64 else UC_MODE_32)  # type: ignore[no-untyped-call]
-
-
-@cache
-def native_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-    """EAX, EBX, ECX, EDX of Unicorn's own CPUID (its default x86-64 CPU model), for the
-    machine to adjust where the model differs from it (cpu/machine.py `_cpuid_leaf`)."""
-    uc: Any = _new_uc()
-    uc.mem_map(0, 0x1000, UC_PROT_ALL)
-    uc.mem_write(0, b"\x0f\xa2")  # cpuid
-    uc.reg_write(X.UC_X86_REG_RAX, leaf)
-    uc.reg_write(X.UC_X86_REG_RCX, subleaf)
-    uc.emu_start(0, 2)
-    eax, ebx, ecx, edx = (int(uc.reg_read(r)) for r in (X.UC_X86_REG_EAX, X.UC_X86_REG_EBX,
-                                                         X.UC_X86_REG_ECX, X.UC_X86_REG_EDX))
-    return eax, ebx, ecx, edx
-
-
-_PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF)
-
-
-@cache
-def blob_layout() -> BlobLayout:
-    """Locate the fields idtlab patches in the context blob (once per process)."""
-    uc: Any = _new_uc()  # Unicorn's binding is only partly typed
-    uc.mem_map(0, 0x100000, UC_PROT_ALL)
-    for i, d in enumerate(_PROBE_GDT):
-        uc.mem_write(0x1000 + 8 * i, struct.pack("<Q", d))
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, 8 * len(_PROBE_GDT) - 1, 0))
-    uc.mem_write(0x2000, b"\x48\xcf")  # iretq
-    uc.mem_write(0x3000, b"\x90\x90")
-
-    def iret_to(cs: int, ss: int) -> bytes:
-        uc.mem_write(0x8000 - 40, struct.pack("<5Q", 0x3000, cs, 2, 0x7000, ss))
-        uc.reg_write(X.UC_X86_REG_RSP, 0x8000 - 40)
-        uc.emu_start(0x2000, 0x3000)
-        return bytes(_blob(uc.context_save()))
-
-    a, b = iret_to(0x08, 0x10), iret_to(0x1B, 0x23)
-    n = len(a) - 4
-    hflags = next(o for o in range(0, n, 4)
-                  if _i32(a, o) & 3 == 0 and _i32(b, o) == _i32(a, o) | 3 and _i32(a, o) != 0)
-    cs = next(o for o in range(0, n, 4) if (_i32(a, o), _i32(b, o)) == (0x08, 0x1B))
-    ss = next(o for o in range(0, n, 4) if (_i32(a, o), _i32(b, o)) == (0x10, 0x23))
-
-    # Exception-state probes on a fresh engine (CPL0, no GDT: nothing else can fault).
-    uc = _new_uc()
-    uc.mem_map(0, 0x100000, UC_PROT_ALL)
-    uc.reg_write(X.UC_X86_REG_RSP, 0x7000)
-    fresh = bytes(_blob(uc.context_save()))
-    seen: list[bytes] = []
-
-    def on_intr(u: Any, vector: int, _data: object) -> None:
-        seen.append(bytes(_blob(u.context_save())))
-        u.emu_stop()
-
-    uc.hook_add(UC_HOOK_INTR, on_intr)
-
-    def trap(code: bytes) -> bytes:
-        seen.clear()
-        uc.mem_write(0x4000, code)
-        uc.emu_start(0x4000, 0x4000 + len(code))
-        return seen[-1]
-
-    div0 = b"\x31\xc9\xf7\xf1"  # xor ecx, ecx; div ecx
-    de1 = trap(div0)
-    de2 = trap(div0)
-    old_exception = next(o for o in range(0, n, 4)
-                         if (_i32(fresh, o), _i32(de1, o), _i32(de2, o)) == (-1, 0, 8))
-    ctx = uc.context_save()
-    struct.pack_into("<i", _blob(ctx), old_exception, -1)
-    uc.context_restore(ctx)
-    gp = trap(b"\x66\xbb\x38\x12\x8e\xdb")  # mov bx, 0x1238; mov ds, bx  -> #GP(0x1238)
-    int80 = trap(b"\xcd\x80")
-    error_code = next(o for o in range(ss, n, 4)
-                      if _i32(gp, o) == 0x1238 and _i32(gp, o + 4) == 0 and _i32(int80, o + 4) == 1)
-    return BlobLayout(hflags, cs, ss, error_code, error_code + 4, old_exception)
-
-
 class Engine:
     """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
 
@@ -235,7 +130,7 @@ class Engine:
 
     def __init__(self, mem: PhysicalMemory, *, block_counting: bool = False, bits: int = 64) -> None:
         """`bits` = 32: a UC_MODE_32 engine for a multiboot image's 32-bit entry code
-        (fact 18b): QEMU's own page walk (no TLB-fill hook: nothing is modelled before
+        QEMU's own page walk (no TLB-fill hook: nothing is modelled before
         long mode), 32-bit register names, 32-bit decoding for block counting, a block
         callback `block(address)` and a CPUID callback `cpuid(leaf, subleaf)`."""
         if bits not in (32, 64):
@@ -250,7 +145,7 @@ class Engine:
         # address -> (size, instruction starts) of the longest block decoded there
         self._block_decodes: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.layout = blob_layout()
-        uc: Any = _new_uc(bits)
+        uc: Any = new_uc(bits)
         if bits == 64:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
@@ -359,12 +254,12 @@ class Engine:
         self.write(dict(zip(("rax", "rbx", "rcx", "rdx"), regs, strict=True)))
         return 1  # skip the native instruction
 
-    # -- operating mode and the 32 -> 64-bit migration (fact 18b) ---------------------------
+    # -- operating mode and the 32 -> 64-bit migration --------------------------------------
     def in_64bit_mode(self) -> bool:
         """IA-32e mode active (EFER.LMA) and CS.L = 1 in the CS descriptor cache."""
         if not self.read_reg("cr0") & CR0_PG or not self.read_msr(MSR_EFER) & EFER_LMA:
             return False
-        flags = struct.unpack_from("<I", _blob(self._saved_context()), self.layout.cs + 20)[0]
+        flags = struct.unpack_from("<I", blob(self._saved_context()), self.layout.cs + 20)[0]
         return bool(flags & DESC_L)
 
     def migrate_from(self, other: Engine) -> None:
@@ -473,7 +368,6 @@ class Engine:
         code = self.code_reader(address, size)
         found: list[int] = []
         if code is not None:
-            from cpu.decode import decode  # capstone; imported lazily
             end = address
             for insn in decode(code, address, bits=self.bits):
                 found.append(insn.address)
@@ -631,7 +525,7 @@ class Engine:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # -- registers ---------------------------------------------------------------------
-    # The binding's reg_read/reg_read_batch cost ~3 us per register (fact 10: most of it
+    # The binding's reg_read/reg_read_batch cost ~3 us per register (most of it
     # in its register-class lookup). Delivery and IRET read and write a handful of
     # registers per event, so these call the library directly through ctypes with
     # buffers prepared once per register list.
@@ -703,7 +597,7 @@ class Engine:
 
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""
-        view = memoryview(_blob(self._saved_context())).cast("B")
+        view = memoryview(blob(self._saved_context())).cast("B")
         error_code, is_int = struct.unpack_from("<Ii", view, self.layout.error_code)
         assert self.layout.is_int == self.layout.error_code + 4
         return int(error_code), bool(is_int)
@@ -716,7 +610,7 @@ class Engine:
         the descriptor's high dword as QEMU caches it (0 for a null SS).
         """
         ctx = self._saved_context()
-        b = _blob(ctx)
+        b = blob(ctx)
         lay = self.layout
         if clear_stale_exception:
             struct.pack_into("<i", b, lay.old_exception, -1)
