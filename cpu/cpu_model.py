@@ -44,6 +44,8 @@ MSR_APIC_BASE = 0x1B
 MSR_EFER = 0xC0000080
 APIC_BASE_BSP = 1 << 8
 APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_ADDRESS_MASK = ((1 << 46) - 1) & ~0xFFF  # bits 45:12 (MAXPHYADDR 46)
+APIC_BASE_WRITABLE = APIC_BASE_BSP | APIC_BASE_ENABLE | APIC_BASE_ADDRESS_MASK
 EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_LMA | EFER_NXE  # SCE, LME, LMA, NXE
 # MSRs kept by the engine itself: SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR, FMASK,
 # FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX.
@@ -80,7 +82,8 @@ class CpuModel:
         if msr == MSR_EFER:
             return m.engine.read_msr(msr)
         if msr == MSR_APIC_BASE:
-            return APIC_BASE | APIC_BASE_BSP | (APIC_BASE_ENABLE if m.apic is not None else 0)
+            enabled = m.apic is not None and m.apic.enabled
+            return APIC_BASE | APIC_BASE_BSP | (APIC_BASE_ENABLE if enabled else 0)
         if msr == MSR_TSC:
             return (m.engine.cycles + self.state.tsc_offset) & (2**64 - 1)
         if msr in PASSTHROUGH_MSRS:
@@ -104,9 +107,18 @@ class CpuModel:
             e.flush_tlb()
             return
         if msr == MSR_APIC_BASE:
-            if value != self.rdmsr(msr):
-                raise Unsupported(f"IA32_APIC_BASE write {value:#x}: moving or disabling the "
-                                  "local APIC is not modelled")
+            # "Local APIC Status and Location" (IA32_APIC_BASE): BSP flag 8 (read-only),
+            # x2APIC enable 10 (reserved: x2APIC is not advertised), global enable 11,
+            # base 12 and up; the rest is reserved.
+            if value & ~APIC_BASE_WRITABLE:
+                raise MsrFault(f"reserved IA32_APIC_BASE bits {value & ~APIC_BASE_WRITABLE:#x}")
+            if m.apic is None:
+                raise MsrFault("IA32_APIC_BASE: this machine has no local APIC")
+            if value & APIC_BASE_ADDRESS_MASK != APIC_BASE:
+                raise Unsupported(f"IA32_APIC_BASE write {value:#x}: moving the local APIC "
+                                  "page is not modelled")
+            m.apic.set_global_enable(bool(value & APIC_BASE_ENABLE))
+            e.flush_tlb()
             return
         if msr == MSR_TSC:
             self.state.tsc_offset = (value - e.cycles) & (2**64 - 1)
@@ -131,7 +143,8 @@ class CpuModel:
             edx &= ~CPUID_1_EDX_APIC
             ecx &= ~CPUID_1_ECX_HYPERVISOR
             ebx &= 0x00FFFFFF
-            if m.apic is not None:
+            if m.apic is not None and m.apic.enabled:
+                # "Enabling or Disabling the Local APIC": the flag reads 0 while disabled.
                 edx |= CPUID_1_EDX_APIC
                 ebx |= m.apic.apic_id << 24
             if m.apf is not None:

@@ -149,9 +149,11 @@ def memory_operands(code: bytes, address: int) -> tuple[int, list[MemOperand]]:
 
 @dataclass(frozen=True)
 class MmioMove:
-    """A MOV between a register or immediate and memory (how drivers touch device
-    registers), decoded for emulation: `store` (to memory) or load, operand `size`,
-    the source register or immediate of a store, the destination register of a load."""
+    """A move between a register or immediate and memory (how drivers touch device
+    registers), decoded for emulation: `store` (to memory) or load, the memory operand's
+    `size`, the source register or immediate of a store, the destination register of a
+    load and how a narrower load fills it (`extend`: "zero" for MOVZX, "sign" for MOVSX
+    and MOVSXD, None for MOV)."""
 
     length: int
     text: str
@@ -159,13 +161,31 @@ class MmioMove:
     size: int
     reg: str | None = None
     imm: int | None = None
+    extend: str | None = None
+
+
+_MMIO_LOADS = {"mov": None, "movabs": None, "movzx": "zero", "movsx": "sign", "movsxd": "sign"}
 
 
 def mmio_move(code: bytes, address: int) -> MmioMove | None:
-    """The instruction at `address` if it is `mov mem, reg|imm` or `mov reg, mem`."""
+    """The instruction at `address` if it is a store `mov mem, reg|imm` (including the
+    moffs form `movabs [imm64], al/ax/eax/rax`, opcodes A2/A3) or a load `mov reg, mem`
+    (A0/A1), `movzx`, `movsx` or `movsxd` from memory; None for anything else."""
     insns = list(_cs().disasm(code, address, 1))
-    if not insns or insns[0].mnemonic != "mov" or len(insns[0].operands) != 2:
+    if not insns or insns[0].mnemonic not in _MMIO_LOADS or len(insns[0].operands) != 2:
         return None
+    insn = insns[0]
+    dst, src = insn.operands
+    text = f"{insn.mnemonic} {insn.op_str}"
+    if dst.type == CX.X86_OP_MEM and insn.mnemonic in ("mov", "movabs"):
+        if src.type == CX.X86_OP_REG:
+            return MmioMove(insn.size, text, True, int(dst.size), reg=str(insn.reg_name(src.reg)))
+        if src.type == CX.X86_OP_IMM:
+            return MmioMove(insn.size, text, True, int(dst.size), imm=int(src.imm))
+    elif src.type == CX.X86_OP_MEM and dst.type == CX.X86_OP_REG:
+        return MmioMove(insn.size, text, False, int(src.size), reg=str(insn.reg_name(dst.reg)),
+                        extend=_MMIO_LOADS[insn.mnemonic])
+    return None
     insn = insns[0]
     dst, src = insn.operands
     text = f"{insn.mnemonic} {insn.op_str}"
