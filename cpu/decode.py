@@ -1,10 +1,10 @@
 """Instruction decoding with Capstone: interception sites, stack references, disassembly.
 
-IRET and HLT must never run natively (IRET's NMI-unblocking side effect is invisible in
-Unicorn, and HLT just stops it, `unicorn.md` facts 8 and 11), so every loaded code range
-is decoded linearly when it is loaded and each IRET/HLT gets an address-ranged code hook,
-which costs nothing elsewhere. Code the guest writes at run time is not decoded: an IRET
-there would run natively (documented limitation).
+IRET and HLT must never run natively (Unicorn has no visible NMI-blocking state, so IRET's
+NMI-unblocking side effect is lost, and HLT just stops emulation: unicorn-engine/unicorn
+issue #1082), so every loaded code range is decoded linearly when it is loaded and each
+IRET/HLT gets an address-ranged code hook, which costs nothing elsewhere. Code the guest
+writes at run time is not decoded: an IRET there would run natively (documented limitation).
 """
 
 from __future__ import annotations
