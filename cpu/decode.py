@@ -61,11 +61,14 @@ class SiteKind(StrEnum):
     STI = "sti"  # observed: opens an interrupt shadow when it sets IF
     MOV_SS = "mov_ss"  # observed: opens a MOV-SS shadow
     OUT = "out"  # observed: a write to an exit port ends the run exactly after it
+    SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
+    SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
               "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
-              "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID}
+              "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "syscall": SiteKind.SYSCALL,
+              "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
 
 
 def site_kind(insn: Insn) -> SiteKind | None:

@@ -67,6 +67,8 @@ class Stops:
             SiteKind.RDMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=False)),
             SiteKind.WRMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=True)),
             SiteKind.CPUID: m.emulated.cpuid_site,
+            SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
+            SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
         }
 
     def _defer(self, action: Callable[[], None]) -> bool:

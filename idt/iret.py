@@ -7,9 +7,9 @@ QEMU gets wrong (it clears the mask only after a successful IRET) and Bochs gets
 without a comment. Do not move it below the pops or the checks.
 
 Then the pops (RIP, CS, RFLAGS, RSP, SS — 64-bit mode always pops SS:RSP) and the
-protected-mode return checks on CS and SS, then the target RIP's canonical check. Only
-64-bit targets are modelled: an IRET to a compatibility-mode code segment raises
-`Unsupported` (an outcome, not a crash).
+protected-mode return checks on CS and SS, then the target RIP's canonical check (and,
+for a 32-bit compatibility-mode target, the CS limit). A 16-bit code segment target
+raises `Unsupported` (an outcome, not a crash).
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ from idt.vectors import Vector
 _STATUS = RFLAGS_CF | 0x4 | 0x10 | 0x40 | 0x80 | 0x800
 _WRITABLE = (_STATUS | RFLAGS_TF | RFLAGS_IF | RFLAGS_DF | RFLAGS_IOPL | RFLAGS_NT | RFLAGS_RF
              | RFLAGS_AC | RFLAGS_VIF | RFLAGS_VIP | RFLAGS_ID)
+
+
+def _limit_bytes(limit: int, granular: int) -> int:
+    """The last valid offset of a segment (G = 1: the limit counts 4-KiB pages)."""
+    return (limit << 12) | 0xFFF if granular else limit
 
 
 class UnsupportedIret(Exception):
@@ -93,8 +98,8 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
                         why=f"IRET CS {cs:#x}: DPL {cs_desc.dpl} != RPL {rpl}")
     if not cs_desc.present:
         raise ArchFault(Vector.NP, selector_code(cs, ext=False), why=f"IRET CS {cs:#x} not present")
-    if not cs_desc.is_64bit_code:
-        raise UnsupportedIret(f"IRET to compatibility-mode CS {cs:#x} is not modelled")
+    if not cs_desc.is_64bit_code and not (cs_desc.is_code and cs_desc.db and not cs_desc.l):
+        raise UnsupportedIret(f"IRET to 16-bit compatibility-mode CS {cs:#x} is not modelled")
 
     # Stack segment: 64-bit mode pops SS:RSP on every IRET. A null SS is allowed only
     # when returning to a 64-bit segment at CPL < 3.
@@ -111,6 +116,10 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
 
     if not is_canonical(rip):
         raise ArchFault(Vector.GP, 0, why=f"IRET to non-canonical RIP {rip:#x}")
+    if not cs_desc.is_64bit_code and rip > _limit_bytes(cs_desc.limit, cs_desc.g):
+        # A compatibility-mode target: EIP within the CS limit (IRET pseudocode,
+        # RETURN-TO-OUTER/SAME-PRIVILEGE-LEVEL: "IF tempEIP is not within CS limit").
+        raise ArchFault(Vector.GP, 0, why=f"IRET to RIP {rip:#x} beyond CS limit")
 
     # RFLAGS: IOPL, VIF and VIP change only at CPL0; IF only when CPL <= IOPL (SDM IRET
     # "Operation": "IF CPL = 0 THEN EFLAGS(IOPL) <- tempEFLAGS; EFLAGS(VIF, VIP) <-

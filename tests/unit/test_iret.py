@@ -128,12 +128,29 @@ def test_an_iret_that_faults_still_unblocks_nmis(world: World, breakage: str) ->
 
 
 def test_an_iret_that_is_not_modelled_still_unblocks_nmis(world: World) -> None:
-    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1))  # 32-bit code
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=0))  # 16-bit code
     frame(world, cs=SPARE_SEL)
     st = handler_state()
     with pytest.raises(UnsupportedIret):
         iret64(world.mem, st)
     assert not st.nmi_blocked
+
+
+def test_an_iret_to_32_bit_compatibility_mode_code_returns_there(world: World) -> None:
+    """IA-32e mode IRET to a CS with L = 0, D = 1 (SDM Vol. 2 IRET: the return is to
+    compatibility mode; EIP must lie within the CS limit)."""
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1))  # 32-bit code
+    frame(world, cs=SPARE_SEL, rip=0x401000)
+    res = iret64(world.mem, handler_state())
+    assert (res.cs, res.rip, res.cpl) == (SPARE_SEL, 0x401000, 0)
+
+
+def test_an_iret_to_compatibility_mode_beyond_the_cs_limit_is_gp0(world: World) -> None:
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1, limit=0xF, g=0))
+    frame(world, cs=SPARE_SEL, rip=0x10)
+    with pytest.raises(ArchFault) as info:
+        iret64(world.mem, handler_state())
+    assert (info.value.vector, info.value.error_code) == (Vector.GP, 0)
 
 
 # -- each check ------------------------------------------------------------------------
@@ -234,9 +251,9 @@ def test_a_non_canonical_return_rip_raises_gp_0(world: World) -> None:
     assert iret_fault(world, handler_state()) == (Vector.GP, 0)
 
 
-def test_an_iret_to_a_compatibility_mode_segment_is_unsupported_not_a_crash(
+def test_an_iret_to_a_16_bit_code_segment_is_unsupported_not_a_crash(
         world: World) -> None:
-    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1))
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=0))
     frame(world, cs=SPARE_SEL)
     with pytest.raises(UnsupportedIret):
         iret64(world.mem, handler_state())
