@@ -82,7 +82,7 @@ def _run_image(args: argparse.Namespace) -> int:
     from cpu import multiboot as mbt  # imports idtlab.errors: not at module level
     from cpu.machine import Machine
 
-    memory = scn.parse_size(args.memory, "--memory", scn._Checker(Path("run")))
+    memory = scn.parse_size(args.memory, "--memory", scn.Checker("run"))
     if memory % 4096 or not 1 << 20 <= memory <= 0xFEE00000:
         raise BadInput(f"run: --memory {args.memory}: must be a multiple of 4 KiB between "
                        "1M and the local APIC at 0xfee00000")
