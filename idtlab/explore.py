@@ -47,12 +47,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import EVENT_KINDS, PAUSE, Machine, RunResult
+from cpu.events import AsyncEvent, Before, parse_event
+from cpu.machine import PAUSE, Machine, RunResult
 from cpu.snapshot import Checkpoint
 from idtlab import scenario as scn
 from idtlab.assemble import resolve_address
 from idtlab.errors import BadInput
-from idtlab.trace import Symbolizer
+from idtlab.trace import Symbolizer, timeline
 
 MAX_WINDOW_STEPS = 200_000
 HIDDEN_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
@@ -86,57 +87,6 @@ class Window:
             if p.rip == rip:
                 return p.arrival
         return dict(self.before).get(rip, 0)
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    """An event to inject: `nmi`, `interrupt:VECTOR`, `async_pf:gpa=ADDR`,
-    `async_pf:token=N` or `ept_revoke:GPA`."""
-
-    text: str
-    kind: str
-    vector: int | None = None
-    token: int | None = None
-    gpa: int | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"vector": self.vector, "token": self.token, "gpa": self.gpa}
-
-
-EVENT_FORMS = "nmi, interrupt:VECTOR, async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA"
-
-
-def parse_event(text: str) -> EventSpec:
-    kind, _, arg = text.partition(":")
-    where = f"--event {text!r}"
-    if kind not in EVENT_KINDS:
-        raise BadInput(f"{where}: unknown event (known: {EVENT_FORMS})")
-
-    def number(s: str, what: str) -> int:
-        try:
-            return int(s, 0)
-        except ValueError:
-            raise BadInput(f"{where}: {what} {s!r} is not a number") from None
-
-    if kind == "nmi":
-        if arg:
-            raise BadInput(f"{where}: an NMI takes no argument")
-        return EventSpec(text, kind)
-    if kind == "interrupt":
-        vector = number(arg, "vector") if arg else -1
-        if not 16 <= vector <= 255:
-            raise BadInput(f"{where}: give the vector, 16..255 (interrupt:0x40)")
-        return EventSpec(text, kind, vector=vector)
-    if kind == "async_pf":
-        key, eq, value = arg.partition("=")
-        if not eq or key not in ("gpa", "token"):
-            raise BadInput(f"{where}: give the swapped page or the token (async_pf:gpa=0x300000 "
-                           "or async_pf:token=7)")
-        n = number(value, key)
-        return EventSpec(text, kind, **{key: n})
-    if not arg:
-        raise BadInput(f"{where}: give the guest-physical page (ept_revoke:0x300000)")
-    return EventSpec(text, kind, gpa=number(arg, "gpa"))
 
 
 @dataclass(frozen=True)
@@ -427,7 +377,7 @@ def _limits(sc: scn.Scenario, budget: Budget | None, n_events: int) -> None:
         m.max_events = min(m.max_events, budget.events)
 
 
-def _run_fresh(plan: Plan, events: tuple[EventSpec, ...], schedule: tuple[Point, ...],
+def _run_fresh(plan: Plan, events: tuple[AsyncEvent, ...], schedule: tuple[Point, ...],
                budget: Budget | None) -> tuple[scn.Scenario, RunResult,
                                                 list[tuple[str, Invariant]]]:
     """Load the scenario afresh, inject `events[i]` at `schedule[i]` (arrivals counted
@@ -438,7 +388,7 @@ def _run_fresh(plan: Plan, events: tuple[EventSpec, ...], schedule: tuple[Point,
     _limits(sc, budget, len(events))
     invs = _prepare_invariants(plan.invariants, m)
     for ev, point in zip(events, schedule, strict=True):
-        m.inject(ev.kind, before=point.rip, hit=point.arrival, label="explore", **ev.kwargs())
+        m.inject(ev, Before(point.rip, point.arrival), label="explore")
     return sc, scn.run(sc), invs
 
 
@@ -491,7 +441,7 @@ class Session:
         self.cp = m.checkpoint()
         self.at = index
 
-    def run(self, events: tuple[EventSpec, ...], schedule: tuple[Point, ...]) -> RunResult:
+    def run(self, events: tuple[AsyncEvent, ...], schedule: tuple[Point, ...]) -> RunResult:
         """Run one schedule from the checkpoint at or shortly before its first point (a
         checkpoint serves the next `CHECKPOINT_EVERY` points: moving it costs more than
         re-running a few instructions); the machine stays in the run's final state until
@@ -504,10 +454,9 @@ class Session:
         for ev, p in zip(events, schedule, strict=True):
             shown = (p.rip, p.arrival)
             if p == here:
-                m.arrive_now(ev.kind, label="explore", shown=shown, **ev.kwargs())
+                m.arrive_now(ev, label="explore", shown=shown)
             else:
-                m.inject(ev.kind, before=p.rip, hit=self._hit(p), label="explore", shown=shown,
-                         **ev.kwargs())
+                m.inject(ev, Before(p.rip, self._hit(p)), label="explore", shown=shown)
         limit = self.scenario_limit
         if self.plan.budget is not None:
             limit = min(limit, self.plan.budget.limit(len(events)))
@@ -749,8 +698,6 @@ def as_json(findings: list[Finding]) -> list[dict[str, Any]]:
 def html_report(plan: Plan, findings: list[Finding]) -> str:
     """A self-contained HTML page: the points (or schedules) coloured by outcome, each
     beside its instruction, and the timeline of the first counterexample."""
-    from idtlab.trace import timeline
-
     rows = []
     for f in findings:
         colour = "#d7f5d7" if f.ok else "#f8d0d0"
