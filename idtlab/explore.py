@@ -91,7 +91,19 @@ class Window:
 
 @dataclass(frozen=True)
 class Finding:
-    """One schedule (events injected at points, in order) and what it broke."""
+    """One schedule (events injected at points, in order) and what it broke: the
+    events as the user spelled them, the points, the run's outcome, and the failed
+    expectations and broken invariants (none: `ok`).
+
+        >>> import idtlab
+        >>> from pathlib import Path
+        >>> path = Path(idtlab.__file__).parent / "examples" / "explore" / "cr2_race.toml"
+        >>> first = explore(path, "nmi", "pf_handler", "pf_done")[0]
+        >>> first.name, first.outcome, first.ok
+        ('nmi @ pf_handler (#1)', 'exit', False)
+        >>> first.failures[0]
+        '[[expect]] #1: mem 0x110000 (8 bytes): expected 0x400000, got 0x500000'
+    """
 
     events: tuple[str, ...]
     schedule: tuple[Point, ...]
@@ -596,7 +608,21 @@ def explore(path: Path, event: str | tuple[str, ...], start: str, end: str | Non
             dask: str | Any | None = None, budget: int | None = 200) -> list[Finding]:
     """One event: every point of the window. Two events: every ordered pair of points
     (the second at or after the first in the undisturbed run). Results in schedule
-    order, whatever runs them."""
+    order, whatever runs them.
+
+    An NMI at every boundary of the #PF handler of the CR2 race (the NMI handler takes
+    a #PF of its own): it breaks the expectation at every point up to the CR2 read.
+
+        >>> import idtlab
+        >>> from pathlib import Path
+        >>> path = Path(idtlab.__file__).parent / "examples" / "explore" / "cr2_race.toml"
+        >>> findings = explore(path, "nmi", "pf_handler", "pf_done",
+        ...                    invariants=("cr2-consistent",))
+        >>> len(findings), sum(not f.ok for f in findings)
+        (38, 16)
+        >>> [f.point.insn for f in findings if not f.ok][-1]
+        'mov rsi, cr2'
+    """
     events = (event,) if isinstance(event, str) else tuple(event)
     if not 1 <= len(events) <= 2:
         raise BadInput("give one --event (every point) or two (every ordered pair of points); "

@@ -105,8 +105,21 @@ FALLBACK = Renderer(as_json)
 
 
 def timeline(records: Iterable[Record], sym: Symbolizer, *, cycles: bool = False) -> list[str]:
-    """Readable lines: icount (and the cycle stamp with `cycles`), nesting by
-    indentation, names instead of numbers."""
+    r"""Readable lines: icount (and the cycle stamp with `cycles`), nesting by
+    indentation, names instead of numbers.
+
+        >>> from idtlab.api import load_asm
+        >>> from cpu.machine import Machine
+        >>> m = Machine()
+        >>> _ = load_asm(m, "main:\n    int3\n    hlt\nbp_handler:\n    iretq", 0x100000)
+        >>> m.set_gate(3, m.symbols["bp_handler"])
+        >>> for line in timeline(m.run(entry=0x100000, rsp=0x70000).trace.records,
+        ...                      Symbolizer({"main": 0x100000, "bp_handler": 0x100002})):
+        ...     print(line)
+                 1  #BP software at main+0x1 -> bp_handler  stack=current rsp=0x6ffd8 cpl 0->0
+                 2  iret at bp_handler -> main+0x1 rsp=0x70000 cpl 0
+                 3  end: hlt at bp_handler (HLT with no event that can wake the CPU)
+    """
     out: list[str] = []
     depth = 0
     for r in records:

@@ -40,7 +40,11 @@ class Expectation:
 
 @dataclass
 class Failure:
-    """An expectation the run did not meet: what was expected and what happened."""
+    """An expectation the run did not meet: what was expected and what happened.
+
+        >>> str(Failure("[[expect]] #2", "rax", "0x1", "0x2"))
+        '[[expect]] #2: rax: expected 0x1, got 0x2'
+    """
 
     where: str
     what: str

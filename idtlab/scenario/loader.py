@@ -114,7 +114,14 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
 
 def run(sc: Scenario) -> RunResult:
     """Run the scenario's machine from the state `[run]` gives (once: a machine that has
-    run is not reset; load the scenario again for another run)."""
+    run is not reset; load the scenario again for another run).
+
+        >>> import idtlab
+        >>> from pathlib import Path
+        >>> result = run(load(Path(idtlab.__file__).parent / "examples" / "demo.toml"))
+        >>> result.outcome, [d["name"] for d in result.deliveries]
+        ('hlt', ['#BP', '#PF', 'vec 0x80', '#GP'])
+    """
     assert sc.machine is not None
     return sc.machine.run(**sc.run_args)
 
