@@ -15,7 +15,8 @@ APIC, #VE, KVM async page faults. The public API:
   reads the command line's spelling of one
 - `load_scenario(path)`, `run_scenario(sc)`, `check_scenario(sc, result)`, `Scenario`,
   `Failure`: scenario files (docs/scenario-format.md)
-- `explore(path, event, start, end)`, `Finding`: the race explorer (docs/explorer.md)
+- `idtlab.explore.explore(path, event, start, end)`: the race explorer, a module of
+  its own (docs/explorer.md)
 - `timeline(records, Symbolizer(symbols))`, `to_jsonl(records)`: the trace as text
 - `BadInput`, `Unsupported`: the errors for bad input and for what idtlab does not model
 
@@ -35,7 +36,6 @@ from cpu.events import AsyncPf, AtCycle, AtIcount, AtPort, Before, EptRevoke, In
 from cpu.machine import Machine, PageSpec, RunResult, VmxConfig
 from cpu.outcomes import Outcome
 from idtlab.api import Raised, load_asm, raises
-from idtlab.explore import Finding, explore
 from idtlab.scenario import Failure, Scenario
 from idtlab.scenario import check as check_scenario
 from idtlab.scenario import load as load_scenario
@@ -60,8 +60,8 @@ __version__ = _version()
 
 __all__ = [
     "AsyncPf", "AtCycle", "AtIcount", "AtPort", "BadInput", "Before", "EptRevoke", "Failure",
-    "Finding", "Interrupt", "Machine", "Nmi", "Now", "Outcome", "PageSpec", "Raised",
-    "RunResult", "Scenario", "Symbolizer", "Unsupported", "VmxConfig", "__version__",
-    "check_scenario", "explore", "load_asm", "load_scenario", "parse_event", "raises",
-    "run_scenario", "timeline", "to_jsonl",
+    "Interrupt", "Machine", "Nmi", "Now", "Outcome", "PageSpec", "Raised", "RunResult",
+    "Scenario", "Symbolizer", "Unsupported", "VmxConfig", "__version__", "check_scenario",
+    "load_asm", "load_scenario", "parse_event", "raises", "run_scenario", "timeline",
+    "to_jsonl",
 ]
