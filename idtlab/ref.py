@@ -7,8 +7,8 @@ IMAGE is a multiboot v1 kernel as an ELF64 or ELF32 file, or the name of one of 
 self-logging images (`pf_codes`, built from guest_images/mb/pf_codes.S on demand).
 
 - **QEMU** boots multiboot images with `-kernel`, but only ELF32 ones: an ELF64 image is
-  copied with `objcopy -O elf32-i386` first (the build does this for ours). The command
-  line is the one in ../shared/docs/reference-emulators.md; the image ends QEMU by
+  copied with `objcopy -O elf32-i386` first (the build does this for ours), as
+  kvm-unit-tests does. The command line is `qemu_command`; the image ends QEMU by
   writing v to the isa-debug-exit port 0xF4, and QEMU exits with status (v << 1) | 1.
 - **Bochs** has no multiboot loader: the runner builds a disk whose sector 0 is our boot
   sector (guest_images/boot/bootsect.S: INT 13h AH=42h, protected mode, copy to the load
@@ -208,7 +208,8 @@ def read_multiboot(path: Path) -> MultibootLayout:
 # ------------------------------------------------------------------------------ QEMU
 
 def qemu_command(kernel: Path) -> list[str]:
-    """The QEMU command line (../shared/docs/reference-emulators.md)."""
+    """The QEMU command line: TCG (never KVM), a plain PC with the `qemu64` CPU, 64 MiB,
+    no default devices, the serial port on stdout and isa-debug-exit at 0xF4."""
     return [QEMU_BINARY, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64",
             "-m", str(MEMORY_MIB), "-nodefaults", "-no-reboot", "-display", "none",
             "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
@@ -259,7 +260,9 @@ def bochs_disk(layout: MultibootLayout) -> tuple[bytes, int]:
 
 
 def bochsrc(disk: str, cylinders: int, serial: str, log: str) -> str:
-    """The Bochs configuration (../shared/docs/reference-emulators.md)."""
+    """The Bochs configuration: a CPU model with VMX, EPT and EPT-violation #VE, no reset
+    on triple fault, the boot disk, COM1 into a file, and a headless display (the Debian
+    build has no "nogui" library: `rfb` with `timeout=0`)."""
     return "\n".join([
         f"megs: {MEMORY_MIB}",
         f"cpu: model={BOCHS_CPU_MODEL}, count=1, ips=50000000, reset_on_triple_fault=0, "
