@@ -8,8 +8,8 @@ A multiboot image (`multiboot = true`, the only `[[image]]`) boots itself, as GR
 QEMU's `-kernel` would start it (Multiboot Specification 0.6.96, "Machine state"): it
 brings its own GDT, IDT, TSS and page tables and starts at its own 32-bit entry, so the
 tables that would build those structures or give a start state are refused
-(`check_multiboot`). `build/<name>.elf` under `guest_images/` is built from its committed
-source when a scenario names it.
+(`check_multiboot`). `build/<name>.elf` under `guest_images/` (and the #VE image under
+`guest_images/vmx_ve/`) is built from its committed sources when a scenario names it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from cpu import multiboot as mbt
 from cpu.elf import load_elf
 from guest_images import build as gib
+from guest_images.vmx_ve import build as vmx_build
 from idtlab.errors import BadInput
 from idtlab.scenario.checker import Checker
 from idtlab.scenario.context import Build
@@ -99,7 +100,10 @@ def _load_multiboot(b: Build, im: dict[str, Any], where: str) -> None:
 
 
 def build_guest_image_if_needed(elf_path: Path) -> None:
-    """Build guest_images/build/<name>.elf from its committed source if needed."""
+    """Build guest_images/build/<name>.elf, or the #VE image
+    guest_images/vmx_ve/build/vmx_ve.elf, from its committed sources if needed."""
     build_dir = Path(gib.__file__).resolve().parent / "build"
     if elf_path.parent == build_dir and elf_path.suffix == ".elf":
         gib.build_image(elf_path.stem)
+    elif elf_path == vmx_build.BUILD_DIR / f"{vmx_build.NAME}.elf":
+        vmx_build.build()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_images.vmx_ve import build as vmx_build
 from idtlab import scenario as scn
 from idtlab.cli import main
 from idtlab.errors import BadInput
@@ -80,3 +81,17 @@ label = "timer"
     pending = result.trace.of_kind("interrupt_pending")
     assert [(r["vector"], r["before"], r["label"]) for r in pending] == [(0x30, 0x100000, "timer")]
     assert result.deliveries[0]["rip"] == 0x100000
+
+
+def test_the_ve_image_a_scenario_names_is_built_on_demand(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[Path] = []
+    real = vmx_build.build
+
+    def build() -> Path:
+        built.append(real())
+        return built[-1]
+
+    monkeypatch.setattr(vmx_build, "build", build)
+    sc = scn.load(ROOT / "guest_images" / "vmx_ve" / "guest.toml")
+    assert built == [vmx_build.BUILD_DIR / "vmx_ve.elf"]
+    assert "guest_entry" in sc.symbols
