@@ -33,8 +33,10 @@ from pathlib import Path
 
 from cpu.errors import BadInput, Unsupported
 from cpu.events import AsyncPf, AtCycle, AtIcount, AtPort, Before, EptRevoke, Interrupt, Nmi, Now, parse_event
-from cpu.machine import Machine, PageSpec, RunResult, VmxConfig
-from cpu.outcomes import Outcome
+from cpu.layout import PageSpec
+from cpu.machine import Machine
+from cpu.outcomes import Outcome, RunResult
+from cpu.vmx import VmxConfig
 from idtlab.api import Raised, load_asm, raises
 from idtlab.scenario import Failure, Scenario
 from idtlab.scenario import check as check_scenario

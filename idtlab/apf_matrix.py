@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from cpu.devices.apf import POLICIES
-from cpu.machine import Machine, RunResult
+from cpu.machine import Machine
+from cpu.outcomes import RunResult
 from idtlab.explore import explore
 
 # The invariant for the CR2/flags race, by the name the explorer resolves.

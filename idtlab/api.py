@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cpu.machine import Machine, PageSpec
+from cpu.layout import PageSpec
+from cpu.machine import Machine
 from idtlab.assemble import CodeBlock, assemble_blocks
 
 CODE_AT = 0x100000

@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from cpu.events import AsyncEvent, Before, parse_event
-from cpu.machine import PAUSE, Machine, RunResult
+from cpu.machine import Machine
+from cpu.outcomes import Outcome, RunResult
 from cpu.snapshot import Checkpoint
 from idtlab import scenario as scn
 from idtlab.assemble import resolve_address
@@ -278,7 +279,7 @@ def window(path: Path, start: str, end: str | None, *, mode: str | None = None,
     sym = Symbolizer(sc.symbols, hide=HIDDEN_SYMBOLS)
     limit = sc.run_args["max_insns"]
     m = _start(sc)
-    if m.run(max_insns=limit, pause_at=(lo, 1)).outcome != PAUSE:
+    if m.run(max_insns=limit, pause_at=(lo, 1)).outcome != Outcome.PAUSE:
         raise BadInput(f"{path.name}: execution never reaches the window start {start!r}")
     steps: list[tuple[int, int, int]] = []  # (icount, rip, arrival in the window)
     arrivals: dict[int, int] = {}
@@ -446,7 +447,7 @@ class Session:
         target = self.plan.window.points[index]
         m = self.m
         r = m.run(max_insns=self.limit, pause_at=(target.rip, self._hit(target)))
-        if r.outcome != PAUSE or m.engine.icount != target.icount:
+        if r.outcome != Outcome.PAUSE or m.engine.icount != target.icount:
             raise RuntimeError(f"the undisturbed run did not come back to {target.label} "
                                f"(it ended: {r.outcome} at icount {m.engine.icount}); is "
                                "the scenario deterministic?")

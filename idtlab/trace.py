@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpu.cpu_model import MSR_APIC_BASE, MSR_EFER, MSR_TSC
 from cpu.devices.apf import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT
-from cpu.machine import MSR_APIC_BASE, MSR_EFER, MSR_TSC
 from idt.vectors import vector_name
 
 Record = Mapping[str, Any]

@@ -9,8 +9,8 @@ guest's first access to one starts its page-in, with the latency given.
 
 from __future__ import annotations
 
+from cpu.apf_host import APF_FAIL_ACTIONS
 from cpu.devices.apf import LAYOUTS, POLICIES
-from cpu.machine import APF_FAIL_ACTIONS
 from idtlab.scenario.checker import did_you_mean
 from idtlab.scenario.context import Build
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import RESERVED_END, Machine
+from cpu.layout import RESERVED_END
+from cpu.machine import Machine
 from idtlab.assemble import resolve_address
 from idtlab.scenario.checker import Checker
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cpu.machine import Machine, RunResult
-from cpu.outcomes import OUTCOMES
+from cpu.machine import Machine
+from cpu.outcomes import OUTCOMES, RunResult
 from idt.vectors import parse_vector_name, vector_name
 from idtlab.scenario.checker import did_you_mean
 from idtlab.scenario.context import Build

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import Machine, RunResult
+from cpu.machine import Machine
+from cpu.outcomes import RunResult
 from idtlab.errors import BadInput
 from idtlab.scenario.apf import build_apf, build_swapped
 from idtlab.scenario.checker import Checker, did_you_mean

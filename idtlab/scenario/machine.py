@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import MODES, RESERVED_END, Machine
+from cpu.layout import RESERVED_END
+from cpu.machine import MODES, Machine
 from cpu.timing import ProfileError, load_profile
 from idtlab.scenario.checker import Checker, parse_size
 from idtlab.scenario.vmx import vmx_config

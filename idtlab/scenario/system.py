@@ -11,7 +11,7 @@ overrides 4-KiB pages of the identity map with their own frame and rights (SDM V
 
 from __future__ import annotations
 
-from cpu.machine import PageSpec
+from cpu.layout import PageSpec
 from idtlab.scenario.context import Build
 
 GATE_KEYS = ("handler", "ist", "type", "dpl", "present", "selector")

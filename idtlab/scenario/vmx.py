@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from cpu.ept import EptMisconfig
-from cpu.machine import VmxConfig
+from cpu.vmx import VmxConfig
 from idtlab.scenario.checker import Checker
 from idtlab.scenario.context import Build
 

@@ -18,12 +18,11 @@ import idtlab
 from cpu import events
 
 ROOT = Path(__file__).resolve().parents[2]
-# Exported objects whose docstrings live in cpu/ and have no example yet (the lead's
-# cpu/ split writes them): strict, so each flips to a failure once its example lands.
+# Exported objects whose docstrings live in cpu/ and have no example yet: strict, so each
+# flips to a failure once its example lands.
 CPU_WITHOUT_EXAMPLE = {
     "AsyncPf", "AtCycle", "AtIcount", "AtPort", "BadInput", "Before", "EptRevoke", "Interrupt",
-    "Machine", "Nmi", "Now", "Outcome", "PageSpec", "RunResult", "Unsupported", "VmxConfig",
-    "parse_event",
+    "Nmi", "Now", "Outcome", "RunResult", "Unsupported", "parse_event",
 }
 EXPORTED = [n for n in idtlab.__all__ if n != "__version__"]
 
@@ -87,7 +86,7 @@ def test_python_m_idtlab_runs_a_scenario_and_exits_with_its_status() -> None:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="lead's cpu/ split"))
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="cpu/ docstring without example"))
     if n in CPU_WITHOUT_EXAMPLE else n for n in EXPORTED])
 def test_every_exported_class_and_function_has_a_docstring_with_an_example(name: str) -> None:
     obj = getattr(idtlab, name)

@@ -16,9 +16,6 @@ OUTSIDE = re.compile(r"shared/|(?:semantics|unicorn|style|timing|reference-emula
                      r"vmx-events)\.md|docs/ARCHITECTURE\.md")
 HISTORY = re.compile(r"\bissue[- ]\d|\bstop \d+\b", re.IGNORECASE)
 AREAS = ("cpu", "idt", "idtlab", "guest_images", "tests", "docs", "benchmarks", "top level")
-# cpu/ and idt/ are the lead's (the cpu/ split rewrites their comments); strict, so the
-# test flips once they are clean.
-LEAD = pytest.mark.xfail(strict=True, reason="lead's cpu/ split")
 
 
 def tracked(area: str) -> list[Path]:
@@ -47,8 +44,7 @@ def citations(paths: list[Path], pattern: re.Pattern[str]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("area", [pytest.param(a, marks=LEAD) if a in ("cpu", "idt") else a
-                                  for a in AREAS])
+@pytest.mark.parametrize("area", AREAS)
 def test_no_file_cites_notes_outside_the_repository(area: str) -> None:
     assert tracked(area)
     assert citations(tracked(area), OUTSIDE) == []
