@@ -1,6 +1,6 @@
 """idt/blocking.py on its own: the NMI latch and the arbiter's answer for every
 combination of blocking state (SDM Vol. 3A "Handling Multiple NMIs", Table 6-2, and the
-interruptibility-state shadows; semantics.md §4-§6)."""
+interruptibility-state shadows, SDM Vol. 3C "Interruptibility State")."""
 
 from __future__ import annotations
 

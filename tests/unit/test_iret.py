@@ -1,5 +1,6 @@
 """idt.iret.iret64: NMI unblocking before the checks, each check's fault, and which RFLAGS
-bits IRETQ may write at which CPL/IOPL (semantics.md §6.1; SDM "IRET/IRETD/IRETQ")."""
+bits IRETQ may write at which CPL/IOPL (SDM Vol. 3A "Handling Multiple NMIs"; Vol. 2A
+"IRET/IRETD/IRETQ")."""
 
 from __future__ import annotations
 
