@@ -91,14 +91,14 @@ ud_handler:
 
 
 def test_sysret_at_cpl3_is_gp0_at_the_sysret() -> None:
-    m, sym = build("""
+    m, sym = build(f"""
     mov ecx, 0xc0000080
     rdmsr
     or eax, 1
     wrmsr
     lea rax, [rip + user]
     push 0x23
-    push {user_stack:#x}
+    push {USER_STACK:#x}
     push 0x202
     push 0x1b
     push rax
@@ -108,7 +108,7 @@ the_sysret:
     .byte 0x48, 0x0f, 0x07       # sysretq (Keystone lacks the mnemonic)
 gp_handler:
     hlt
-    """.format(user_stack=USER_STACK), gates={13: gate("gp_handler")})
+    """, gates={13: gate("gp_handler")})
 
     r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=30)
 
