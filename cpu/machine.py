@@ -479,6 +479,7 @@ class Machine:
                shown: tuple[int, int] | None = None, at_port: str | None = None) -> Injection:
         """Schedule an asynchronous event (cpu/events.py) to arrive at a point.
 
+            >>> from cpu.events import Before, Nmi
             >>> m = Machine()
             >>> inj = m.inject(Nmi(), Before(0x100000, hit=2))
             >>> inj = m.inject("interrupt", vector=0x30, icount=57)   # the keyword form
