@@ -90,7 +90,6 @@ _R1 = "rule 1: a branch to a non-canonical target faults on the branch (Unicorn 
 _R2 = "rule 2: #SS vs #GP by the segment of the access (cpu.decode.memory_operand_segment)"
 _R3 = "rule 3: the canonical check comes before paging for a straddling access"
 _R4 = "rule 4: IRET to CPL3 nulls DS/ES/FS/GS with DPL < 3 (idt.iret null_segments)"
-_R5 = "rule 5: IRETQ with RFLAGS.NT = 1 is #GP(0) (needs RFLAGS.NT in the machine's ArchState)"
 _R6 = "rule 6: single-step over the instructions the machine emulates"
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
 _R8 = "rule 8: a faulting store leaves its first page unchanged"
@@ -128,7 +127,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
         "io_port_beyond_the_limit_is_gp", "io_second_bitmap_byte_beyond_the_limit_is_gp",
         "io_ins_denied_port_is_gp")},
     "iret_rules": {"iret_to_cpl3_nulls_dpl0_segments": _R4,
-                   "iret_to_cpl3_keeps_conforming_code": _R4, "iret_with_nt_is_gp": _R5},
+                   "iret_to_cpl3_keeps_conforming_code": _R4},
     "shadow_chain": {t: _R13 for t in ("ipi_mov_ss_after_sti", "ipi_sti_after_mov_ss",
                                        "tf_mov_ss_after_mov_ss")},
     "ss_gp_segment": {t: _R2 for t in ("push_mem_rbx_gp", "pop_mem_rbx_gp", "call_mem_rbx_gp",
