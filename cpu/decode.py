@@ -165,7 +165,7 @@ def mmio_move(code: bytes, address: int) -> MmioMove | None:
     return None
 
 
-# -- issue 14: decoding what the SDM's instruction rules need ---------------------------
+# -- SDM corners (docs/sdm-map.md): decoding what the SDM's instruction rules need -----
 #
 # The functions below are pure (bytes and register values in, a verdict out): the machine
 # calls them at the sites docs/sdm-map.md names. Capstone does the decoding; what it gets

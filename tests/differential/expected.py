@@ -1,11 +1,12 @@
 """What the differential tests expect of each self-logging image (shared by the Bochs,
 QEMU and idtlab tests).
 
-The images of issue 14 ("SDM corners real handlers hit", `SDM_IMAGES`) are compared test
+The SDM-corner images (docs/sdm-map.md, "SDM corners real handlers hit", `SDM_IMAGES`)
+are compared test
 by test with Bochs' log, recorded in `tests/differential/bochs/<image>.log`:
 `python -m tests.differential.expected --record` rewrites those files from Bochs (do it
 only when an image changes, and say why in the commit). `IDTLAB_PENDING` lists the
-tests whose records idtlab does not reproduce yet, each with the issue-14 rule number
+tests whose records idtlab does not reproduce yet, each with the number of the rule in docs/sdm-map.md's SDM-corner table
 that fixes it; `QEMU_SDM_DIVERGENCES` the ones QEMU 7.2 TCG gets wrong, each with why."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ TESTS = {
                  "pf_user_read_supervisor_page"],
     "rf_frames": ["boot", "rf_gp_fault_frame", "rf_ud_fault_frame", "rf_pf_fault_frame",
                   "rf_int3_trap_frame", "rf_int_n_trap_frame"],
-    # issue 14
+    # SDM corners (docs/sdm-map.md)
     "ac_lock_rmw": ["boot", "ac_unaligned_load_at_cpl3", "ac_unaligned_push_at_cpl3",
                     "ac_not_at_cpl0", "ac_needs_cr0_am", "ac_needs_rflags_ac", "lock_mov_is_ud",
                     "lock_register_destination_is_ud", "lock_cmp_is_ud", "lock_add_memory_runs",

@@ -16,7 +16,7 @@ from idtlab import diff as differ
 from idtlab import ref
 from tests.differential.expected import CLASSIC_IMAGES, TESTS, verdicts
 
-# The issue-14 images are compared test by test in test_sdm_images.py.
+# The SDM-corner images are compared test by test in test_sdm_images.py.
 IMAGES = list(CLASSIC_IMAGES)
 # Differences between idtlab and Bochs that the SDM allows (docs/differential.md).
 IDTLAB_VS_BOCHS = {name: set() for name in IMAGES} | {"np_df": {"df-state-undefined"}}

@@ -1,4 +1,5 @@
-"""The images of issue 14 ("SDM corners real handlers hit"), test by test, against the
+"""The SDM-corner images (docs/sdm-map.md, "SDM corners real handlers hit"), test by test,
+against the
 Bochs log recorded in tests/differential/bochs/ (every verdict in it is PASS: each
 image computes its verdicts from the SDM's rule).
 

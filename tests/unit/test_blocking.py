@@ -68,7 +68,7 @@ def test_an_nmi_wins_over_an_interrupt_which_stays_held_not_dropped() -> None:
     assert choice.deliver == "nmi" and choice.held == ()
 
 
-# -- chained shadows (issue 14, rule 13; docs/sdm-map.md "Chained shadows") ----------------
+# -- chained shadows (SDM-corner rule 13; docs/sdm-map.md "Chained shadows") --------------
 
 def test_mov_ss_right_after_sti_opens_its_own_shadow() -> None:
     assert shadow_after(Shadow.STI, Shadow.MOV_SS, if_before=True) is Shadow.MOV_SS

@@ -1,4 +1,4 @@
-"""cpu.decode, the issue-14 helpers: LOCK legality, write intent of read-modify-write
+"""cpu.decode, the SDM-corner helpers: LOCK legality, write intent of read-modify-write
 instructions, the segment of a memory operand (#SS vs #GP), branch targets before the
 branch executes and the state to restore after it, and the #AC condition. The byte
 strings are the encodings GNU as gives for the instructions of guest_images/mb."""

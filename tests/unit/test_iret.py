@@ -295,7 +295,7 @@ def test_iretq_never_sets_vm_or_reserved_bits_and_always_sets_bit_1(world: World
     assert res.rflags & 0x2
 
 
-# -- IA-32e mode: NT (issue 14, rule 5) ------------------------------------------------
+# -- IA-32e mode: NT (SDM-corner rule 5) -----------------------------------------------
 
 def test_an_iretq_with_nt_set_in_long_mode_is_gp0_before_anything_is_popped() -> None:
     # The frame's page is not present: a #GP(0) and not a #PF proves nothing was popped.
@@ -314,7 +314,7 @@ def test_nt_in_the_popped_rflags_is_loaded_without_a_fault(world: World) -> None
     assert (res.rip, res.rflags, res.rsp) == (RET_RIP, 0x2 | RFLAGS_NT, RET_RSP)
 
 
-# -- RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS (issue 14, rule 4) --------------------
+# -- RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS (SDM-corner rule 4) -------------------
 
 KDATA = DataSegment(KERNEL_DS, dpl=0)
 UDATA = DataSegment(USER_DS, dpl=3)
