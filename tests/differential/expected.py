@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from idtlab import diff as differ
+from idtlab import ref
 
 # The tests each image runs, in order ("boot" checks the multiboot entry state).
 TESTS = {
@@ -199,8 +200,6 @@ def records_of(log: str, test: str) -> list[str]:
 
 def record_bochs_logs() -> None:
     """Run every SDM image on Bochs and write its log to tests/differential/bochs/."""
-    from idtlab import ref
-
     BOCHS_DIR.mkdir(exist_ok=True)
     for image in SDM_IMAGES:
         run = ref.run_reference("bochs", image, 60.0)
