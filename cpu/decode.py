@@ -338,6 +338,49 @@ def faulting_segment(code: bytes, address: int, linear: int, regs: Mapping[str, 
     return _operand_segment(insn, mem[0]) if mem else "ds"
 
 
+@dataclass(frozen=True)
+class AccessRange:
+    """One memory access of an instruction: `size` bytes at linear `start` through
+    `segment`, a write or not; `implicit` for the stack access of PUSH/POP/CALL/RET."""
+
+    start: int
+    size: int
+    segment: str
+    write: bool
+    implicit: bool = False
+
+
+_PUSHES = frozenset({"push", "pushfq", "pushf", "call"})
+_POPS = frozenset({"pop", "popfq", "popf", "ret", "leave"})
+
+
+def access_ranges(code: bytes, address: int, regs: Mapping[str, int]) -> list[AccessRange]:
+    """The data accesses of the instruction at `address` with the registers before it:
+    its explicit memory operands, then the stack slot a PUSH/CALL writes ([RSP - 8, RSP))
+    or a POP/RET reads ([RSP, RSP + 8); LEAVE reads at RBP). For the canonical check of
+    every byte before paging (`idt.state.is_canonical_range`) and for finding the page a
+    store starts on. LEA has no access."""
+    insn = _one(code, address)
+    if insn is None:
+        return []
+    name = _base_mnemonic(insn)
+    out: list[AccessRange] = []
+    if name != "lea":
+        for i, op in enumerate(insn.operands):
+            if op.type == CX.X86_OP_MEM:
+                write = bool(op.access & capstone.CS_AC_WRITE) or (
+                    i == 0 and name in READ_MODIFY_WRITE)
+                out.append(AccessRange(operand_address(insn, op, regs), max(1, int(op.size)),
+                                       _operand_segment(insn, op), write))
+    mask = 2**64 - 1
+    if name in _PUSHES:
+        out.append(AccessRange((regs["rsp"] - 8) & mask, 8, "ss", True, True))
+    elif name in _POPS:
+        top = regs["rbp"] if name == "leave" else regs["rsp"]
+        out.append(AccessRange(top & mask, 8, "ss", False, True))
+    return out
+
+
 # -- branches: the target before the branch executes --------------------------------------
 
 RFLAGS_BITS = {"cf": 0, "pf": 2, "zf": 6, "sf": 7, "of": 11}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 
 from cpu.decode import (
+    AccessRange,
+    access_ranges,
     alignment_check_faults,
     branch_target,
     faulting_segment,
@@ -188,3 +190,34 @@ def test_ac_needs_cpl3_am_and_ac_and_an_unaligned_access() -> None:
     assert not alignment_check_faults(cpl=3, cr0_am=True, rflags_ac=False, linear=0x10_2001,
                                       size=4)
 
+
+
+# -- every access of an instruction (rules 3, 8) ----------------------------------------
+
+def test_the_access_ranges_of_a_store_a_push_and_a_push_of_memory() -> None:
+    store = bytes.fromhex("48 89 03")                                 # mov [rbx], rax
+    assert access_ranges(store, AT, {**REGS, "rbx": 0x2F_FFFC}) == [
+        AccessRange(0x2F_FFFC, 8, "ds", True)]
+    push = bytes.fromhex("50")                                        # push rax
+    assert access_ranges(push, AT, {**REGS, "rsp": 0x30_0004}) == [
+        AccessRange(0x2F_FFFC, 8, "ss", True, implicit=True)]
+    push_mem = bytes.fromhex("ff 33")                                 # push qword [rbx]
+    assert access_ranges(push_mem, AT, REGS) == [
+        AccessRange(NONCANON + 0x100, 8, "ds", False),
+        AccessRange(0x10_43F0, 8, "ss", True, implicit=True)]
+    ret = bytes.fromhex("c3")
+    assert access_ranges(ret, AT, REGS) == [AccessRange(0x10_43F8, 8, "ss", False, implicit=True)]
+    lea = bytes.fromhex("48 8d 03")                                   # lea rax, [rbx]
+    assert access_ranges(lea, AT, REGS) == []
+
+
+def test_a_straddling_store_is_not_canonical_before_any_page_is_walked() -> None:
+    store = bytes.fromhex("89 03")                                    # mov [rbx], eax
+    (r,) = access_ranges(store, AT, {**REGS, "rbx": 0x7FFF_FFFF_FFFE})
+    assert (r.start, r.size, r.write) == (0x7FFF_FFFF_FFFE, 4, True)
+    assert not is_canonical_range(r.start, r.size)
+
+
+def test_an_rmw_destination_is_a_write() -> None:
+    (r,) = access_ranges(bytes.fromhex("0f b1 0b"), AT, {**REGS, "rbx": 0x30_0028})  # cmpxchg [rbx], ecx
+    assert r == AccessRange(0x30_0028, 4, "ds", True)
