@@ -105,8 +105,8 @@ class Picture:
     @property
     def title(self) -> str:
         ec = "" if self.error_code is None else f"({self.error_code:#x})"
-        return (f"delivery {self.number}: {self.event}{ec} ({self.source}) at {self.interrupted}"
-                f" -> {self.handler}")
+        return (f"delivery {self.number}: {self.event}{ec} ({self.source}) -> {self.handler}, "
+                f"interrupted at {self.interrupted}")
 
 
 def _gate_fields(raw: bytes, symbol: Callable[[int], str]) -> tuple[GateField, ...]:
@@ -207,7 +207,7 @@ def text(p: Picture) -> list[str]:
                  "(aligned down to 16)")
     lines.append(f"  RSP before: {p.rsp_before:#x}   RSP after: {p.rsp_after:#x}")
     width = 44 if p.overwrites else 30
-    bar = "          +" + "-" * width + "+"
+    bar = "            +" + "-" * width + "+"
     if p.overwrites:
         lines.append(f"  overwrites the live {p.victim} frame (pushed at icount "
                      f"{p.victim_icount}): old -> new")
@@ -224,7 +224,7 @@ def text(p: Picture) -> list[str]:
         if s.changed:
             mark += "  <- CHANGED"
         note = f"  {s.note}" if s.note else ""
-        lines.append(f"  {s.address:#08x}|{cell:<{width}}|{note}{mark}")
+        lines.append(f"  {s.address:>#10x}|{cell:<{width}}|{note}{mark}")
     lines.append(bar)
     if p.gate:
         lines.append(f"  gate {p.vector} (IDT + {16 * p.vector:#x}), as the CPU read it:")
@@ -251,10 +251,10 @@ def svg(p: Picture) -> str:
     slot_x, slot_w = 120, 300 if p.overwrites else 230
     top_y = 78
     n = len(p.slots)
-    gate_x = slot_x + slot_w + 150
+    gate_x = slot_x + slot_w + 175
     gate_rows = len(p.gate) + 1
-    height = max(top_y + row * (n + 1) + 70, 64 + 20 * gate_rows + 30)
-    width = gate_x + 570
+    height = max(top_y + row * n + (70 if p.overwrites else 52), 64 + 20 * gate_rows + 14)
+    width = gate_x + 620
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' class='stack-picture' width='{width}' "
              f"height='{height}' viewBox='0 0 {width} {height}' role='img' "
              f"aria-label='{html.escape(p.title)}'>",
@@ -306,11 +306,11 @@ def svg(p: Picture) -> str:
         parts.append(_t(gate_x, gy + 20, "(unreadable)", 12))
     for i, f in enumerate(p.gate):
         y = gy + 8 + 20 * i
-        parts.append(f"<rect class='gate-field' x='{gate_x}' y='{y}' width='560' height='20' "
+        parts.append(f"<rect class='gate-field' x='{gate_x}' y='{y}' width='610' height='20' "
                      f"fill='{'#eef' if i % 2 else '#f6f6ff'}' stroke='#ccd'/>")
         parts.append(_t(gate_x + 6, y + 14, f.name, 11, weight="bold"))
         parts.append(_t(gate_x + 130, y + 14, f.bits, 11, fill="#666"))
         parts.append(_t(gate_x + 215, y + 14, f.value, 11))
-        parts.append(_t(gate_x + 300, y + 14, f.meaning, 10, fill="#555"))
+        parts.append(_t(gate_x + 290, y + 14, f.meaning, 10, fill="#555"))
     parts.append("</svg>")
     return "".join(parts)
