@@ -22,6 +22,7 @@ last and best score, which checks pass: what `idtlab lab list` shows) and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -128,7 +129,14 @@ def grade_check(lab: Lab, check: Check, workdir: Path) -> CheckResult:
                            f"({rep.schedules} schedules)", rep.run, rep.schedules, 0)
     assert rep.first is not None
     first = rep.first
-    at = ", then ".join(f"{event_words(e)} at {b}, before `{i}`" for e, b, i in
+    names = {v: k for k, v in sorted(rep.run.symbols.items(), reverse=True)
+             if k not in runner.HIDDEN_SYMBOLS}
+
+    def insn(text: str) -> str:  # `call 0x100071` -> `call kernel_recurse`
+        return re.sub(r"\b0x[0-9a-f]+\b", lambda m: names.get(int(m.group(0), 16), m.group(0)),
+                      text)
+
+    at = ", then ".join(f"{event_words(e)} at {b}, before `{insn(i)}`" for e, b, i in
                         zip(first.events, first.boundaries, first.instructions, strict=True))
     lines = [f"breaks in {rep.failing} of {rep.schedules} schedules; the first: {at}"]
     lines += [f"{'-> ' if i == 0 else '   '}{line}" for p in rep.first_problems
