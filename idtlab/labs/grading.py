@@ -139,6 +139,14 @@ def grade_check(lab: Lab, check: Check, workdir: Path) -> CheckResult:
     at = ", then ".join(f"{event_words(e)} at {b}, before `{insn(i)}`" for e, b, i in
                         zip(first.events, first.boundaries, first.instructions, strict=True))
     lines = [f"breaks in {rep.failing} of {rep.schedules} schedules; the first: {at}"]
+    if all(e.partition(":")[0] in ("nmi", "interrupt") for e in first.events):
+        for e, rip, taken in zip(first.events, first.rips, runner.taken_at(rep.run, first.events),
+                                 strict=False):
+            if taken is None:
+                lines.append(f"   (the {event_words(e)} was never delivered)")
+            elif taken != rip:
+                lines.append(f"   (the {event_words(e)} waited while blocked: delivered at "
+                             f"{rep.run.symbol(taken)})")
     lines += [f"{'-> ' if i == 0 else '   '}{line}" for p in rep.first_problems
               for i, line in enumerate(describe(p, check, specs).splitlines())]
     others = [" + ".join(s.boundaries) for s in rep.breaking[1:]]

@@ -36,7 +36,7 @@ TSS_BYTES = 0x68
 GATE_BYTES = 16
 
 __all__ = ["ExploreReport", "Problem", "RunReport", "Schedule", "check_event", "check_invariant",
-           "explore_scenario", "records_of", "replay", "run_scenario"]
+           "explore_scenario", "records_of", "replay", "run_scenario", "taken_at"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class Schedule:
     events: tuple[str, ...]
     boundaries: tuple[str, ...]  # "symbol+off (#k)": the k-th arrival there
     instructions: tuple[str, ...]  # the instruction at each boundary
+    rips: tuple[int, ...] = ()  # the address of each boundary
 
 
 @dataclass
@@ -113,6 +114,32 @@ def _problem(text: str) -> Problem:
     if m:
         return Problem(text, invariant=m.group(1), detail=m.group(2))
     return Problem(text, detail=text)
+
+
+def taken_at(run: RunReport, events: Sequence[str]) -> list[int | None]:
+    """Where each explorer event of a replayed schedule was delivered (the interrupted
+    RIP), in order; None for one never delivered (an NMI dropped, an interrupt still
+    pending at the end). An event injected where it is blocked (IF = 0, NMIs blocked, a
+    shadow) is delivered later than its boundary: this says where."""
+    out: list[int | None] = []
+    used: set[int] = set()
+    arrivals = [r for r in run.records if r.get("label") == "explore"
+                and str(r.get("kind", "")).endswith(("_pending", "_latched"))]
+    for text, arrival in zip(events, arrivals, strict=False):
+        spec = ex.parse_event(text)
+        found = None
+        for r in run.records:
+            if r.get("kind") != "deliver" or r["seq"] <= arrival["seq"] or r["seq"] in used:
+                continue
+            if (spec.kind == "nmi" and r["source"] == "nmi") or (
+                    spec.kind == "interrupt" and r["source"] == "interrupt"
+                    and r["vector"] == spec.vector):
+                found = r
+                break
+        if found is not None:
+            used.add(int(found["seq"]))
+        out.append(int(found["rip"]) if found is not None else None)
+    return out
 
 
 def records_of(result: Any) -> list[dict[str, Any]]:
@@ -231,7 +258,7 @@ def replay(path: Path, events: Sequence[str], rips: Sequence[int], arrivals: Seq
 
 def _schedule(f: ex.Finding) -> Schedule:
     return Schedule(tuple(f.events), tuple(p.label for p in f.schedule),
-                    tuple(p.insn for p in f.schedule))
+                    tuple(p.insn for p in f.schedule), tuple(p.rip for p in f.schedule))
 
 
 def explore_scenario(path: Path, events: Sequence[str], window: str,
