@@ -134,13 +134,17 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _failure_pictures(r: grading.CheckResult) -> list[str]:
-    """For a failed check: the picture of a delivery that overwrote a live frame, if one
-    did (that is what broke), else nothing (all pictures: --pictures)."""
-    pics = [p for p in pictures.pictures(r.run) if p.overwrites]
+    """For a check that failed because a frame was overwritten (its invariant, or the run
+    did not come back): the picture of the first delivery that overwrote a live frame
+    (every picture: --pictures)."""
+    problems = r.run.problems
+    if not any(p.invariant == "frames-intact" or p.detail.startswith("outcome")
+               for p in problems):
+        return []
     out: list[str] = []
-    for p in pics[:1]:
+    for p in [p for p in pictures.pictures(r.run) if p.overwrites][:1]:
         out.append("")
-        out.extend(f"{'':>24}{line}" for line in pictures.text(p))
+        out.extend(f"{'':>24}{line}" for line in pictures.text(p, gate=False))
     return out
 
 

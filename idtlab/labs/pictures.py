@@ -197,8 +197,8 @@ def pictures(run: RunReport) -> list[Picture]:
 
 
 # -- text ----------------------------------------------------------------------------------
-def text(p: Picture) -> list[str]:
-    """The picture for a terminal (plain ASCII)."""
+def text(p: Picture, gate: bool = True) -> list[str]:
+    """The picture for a terminal (plain ASCII); `gate`: with the gate's fields."""
     lines = [p.title + f"   [icount {p.icount}]"]
     if p.cr2 is not None:
         lines.append(f"  CR2 = {p.cr2:#x}")
@@ -226,7 +226,7 @@ def text(p: Picture) -> list[str]:
         note = f"  {s.note}" if s.note else ""
         lines.append(f"  {s.address:>#10x}|{cell:<{width}}|{note}{mark}")
     lines.append(bar)
-    if p.gate:
+    if p.gate and gate:
         lines.append(f"  gate {p.vector} (IDT + {16 * p.vector:#x}), as the CPU read it:")
         for f in p.gate:
             meaning = f"  {f.meaning}" if f.meaning else ""

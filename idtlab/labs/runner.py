@@ -36,7 +36,7 @@ TSS_BYTES = 0x68
 GATE_BYTES = 16
 
 __all__ = ["ExploreReport", "Problem", "RunReport", "Schedule", "check_event", "check_invariant",
-           "explore_scenario", "records_of", "replay", "run_scenario", "taken_at"]
+           "explore_scenario", "records_of", "replay", "run_scenario", "symbolize", "taken_at"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,11 @@ def taken_at(run: RunReport, events: Sequence[str]) -> list[int | None]:
             used.add(int(found["seq"]))
         out.append(int(found["rip"]) if found is not None else None)
     return out
+
+
+def symbolize(machine: Any, addr: int) -> str:
+    """`symbol+off` for an address of a machine's run (for invariants' messages)."""
+    return Symbolizer(machine.symbols, hide=HIDDEN_SYMBOLS)(addr)
 
 
 def records_of(result: Any) -> list[dict[str, Any]]:
