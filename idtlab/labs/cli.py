@@ -172,7 +172,7 @@ def _check(args: argparse.Namespace) -> int:
         for r in g.results:
             print()
             print(f"== {r.check.name}: timeline")
-            for tl in r.run.timeline:
+            for tl in page.collapse(r.run.timeline):
                 print(f"   {tl}")
             for p in pictures.pictures(r.run):
                 print()

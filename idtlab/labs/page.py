@@ -52,9 +52,28 @@ ol.timeline li.deliver { color: #1a4d8f; } ol.timeline li.bad { color: #b00020;
 """
 
 
+def collapse(lines: list[str], column: int = 12) -> list[str]:
+    """Runs of lines that repeat (ignoring the icount column) as one line and a count:
+    a guest looping through a clobbered frame repeats the same IRET thousands of times."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = i + 1
+        while j < len(lines) and lines[j][column:] == lines[i][column:]:
+            j += 1
+        out.append(lines[i])
+        if j - i > 2:
+            out.append(f"{'':>{column}}... the same {j - i - 1} more times, the last at icount "
+                       f"{lines[j - 1][:column].strip()}")
+        elif j - i == 2:
+            out.append(lines[i + 1])
+        i = j
+    return out
+
+
 def _timeline_html(lines: list[str]) -> str:
     items = []
-    for line in lines:
+    for line in collapse(lines):
         cls = "event"
         if "!!" in line or "SHUTDOWN" in line or "WRONG" in line or "<- changed" in line:
             cls = "bad"
@@ -149,7 +168,7 @@ def text(lab: Lab, last: Mapping[str, Any] | None) -> list[str]:
         out.append(f"   {c['summary']}")
         out.extend(f"   {line}" for line in c["lines"])
         out.append("   timeline:")
-        out.extend(f"   {line}" for line in run.timeline)
+        out.extend(f"   {line}" for line in collapse(run.timeline))
         for p in pictures.pictures(run):
             out.append("")
             out.extend(f"   {line}" for line in pictures.text(p))

@@ -249,7 +249,7 @@ def svg(p: Picture) -> str:
     """The picture as one standalone SVG element (no external resources)."""
     row = 26
     slot_x, slot_w = 120, 300 if p.overwrites else 230
-    top_y = 78
+    top_y = 100 if p.overwrites else 78
     n = len(p.slots)
     gate_x = slot_x + slot_w + 175
     gate_rows = len(p.gate) + 1
@@ -264,7 +264,7 @@ def svg(p: Picture) -> str:
              _t(10, 40, f"icount {p.icount}; stack {p.stack_label} ({p.stack_source})"
                 + (f"; CR2 = {p.cr2:#x}" if p.cr2 is not None else ""), 12, fill="#444")]
     top = p.rsp_after + 8 * n
-    parts.append(_t(slot_x, top_y - 10, f"frame top {top:#x} (aligned down to 16)", 11,
+    parts.append(_t(slot_x, top_y - 8, f"frame top {top:#x} (aligned down to 16)", 11,
                     fill="#666"))
     colour = {"ist": "#dbe9f7", "rsp": "#e4f3dc", "cur": "#f4ecd6"}[p.stack[:3]]
     for i, s in enumerate(p.slots):
@@ -285,9 +285,10 @@ def svg(p: Picture) -> str:
         if s.note:
             parts.append(_t(slot_x + slot_w + 8, y + 17, s.note, 11, fill="#555"))
     if p.overwrites:
-        parts.append(_t(slot_x + 100, top_y - 26, f"old ({p.victim}, icount "
-                        f"{p.victim_icount})", 11, fill="#777"))
-        parts.append(_t(slot_x + 215, top_y - 26, f"new ({p.event})", 11, fill="#b00"))
+        parts.append(_t(slot_x + 100, top_y - 26, f"old: {p.victim}", 11, fill="#777",
+                        weight="bold"))
+        parts.append(_t(slot_x + 215, top_y - 26, f"new: {p.event}", 11, fill="#b00",
+                        weight="bold"))
     y_after = top_y + row * (n - 1) + row // 2
     parts.append(f"<line x1='{slot_x - 95}' y1='{y_after + row}' x2='{slot_x - 4}' "
                  f"y2='{y_after + 3}' stroke='#b00' stroke-width='2'/>")
@@ -297,7 +298,8 @@ def svg(p: Picture) -> str:
                     "RSP slot)", 12, fill="#444"))
     if p.overwrites:
         parts.append(_t(10, top_y + row * n + 58, f"this delivery overwrote the live {p.victim} "
-                        "frame: red slots changed", 12, fill="#b00", weight="bold"))
+                        f"frame (pushed at icount {p.victim_icount}): red slots changed", 12,
+                        fill="#b00", weight="bold"))
     # the gate, field by field
     gy = 64
     parts.append(_t(gate_x, gy, f"IDT gate {p.vector} (IDT + {16 * p.vector:#x})", 13,
