@@ -18,7 +18,6 @@ from typing import Any
 
 from idtlab.errors import BadInput
 from idtlab.labs import folder, grading, page, pictures
-from idtlab.labs.folder import Lab
 
 TEMPLATE = Path(__file__).resolve().parent / "template"
 

@@ -267,7 +267,7 @@ def find_lab(name: str, labs_dir: Path | None) -> Lab:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / LAB_FILE).is_file())
     for p in folders:
         m = re.match(r"(\d+)-(.*)", p.name)
-        if name == p.name or (m and (name.isdigit() and int(name) == int(m.group(1))
+        if name == p.name or (m and ((name.isdigit() and int(name) == int(m.group(1)))
                                      or name == m.group(2))):
             return load_lab(p)
     known = ", ".join(p.name for p in folders) or "none"

@@ -28,7 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from idt.descriptors import GATE_TYPE_INTERRUPT, GATE_TYPE_TRAP, TSS_IST_OFFSET, TSS_RSP_OFFSET, GateDescriptor
+from idt.descriptors import (
+    GATE_TYPE_INTERRUPT,
+    GATE_TYPE_TRAP,
+    TSS_IST_OFFSET,
+    TSS_RSP_OFFSET,
+    GateDescriptor,
+)
 from idtlab.labs.runner import RunReport
 
 SLOT_NAMES = {"error_code": "error code", "rip": "RIP", "cs": "CS", "rflags": "RFLAGS",

@@ -19,6 +19,7 @@ vocabulary is absorbed in this file.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -180,15 +181,12 @@ def _capture(sc: scn.Scenario, report_gates: dict[int, bytes], report_tss: dict[
 
     def on_deliver(rec: dict[str, Any]) -> None:
         st = m.arch_state()
-        try:
+        # An unreadable IDT or TSS is drawn as unknown, never a crash.
+        with contextlib.suppress(Exception):
             report_gates[int(rec["seq"])] = bytes(
                 m.read_linear(st.idtr_base + GATE_BYTES * int(rec["vector"]), GATE_BYTES))
-        except Exception:  # an unreadable IDT is drawn as unknown, never a crash
-            pass
-        try:
+        with contextlib.suppress(Exception):
             report_tss[int(rec["seq"])] = bytes(m.read_linear(st.tr_base, TSS_BYTES))
-        except Exception:
-            pass
 
     m.on_deliver.append(on_deliver)
 
