@@ -155,7 +155,8 @@ def test_the_reference_solution_passes_every_check_with_full_points(tmp_path: Pa
 
 
 @pytest.mark.parametrize(("name", "wrong", "check", "where", "what"),
-                         [(name, *w) for name, ws in WRONG.items() for w in ws])
+                         [(name, *w) for name, ws in WRONG.items() for w in ws],
+                         ids=[f"{name}:{w[0]}:{w[1]}" for name, ws in WRONG.items() for w in ws])
 def test_a_classic_wrong_solution_fails_a_hidden_check_naming_the_boundary_and_the_event(
         tmp_path: Path, name: str, wrong: str, check: str, where: str, what: str) -> None:
     lab = folder.find_lab(name, None)
