@@ -1,4 +1,4 @@
-"""`idtlab` command line: `run SCENARIO`, `demo`.
+"""`idtlab` command line: `run SCENARIO`, `demo`, `suite UNITTESTS.cfg` (idtlab/suite.py).
 
 Exit status: 0 when every expectation holds, 1 when one fails, 2 on bad input (one line
 on stderr, no traceback).
@@ -246,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--seed", type=int, default=0, help="seed for --random (0)")
     p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
     from idtlab import diff as differ  # issue 4: reference runners and the differ
-    from idtlab import ref
+    from idtlab import ref, suite  # suite: issue 13, kvm-unit-tests suites
     ref.add_parser(sub)
     differ.add_parser(sub)
+    suite.add_parser(sub)
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return ref.run_cli(args)
         if args.command == "diff":
             return differ.run_cli(args)
+        if args.command == "suite":
+            return suite.run_cli(args)
         if args.command == "explore":
             return _explore(args)
         if args.command == "compare":
