@@ -310,16 +310,16 @@ class Plan:
 
 def _skip_reason(c: Config, image: Path, shown: Path, forced: bool) -> str | None:
     """Why a config does not run at all (either side), or None. The first rule wins."""
-    if not image.is_file():
-        return f"no file {shown} (build kvm-unit-tests first: docs/kvm-unit-tests.md)"
     if c.arch and c.arch != ARCH:
         return f"{c.arch} only"
+    if not image.is_file():
+        return f"no file {shown}; build kvm-unit-tests first (docs/kvm-unit-tests.md)"
     if forced:
         return None
     if "nodefault" in c.groups:
-        return "group nodefault: run only on request (--only)"
+        return "group nodefault: run only on request; --only runs it"
     if c.smp > 1:
-        return f"needs {c.smp} CPUs; idtlab models one (--only runs it on one)"
+        return f"needs {c.smp} CPUs; idtlab models one; --only runs it on one"
     for group, what in VIRTUALIZATION_GROUPS.items():
         if group in c.groups:
             return f"needs {what} (group {group}), which idtlab does not model"
