@@ -516,12 +516,16 @@ def verdict(exit_code: int, fail_lines: tuple[str, ...]) -> Status:
     return Status.FAIL
 
 
-def _exit_stop(code: int, fails: tuple[str, ...]) -> str:
-    """The stop of a kernel that exited through the test device: its code, and the
-    first FAIL line if it printed any."""
-    if not fails:
-        return f"exit {code}"
-    return f"exit {code}; first of {len(fails)} FAIL lines: {fails[0]}"
+# What lib/x86/desc.c unhandled_exception and lib/libcflat.h assert print before exiting.
+_FATAL = re.compile(r"Unhandled exception \d+|.*: assert failed: ")
+
+
+def _complaints(how: str, log: str, fails: tuple[str, ...]) -> str:
+    """`how` the kernel ended, then what it last said went fatally wrong (an unhandled
+    exception, a failed assertion) and its first FAIL line, where there are any."""
+    fatal = [ln.strip() for ln in log.splitlines() if _FATAL.match(ln.strip())]
+    parts = [how] + fatal[-1:] + ([f"first of {len(fails)} FAIL lines: {fails[0]}"] if fails else [])
+    return "; ".join(parts)
 
 
 def _last_line(text: str) -> str:
@@ -576,7 +580,7 @@ def interpret_idtlab(run: Spawned, max_rss_mib: int | None, p: Plan) -> SideResu
                            stop=f"exit: {reason} at {where} (no exit code)")
         value = int(code.group(1), 16)
         return replace(base, status=verdict(value, fails), how=f"exit {value}",
-                       stop=_exit_stop(value, fails), exit_code=value)
+                       stop=_complaints(f"exit {value}", log, fails), exit_code=value)
     return replace(base, status=Status.FAIL, how=outcome,
                    stop=f"{outcome}" + (f" ({reason})" if reason else "") + f" at {where}")
 
@@ -604,11 +608,11 @@ def interpret_qemu(run: Spawned, p: Plan) -> SideResult:
     if status & 1:
         code = status >> 1
         return replace(base, status=verdict(code, fails), how=f"exit {code}",
-                       stop=_exit_stop(code, fails), exit_code=code)
+                       stop=_complaints(f"exit {code}", log, fails), exit_code=code)
     if status == 0:
-        return replace(base, status=Status.FAIL, how="no exit",
-                       stop="QEMU exited with status 0: the kernel did not exit through the "
-                            "test device (a triple fault or a reset, under -no-reboot)")
+        return replace(base, status=Status.FAIL, how="no exit", stop=_complaints(
+            "QEMU exited with status 0: the kernel did not exit through the test device (a "
+            "triple fault or a reset, under -no-reboot)", log, fails))
     return replace(base, stop=f"QEMU exited with status {status}"
                               + (f": {errors[0].strip()}" if errors else ""))
 

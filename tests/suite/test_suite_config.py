@@ -307,3 +307,28 @@ def test_the_fail_lines_that_differ_are_a_difference_of_multisets(a_plan: suite.
     theirs = suite.SideResult(Status.FAIL, "exit 1", "exit 1", fail_lines=("FAIL: b", "FAIL: c"))
     assert suite.Row(a_plan, ours, theirs).differing == (["FAIL: a", "FAIL: b"], ["FAIL: c"])
     assert suite.Row(a_plan, ours, None).differing == (["FAIL: a", "FAIL: b", "FAIL: b"], [])
+
+
+def test_an_abnormal_exit_names_the_unhandled_exception_that_ended_it(a_plan: suite.Plan) -> None:
+    log = ("PASS: push16\nFAIL: non-canonical rsp-based access, should #SS(0), got #GP(0)\n"
+           "Unhandled exception 13 #GP(0) at ip aaaaaaaaaaaaaaaa\nrax=0\n\tSTACK: @aaaa\n")
+    r = suite.interpret_qemu(spawned(log, "", (63 << 1) | 1), a_plan)
+    assert (r.status, r.how, r.stop) == (
+        Status.FAIL, "exit 63", "exit 63; Unhandled exception 13 #GP(0) at ip aaaaaaaaaaaaaaaa; "
+                                "first of 1 FAIL lines: FAIL: non-canonical rsp-based access, should "
+                                "#SS(0), got #GP(0)")
+
+
+def test_a_failed_assertion_is_named_in_the_stop(a_plan: suite.Plan) -> None:
+    log = ("enabling apic\nx86/apic.c:942: assert failed: is_apic_hw_enabled(): APIC should be "
+           "fully enabled by startup code.\n\tSTACK: 401fb1 4001ad\n")
+    r = suite.interpret_qemu(spawned(log, "", 127), a_plan)
+    assert r.stop == ("exit 63; x86/apic.c:942: assert failed: is_apic_hw_enabled(): APIC should be "
+                      "fully enabled by startup code.")
+
+
+def test_a_reset_after_fail_lines_names_the_first_of_them(a_plan: suite.Plan) -> None:
+    r = suite.interpret_qemu(spawned("PASS: a\nFAIL: Expected #GP\nPASS: b\n", "", 0), a_plan)
+    assert (r.how, r.stop) == ("no exit", "QEMU exited with status 0: the kernel did not exit "
+                                          "through the test device (a triple fault or a reset, under "
+                                          "-no-reboot); first of 1 FAIL lines: FAIL: Expected #GP")
