@@ -23,8 +23,9 @@ Sections `[name]`, each one config, with `key = value` lines (for_each_unittest)
     groups = g1 g2 ...         `nodefault` marks a config run only on request
     accel = kvm|tcg            the only accelerator it is for
     timeout = 90s              time limit (timeout(1) syntax; default 90 s)
-    machine, check, disabled_if, kvmtool_params: read and ignored (they name QEMU
-                                 machine types and host-KVM settings)
+    machine, check, disabled_if, kvmtool_params, and keys this module does not know:
+                                 read and ignored (they name QEMU machine types,
+                                 host-KVM settings and other runners' options)
 
 Values are split as the shell would (kvm-unit-tests `eval`s them), so quotes group
 words; command substitutions (backquotes) are not run. A line that is neither blank, a
@@ -116,16 +117,12 @@ QEMU_BASE = ("--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=
              "-display", "none", "-serial", "stdio", "-device", "pci-testdev",
              "-machine", "accel=tcg")
 
-KNOWN_KEYS = frozenset({"file", "smp", "test_args", "extra_params", "qemu_params", "groups",
-                        "arch", "machine", "check", "accel", "timeout", "disabled_if",
-                        "kvmtool_params"})
 VIRTUALIZATION_GROUPS = {"svm": "SVM", "vmx": "VMX", "hyperv": "Hyper-V"}
 VIRTUALIZATION_FLAGS = {"+svm": "SVM", "+vmx": "VMX", "hv_": "Hyper-V"}
 # Tests of KVM's paravirtual interfaces, not of the x86 architecture.
 KVM_PARAVIRT_FILES = {"asyncpf.flat": "KVM asynchronous page faults",
                       "kvmclock_test.flat": "kvmclock",
                       "vmware_backdoors.flat": "KVM's VMware backdoor"}
-TCG_IMPOSSIBLE = ("-enable-kvm", "host")   # QEMU options TCG cannot honour
 
 
 class Status(StrEnum):
