@@ -844,8 +844,10 @@ def html_report(cfg: Path, rows: list[Row], reference: str | None) -> str:
     def detail(name: str, s: SideResult) -> str:
         if s.how == "skipped":
             return ""
-        return (f"<h4>{e(name)}: {s.status} ({s.seconds:.1f} s)</h4><pre>{e(s.command)}</pre>"
-                f"<pre style='background:#f6f6f6;max-height:30em;overflow:auto'>{e(s.log)}</pre>")
+        return (f"<h4>{e(name)}: {s.status} ({s.seconds:.1f} s)</h4>"
+                f"<pre style='white-space:pre-wrap'>{e(s.command)}</pre>"
+                f"<pre style='background:#f6f6f6;max-height:30em;overflow:auto;white-space:pre-wrap'>"
+                f"{e(s.log)}</pre>")
 
     body = []
     for r in rows:
@@ -861,10 +863,13 @@ def html_report(cfg: Path, rows: list[Row], reference: str | None) -> str:
     head = "<th>config</th><th>idtlab</th>" + (f"<th>{e(reference or '')}</th>"
                                                if reference else "")
     summary = "<br>".join(e(line) for line in totals(rows, reference))
+    widths = (16, 30, 30, 24) if reference else (20, 45, 35)
+    cols = "<colgroup>" + "".join(f"<col style='width:{w}%'>" for w in widths) + "</colgroup>"
     return ("<!doctype html><html><head><meta charset='utf-8'><title>idtlab suite: "
             f"{e(str(cfg))}</title></head><body style='font-family:sans-serif'>"
             f"<h1>idtlab suite: {e(str(cfg))}</h1><p>{summary}</p>"
-            "<table border='1' cellspacing='0' cellpadding='4' style='border-collapse:collapse'>"
+            "<table border='1' cellspacing='0' cellpadding='4' style='border-collapse:collapse;"
+            f"table-layout:fixed;width:100%'>{cols}"
             f"<tr>{head}<th>FAIL lines that differ</th></tr>" + "".join(body)
             + "</table></body></html>\n")
 
