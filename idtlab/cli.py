@@ -1,5 +1,5 @@
-"""`idtlab` command line: `run`, `compare`, `explore`, `ref`, `diff`, `demo`, `lab` (the
-teaching labs, idtlab.labs.cli), `--version`.
+"""`idtlab` command line: `run`, `compare`, `explore`, `ref`, `diff`, `suite` (kvm-unit-tests
+suites, idtlab/suite.py), `demo`, `lab` (the teaching labs, idtlab.labs.cli), `--version`.
 
 Exit status: 0 when every expectation holds, 1 when one fails, 2 on bad input (one line
 on stderr, no traceback).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
-from idtlab import __version__, apf_matrix, ref
+from idtlab import __version__, apf_matrix, ref, suite
 from idtlab import diff as differ
 from idtlab import explore as ex
 from idtlab import scenario as scn
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_parser(sub)
     differ.add_parser(sub)
     labs_cli.add_parser(sub)
+    suite.add_parser(sub)
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return differ.run_cli(args)
         if args.command == "lab":
             return labs_cli.run_cli(args)
+        if args.command == "suite":
+            return suite.run_cli(args)
         if args.command == "explore":
             return _explore(args)
         if args.command == "compare":
