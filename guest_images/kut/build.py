@@ -21,9 +21,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from cpu.errors import BadInput
 from guest_images.build import BUILD_DIR as GUEST_BUILD_DIR
 from guest_images.build import is_fresh, run_tool
-from idtlab.errors import BadInput
 
 IMAGE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = GUEST_BUILD_DIR / "kut"
