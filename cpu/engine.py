@@ -85,7 +85,7 @@ REG = {
     "cs": X.UC_X86_REG_CS, "ss": X.UC_X86_REG_SS, "ds": X.UC_X86_REG_DS,
     "es": X.UC_X86_REG_ES, "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS,
     "cr0": X.UC_X86_REG_CR0, "cr2": X.UC_X86_REG_CR2, "cr3": X.UC_X86_REG_CR3,
-    "cr4": X.UC_X86_REG_CR4,
+    "cr4": X.UC_X86_REG_CR4, "cr8": X.UC_X86_REG_CR8,
 }
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
@@ -594,6 +594,15 @@ class Engine:
         else:
             self.uc.context_update(self._ctx)
         return self._ctx
+
+    def pkru(self) -> int:
+        """PKRU (protection keys for user-mode pages): RDPKRU, WRPKRU and XRSTOR change
+        it natively, and the engine's API has no register for it."""
+        return int(struct.unpack_from("<I", blob(self._saved_context()), self.layout.pkru)[0])
+
+    def xcr0(self) -> int:
+        """XCR0 (XSETBV changes it natively; the engine's API has no register for it)."""
+        return int(struct.unpack_from("<Q", blob(self._saved_context()), self.layout.xcr0)[0])
 
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""
