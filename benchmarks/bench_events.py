@@ -25,7 +25,7 @@ of the schedule. `nmi()` + `run()` costs a constant per round trip; what it adds
 of the delivery and the IRET is the machine's own per-`run` entry and exit (the `end`
 record, the RunResult), which is part of using the machine this way.
 
-Targets (from the performance issue): fast mode >= 50% of raw Unicorn, timed mode >= 4
+Targets: fast mode >= 50% of raw Unicorn, timed mode >= 4
 MIPS, >= 50,000 round trips/s for (e) and (f). A round trip is one delivery plus its
 IRET. Only the runs are timed (engine creation and assembly are not). The work done is
 the same on every invocation; the timings of course vary. Usage:
@@ -71,7 +71,7 @@ MEMORY = 2 << 20
 NMI_VECTOR = 2
 BP_VECTOR = 3
 
-# Targets of the performance issue.
+# Targets (the benchmark prints each figure against its target).
 TARGET_FAST_RATIO = 0.5
 TARGET_TIMED_MIPS = 4.0
 TARGET_ROUND_TRIPS = 50_000.0
@@ -115,7 +115,7 @@ def raw_unicorn(iterations: int) -> Run:
     uc.mem_write(CODE, code)
     uc.reg_write(X.UC_X86_REG_RSP, STACK_TOP)
     start = time.perf_counter()
-    uc.emu_start(CODE, hlt_at)  # stop *before* the HLT (unicorn.md fact 11)
+    uc.emu_start(CODE, hlt_at)  # stop *before* the HLT (Unicorn stops silently after it, #1082)
     seconds = time.perf_counter() - start
     if int(uc.reg_read(X.UC_X86_REG_RCX)) != 0:
         raise RuntimeError("raw Unicorn loop did not finish")

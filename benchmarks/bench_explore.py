@@ -1,4 +1,4 @@
-"""Race-explorer throughput on the CR2-race example, against the issue's targets.
+"""Race-explorer throughput on the CR2-race example, against its targets.
 
 Workload: `idtlab/examples/explore/cr2_race.toml`, one NMI at every boundary of the
 window `pf_handler..pf_done` (38 boundaries), checked against the scenario's
@@ -14,9 +14,8 @@ boundaries (two NMIs, 741 schedules). Figures, each the best of `--repeat` runs:
   (d) the ratio (a) / (c).
 
 The window and the budget (one undisturbed run each) are computed once, outside the
-timings. Both paths are checked to give the same findings. Targets (issue "Race
-explorer"): (a) >= 500 schedules/s per core for a window of about 50 boundaries;
-(d) >= 5. Usage:
+timings. Both paths are checked to give the same findings. Targets: (a) >= 500
+schedules/s per core for a window of about 50 boundaries; (d) >= 5. Usage:
 
     python benchmarks/bench_explore.py [--quick] [--json] [--repeat R]
 """

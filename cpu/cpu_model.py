@@ -18,7 +18,8 @@ here is declared, not derived:
 * A few bits follow machine state (`CpuidInputs`): CPUID.1:ECX.OSXSAVE and
   CPUID.7.0:ECX.OSPKE mirror CR4.OSXSAVE and CR4.PKE (SDM "CPUID": "reflects the setting
   of CR4.OSXSAVE"); CPUID.1:EDX.APIC and the initial APIC ID (EBX[31:24]) exist only
-  when the machine has a local APIC; CPUID.1:ECX[31] (a hypervisor is present) and the
+  when the machine has a local APIC and it is globally enabled (IA32_APIC_BASE[11];
+  Vol. 3A "Enabling or Disabling the Local APIC"); CPUID.1:ECX[31] (a hypervisor is present) and the
   leaves 0x40000000.. only when it models KVM's paravirtual interface
   (cpu/devices/apf.py); the XSAVE area size for the features XCR0 enables
   (CPUID.(EAX=0DH,ECX=0):EBX); IA32_MISC_ENABLE's "limit CPUID maxval" (bit 22: leaf 0
@@ -73,6 +74,8 @@ __all__ = ["FEATURES", "MSR_APIC_BASE", "MSR_EFER", "MSR_TSC", "CpuModel", "Cpui
 
 APIC_BASE_BSP = 1 << 8
 APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_ADDRESS_MASK = ((1 << MAXPHYADDR) - 1) & ~0xFFF  # bits MAXPHYADDR-1:12
+APIC_BASE_WRITABLE = APIC_BASE_BSP | APIC_BASE_ENABLE | APIC_BASE_ADDRESS_MASK
 
 
 class Reg(IntEnum):
@@ -304,8 +307,10 @@ class CpuModel:
     def inputs(self) -> CpuidInputs:
         m = self.m
         e = m.engine
-        return CpuidInputs(cr4=e.read_reg("cr4"), xcr0=e.xcr0(),
-                           apic_id=m.apic.apic_id if m.apic is not None else None,
+        # "Enabling or Disabling the Local APIC": CPUID.1:EDX.APIC reads 0 while the
+        # APIC is globally disabled (IA32_APIC_BASE[11] = 0).
+        apic_id = m.apic.apic_id if m.apic is not None and m.apic.enabled else None
+        return CpuidInputs(cr4=e.read_reg("cr4"), xcr0=e.xcr0(), apic_id=apic_id,
                            kvm=m.apf is not None,
                            misc_enable=self.state.msrs.values.get(MSR_MISC_ENABLE, 0))
 
@@ -315,7 +320,8 @@ class CpuModel:
     def rdmsr(self, msr: int) -> int:
         m = self.m
         if msr == MSR_APIC_BASE:
-            return APIC_BASE | APIC_BASE_BSP | (APIC_BASE_ENABLE if m.apic is not None else 0)
+            enabled = m.apic is not None and m.apic.enabled
+            return APIC_BASE | APIC_BASE_BSP | (APIC_BASE_ENABLE if enabled else 0)
         if m.apf is not None and m.apf.handles(msr):
             return m.apf.rdmsr(msr)
         return self.msrs.read(msr)
@@ -323,9 +329,18 @@ class CpuModel:
     def wrmsr(self, msr: int, value: int) -> None:
         m = self.m
         if msr == MSR_APIC_BASE:
-            if value != self.rdmsr(msr):
-                raise Unsupported(f"IA32_APIC_BASE write {value:#x}: moving or disabling the "
-                                  "local APIC is not modelled")
+            # "Local APIC Status and Location" (IA32_APIC_BASE): BSP flag 8 (read-only),
+            # x2APIC enable 10 (reserved: x2APIC is not advertised), global enable 11,
+            # base 12 and up; the rest is reserved.
+            if value & ~APIC_BASE_WRITABLE:
+                raise MsrFault(f"reserved IA32_APIC_BASE bits {value & ~APIC_BASE_WRITABLE:#x}")
+            if m.apic is None:
+                raise MsrFault("IA32_APIC_BASE: this machine has no local APIC")
+            if value & APIC_BASE_ADDRESS_MASK != APIC_BASE:
+                raise Unsupported(f"IA32_APIC_BASE write {value:#x}: moving the local APIC "
+                                  "page is not modelled")
+            m.apic.set_global_enable(bool(value & APIC_BASE_ENABLE))
+            m.engine.flush_tlb()
             return
         if m.apf is not None and m.apf.handles(msr):
             try:

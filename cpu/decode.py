@@ -1,18 +1,19 @@
 """Instruction decoding with Capstone: interception sites, stack references, disassembly.
 
-IRET and HLT must never run natively (IRET's NMI-unblocking side effect is invisible in
-Unicorn, and HLT just stops it, `unicorn.md` facts 8 and 11), so every loaded code range
-is decoded linearly when it is loaded and each IRET/HLT gets an address-ranged code hook,
-which costs nothing elsewhere. Code the guest writes at run time is not decoded: an IRET
-there would run natively (documented limitation).
+IRET and HLT must never run natively (Unicorn has no visible NMI-blocking state, so IRET's
+NMI-unblocking side effect is lost, and HLT just stops emulation: unicorn-engine/unicorn
+issue #1082), so every loaded code range is decoded linearly when it is loaded and each
+IRET/HLT gets an address-ranged code hook, which costs nothing elsewhere. Code the guest
+writes at run time is not decoded: an IRET there would run natively (documented limitation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
+from typing import Any
 
 import capstone
 from capstone import x86_const as CX
@@ -67,6 +68,8 @@ class SiteKind(StrEnum):
     TABLE_LOAD = "table_load"  # checked, then native: LGDT, LIDT, LLDT, LTR
     BASE_WRITE = "base_write"  # checked, then native: WRFSBASE, WRGSBASE
     UMIP = "umip"  # checked, then native: SGDT, SIDT, SLDT, SMSW, STR
+    SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
+    SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
@@ -77,7 +80,8 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "lldt": SiteKind.TABLE_LOAD, "ltr": SiteKind.TABLE_LOAD,
               "wrfsbase": SiteKind.BASE_WRITE, "wrgsbase": SiteKind.BASE_WRITE,
               "sgdt": SiteKind.UMIP, "sidt": SiteKind.UMIP, "sldt": SiteKind.UMIP,
-              "smsw": SiteKind.UMIP, "str": SiteKind.UMIP}
+              "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
+              "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
 
 
 def site_kind(insn: Insn) -> SiteKind | None:
@@ -205,9 +209,11 @@ def memory_operands(code: bytes, address: int) -> tuple[int, list[MemOperand]]:
 
 @dataclass(frozen=True)
 class MmioMove:
-    """A MOV between a register or immediate and memory (how drivers touch device
-    registers), decoded for emulation: `store` (to memory) or load, operand `size`,
-    the source register or immediate of a store, the destination register of a load."""
+    """A move between a register or immediate and memory (how drivers touch device
+    registers), decoded for emulation: `store` (to memory) or load, the memory operand's
+    `size`, the source register or immediate of a store, the destination register of a
+    load and how a narrower load fills it (`extend`: "zero" for MOVZX, "sign" for MOVSX
+    and MOVSXD, None for MOV)."""
 
     length: int
     text: str
@@ -215,13 +221,31 @@ class MmioMove:
     size: int
     reg: str | None = None
     imm: int | None = None
+    extend: str | None = None
+
+
+_MMIO_LOADS = {"mov": None, "movabs": None, "movzx": "zero", "movsx": "sign", "movsxd": "sign"}
 
 
 def mmio_move(code: bytes, address: int) -> MmioMove | None:
-    """The instruction at `address` if it is `mov mem, reg|imm` or `mov reg, mem`."""
+    """The instruction at `address` if it is a store `mov mem, reg|imm` (including the
+    moffs form `movabs [imm64], al/ax/eax/rax`, opcodes A2/A3) or a load `mov reg, mem`
+    (A0/A1), `movzx`, `movsx` or `movsxd` from memory; None for anything else."""
     insns = list(_cs().disasm(code, address, 1))
-    if not insns or insns[0].mnemonic != "mov" or len(insns[0].operands) != 2:
+    if not insns or insns[0].mnemonic not in _MMIO_LOADS or len(insns[0].operands) != 2:
         return None
+    insn = insns[0]
+    dst, src = insn.operands
+    text = f"{insn.mnemonic} {insn.op_str}"
+    if dst.type == CX.X86_OP_MEM and insn.mnemonic in ("mov", "movabs"):
+        if src.type == CX.X86_OP_REG:
+            return MmioMove(insn.size, text, True, int(dst.size), reg=str(insn.reg_name(src.reg)))
+        if src.type == CX.X86_OP_IMM:
+            return MmioMove(insn.size, text, True, int(dst.size), imm=int(src.imm))
+    elif src.type == CX.X86_OP_MEM and dst.type == CX.X86_OP_REG:
+        return MmioMove(insn.size, text, False, int(src.size), reg=str(insn.reg_name(dst.reg)),
+                        extend=_MMIO_LOADS[insn.mnemonic])
+    return None
     insn = insns[0]
     dst, src = insn.operands
     text = f"{insn.mnemonic} {insn.op_str}"
@@ -233,3 +257,330 @@ def mmio_move(code: bytes, address: int) -> MmioMove | None:
     elif src.type == CX.X86_OP_MEM and dst.type == CX.X86_OP_REG:
         return MmioMove(insn.size, text, False, int(src.size), reg=str(insn.reg_name(dst.reg)))
     return None
+
+
+# -- SDM corners (docs/sdm-map.md): decoding what the SDM's instruction rules need -----
+#
+# The functions below are pure (bytes and register values in, a verdict out): the machine
+# calls them at the sites docs/sdm-map.md names. Capstone does the decoding; what it gets
+# wrong for these purposes is corrected here (it rejects an illegal LOCK form outright,
+# and it reports CMPXCHG's destination as read-only).
+
+_LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66,
+                              0x67})
+LOCK_PREFIX = 0xF0
+# SDM Vol. 2 LOCK: the instructions that may be locked, only with a memory destination.
+LOCKABLE = frozenset({"add", "adc", "and", "btc", "btr", "bts", "cmpxchg", "cmpxchg8b",
+                      "cmpxchg16b", "dec", "inc", "neg", "not", "or", "sbb", "sub", "xor",
+                      "xadd", "xchg"})
+# Instructions that read and write their (first) operand: the lockable ones plus the
+# shifts and rotates. With a memory destination the access has write intent from its
+# first (read) part on (Bochs read_RMW_virtual_*: the page is checked for writing).
+READ_MODIFY_WRITE = LOCKABLE | frozenset({"rol", "ror", "rcl", "rcr", "shl", "sal", "shr",
+                                          "sar", "shld", "shrd"})
+
+
+def _prefixes(code: bytes) -> tuple[bytes, int]:
+    """The legacy prefix bytes at the start of `code`, and where the rest (REX, opcode)
+    starts."""
+    i = 0
+    while i < len(code) and i < 14 and code[i] in _LEGACY_PREFIXES:
+        i += 1
+    return code[:i], i
+
+
+def _one(code: bytes, address: int) -> capstone.CsInsn | None:
+    return next(_cs().disasm(code, address, 1), None)
+
+
+def _base_mnemonic(insn: capstone.CsInsn) -> str:
+    words = str(insn.mnemonic).split()
+    return words[-1] if words else ""
+
+
+def lock_is_legal(code: bytes, address: int) -> bool:
+    """False when the instruction at `address` carries a LOCK prefix the SDM forbids
+    (Vol. 2 LOCK: #UD unless the instruction is in LOCKABLE *and* its destination is a
+    memory operand), True otherwise (no LOCK, or a legal one, or not an instruction at
+    all: that is another fault's business). Capstone refuses to decode an illegal LOCK
+    form, so an instruction it decodes only once the LOCK bytes are dropped is illegal."""
+    prefixes, rest = _prefixes(code)
+    if LOCK_PREFIX not in prefixes:
+        return True
+    insn = _one(code, address)
+    if insn is None:
+        unlocked = bytes(b for b in prefixes if b != LOCK_PREFIX) + code[rest:]
+        return _one(unlocked, address) is None
+    ops = list(insn.operands)
+    return _base_mnemonic(insn) in LOCKABLE and bool(ops) and ops[0].type == CX.X86_OP_MEM
+
+
+def _memory_writes(insn: capstone.CsInsn) -> tuple[bool, bool]:
+    """(written, read and written) for the explicit memory operands of `insn`."""
+    ops = list(insn.operands)
+    mem = [op for op in ops if op.type == CX.X86_OP_MEM]
+    if not mem:
+        return False, False
+    written = any(op.access & capstone.CS_AC_WRITE for op in mem)
+    rmw = any(op.access & capstone.CS_AC_READ and op.access & capstone.CS_AC_WRITE for op in mem)
+    if ops[0].type == CX.X86_OP_MEM and _base_mnemonic(insn) in READ_MODIFY_WRITE:
+        written = rmw = True  # capstone marks CMPXCHG's destination read-only
+    return written, rmw
+
+
+def has_write_intent(code: bytes, address: int) -> bool:
+    """The instruction writes an explicit memory operand (a store, or a read-modify-write
+    whose read comes first): a #PF on that operand, even on its read part, has W = 1 in
+    the error code (SDM Vol. 3A "Page-Fault Exceptions", W/R), and an EPT violation's
+    qualification says write (Vol. 3C "Exit Qualification for EPT Violations")."""
+    insn = _one(code, address)
+    return insn is not None and _memory_writes(insn)[0]
+
+
+def is_read_modify_write(code: bytes, address: int) -> bool:
+    """The instruction reads and writes the same explicit memory operand (ADD [m], r,
+    INC [m], XCHG [m], r, CMPXCHG [m], r, any LOCKed form, shifts of [m])."""
+    insn = _one(code, address)
+    return insn is not None and _memory_writes(insn)[1]
+
+
+# -- segments: #SS or #GP ---------------------------------------------------------------
+
+_STACK_BASES = frozenset({CX.X86_REG_RSP, CX.X86_REG_RBP, CX.X86_REG_ESP, CX.X86_REG_EBP})
+_IMPLICIT_STACK = frozenset({"push", "pop", "pushfq", "popfq", "pushf", "popf", "call",
+                             "ret", "enter", "leave", "iretq", "iret", "iretd"})
+_ES_DESTINATION = ("stos", "movs", "scas", "ins", "cmps")
+
+
+def _operand_segment(insn: capstone.CsInsn, op: Any) -> str:
+    seg = op.mem.segment
+    if seg == CX.X86_REG_FS:
+        return "fs"
+    if seg == CX.X86_REG_GS:
+        return "gs"
+    # CS/DS/ES/SS overrides are ignored in 64-bit mode (SDM Vol. 1 "Canonical
+    # Addressing"): the default segment decides.
+    if op.mem.base in (CX.X86_REG_RDI, CX.X86_REG_EDI) and \
+            _base_mnemonic(insn).startswith(_ES_DESTINATION) and op.mem.index == 0:
+        return "es"
+    return "ss" if op.mem.base in _STACK_BASES else "ds"
+
+
+def memory_operand_segment(code: bytes, address: int) -> str | None:
+    """The segment ("ss", "ds", "es", "fs", "gs") of the first explicit memory operand of
+    the instruction at `address`, None if it has none. SS when the *base* register is
+    RSP or RBP and no FS/GS override applies; an RBP or RSP index does not count; CS, DS,
+    ES and SS override prefixes are ignored in 64-bit mode (SDM Vol. 1 "Canonical
+    Addressing": "In 64-bit mode, only FS and GS segment-overrides are applicable in this
+    situation. Other segment override prefixes (CS, DS, ES and SS) are ignored")."""
+    insn = _one(code, address)
+    if insn is None:
+        return None
+    mem = [op for op in insn.operands if op.type == CX.X86_OP_MEM]
+    return _operand_segment(insn, mem[0]) if mem else None
+
+
+def _reg(regs: Mapping[str, int], name: str) -> int:
+    """A register value from `regs` (64-bit names; a 32-bit name reads the low half)."""
+    if name in regs:
+        return regs[name]
+    wide = "r" + name[1:] if name.startswith("e") else name
+    return regs[wide] & 0xFFFFFFFF
+
+
+def operand_address(insn: capstone.CsInsn, op: Any, regs: Mapping[str, int]) -> int:
+    """The linear address of memory operand `op` of `insn` (FS/GS bases from
+    regs["fs_base"], regs["gs_base"]; other segment bases are 0 in 64-bit mode)."""
+    ea = int(op.mem.disp)
+    narrow = False
+    if op.mem.base == CX.X86_REG_RIP:
+        ea += insn.address + insn.size
+    elif op.mem.base != CX.X86_REG_INVALID:
+        name = str(insn.reg_name(op.mem.base))
+        narrow = name.startswith("e")
+        ea += _reg(regs, name)
+    if op.mem.index != CX.X86_REG_INVALID:
+        name = str(insn.reg_name(op.mem.index))
+        narrow = narrow or name.startswith("e")
+        ea += _reg(regs, name) * int(op.mem.scale)
+    ea &= 0xFFFFFFFF if narrow else 2**64 - 1
+    if op.mem.segment == CX.X86_REG_FS:
+        ea += regs.get("fs_base", 0)
+    elif op.mem.segment == CX.X86_REG_GS:
+        ea += regs.get("gs_base", 0)
+    return ea & (2**64 - 1)
+
+
+def faulting_segment(code: bytes, address: int, linear: int, regs: Mapping[str, int]) -> str:
+    """The segment of the access of the instruction at `address` that touches `linear`
+    (a non-canonical address the engine reported): an explicit memory operand whose bytes
+    include it gives that operand's segment; otherwise the access is the instruction's
+    implicit stack access (PUSH, POP, CALL, RET, ...): "ss". #SS(0) for "ss", #GP(0) for
+    the others (SDM Vol. 2, "64-Bit Mode Exceptions")."""
+    insn = _one(code, address)
+    if insn is None:
+        return "ds"
+    for op in insn.operands:
+        if op.type != CX.X86_OP_MEM:
+            continue
+        start = operand_address(insn, op, regs)
+        if start <= linear < start + max(1, int(op.size)):
+            return _operand_segment(insn, op)
+    if _base_mnemonic(insn) in _IMPLICIT_STACK:
+        return "ss"
+    mem = [op for op in insn.operands if op.type == CX.X86_OP_MEM]
+    return _operand_segment(insn, mem[0]) if mem else "ds"
+
+
+@dataclass(frozen=True)
+class AccessRange:
+    """One memory access of an instruction: `size` bytes at linear `start` through
+    `segment`, a write or not; `implicit` for the stack access of PUSH/POP/CALL/RET."""
+
+    start: int
+    size: int
+    segment: str
+    write: bool
+    implicit: bool = False
+
+
+_PUSHES = frozenset({"push", "pushfq", "pushf", "call"})
+_POPS = frozenset({"pop", "popfq", "popf", "ret", "leave"})
+
+
+def access_ranges(code: bytes, address: int, regs: Mapping[str, int]) -> list[AccessRange]:
+    """The data accesses of the instruction at `address` with the registers before it:
+    its explicit memory operands, then the stack slot a PUSH/CALL writes ([RSP - 8, RSP))
+    or a POP/RET reads ([RSP, RSP + 8); LEAVE reads at RBP). For the canonical check of
+    every byte before paging (`idt.state.is_canonical_range`) and for finding the page a
+    store starts on. LEA has no access."""
+    insn = _one(code, address)
+    if insn is None:
+        return []
+    name = _base_mnemonic(insn)
+    out: list[AccessRange] = []
+    if name != "lea":
+        for i, op in enumerate(insn.operands):
+            if op.type == CX.X86_OP_MEM:
+                write = bool(op.access & capstone.CS_AC_WRITE) or (
+                    i == 0 and name in READ_MODIFY_WRITE)
+                out.append(AccessRange(operand_address(insn, op, regs), max(1, int(op.size)),
+                                       _operand_segment(insn, op), write))
+    mask = 2**64 - 1
+    if name in _PUSHES:
+        out.append(AccessRange((regs["rsp"] - 8) & mask, 8, "ss", True, True))
+    elif name in _POPS:
+        top = regs["rbp"] if name == "leave" else regs["rsp"]
+        out.append(AccessRange(top & mask, 8, "ss", False, True))
+    return out
+
+
+# -- branches: the target before the branch executes --------------------------------------
+
+RFLAGS_BITS = {"cf": 0, "pf": 2, "zf": 6, "sf": 7, "of": 11}
+_JCC: dict[str, Callable[[Mapping[str, bool]], bool]] = {
+    "jo": lambda f: f["of"], "jno": lambda f: not f["of"],
+    "jb": lambda f: f["cf"], "jae": lambda f: not f["cf"],
+    "je": lambda f: f["zf"], "jne": lambda f: not f["zf"],
+    "jbe": lambda f: f["cf"] or f["zf"], "ja": lambda f: not (f["cf"] or f["zf"]),
+    "js": lambda f: f["sf"], "jns": lambda f: not f["sf"],
+    "jp": lambda f: f["pf"], "jnp": lambda f: not f["pf"],
+    "jl": lambda f: f["sf"] != f["of"], "jge": lambda f: f["sf"] == f["of"],
+    "jle": lambda f: f["zf"] or f["sf"] != f["of"], "jg": lambda f: not f["zf"] and f["sf"] == f["of"],
+}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A near branch decoded before it executes: its kind ("jmp", "call", "ret", "jcc",
+    "loop", "jrcxz"), whether it is taken with the given registers, the target it would
+    load into RIP, its length, and the RET's immediate (bytes released after the pop)."""
+
+    kind: str
+    taken: bool
+    target: int
+    length: int
+    release: int = 0
+
+
+def branch_target(code: bytes, address: int, regs: Mapping[str, int],
+                  read_u64: Callable[[int], int]) -> Branch | None:
+    """The near JMP/CALL/RET/Jcc/LOOP/JRCXZ at `address` (direct or indirect through a
+    register or memory) with the registers as they are *before* it executes (`regs`:
+    64-bit GPRs, "rip", "rflags", optionally "fs_base"/"gs_base"); `read_u64` reads the
+    memory an indirect branch or RET takes its target from. None for anything else (far
+    branches, IRET). The SDM faults a taken branch whose target is not canonical on the
+    branch itself (Vol. 2 JMP/CALL/RET/Jcc/LOOP, "#GP(0) If the target offset is
+    non-canonical"): the machine checks `is_canonical(branch.target)` when `taken`."""
+    insn = _one(code, address)
+    if insn is None:
+        return None
+    name = _base_mnemonic(insn)
+    ops = list(insn.operands)
+    flags = {k: bool(regs.get("rflags", 0) >> bit & 1) for k, bit in RFLAGS_BITS.items()}
+    if name in ("ret", "retq"):
+        release = int(ops[0].imm) if ops else 0
+        return Branch("ret", True, read_u64(regs["rsp"]), insn.size, release)
+    if name not in ("jmp", "call", "loop", "loope", "loopne", "jrcxz", "jecxz") and name not in _JCC:
+        return None
+    if not ops:
+        return None
+    op = ops[0]
+    if op.type == CX.X86_OP_IMM:
+        target = int(op.imm) & (2**64 - 1)
+    elif op.type == CX.X86_OP_REG:
+        target = _reg(regs, str(insn.reg_name(op.reg)))
+    elif op.type == CX.X86_OP_MEM:
+        target = read_u64(operand_address(insn, op, regs))
+    else:
+        return None
+    if name in ("jmp", "call"):
+        return Branch(name, True, target, insn.size)
+    if name in _JCC:
+        return Branch("jcc", _JCC[name](flags), target, insn.size)
+    rcx = regs["rcx"]
+    if name in ("jrcxz", "jecxz"):
+        count = rcx if name == "jrcxz" else rcx & 0xFFFFFFFF
+        return Branch("jrcxz", count == 0, target, insn.size)
+    left = (rcx - 1) & (2**64 - 1)
+    taken = left != 0 and (name == "loop" or flags["zf"] == (name == "loope"))
+    return Branch("loop", taken, target, insn.size)
+
+
+def state_before_branch(code: bytes, address: int, regs_after: Mapping[str, int]) -> dict[str, int]:
+    """The registers to restore when a branch at `address` already executed (as the
+    engine does: it jumps, then faults fetching the non-canonical target) but must
+    instead fault on itself: RIP = the branch, RSP before a CALL's push or a RET's pop
+    (and its immediate), RCX before a LOOP's decrement. Empty if `address` holds no near
+    branch. (A CALL's return address already written below RSP is not architectural
+    state: Bochs writes it too before its canonical check.)"""
+    insn = _one(code, address)
+    if insn is None:
+        return {}
+    name = _base_mnemonic(insn)
+    ops = list(insn.operands)
+    out = {"rip": address}
+    if name == "call":
+        out["rsp"] = (regs_after["rsp"] + 8) & (2**64 - 1)
+    elif name in ("ret", "retq"):
+        release = int(ops[0].imm) if ops else 0
+        out["rsp"] = (regs_after["rsp"] - 8 - release) & (2**64 - 1)
+    elif name in ("loop", "loope", "loopne"):
+        out["rcx"] = (regs_after["rcx"] + 1) & (2**64 - 1)
+    elif name not in ("jmp", "jrcxz", "jecxz") and name not in _JCC:
+        return {}
+    return out
+
+
+# -- #AC ------------------------------------------------------------------------------------
+
+def alignment_check_faults(*, cpl: int, cr0_am: bool, rflags_ac: bool, linear: int,
+                           size: int, implicit_supervisor: bool = False) -> bool:
+    """#AC(0) for a data or stack access of `size` bytes at `linear` (SDM Vol. 3A
+    "Interrupt 17—Alignment Check Exception (#AC)"): alignment checking is on when CR0.AM
+    = 1, RFLAGS.AC = 1 and CPL = 3, and it faults an access not aligned to its size
+    (word 2, doubleword 4, quadword 8, 16-byte 16; bytes never). Implicit supervisor
+    accesses (descriptor tables, the TSS, an event's frame) are never checked."""
+    if implicit_supervisor or not (cr0_am and rflags_ac and cpl == 3):
+        return False
+    return size in (2, 4, 8, 16) and linear % size != 0

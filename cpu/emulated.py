@@ -26,6 +26,17 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
 * RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
   (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
   with CR4.PCE = 0 too.
+* SYSCALL/SYSRET (SDM Vol. 2): Unicorn's SYSCALL only calls hooks, and the CPL is the
+  machine's to track, so both are executed here: #UD without EFER.SCE, the fixed flat
+  CS/SS from IA32_STAR, RIP from IA32_LSTAR (or IA32_CSTAR from compatibility mode),
+  RFLAGS masked by IA32_FMASK; SYSRET #GP(0) at CPL > 0 or to a non-canonical RCX, and
+  back to 64-bit (REX.W) or compatibility mode.
+
+Single-step (SDM Vol. 3B 17.3.1.4 "Single-Step Exception Condition"): an emulated
+instruction that completes with TF in force traps with DR6.BS after it, as the engine
+does for the instructions it executes. For SYSCALL and SYSRET TF is looked at when they
+complete (so an OS masks it with IA32_FMASK; what KVM's emulator does, commit "KVM: x86:
+fix singlestepping over syscall"); for the others at their start.
 """
 
 from __future__ import annotations
@@ -46,15 +57,27 @@ from cpu.ept import EptMisconfig, EptViolation
 from cpu.msrs import MSR_EFER
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
-from idt.state import ArchFault, Event
+from idt.state import RFLAGS_RF, ArchFault, Event, Source, is_canonical
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
+RFLAGS_TF = 1 << 8
+DR6_BS = 1 << 14
+EFER_SCE = 1 << 0
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+# The fixed descriptors SYSCALL and SYSRET load (their high dwords, as the engine caches
+# them; SDM Vol. 2 SYSCALL/SYSRET: base 0, limit 4 GiB, accessed, present).
+_CS64_DPL0, _SS_DPL0 = 0x00AF9B00, 0x00CF9300
+_CS64_DPL3, _CS32_DPL3, _SS_DPL3 = 0x00AFFB00, 0x00CFFB00, 0x00CFF300
+# RFLAGS bits SYSRET loads from R11 (SDM Vol. 2 SYSRET: R11 AND 3C7FD7H, bit 1 set).
+_SYSRET_RFLAGS = 0x3C7FD7
+
 
 class Emulated:
-    """IRET, HLT, RDMSR/WRMSR and CPUID, executed at their sites."""
+    """IRET, HLT, SYSCALL/SYSRET, RDMSR/WRMSR, CPUID, MOV CR and RDPMC, executed at their
+    sites."""
 
     def __init__(self, m: Machine) -> None:
         self.m = m
@@ -99,6 +122,67 @@ class Emulated:
         m.emit("iret", rip=address, to_rip=res.rip, to_rsp=res.rsp, to_cpl=res.cpl,
                nmi_unblocked=res.nmi_unblocked, depth=depth)
         e.cycles += cost
+
+    def single_step(self, rflags: int) -> None:
+        """After an emulated instruction retired (RIP is the next one): the single-step
+        trap when `rflags` (TF at the instruction's start, or at its end for SYSCALL and
+        SYSRET) has TF set."""
+        if not rflags & RFLAGS_TF:
+            return
+        m = self.m
+        e = m.engine
+        e.write({"dr6": e.read_reg("dr6") | DR6_BS})
+        rip = e.read_reg("rip")
+        m.deliver(Event(Vector.DB, Source.EXCEPTION, rip, rip, trap_like=True),
+                  why="single-step")
+
+    def syscall(self, address: int) -> None:
+        m = self.m
+        e = m.engine
+        e.uncount()
+        if not e.read_msr(0xC0000080) & EFER_SCE:
+            m.deliver(Event.exception(Vector.UD, address), why="SYSCALL with EFER.SCE = 0")
+            return
+        compat = not e.in_64bit_mode()
+        rflags = e.read_reg("rflags")
+        star, lstar, cstar, fmask = (e.read_msr(x) for x in (MSR_STAR, MSR_LSTAR, MSR_CSTAR,
+                                                              MSR_FMASK))
+        cs = (star >> 32) & 0xFFFC
+        new_rflags = rflags & ~fmask & ~RFLAGS_RF
+        target = cstar if compat else lstar
+        e.recount()
+        m.regs.load_fixed_segments(cs, _CS64_DPL0, cs + 8, _SS_DPL0, 0)
+        e.write({"rcx": address + 2, "r11": rflags, "rflags": new_rflags, "rip": target})
+        m.emit("syscall", rip=address, to_rip=target, compat=compat)
+        self.single_step(new_rflags)
+
+    def sysret(self, address: int) -> None:
+        m = self.m
+        e = m.engine
+        e.uncount()
+        size = m.sites.lengths.get(address, 2)
+        to64 = size == 3  # REX.W: back to 64-bit mode
+        if not e.read_msr(0xC0000080) & EFER_SCE:
+            m.deliver(Event.exception(Vector.UD, address), why="SYSRET with EFER.SCE = 0")
+            return
+        rcx, r11 = e.read(("rcx", "r11"))
+        if m.regs.state.cpl != 0:
+            m.deliver(Event.exception(Vector.GP, address, 0), why="SYSRET at CPL > 0")
+            return
+        if to64 and not is_canonical(rcx):
+            m.deliver(Event.exception(Vector.GP, address, 0),
+                      why=f"SYSRET to non-canonical RCX {rcx:#x}")
+            return
+        base = (e.read_msr(MSR_STAR) >> 48) & 0xFFFF
+        cs = ((base + 16) if to64 else base) | 3
+        rip = rcx if to64 else rcx & 0xFFFFFFFF
+        rflags = (r11 & _SYSRET_RFLAGS) | 2
+        e.recount()
+        m.regs.load_fixed_segments(cs, _CS64_DPL3 if to64 else _CS32_DPL3, (base + 8) | 3,
+                                   _SS_DPL3, 3)
+        e.write({"rip": rip, "rflags": rflags})
+        m.emit("sysret", rip=address, to_rip=rip, to_64bit=to64)
+        self.single_step(rflags)
 
     def hlt(self, address: int) -> None:
         m = self.m
@@ -166,10 +250,12 @@ class Emulated:
             m.deliver(Event.exception(Vector.GP, address, 0), why=f"MOV CR{move.cr} at CPL{cpl}")
             return
         reg, _, width = GPR_SLOTS[move.gpr]
+        rflags = e.read_reg("rflags")
         if not move.to_cr:
             tpr = m.apic.tpr if m.apic is not None else e.read_reg("cr8") << 4
             e.write({reg: tpr >> 4, "rip": address + insn.size})
             e.recount()
+            self.single_step(rflags)
             return
         value = e.read_reg(reg) & ((1 << width) - 1)
         efer = e.read_msr(MSR_EFER)
@@ -196,6 +282,7 @@ class Emulated:
             e.flush_tlb()
         e.write({"rip": address + insn.size})
         e.recount()
+        self.single_step(rflags)
 
     def rdpmc(self, address: int) -> None:
         m = self.m

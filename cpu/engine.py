@@ -86,6 +86,8 @@ REG = {
     "es": X.UC_X86_REG_ES, "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS,
     "cr0": X.UC_X86_REG_CR0, "cr2": X.UC_X86_REG_CR2, "cr3": X.UC_X86_REG_CR3,
     "cr4": X.UC_X86_REG_CR4, "cr8": X.UC_X86_REG_CR8,
+    "dr0": X.UC_X86_REG_DR0, "dr1": X.UC_X86_REG_DR1, "dr2": X.UC_X86_REG_DR2,
+    "dr3": X.UC_X86_REG_DR3, "dr6": X.UC_X86_REG_DR6, "dr7": X.UC_X86_REG_DR7,
 }
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
@@ -93,6 +95,10 @@ MSR_EFER = 0xC0000080
 EFER_LMA = 1 << 10
 CR0_PG = 1 << 31
 DESC_L = 1 << 21  # the L (64-bit code) bit of a code descriptor's high dword
+DESC_DB = 1 << 22  # D/B: 32-bit code (CS) or a 32-bit stack (SS)
+# QEMU's hflags bits (target/i386/cpu.h): HF_CS32 4, HF_SS32 5, HF_CS64 15.
+_HF_CS32, _HF_SS32, _HF_CS64 = 1 << 4, 1 << 5, 1 << 15
+_HF_CODE_SIZE = _HF_CS32 | _HF_SS32 | _HF_CS64
 # A UC_MODE_32 engine refuses the 64-bit registers (see `migrate_from`): its names
 # map the 64-bit ones to their 32-bit halves (R8-R15 do not exist there).
 REG32 = {**{k: REG[k] for k in ("cs", "ss", "ds", "es", "fs", "gs", "cr0", "cr2", "cr3", "cr4")},
@@ -628,6 +634,13 @@ class Engine:
             struct.pack_into("<IIQII", b, lay.cs, cs, 0, 0, 0xFFFFFFFF, cs_flags)
             struct.pack_into("<IIQII", b, lay.ss, ss, 0, 0, 0xFFFFFFFF if ss & 0xFFFC else 0,
                              ss_flags)
-            h = struct.unpack_from("<I", b, lay.hflags)[0]
-            struct.pack_into("<I", b, lay.hflags, (h & ~3) | cpl)
+            h = struct.unpack_from("<I", b, lay.hflags)[0] & ~(3 | _HF_CODE_SIZE)
+            # QEMU's cached code/stack size (cpu_x86_load_seg_cache): 64-bit code sets
+            # CS64, CS32 and SS32; compatibility-mode code takes CS32 from CS.D and SS32
+            # from SS.B.
+            if cs_flags & DESC_L:
+                h |= _HF_CODE_SIZE
+            else:
+                h |= (_HF_CS32 if cs_flags & DESC_DB else 0) | (_HF_SS32 if ss_flags & DESC_DB else 0)
+            struct.pack_into("<I", b, lay.hflags, h | cpl)
         self.uc.context_restore(ctx)

@@ -1,6 +1,7 @@
 """The host's extended page tables: a real 4-level EPT structure translating guest-physical
 to host-physical addresses (SDM Vol. 3C "EPT Translation Mechanism", "EPT Violations",
-"EPT Misconfigurations"; semantics.md §7.1).
+"EPT Misconfigurations"; Bochs paging.cc `translate_guest_physical`; Linux
+arch/x86/include/asm/vmx.h `VMX_EPT_SUPPRESS_VE_BIT`).
 
 The tables live in a host-side `PhysicalMemory` of their own, which the guest cannot
 address. Each entry is 8 bytes:

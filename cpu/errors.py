@@ -20,11 +20,21 @@ __all__ = ["BadInput", "Unsupported", "read_input"]
 
 
 class Unsupported(NotImplementedError):
-    """A mechanism that idtlab does not model (yet). The message names it."""
+    """A mechanism that idtlab does not model (yet). The message names it.
+
+        >>> str(Unsupported("IRET to a 16-bit code segment is not modelled"))
+        'IRET to a 16-bit code segment is not modelled'
+    """
 
 
 class BadInput(Exception):
-    """Invalid user input. `str(exc)` is a complete one-line message naming where."""
+    """Invalid user input. `str(exc)` is a complete one-line message naming where.
+
+        >>> read_input("/no/such/file.toml", "a scenario")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        cpu.errors.BadInput: /no/such/file.toml: no such file
+    """
 
 
 def read_input(path: str | Path, what: str) -> bytes:

@@ -40,7 +40,11 @@ class EventKind(StrEnum):
 
 @dataclass(frozen=True)
 class Nmi:
-    """A non-maskable interrupt (vector 2) arrives at the CPU's NMI pin."""
+    """A non-maskable interrupt (vector 2) arrives at the CPU's NMI pin.
+
+        >>> Nmi().text
+        'nmi'
+    """
 
     kind: ClassVar[EventKind] = EventKind.NMI
 
@@ -52,7 +56,11 @@ class Nmi:
 @dataclass(frozen=True)
 class Interrupt:
     """A fixed interrupt with `vector` (16..255) arrives at the local APIC (its IRR bit
-    is set; the APIC's priority and IF decide when it is delivered)."""
+    is set; the APIC's priority and IF decide when it is delivered).
+
+        >>> Interrupt(0x30).text
+        'interrupt:0x30'
+    """
 
     vector: int
     kind: ClassVar[EventKind] = EventKind.INTERRUPT
@@ -70,7 +78,11 @@ class Interrupt:
 class AsyncPf:
     """The host injects a KVM async page fault ("page not present"): with `gpa` (a page
     the host swapped out) it starts that page's page-in and the #PF carries the host's
-    token (a "page ready" follows); with only `token`, CR2 = token."""
+    token (a "page ready" follows); with only `token`, CR2 = token.
+
+        >>> AsyncPf(gpa=0x300000).text
+        'async_pf:gpa=0x300000'
+    """
 
     gpa: int | None = None
     token: int | None = None
@@ -91,7 +103,11 @@ class AsyncPf:
 @dataclass(frozen=True)
 class EptRevoke:
     """The host makes the EPT entry of guest-physical page `gpa` not present with
-    suppress-#VE clear: the guest's next access to it is an EPT violation."""
+    suppress-#VE clear: the guest's next access to it is an EPT violation.
+
+        >>> EptRevoke(0x300000).text
+        'ept_revoke:0x300000'
+    """
 
     gpa: int
     kind: ClassVar[EventKind] = EventKind.EPT_REVOKE
@@ -133,7 +149,11 @@ EVENT_FORMS = "nmi, interrupt:VECTOR, async_pf:gpa=ADDR, async_pf:token=N, ept_r
 
 
 def parse_event(text: str) -> AsyncEvent:
-    """An event in its command-line spelling (`EVENT_FORMS`); `BadInput` otherwise."""
+    """An event in its command-line spelling (`EVENT_FORMS`); `BadInput` otherwise.
+
+        >>> parse_event("async_pf:token=7")
+        AsyncPf(gpa=None, token=7)
+    """
     kind, _, arg = text.partition(":")
     where = f"--event {text!r}"
     if kind not in EventKind.__members__.values():
@@ -179,7 +199,11 @@ PORT_POINTS = {"flush_page": 0xE4}
 class Before:
     """Pending when execution reaches `address` (or a symbol) for the `hit`-th time,
     before that instruction executes. A boundary re-entered after a stop there is not a
-    new arrival; a return to it by IRET is."""
+    new arrival; a return to it by IRET is.
+
+        >>> Before("nmi_handler", hit=2)
+        Before(address='nmi_handler', hit=2)
+    """
 
     address: int | str
     hit: int = 1
@@ -191,14 +215,22 @@ class Before:
 
 @dataclass(frozen=True)
 class AtIcount:
-    """Pending once `icount` instructions have retired."""
+    """Pending once `icount` instructions have retired.
+
+        >>> AtIcount(57)
+        AtIcount(icount=57)
+    """
 
     icount: int
 
 
 @dataclass(frozen=True)
 class AtCycle:
-    """Pending at the first boundary at or after cycle `cycle`."""
+    """Pending at the first boundary at or after cycle `cycle`.
+
+        >>> AtCycle(12_000)
+        AtCycle(cycle=12000)
+    """
 
     cycle: int
 
@@ -206,7 +238,11 @@ class AtCycle:
 @dataclass(frozen=True)
 class AtPort:
     """Pending at the boundary right after the `hit`-th write to the port named `port`
-    (a name in `PORT_POINTS`)."""
+    (a name in `PORT_POINTS`).
+
+        >>> AtPort("flush_page", hit=3)
+        AtPort(port='flush_page', hit=3)
+    """
 
     port: str
     hit: int = 1
@@ -221,7 +257,11 @@ class AtPort:
 
 @dataclass(frozen=True)
 class Now:
-    """Pending at the next boundary the machine reaches."""
+    """Pending at the next boundary the machine reaches.
+
+        >>> Now()
+        Now()
+    """
 
 
 Point = Before | AtIcount | AtCycle | AtPort | Now

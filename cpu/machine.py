@@ -84,24 +84,7 @@ from idt.vectors import Vector, vector_name
 
 MODES = ("fast", "timed")
 
-# Kept importable from here for the user-facing layer while it moves to the modules that
-# define them.
-from cpu.apf_host import APF_FAIL_ACTIONS as APF_FAIL_ACTIONS  # noqa: E402
-from cpu.cpu_model import MSR_APIC_BASE as MSR_APIC_BASE  # noqa: E402
-from cpu.cpu_model import MSR_EFER as MSR_EFER  # noqa: E402
-from cpu.cpu_model import MSR_TSC as MSR_TSC  # noqa: E402
-from cpu.events import PORT_POINTS as PORT_POINTS  # noqa: E402
-from cpu.events import EventKind  # noqa: E402
-from cpu.outcomes import OUTCOMES as OUTCOMES  # noqa: E402
-from cpu.platform import SHUTDOWN_DETAIL as SHUTDOWN_DETAIL  # noqa: E402
-from cpu.vmx import VmExit as VmExit  # noqa: E402
-
-EVENT_KINDS = tuple(k.value for k in EventKind)
-PAUSE = Outcome.PAUSE.value
-
-__all__ = ["APF_FAIL_ACTIONS", "EVENT_KINDS", "MODES", "MSR_APIC_BASE", "MSR_EFER", "MSR_TSC",
-           "OUTCOMES", "PAUSE", "PORT_POINTS", "RESERVED_END", "SHUTDOWN_DETAIL", "Machine",
-           "PageSpec", "RunResult", "VmExit", "VmxConfig"]
+__all__ = ["MODES", "Machine"]
 
 
 class Machine:
@@ -485,6 +468,7 @@ class Machine:
                shown: tuple[int, int] | None = None, at_port: str | None = None) -> Injection:
         """Schedule an asynchronous event (cpu/events.py) to arrive at a point.
 
+            >>> from cpu.events import Before, Nmi
             >>> m = Machine()
             >>> inj = m.inject(Nmi(), Before(0x100000, hit=2))
             >>> inj = m.inject("interrupt", vector=0x30, icount=57)   # the keyword form

@@ -3,11 +3,12 @@ Paging", "Access Rights", "Protection Keys", "Page-Fault Exceptions", "Accessed 
 Dirty Flags").
 
 The walk is used twice: by the engine's TLB-fill hook for the guest's own accesses
-(`unicorn.md` facts 5-6), and by the delivery model for implicit supervisor accesses
-(IDT/GDT/TSS reads, frame pushes). Rights combine over all levels: writes need R/W=1
-everywhere (supervisor writes only when CR0.WP=1), user accesses need U/S=1 everywhere,
-fetches are refused if any level has XD=1 (EFER.NXE=1). The walk sets Accessed in every
-entry it uses and Dirty in the leaf on a write, only when the access succeeds.
+(Unicorn's `UC_TLB_VIRTUAL` mode with a `UC_HOOK_TLB_FILL` callback), and by the delivery
+model for implicit supervisor accesses (IDT/GDT/TSS reads, frame pushes). Rights combine
+over all levels: writes need R/W=1 everywhere (supervisor writes only when CR0.WP=1), user
+accesses need U/S=1 everywhere, fetches are refused if any level has XD=1 (EFER.NXE=1). The
+walk sets Accessed in every entry it uses and Dirty in the leaf on a write, only when the
+access succeeds.
 
 An address is a *user-mode address* when U/S = 1 at every level, else a supervisor-mode
 address. On top of the rights above ("Determination of Access Rights"):

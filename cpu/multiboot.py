@@ -37,15 +37,16 @@ segment register, as the specification says); CR0 = PE | ET (paging off), CR4 = 
 EFER = 0, EFLAGS = 0x2 (IF = 0), IDTR = 0 (base 0, limit 0), ESP = 0 and the other
 registers 0. A20 is always on (idtlab's memory does not wrap at 1 MiB).
 
-Unicorn cannot start a 64-bit engine in 32-bit mode (`unicorn.md` fact 18b), so the image
-starts on a `UC_MODE_32` engine over the same guest memory and runs its own switch to
-long mode there (CR4.PAE, CR3, EFER.LME, CR0.PG, a far jump to a 64-bit code segment).
-A Python block callback watches each translation block start: when EFER.LMA = 1 and
-CS.L = 1 (a far transfer always ends a block, so the first 64-bit block is caught before
-it runs), the CPU state moves to the machine's `UC_MODE_64` engine (`context_save` /
-`context_restore`) with the instruction and cycle counts, a `mode_switch` record goes to
-the trace, and the run continues there with the whole machine model. Python is on the
-per-block path only during the 32-bit phase.
+Unicorn cannot start a 64-bit engine in 32-bit mode (with Unicorn 2.1.4, writing CS in a
+`UC_MODE_64` engine does not leave 64-bit decoding), so the image starts on a `UC_MODE_32`
+engine over the same guest memory and runs its own switch to long mode there (CR4.PAE,
+CR3, EFER.LME, CR0.PG, a far jump to a 64-bit code segment). A Python block callback
+watches each translation block start: when EFER.LMA = 1 and CS.L = 1 (a far transfer
+always ends a block, so the first 64-bit block is caught before it runs), the CPU state
+moves to the machine's `UC_MODE_64` engine (`context_save` / `context_restore`) with the
+instruction and cycle counts, a `mode_switch` record goes to the trace, and the run
+continues there with the whole machine model. Python is on the per-block path only during
+the 32-bit phase.
 
 The event model is not active before the switch. Anything that would need it ends the
 run with a clear outcome: an exception or INT n (`unsupported`, naming the vector and

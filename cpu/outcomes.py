@@ -17,7 +17,11 @@ from cpu.trace import Trace
 
 
 class Outcome(StrEnum):
-    """Why a run ended."""
+    """Why a run ended (the `end` record's `reason`).
+
+        >>> Outcome("hlt") is Outcome.HLT, str(Outcome.SHUTDOWN)
+        (True, 'shutdown')
+    """
 
     HLT = "hlt"  # HLT with nothing that can ever wake the CPU
     SHUTDOWN = "shutdown"  # triple fault (SDM Vol. 3A 6.15, "Interrupt 8")
@@ -46,7 +50,16 @@ class Stop(Exception):
 @dataclass
 class RunResult:
     """What `Machine.run` returns: the outcome, where and when it happened, the trace,
-    the exit device's value (outcome "exit"), and what the UART transmitted."""
+    the exit device's value (outcome "exit"), and what the UART transmitted.
+
+        >>> from cpu.machine import Machine
+        >>> m = Machine()
+        >>> m.load(0x100000, bytes.fromhex("cc f4"), code=True)  # int3; hlt
+        >>> m.set_gate(3, 0x100001)                            # #BP -> the hlt
+        >>> r = m.run(entry=0x100000)
+        >>> r.outcome, r.icount, [d["name"] for d in r.deliveries]
+        ('hlt', 2, ['#BP'])
+    """
 
     outcome: str
     rip: int

@@ -121,6 +121,17 @@ class Registers:
             self.m.engine.flush_tlb()
         st.cpl = cpl
 
+    def load_fixed_segments(self, cs: int, cs_flags: int, ss: int, ss_flags: int,
+                            cpl: int) -> None:
+        """Load CS/SS with fixed hidden parts (not read from the GDT: SYSCALL, SYSRET)."""
+        st = self.state
+        st.stale_exception = False
+        self.m.engine.patch_context(segments=(cs, cs_flags, ss, ss_flags, cpl),
+                                    clear_stale_exception=True)
+        if cpl != st.cpl:
+            self.m.engine.flush_tlb()
+        st.cpl = cpl
+
     def gdt_descriptor(self, selector: int) -> SegmentDescriptor:
         _, base, _limit = self.table("gdtr")
         return SegmentDescriptor.unpack(self.m.inspect.read(base + (selector & ~7), 8))

@@ -74,6 +74,8 @@ class Stops:
             SiteKind.TABLE_LOAD: m.checked.table_load,
             SiteKind.BASE_WRITE: m.checked.base_write,
             SiteKind.UMIP: m.checked.umip,
+            SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
+            SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
         }
 
     def _defer(self, action: Callable[[], None]) -> bool:

@@ -20,10 +20,11 @@ order events plausibly and to make races reachable, not to predict a machine's r
 Where the figures come from
 ---------------------------
 `cpu/profiles/default.toml`: every entry carries a `source` string: uops.info / Agner Fog
-figures for Skylake for ordinary instructions, the Linux commits and the linux-xperf figures
-collected in `shared/docs/timing.md` for the event paths, and "estimate; calibrate" where no
-credible public figure exists (NMI and #VE extras, MSR and APIC accesses...). No data table is
-copied from another project; individual figures are cited where they are used.
+figures for Skylake for ordinary instructions, Linux commits (c198b121b1a1 "x86/asm: Rewrite
+sync_core() to use IRET-to-self") and the lastweek/linux-xperf-4.19.44 measurements for the
+event paths, and "estimate; calibrate" where no credible public figure exists (NMI and #VE
+extras, MSR and APIC accesses...). No data table is copied from another project; individual
+figures are cited where they are used.
 
 Calibrating
 -----------

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from idtlab.errors import BadInput
+from cpu.errors import BadInput
 
 GUEST_DIR = Path(__file__).resolve().parent
 BUILD_DIR = GUEST_DIR / "build"

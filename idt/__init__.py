@@ -11,7 +11,8 @@ Modules, one per mechanism (SDM Vol. 3A, "Interrupt and Exception Handling"):
 - `descriptors`   declared layouts: IDT gate, segment descriptor, 64-bit TSS offsets
 - `error_codes`   selector-format and #PF error codes
 - `state`         `ArchState`, `Event`, `ArchFault`, the memory protocol
-- `deliver`       one gate's delivery: the check order of §1.1, stack selection, the frame
+- `deliver`       one gate's delivery: the check order Bochs and QEMU implement, stack
+                  selection, the frame
 - `double_fault`  the #DF matrix and the "fault during delivery" driver, triple fault
 - `iret`          IRETQ, including the NMI-unblocking rule
 - `blocking`      which pending NMI/interrupt may be taken: NMI blocking and latch, IF,

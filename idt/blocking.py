@@ -36,6 +36,19 @@ The rules, each one a field or a branch below:
   model-specific (the SDM's STI entry says NMIs "may be inhibited"); `sti_blocks_nmi`
   chooses, default True as in Bochs and KVM's `vmx_nmi_blocked`. A shadow lasts one
   boundary and ends early when any event is delivered.
+* Chains of shadow-opening instructions (`shadow_after`): the SDM guarantees only the
+  first one's shadow ("only the first instruction in the sequence is guaranteed to delay
+  the interrupt, but subsequent interrupt-delaying instructions may not", Vol. 2 STI;
+  "only the first is guaranteed to inhibit or suppress events", Vol. 3A "Masking
+  Exceptions and Interrupts When Switching Stacks" for consecutive SS loads), so both
+  outcomes are architectural for the second one. idtlab applies each instruction's own
+  rule (STI with IF = 0 before it opens an STI shadow, even right after a MOV SS; MOV SS
+  opens a MOV-SS shadow, even right after an STI), except that a MOV SS right after a
+  MOV SS opens none: what Bochs does (`BX_CPU_C::inhibit_interrupts`, which re-arms
+  unless a MOV-SS inhibit is already in force) and KVM's instruction emulator
+  (`toggle_interruptibility`: only a shadow of the same kind cancels the new one).
+  QEMU 7.2 TCG keeps only the first shadow of any chain. docs/sdm-map.md, "Chained
+  shadows", has the argument.
 * Priority (SDM Vol. 3A Table 6-2 "Priority Among Simultaneous Exceptions and
   Interrupts"): NMI (class 5) before maskable interrupts (class 6). A held maskable
   interrupt stays pending; the arbiter never drops it.
@@ -57,6 +70,21 @@ class Shadow(IntFlag):
     NONE = 0
     STI = 1 << 0
     MOV_SS = 1 << 1
+
+
+def shadow_after(current: Shadow, opening: Shadow, *, if_before: bool) -> Shadow:
+    """The shadow at the boundary after a shadow-opening instruction (`opening`: STI or
+    MOV_SS) that ran at a boundary where `current` was in force, with IF = `if_before`
+    when it started. The old shadow covered only the boundary before the instruction.
+
+    STI opens an STI shadow only when it sets IF (Vol. 2 STI), whatever came before;
+    MOV SS opens a MOV-SS shadow, except right after another MOV SS (not re-armed: the
+    SDM guarantees only the first of consecutive SS loads; Bochs, KVM)."""
+    if opening is Shadow.STI:
+        return Shadow.NONE if if_before else Shadow.STI
+    if opening is Shadow.MOV_SS:
+        return Shadow.NONE if current & Shadow.MOV_SS else Shadow.MOV_SS
+    raise ValueError(f"not a shadow-opening instruction: {opening!r}")
 
 
 class NmiArrival(Enum):

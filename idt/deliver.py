@@ -7,7 +7,8 @@ the fault the SDM names, followed by one push sequence. It does not decide what 
 when a check fails: it raises `ArchFault` and `idt.double_fault` decides (serial
 delivery, #DF, or shutdown).
 
-Check order (semantics.md §1.1):
+Check order (Bochs exception.cc `long_mode_int`; QEMU target/i386/tcg/seg_helper.c
+`do_interrupt64`):
   1  IDT limit                     #GP(v<<3|IDT|EXT)
   2  gate type is 64-bit int/trap  #GP(v<<3|IDT|EXT)
   3  software INT: gate.DPL < CPL  #GP(v<<3|IDT)       before the present check

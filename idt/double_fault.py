@@ -16,8 +16,9 @@ fault is regenerated when its instruction re-executes; an NMI or external interr
 *not* retried: its blocking/acknowledge already happened). Software interrupts,
 external interrupts and NMIs count as benign first events. An exception while
 delivering #DF is a triple fault: the processor shuts down. The 2016 SDM narrows that
-to contributory or page-fault exceptions; like QEMU and KVM (and the recommendation in
-semantics.md §3) we shut down on any exception.
+to contributory or page-fault exceptions; like QEMU (target/i386/tcg/excp_helper.c
+`check_exception`) and KVM (arch/x86/kvm/x86.c `kvm_multiple_exception`) we shut down on
+any exception.
 """
 
 from __future__ import annotations

@@ -6,15 +6,32 @@ Multiple NMIs"; older editions give the V86 IOPL<3 IRET #GP example). This is th
 QEMU gets wrong (it clears the mask only after a successful IRET) and Bochs gets right
 without a comment. Do not move it below the pops or the checks.
 
+Then, still before anything is popped, the IA-32e-mode rule on the *current* RFLAGS:
+"IF EFLAGS.NT = 1 and IA32_EFER.LMA = 1 THEN #GP(0)" (Vol. 2 IRET, "Operation"; there is
+no task return in IA-32e mode). The NT bit of the *popped* image is not checked: it is
+loaded like the other flags.
+
 Then the pops (RIP, CS, RFLAGS, RSP, SS — 64-bit mode always pops SS:RSP) and the
-protected-mode return checks on CS and SS, then the target RIP's canonical check. Only
-64-bit targets are modelled: an IRET to a compatibility-mode code segment raises
-`Unsupported` (an outcome, not a crash).
+protected-mode return checks on CS and SS, then the target RIP's canonical check (and,
+for a 32-bit compatibility-mode target, the CS limit). A 16-bit code segment target
+raises `Unsupported` (an outcome, not a crash).
+
+Last, a return to an outer privilege level (RETURN-TO-OUTER-PRIVILEGE-LEVEL) nulls the
+data segment registers the new CPL may not use: "FOR each SegReg in (ES, FS, GS, and DS)
+DO tempDesc <- descriptor cache for SegReg; IF (SegmentSelector == NULL) OR (tempDesc(DPL)
+< CPL AND tempDesc(Type) is (data or non-conforming code)) THEN SegReg <- NULL". The pure
+part is `segments_to_null`; `IretResult.null_segments` names the registers whose
+selector becomes 0, from the caches the caller put in `ArchState.data_segments` (none
+when the caller gives none). A conforming code segment and a segment of DPL >= the new
+CPL are kept. In 64-bit mode nothing else about a null DS/ES/FS/GS matters to the
+processor (FS/GS keep their bases, Vol. 3A "Segment Loading Instructions in IA-32e
+Mode"), so loading the selector 0 is all the caller has to do.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from idt.deliver import read_descriptor
@@ -34,6 +51,7 @@ from idt.state import (
     RFLAGS_VIP,
     ArchFault,
     ArchState,
+    DataSegment,
     SystemMemory,
     is_canonical,
 )
@@ -46,8 +64,17 @@ _WRITABLE = (_STATUS | RFLAGS_TF | RFLAGS_IF | RFLAGS_DF | RFLAGS_IOPL | RFLAGS_
              | RFLAGS_AC | RFLAGS_VIF | RFLAGS_VIP | RFLAGS_ID)
 
 
+def _limit_bytes(limit: int, granular: int) -> int:
+    """The last valid offset of a segment (G = 1: the limit counts 4-KiB pages)."""
+    return (limit << 12) | 0xFFF if granular else limit
+
+
 class UnsupportedIret(Exception):
     """IRET forms idtlab does not model (compatibility-mode targets)."""
+
+
+# The order of the SDM's loop (it matters only for the order of `null_segments`).
+DATA_SEGMENT_REGISTERS = ("es", "fs", "gs", "ds")
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,25 @@ class IretResult:
     rsp: int
     ss: int
     cpl: int
+    # Data segment registers whose selector becomes NULL (0): RETURN-TO-OUTER-PRIVILEGE-
+    # LEVEL, from `ArchState.data_segments` (empty on a return to the same CPL).
+    null_segments: tuple[str, ...] = ()
+
+
+def segments_to_null(new_cpl: int, segments: Mapping[str, DataSegment]) -> tuple[str, ...]:
+    """The data segment registers an IRET (or RET far) to the outer level `new_cpl` nulls,
+    in the SDM's order (ES, FS, GS, DS): a non-zero null selector (index 0, TI 0, any RPL),
+    or a data or non-conforming code segment whose cached DPL is below `new_cpl`. A
+    register already holding selector 0 is left out (nulling it changes nothing)."""
+    out: list[str] = []
+    for name in DATA_SEGMENT_REGISTERS:
+        seg = segments.get(name)
+        if seg is None or seg.selector == 0:
+            continue
+        if seg.selector & 0xFFFC == 0 or (
+                seg.dpl < new_cpl and (not seg.is_code or not seg.conforming)):
+            out.append(name)
+    return tuple(out)
 
 
 def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
@@ -69,6 +115,11 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
     """
     nmi_unblocked = st.nmi_blocked
     st.nmi_blocked = False  # SDM: before the checks; a faulting IRET still unblocks NMIs
+
+    # IA-32e mode has no task return: NT = 1 in the RFLAGS in force (not the popped
+    # image) is #GP(0), before anything is popped.
+    if st.rflags & RFLAGS_NT:
+        raise ArchFault(Vector.GP, 0, why="IRETQ with RFLAGS.NT = 1 in IA-32e mode")
 
     user = st.cpl == 3
     raw = mem.read(st.rsp, 40, user=user, stack=True)
@@ -93,8 +144,8 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
                         why=f"IRET CS {cs:#x}: DPL {cs_desc.dpl} != RPL {rpl}")
     if not cs_desc.present:
         raise ArchFault(Vector.NP, selector_code(cs, ext=False), why=f"IRET CS {cs:#x} not present")
-    if not cs_desc.is_64bit_code:
-        raise UnsupportedIret(f"IRET to compatibility-mode CS {cs:#x} is not modelled")
+    if not cs_desc.is_64bit_code and not (cs_desc.is_code and cs_desc.db and not cs_desc.l):
+        raise UnsupportedIret(f"IRET to 16-bit compatibility-mode CS {cs:#x} is not modelled")
 
     # Stack segment: 64-bit mode pops SS:RSP on every IRET. A null SS is allowed only
     # when returning to a 64-bit segment at CPL < 3.
@@ -111,6 +162,10 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
 
     if not is_canonical(rip):
         raise ArchFault(Vector.GP, 0, why=f"IRET to non-canonical RIP {rip:#x}")
+    if not cs_desc.is_64bit_code and rip > _limit_bytes(cs_desc.limit, cs_desc.g):
+        # A compatibility-mode target: EIP within the CS limit (IRET pseudocode,
+        # RETURN-TO-OUTER/SAME-PRIVILEGE-LEVEL: "IF tempEIP is not within CS limit").
+        raise ArchFault(Vector.GP, 0, why=f"IRET to RIP {rip:#x} beyond CS limit")
 
     # RFLAGS: IOPL, VIF and VIP change only at CPL0; IF only when CPL <= IOPL (SDM IRET
     # "Operation": "IF CPL = 0 THEN EFLAGS(IOPL) <- tempEFLAGS; EFLAGS(VIF, VIP) <-
@@ -121,4 +176,5 @@ def iret64(mem: SystemMemory, st: ArchState) -> IretResult:
     if st.cpl > (st.rflags & RFLAGS_IOPL) >> 12:
         writable &= ~RFLAGS_IF
     new_rflags = (st.rflags & ~writable) | (rflags & writable) | RFLAGS_FIXED1
-    return IretResult(nmi_unblocked, rip, cs, new_rflags, rsp, ss, rpl)
+    nulled = segments_to_null(rpl, st.data_segments) if rpl > st.cpl else ()
+    return IretResult(nmi_unblocked, rip, cs, new_rflags, rsp, ss, rpl, nulled)

@@ -35,6 +35,15 @@ def is_canonical(addr: int) -> bool:
     return top == 0 or top == (1 << 17) - 1
 
 
+def is_canonical_range(start: int, size: int) -> bool:
+    """Every byte of the `size`-byte access at `start` is canonical (SDM Vol. 1
+    "Canonical Addressing": the check is on the linear address of each byte, before
+    paging, so an access that straddles 0x800000000000 is #GP/#SS even when its first
+    page would page-fault). The non-canonical hole is far wider than any access, so the
+    first and the last byte decide."""
+    return is_canonical(start) and is_canonical((start + size - 1) & (2**64 - 1))
+
+
 class Source(Enum):
     """Where an event comes from; decides EXT, the DPL check and the error code."""
 
@@ -110,6 +119,18 @@ class ArchFault(Exception):
         super().__init__(f"{vector_name(vector)}{ec}{': ' + why if why else ''}")
 
 
+@dataclass(frozen=True)
+class DataSegment:
+    """What IRET needs of a data segment register's descriptor cache: the selector, and
+    the DPL and type of the descriptor loaded with it (a code segment may be loaded into
+    DS/ES/FS/GS when readable)."""
+
+    selector: int
+    dpl: int = 0
+    is_code: bool = False
+    conforming: bool = False
+
+
 @dataclass
 class ArchState:
     """The registers and internal bits that delivery and IRET read and write."""
@@ -130,6 +151,9 @@ class ArchState:
     cr2: int = 0
     nmi_blocked: bool = False
     extra: dict[str, int] = field(default_factory=dict)
+    # "es", "ds", "fs", "gs" -> their descriptor caches, for IRET's outer-level rule
+    # (idt.iret.segments_to_null); a register left out is never nulled.
+    data_segments: dict[str, DataSegment] = field(default_factory=dict)
 
 
 class SystemMemory(Protocol):

@@ -12,11 +12,12 @@ hand some violations to the guest instead, as an ordinary exception: the CPU wri
 the VM exit would have reported into a guest page, the *VE-information area*, and then
 delivers vector 20 through the guest's IDT as a fault with no error code, whose saved RIP
 is the faulting instruction (SDM Vol. 3C "Virtualization Exceptions"; Vol. 3A "Interrupt
-20—Virtualization Exception"; semantics.md §7).
+20—Virtualization Exception"; Bochs vmexit.cc `Virtualization_Exception`).
 
 The busy-word protocol
 ----------------------
-The area (semantics.md §7.2; Linux `struct vmx_ve_information`)::
+The area (SDM Vol. 3C "Virtualization-Exception Information"; Linux
+`struct vmx_ve_information`, arch/x86/include/asm/vmx.h)::
 
     +0x00  u32  exit reason       always 48 (EPT violation)
     +0x04  u32  busy              0: a #VE may be delivered; the CPU writes 0xFFFFFFFF
@@ -35,7 +36,8 @@ Why re-arming is racy
 ---------------------
 The handler must re-arm by clearing the word, and it must leave by IRET; no instruction
 does both. Whatever lands between the two runs with #VE armed (SDM has no "#VE blocked
-until IRET"; Lutomirski and A. Cooper in LKML-APF, 2020-04; shared/seeds)::
+until IRET"; A. Lutomirski and A. Cooper on LKML, 2020-04, in "[PATCH v2] x86/kvm: Disable
+KVM_ASYNC_PF_SEND_ALWAYS")::
 
     #VE handler (IST stack, say)            time ->
     | copy info area; handle the fault
@@ -45,28 +47,29 @@ until IRET"; Lutomirski and A. Cooper in LKML-APF, 2020-04; shared/seeds)::
     |                                 overwritten, busy := 0xFFFFFFFF, and on an IST
     |                                 stack its frame lands on #VE #1's frame
     |                                 #VE #2 handler: clear busy; IRETQ -> NMIs unblocked
-    |                                 inside the NMI handler (the §6.2 problem again)
+    |                                 inside the NMI handler (the nested-NMI problem
+    |                                 of Linux entry_64.S `nmi` again)
     |        <-------------------- NMI handler IRETQ
     | iretq                         <- pops whatever frame is there now
     v
 
-Clearing the word *before* copying the info loses the first violation's data; clearing
-it late (or never, deferring the re-arm to some later point as Lutomirski's mail of
-2020-04-09 sketches) only turns the second violation into a VM exit, which is safe but
-slow. Even the NMI handler's own IRET matters: an EPT violation on an IRET's stack read
-sets qualification bit 12 ("NMI unblocking due to IRET") because the IRET cleared NMI
-blocking before it faulted; a VMM re-establishes the blocking, a #VE handler is simply
-told.
+Clearing the word *before* copying the info loses the first violation's data; clearing it
+late (or never, deferring the re-arm to some later point as Lutomirski's LKML mail of
+2020-04-09 in the same thread sketches) only turns the second violation into a VM exit,
+which is safe but slow. Even the NMI handler's own IRET matters: an EPT violation on an
+IRET's stack read sets qualification bit 12 ("NMI unblocking due to IRET") because the
+IRET cleared NMI blocking before it faulted; a VMM re-establishes the blocking, a #VE
+handler is simply told.
 
 Which suppress-#VE bit counts
 -----------------------------
-Bit 63 of EPT entries is "suppress #VE". For one violation exactly one entry's bit 63
-is consulted: the *not-present* entry that stopped the walk, or else the *leaf* that maps
-the page (PTE, or a PDE/PDPTE with bit 7). Bit 63 of present non-leaf entries is ignored
-(SDM 3C "EPT Violations", "Convertible EPT Violations"). Zeroed tables therefore make
-every not-present violation convertible, which is why KVM fills new tables with bit 63
-set (SHADOW_NONPRESENT_VALUE; semantics.md §7.1). cpu/ept.py reports the right bit;
-`convert_to_ve` decides with it.
+Bit 63 of EPT entries is "suppress #VE". For one violation exactly one entry's bit 63 is
+consulted: the *not-present* entry that stopped the walk, or else the *leaf* that maps the
+page (PTE, or a PDE/PDPTE with bit 7). Bit 63 of present non-leaf entries is ignored (SDM
+3C "EPT Violations", "Convertible EPT Violations"). Zeroed tables therefore make every
+not-present violation convertible, which is why KVM fills new tables with bit 63 set
+(Linux arch/x86/kvm/mmu/spte.h `SHADOW_NONPRESENT_VALUE`). cpu/ept.py reports the right
+bit; `convert_to_ve` decides with it.
 
 What is not here: the walk itself (cpu/ept.py), writing the area and delivering vector
 20 (cpu/machine.py), and #VE's place in the #DF classes (idt/vectors.py: page-fault
@@ -84,7 +87,7 @@ VE_VECTOR = 20
 EXIT_REASON_EPT_VIOLATION = 48  # basic exit reason (SDM 3C Appendix "Basic Exit Reasons")
 VE_BUSY = 0xFFFFFFFF  # what the CPU writes at offset 4 when it delivers a #VE
 
-# The VE-information area (SDM 3C "Virtualization-Exception Information"; semantics §7.2).
+# The VE-information area (SDM 3C "Virtualization-Exception Information"; Linux vmx.h).
 VE_INFO_EXIT_REASON = 0x00  # u32
 VE_INFO_BUSY = 0x04  # u32
 VE_INFO_QUALIFICATION = 0x08  # u64
@@ -205,7 +208,8 @@ WHY_DELIVERY = "during event delivery"
 def convert_to_ve(*, ve_enabled: bool, suppress_ve: bool, busy: int, during_delivery: bool,
                   cr0_pe: bool = True) -> tuple[bool, str]:
     """Does this EPT violation become a #VE? (SDM 3C "EPT Violations" and "Convertible EPT
-    Violations"; semantics.md §7.1). Returns (True, "") or (False, why not).
+    Violations"; Bochs vmexit.cc `Virtualization_Exception`). Returns (True, "") or (False,
+    why not).
 
     Checked in this order, first failure wins:
       1. the "EPT-violation #VE" control is 1            else "#VE not enabled"

@@ -108,7 +108,7 @@ def df_class(vector: int) -> DFClass:
 
 
 def pushes_error_code(vector: int) -> bool:
-    """True when a *hardware exception* on this vector pushes an error code (SDM §6.13).
+    """True when a *hardware exception* on this vector pushes an error code (SDM Vol. 3A, "Error Code").
 
     INT n, external interrupts and NMI never push one, whatever the vector; the caller
     decides by the event's source.

@@ -5,8 +5,8 @@ host injection policy (`cpu.devices.apf.POLICIES`: `kvm`, `kvm-send-always`,
 `never-while-nmi-blocked`, `always`), the race explorer (`idtlab.explore`) injects an NMI
 at every instruction boundary of the design's window and checks the design's race
 invariant there. A cell says whether the race is reachable under that policy (some point
-breaks the invariant) and at which point first. This is the table of the issue-6 closing
-note, computed instead of argued (`idtlab demo apf-matrix` prints it).
+breaks the invariant) and at which point first: computed, not argued (`idtlab demo
+apf-matrix` prints it).
 
 A design is an example file turned into an exploration: its `[apf] policy` set to the
 column's policy, the `[[inject]]` that the explorer now takes over removed (the ones that
@@ -17,17 +17,20 @@ directory, one file per cell.
 
 The races (what "breaking" means):
 
-* `flags-token`: the CR2/flags race (semantics.md §8.4). The Linux-like #PF handler of
+* `flags-token`: the CR2/flags race (Andy Lutomirski in the LKML thread "[PATCH v2]
+  x86/kvm: Disable KVM_ASYNC_PF_SEND_ALWAYS", March 2020). The Linux-like #PF handler of
   these examples logs {flags, CR2} per entry (`pf_n`, `pf_log`); the invariant
   `async_pf_reached_its_handler` holds when the #PF entries that saw flags != 0 are
   exactly one per token the host issued, each with CR2 = that token. An NMI whose
   ordinary #PF lands before the outer entry has read flags (and, without an NMI-side CR2
   save, CR2) breaks it.
-* `frames-intact`: the nested-NMI clobber (semantics.md §6.2, §8.3): an IRET inside the
+* `frames-intact`: the nested-NMI clobber (the comment above `nmi` in Linux
+  arch/x86/entry/entry_64.S; KVM's injection checks in arch/x86/kvm/x86.c never look at
+  NMI blocking): an IRET inside the
   NMI handler (of a #PF injected into it, of the page-ready interrupt, of a #DB) unblocks
   NMIs and a second NMI overwrites the live NMI frame on IST1.
 
-Designs (rows), from the examples' top comments and the issue-6 table:
+Designs (rows), from the examples' top comments:
 
 * `cr2-flags-race` (apf_cr2_flags_race.toml): async #PF forced at the load; NMI at every
   point of the #PF entry up to `pf_reads_done`, the first instruction after its reads of
@@ -63,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from cpu.devices.apf import POLICIES
-from cpu.machine import Machine, RunResult
+from cpu.machine import Machine
+from cpu.outcomes import RunResult
 from idtlab.explore import explore
 
 # The invariant for the CR2/flags race, by the name the explorer resolves.

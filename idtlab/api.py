@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cpu.machine import Machine, PageSpec
+from cpu.layout import PageSpec
+from cpu.machine import Machine
 from idtlab.assemble import CodeBlock, assemble_blocks
 
 CODE_AT = 0x100000
@@ -21,8 +22,17 @@ STUB_AT = 0x1F0000
 
 
 def load_asm(machine: Machine, source: str, at: int, *, origin: str = "api") -> dict[str, int]:
-    """Assemble Intel-syntax `source` at `at` into `machine` (as code: IRET/HLT sites are
-    intercepted); labels may use the machine's symbols. Returns the labels defined."""
+    r"""Assemble Intel-syntax `source` at `at` into `machine` (as code: IRET/HLT sites are
+    intercepted); labels may use the machine's symbols, and join them. Returns the
+    symbol table the code was assembled with: the machine's symbols and the new labels.
+
+        >>> m = Machine()
+        >>> hex(load_asm(m, "main:\n    int3\n    hlt\nhandler:\n    iretq", 0x100000)["handler"])
+        '0x100002'
+        >>> m.set_gate(3, m.symbols["handler"])
+        >>> m.run(entry=0x100000, rsp=0x70000).outcome
+        'hlt'
+    """
     blocks, symbols = assemble_blocks([CodeBlock(at, source, origin, 1)], machine.symbols)
     for b in blocks:
         machine.load(b.at, b.code, code=True)
@@ -32,6 +42,13 @@ def load_asm(machine: Machine, source: str, at: int, *, origin: str = "api") -> 
 
 @dataclass(frozen=True)
 class Raised:
+    """The first event `raises` saw delivered: its vector and name, the error code it
+    pushed (None for a vector without one), CR2 for a #PF, and the RIP it saved.
+
+        >>> raises("ud2")
+        Raised(vector=6, name='#UD', error_code=None, cr2=None, rip=1048576)
+    """
+
     vector: int
     name: str
     error_code: int | None
@@ -44,7 +61,16 @@ def raises(insn: str, *, cpl: int = 0, regs: dict[str, int] | None = None,
            machine: Machine | None = None) -> Raised | None:
     """Execute one instruction (or `;`-separated ones; only the first event counts) in a
     fresh machine at `cpl`, with every vector routed to a present gate of DPL `gate_dpl`.
-    Returns the first event delivered, or None if the instruction completed quietly."""
+    Returns the first event delivered, or None if the instruction completed quietly.
+
+        >>> raises("nop") is None
+        True
+        >>> raises("int3", cpl=3, gate_dpl=3).name
+        '#BP'
+        >>> r = raises("mov rax, [0x400000]", pages=[PageSpec(0x400000, 0x400000, present=False)])
+        >>> r.name, hex(r.error_code), hex(r.cr2)
+        ('#PF', '0x0', '0x400000')
+    """
     m = machine or Machine()
     load_asm(m, insn, CODE_AT, origin="raises()")
     load_asm(m, "hlt", STUB_AT, origin="raises() stub")

@@ -1,4 +1,4 @@
-"""`idtlab` command line: `run SCENARIO`, `demo`.
+"""`idtlab` command line: `run`, `compare`, `explore`, `ref`, `diff`, `demo`, `--version`.
 
 Exit status: 0 when every expectation holds, 1 when one fails, 2 on bad input (one line
 on stderr, no traceback).
@@ -14,6 +14,11 @@ import textwrap
 from importlib import resources
 from pathlib import Path
 
+from cpu import multiboot as mbt
+from cpu.machine import Machine
+from idtlab import __version__, apf_matrix, ref
+from idtlab import diff as differ
+from idtlab import explore as ex
 from idtlab import scenario as scn
 from idtlab.errors import BadInput, Unsupported
 from idtlab.trace import Symbolizer, timeline, write_jsonl
@@ -79,16 +84,11 @@ def _run_image(args: argparse.Namespace) -> int:
     """`idtlab run --image X.elf`: boot a multiboot image, print its serial output line by
     line as it comes, then a summary. Exit status 0 when the image ended through an exit
     port with code 0 (isa-debug-exit 0xF4 value 0, or Bochs' "Shutdown"), 1 otherwise."""
-    from cpu import multiboot as mbt  # imports idtlab.errors: not at module level
-    from cpu.machine import Machine
-
-    memory = scn.parse_size(args.memory, "--memory", scn._Checker(Path("run")))
+    memory = scn.parse_size(args.memory, "--memory", scn.Checker("run"))
     if memory % 4096 or not 1 << 20 <= memory <= 0xFEE00000:
         raise BadInput(f"run: --memory {args.memory}: must be a multiple of 4 KiB between "
                        "1M and the local APIC at 0xfee00000")
-    from idtlab.ref import resolve_image
-
-    args.image = resolve_image(args.image)  # a file, or one of guest_images/mb/ by name
+    args.image = ref.resolve_image(args.image)  # a file, or one of guest_images/mb/ by name
     image = mbt.read_image(args.image)
     m = Machine(memory, mode=args.mode or "fast", max_insns=max(1, args.max_insns))
     mbt.load(m, image, cmdline=args.cmdline)
@@ -142,8 +142,6 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
 
 
 def _explore(args: argparse.Namespace) -> int:
-    from idtlab import explore as ex
-
     start, sep, end = str(args.window).partition("..")
     if not sep or not start:
         raise BadInput(f"--window {args.window!r}: expected START..END or START.. (symbols or "
@@ -186,6 +184,7 @@ def _explore(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="idtlab", description="x86-64 interrupt and exception delivery lab")
+    parser.add_argument("--version", action="version", version=f"idtlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a scenario file and check its expectations, or boot "
                            "a multiboot image (--image)")
@@ -245,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
                             "first failing one is shrunk")
     p_exp.add_argument("--seed", type=int, default=0, help="seed for --random (0)")
     p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
-    from idtlab import diff as differ  # issue 4: reference runners and the differ
-    from idtlab import ref
     ref.add_parser(sub)
     differ.add_parser(sub)
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
@@ -267,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args.scenarios, args.width, args.cycles, args.mode)
         if args.command == "demo" and args.name in TABLES:
-            from idtlab import apf_matrix
-
             if args.show:
                 print(apf_matrix.__doc__, end="")
                 return 0

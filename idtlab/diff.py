@@ -29,7 +29,8 @@ from idtlab.errors import BadInput, read_input
 RECORD_TAG = "idtlog1 "
 REFERENCES = ("bochs", "qemu")
 
-# Vector classes (SDM Vol. 3A, "Exception and Interrupt Reference"; semantics.md §3).
+# Vector classes (SDM Vol. 3A, "Exception and Interrupt Reference", Table 6-4 "Interrupt
+# and Exception Classes").
 FAULT_VECTORS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
 SELECTOR_ERROR_VECTORS = frozenset({10, 11, 12, 13})
 RF = 1 << 16
@@ -161,7 +162,8 @@ KNOWN_DIVERGENCES: tuple[KnownDivergence, ...] = (
                 "it was, idtlab loads NULL as the SDM's IST prose says (unconfirmed on "
                 "hardware; QEMU loads NULL with RPL = DPL)",
         sdm="SDM Vol. 3A, 64-Bit Mode Stack Frame / Interrupt Stack Table (SS is forced to "
-            "NULL); semantics.md, Stack selection",
+            "NULL); Vol. 2A, INT n/INTO/INT3/INT1 pseudo-code (SS left alone at the same "
+            "privilege level); Bochs exception.cc long_mode_int",
         explains=_ss_same_cpl_ist,
     ),
     KnownDivergence(

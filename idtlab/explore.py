@@ -47,12 +47,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cpu.machine import EVENT_KINDS, PAUSE, Machine, RunResult
+from cpu.events import AsyncEvent, Before, parse_event
+from cpu.machine import Machine
+from cpu.outcomes import Outcome, RunResult
 from cpu.snapshot import Checkpoint
 from idtlab import scenario as scn
 from idtlab.assemble import resolve_address
 from idtlab.errors import BadInput
-from idtlab.trace import Symbolizer
+from idtlab.trace import Symbolizer, timeline
 
 MAX_WINDOW_STEPS = 200_000
 HIDDEN_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
@@ -89,59 +91,20 @@ class Window:
 
 
 @dataclass(frozen=True)
-class EventSpec:
-    """An event to inject: `nmi`, `interrupt:VECTOR`, `async_pf:gpa=ADDR`,
-    `async_pf:token=N` or `ept_revoke:GPA`."""
-
-    text: str
-    kind: str
-    vector: int | None = None
-    token: int | None = None
-    gpa: int | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"vector": self.vector, "token": self.token, "gpa": self.gpa}
-
-
-EVENT_FORMS = "nmi, interrupt:VECTOR, async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA"
-
-
-def parse_event(text: str) -> EventSpec:
-    kind, _, arg = text.partition(":")
-    where = f"--event {text!r}"
-    if kind not in EVENT_KINDS:
-        raise BadInput(f"{where}: unknown event (known: {EVENT_FORMS})")
-
-    def number(s: str, what: str) -> int:
-        try:
-            return int(s, 0)
-        except ValueError:
-            raise BadInput(f"{where}: {what} {s!r} is not a number") from None
-
-    if kind == "nmi":
-        if arg:
-            raise BadInput(f"{where}: an NMI takes no argument")
-        return EventSpec(text, kind)
-    if kind == "interrupt":
-        vector = number(arg, "vector") if arg else -1
-        if not 16 <= vector <= 255:
-            raise BadInput(f"{where}: give the vector, 16..255 (interrupt:0x40)")
-        return EventSpec(text, kind, vector=vector)
-    if kind == "async_pf":
-        key, eq, value = arg.partition("=")
-        if not eq or key not in ("gpa", "token"):
-            raise BadInput(f"{where}: give the swapped page or the token (async_pf:gpa=0x300000 "
-                           "or async_pf:token=7)")
-        n = number(value, key)
-        return EventSpec(text, kind, **{key: n})
-    if not arg:
-        raise BadInput(f"{where}: give the guest-physical page (ept_revoke:0x300000)")
-    return EventSpec(text, kind, gpa=number(arg, "gpa"))
-
-
-@dataclass(frozen=True)
 class Finding:
-    """One schedule (events injected at points, in order) and what it broke."""
+    """One schedule (events injected at points, in order) and what it broke: the
+    events as the user spelled them, the points, the run's outcome, and the failed
+    expectations and broken invariants (none: `ok`).
+
+        >>> import idtlab
+        >>> from pathlib import Path
+        >>> path = Path(idtlab.__file__).parent / "examples" / "explore" / "cr2_race.toml"
+        >>> first = explore(path, "nmi", "pf_handler", "pf_done")[0]
+        >>> first.name, first.outcome, first.ok
+        ('nmi @ pf_handler (#1)', 'exit', False)
+        >>> first.failures[0]
+        '[[expect]] #1: mem 0x110000 (8 bytes): expected 0x400000, got 0x500000'
+    """
 
     events: tuple[str, ...]
     schedule: tuple[Point, ...]
@@ -316,7 +279,7 @@ def window(path: Path, start: str, end: str | None, *, mode: str | None = None,
     sym = Symbolizer(sc.symbols, hide=HIDDEN_SYMBOLS)
     limit = sc.run_args["max_insns"]
     m = _start(sc)
-    if m.run(max_insns=limit, pause_at=(lo, 1)).outcome != PAUSE:
+    if m.run(max_insns=limit, pause_at=(lo, 1)).outcome != Outcome.PAUSE:
         raise BadInput(f"{path.name}: execution never reaches the window start {start!r}")
     steps: list[tuple[int, int, int]] = []  # (icount, rip, arrival in the window)
     arrivals: dict[int, int] = {}
@@ -427,7 +390,7 @@ def _limits(sc: scn.Scenario, budget: Budget | None, n_events: int) -> None:
         m.max_events = min(m.max_events, budget.events)
 
 
-def _run_fresh(plan: Plan, events: tuple[EventSpec, ...], schedule: tuple[Point, ...],
+def _run_fresh(plan: Plan, events: tuple[AsyncEvent, ...], schedule: tuple[Point, ...],
                budget: Budget | None) -> tuple[scn.Scenario, RunResult,
                                                 list[tuple[str, Invariant]]]:
     """Load the scenario afresh, inject `events[i]` at `schedule[i]` (arrivals counted
@@ -438,7 +401,7 @@ def _run_fresh(plan: Plan, events: tuple[EventSpec, ...], schedule: tuple[Point,
     _limits(sc, budget, len(events))
     invs = _prepare_invariants(plan.invariants, m)
     for ev, point in zip(events, schedule, strict=True):
-        m.inject(ev.kind, before=point.rip, hit=point.arrival, label="explore", **ev.kwargs())
+        m.inject(ev, Before(point.rip, point.arrival), label="explore")
     return sc, scn.run(sc), invs
 
 
@@ -484,14 +447,14 @@ class Session:
         target = self.plan.window.points[index]
         m = self.m
         r = m.run(max_insns=self.limit, pause_at=(target.rip, self._hit(target)))
-        if r.outcome != PAUSE or m.engine.icount != target.icount:
+        if r.outcome != Outcome.PAUSE or m.engine.icount != target.icount:
             raise RuntimeError(f"the undisturbed run did not come back to {target.label} "
                                f"(it ended: {r.outcome} at icount {m.engine.icount}); is "
                                "the scenario deterministic?")
         self.cp = m.checkpoint()
         self.at = index
 
-    def run(self, events: tuple[EventSpec, ...], schedule: tuple[Point, ...]) -> RunResult:
+    def run(self, events: tuple[AsyncEvent, ...], schedule: tuple[Point, ...]) -> RunResult:
         """Run one schedule from the checkpoint at or shortly before its first point (a
         checkpoint serves the next `CHECKPOINT_EVERY` points: moving it costs more than
         re-running a few instructions); the machine stays in the run's final state until
@@ -504,10 +467,9 @@ class Session:
         for ev, p in zip(events, schedule, strict=True):
             shown = (p.rip, p.arrival)
             if p == here:
-                m.arrive_now(ev.kind, label="explore", shown=shown, **ev.kwargs())
+                m.arrive_now(ev, label="explore", shown=shown)
             else:
-                m.inject(ev.kind, before=p.rip, hit=self._hit(p), label="explore", shown=shown,
-                         **ev.kwargs())
+                m.inject(ev, Before(p.rip, self._hit(p)), label="explore", shown=shown)
         limit = self.scenario_limit
         if self.plan.budget is not None:
             limit = min(limit, self.plan.budget.limit(len(events)))
@@ -647,7 +609,21 @@ def explore(path: Path, event: str | tuple[str, ...], start: str, end: str | Non
             dask: str | Any | None = None, budget: int | None = 200) -> list[Finding]:
     """One event: every point of the window. Two events: every ordered pair of points
     (the second at or after the first in the undisturbed run). Results in schedule
-    order, whatever runs them."""
+    order, whatever runs them.
+
+    An NMI at every boundary of the #PF handler of the CR2 race (the NMI handler takes
+    a #PF of its own): it breaks the expectation at every point up to the CR2 read.
+
+        >>> import idtlab
+        >>> from pathlib import Path
+        >>> path = Path(idtlab.__file__).parent / "examples" / "explore" / "cr2_race.toml"
+        >>> findings = explore(path, "nmi", "pf_handler", "pf_done",
+        ...                    invariants=("cr2-consistent",))
+        >>> len(findings), sum(not f.ok for f in findings)
+        (38, 16)
+        >>> [f.point.insn for f in findings if not f.ok][-1]
+        'mov rsi, cr2'
+    """
     events = (event,) if isinstance(event, str) else tuple(event)
     if not 1 <= len(events) <= 2:
         raise BadInput("give one --event (every point) or two (every ordered pair of points); "
@@ -749,8 +725,6 @@ def as_json(findings: list[Finding]) -> list[dict[str, Any]]:
 def html_report(plan: Plan, findings: list[Finding]) -> str:
     """A self-contained HTML page: the points (or schedules) coloured by outcome, each
     beside its instruction, and the timeline of the first counterexample."""
-    from idtlab.trace import timeline
-
     rows = []
     for f in findings:
         colour = "#d7f5d7" if f.ok else "#f8d0d0"

@@ -7,8 +7,8 @@ IMAGE is a multiboot v1 kernel as an ELF64 or ELF32 file, or the name of one of 
 self-logging images (`pf_codes`, built from guest_images/mb/pf_codes.S on demand).
 
 - **QEMU** boots multiboot images with `-kernel`, but only ELF32 ones: an ELF64 image is
-  copied with `objcopy -O elf32-i386` first (the build does this for ours). The command
-  line is the one in ../shared/docs/reference-emulators.md; the image ends QEMU by
+  copied with `objcopy -O elf32-i386` first (the build does this for ours), as
+  kvm-unit-tests does. The command line is `qemu_command`; the image ends QEMU by
   writing v to the isa-debug-exit port 0xF4, and QEMU exits with status (v << 1) | 1.
 - **Bochs** has no multiboot loader: the runner builds a disk whose sector 0 is our boot
   sector (guest_images/boot/bootsect.S: INT 13h AH=42h, protected mode, copy to the load
@@ -39,6 +39,7 @@ from typing import Any
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from guest_images import build as gib
 from idtlab.errors import BadInput
 
 REFERENCES = ("bochs", "qemu")
@@ -141,8 +142,6 @@ def resolve_image(image: str | Path) -> Path:
     path = Path(image)
     if path.exists():
         return path
-    from guest_images import build as gib
-
     name = str(image)
     name = name[3:] if name.startswith("mb/") else name
     if name in gib.mb_image_names():
@@ -167,8 +166,6 @@ def run_reference(reference: str, image: str | Path,
 def read_multiboot(path: Path) -> MultibootLayout:
     """Check that `path` is a multiboot v1 ELF (x86-64 or i386) a loader can place below
     4 GiB, and lay out its memory image."""
-    from guest_images.build import MULTIBOOT_SEARCH, multiboot_header_offset
-
     name = str(path)
     try:
         raw = path.read_bytes()
@@ -178,9 +175,9 @@ def read_multiboot(path: Path) -> MultibootLayout:
         raise BadInput(f"{name}: cannot read ({e.strerror})") from None
     if not raw.startswith(b"\x7fELF"):
         raise BadInput(f"{name}: not an ELF file (the references boot multiboot ELF images)")
-    if multiboot_header_offset(raw) is None:
+    if gib.multiboot_header_offset(raw) is None:
         raise BadInput(f"{name}: no multiboot v1 header (magic 0x1badb002, valid checksum) in "
-                       f"the first {MULTIBOOT_SEARCH} bytes")
+                       f"the first {gib.MULTIBOOT_SEARCH} bytes")
     try:
         elf = ELFFile(io.BytesIO(raw))
         machine = elf.header["e_machine"]
@@ -211,7 +208,8 @@ def read_multiboot(path: Path) -> MultibootLayout:
 # ------------------------------------------------------------------------------ QEMU
 
 def qemu_command(kernel: Path) -> list[str]:
-    """The QEMU command line (../shared/docs/reference-emulators.md)."""
+    """The QEMU command line: TCG (never KVM), a plain PC with the `qemu64` CPU, 64 MiB,
+    no default devices, the serial port on stdout and isa-debug-exit at 0xF4."""
     return [QEMU_BINARY, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64",
             "-m", str(MEMORY_MIB), "-nodefaults", "-no-reboot", "-display", "none",
             "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
@@ -244,8 +242,6 @@ def bochs_disk(layout: MultibootLayout) -> tuple[bytes, int]:
     """The boot disk for `layout` and its cylinder count: sector 0 our boot sector with its
     parameter block filled in, then the memory image, padded to whole cylinders of
     16 heads x 63 sectors."""
-    from guest_images.build import BOOT_PARAM_FORMAT, BOOT_PARAM_OFFSET, boot_sector
-
     if layout.load_addr < 0x100000:
         raise BadInput(f"image loads at {layout.load_addr:#x}; the Bochs boot sector places "
                        "images at 1 MiB or above")
@@ -254,8 +250,8 @@ def bochs_disk(layout: MultibootLayout) -> tuple[bytes, int]:
         raise BadInput(f"image is {len(layout.memory) // 1024} KiB from its first to its last "
                        f"loaded byte; the Bochs boot sector reads at most "
                        f"{(_BOOT_BUFFER_END - _BOOT_BUFFER) // 1024} KiB")
-    sector0 = bytearray(boot_sector())
-    struct.pack_into(BOOT_PARAM_FORMAT, sector0, BOOT_PARAM_OFFSET,
+    sector0 = bytearray(gib.boot_sector())
+    struct.pack_into(gib.BOOT_PARAM_FORMAT, sector0, gib.BOOT_PARAM_OFFSET,
                      layout.load_addr, layout.entry, sectors)
     disk = bytes(sector0) + layout.memory + bytes(sectors * _SECTOR - len(layout.memory))
     per_cylinder = _HEADS * _SPT * _SECTOR
@@ -264,7 +260,9 @@ def bochs_disk(layout: MultibootLayout) -> tuple[bytes, int]:
 
 
 def bochsrc(disk: str, cylinders: int, serial: str, log: str) -> str:
-    """The Bochs configuration (../shared/docs/reference-emulators.md)."""
+    """The Bochs configuration: a CPU model with VMX, EPT and EPT-violation #VE, no reset
+    on triple fault, the boot disk, COM1 into a file, and a headless display (the Debian
+    build has no "nogui" library: `rfb` with `timeout=0`)."""
     return "\n".join([
         f"megs: {MEMORY_MIB}",
         f"cpu: model={BOCHS_CPU_MODEL}, count=1, ips=50000000, reset_on_triple_fault=0, "

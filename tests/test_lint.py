@@ -1,4 +1,4 @@
-"""ruff and mypy --strict are part of the test command (style.md: "run by the test command")."""
+"""ruff and mypy --strict are part of the test command."""
 
 from __future__ import annotations
 

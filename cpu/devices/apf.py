@@ -1,9 +1,12 @@
 """KVM's paravirtual asynchronous page fault ("async #PF", APF), as a pure model of the host
 side: the three MSRs, the shared area, the host's swapped-out pages and their tokens, the
-injection decision and the page-ready hand-shake. Sources are semantics.md §8 and what it
-cites: LNX arch/x86/include/uapi/asm/kvm_para.h, Documentation/virt/kvm/x86/msr.rst,
-arch/x86/kernel/kvm.c (the guest) and arch/x86/kvm/x86.c (the host), and the mails in
-shared/seeds/ of 2020-05-15 (CR2 and NMIs) and 2020-06-30 (failed page-ins).
+injection decision and the page-ready hand-shake. Sources: Linux
+arch/x86/include/uapi/asm/kvm_para.h, Documentation/virt/kvm/x86/msr.rst,
+arch/x86/kernel/kvm.c (the guest) and arch/x86/kvm/x86.c (the host), and three LKML threads:
+"[PATCH v2] x86/kvm: Disable KVM_ASYNC_PF_SEND_ALWAYS" (2020-03/04, the CR2/flags race),
+"[PATCH 2/8] KVM: x86: extend struct kvm_vcpu_pv_apf_data with token info" (S. Christopherson,
+2020-05-15: CR2 and NMIs) and "[RFC PATCH] kvm,x86: Exit to user space in case of page fault
+error" (2020-06-30: failed page-ins).
 
 What async #PF is
 -----------------
@@ -27,9 +30,10 @@ The guest enables it with `MSR_KVM_ASYNC_PF_EN` (0x4b564d02)::
 
 and names the page-ready vector in `MSR_KVM_ASYNC_PF_INT` (0x4b564d06; bits 7:0, bits 63:8
 reserved), which it must write *before* enabling. The area, `struct kvm_vcpu_pv_apf_data`,
-has two layouts (`layout=` chooses):
+has two layouts (`layout=` chooses); "2020" is the one since V. Kuznetsov's series "KVM: x86:
+Interrupt-based mechanism for async_pf 'page present' notifications" (LKML, 2020-05):
 
-    "2020" (since the LKML-APFINT series, about v5.8)   "legacy" (before it)
+    "2020" (since that series, about v5.8)              "legacy" (before it)
     +0  u32 flags   host: 1 before page-not-present     +0  u32 reason  1 not present,
     +4  u32 token   host: the token at page-ready                       2 page ready
     +8  u8 pad[56]                                      +4  u8 pad[60]
@@ -60,8 +64,8 @@ never sets; this model follows current KVM, so with the legacy layout page-ready
 notifications are dequeued and dropped, and only page-not-present (with its race, below)
 can be exercised, under a policy that does not insist on DELIVERY_AS_INT ("always").
 
-When the host injects (semantics §8.3; `decide`, in this order, first failure wins)
--------------------------------------------------------------------------------------
+When the host injects (arch/x86/kvm/x86.c; `decide`, in this order, first failure wins)
+-----------------------------------------------------------------------------------------
     kvm_can_do_async_pf          1. no exception pending or being re-injected
       (fails: the fault is       2. RFLAGS.IF = 1                (kvm_arch_interrupt_allowed,
        synchronous, a stall)     3. no STI / MOV-SS shadow        __vmx_interrupt_blocked)
@@ -79,15 +83,15 @@ When the host injects (semantics §8.3; `decide`, in this order, first failure w
     "always"                  4 only: stress mode, IF/shadow/CPL/NMI/pending exceptions
                               and DELIVERY_AS_INT ignored (so legacy guests get #PFs too)
 
-Nothing in KVM looks at NMI blocking. The conditions protect the *guest's scheduler*:
-only a context that may be preempted (interrupts on, user mode) can be put to sleep on a
-token. NMI blocking is independent of IF, so code that runs with IF=1 while NMIs are
-blocked (an NMI handler after an STI, or entered through a trap gate) passes every check
-and can be handed an async #PF (semantics §8.3). The race below needs even less: the #PF
-is injected first and the NMI arrives in its window.
+Nothing in KVM looks at NMI blocking. The conditions protect the *guest's scheduler*: only
+a context that may be preempted (interrupts on, user mode) can be put to sleep on a token.
+NMI blocking is independent of IF, so code that runs with IF=1 while NMIs are blocked (an
+NMI handler after an STI, or entered through a trap gate) passes every check and can be
+handed an async #PF (`kvm_can_do_async_pf`, `kvm_can_deliver_async_pf`). The race below
+needs even less: the #PF is injected first and the NMI arrives in its window.
 
-The CR2/flags race (LKML-APF, 2020-03; seed 2020-05-15; semantics §8.4)
------------------------------------------------------------------------
+The CR2/flags race (Lutomirski, LKML 2020-03; Christopherson, LKML 2020-05-15)
+------------------------------------------------------------------------------
     1. the host injects async #PF: flags := 1, CR2 := token; the #PF entry starts
     2. before it reads CR2 and flags, an NMI arrives (#PF delivery does not block NMIs)
     3. the NMI handler touches user memory and takes a real #PF: CR2 := its address,
@@ -99,8 +103,8 @@ notes (2020-05-15) the simple case is avoidable by not injecting while NMIs are 
 but an IRET from a #DB inside the NMI handler unblocks NMIs early (the #PF->NMI->#DB->#PF
 chain: UNCONFIRMED as a named scenario). Hence policy "never-while-nmi-blocked".
 
-Failed page-ins (seed 2020-06-30)
----------------------------------
+Failed page-ins (LKML, 2020-06-30)
+----------------------------------
 A page-in can fail on the host (a truncated file behind virtiofs, say). The guest still
 gets its page-ready, retries, and would be sent down the async path again, for ever. The
 thread's fixes remember the "error gfn" and handle the next fault on it synchronously.
@@ -155,7 +159,7 @@ REASON_PAGE_NOT_PRESENT = 1
 REASON_PAGE_READY = 2
 WAKE_ALL_TOKEN = 0xFFFFFFFF
 
-# The shared area, both layouts (struct kvm_vcpu_pv_apf_data; semantics §8.1).
+# The shared area, both layouts (struct kvm_vcpu_pv_apf_data, arch/x86/include/uapi/asm/kvm_para.h).
 APF_FLAGS_OFFSET = 0  # "2020": u32 flags
 APF_TOKEN_OFFSET = 4  # "2020": u32 token
 APF_REASON_OFFSET = 0  # "legacy": u32 reason
@@ -296,7 +300,8 @@ def decide(policy: str, g: GuestState) -> Decision:
 class SwapState:
     """One swapped-out guest page as the host sees it. `token` and `ready_at` are set
     while a page-in is in flight; `failed_page_ins` counts page-ins that completed and
-    failed (the page is then still swapped; seed 2020-06-30)."""
+    failed (the page is then still swapped; LKML "[RFC PATCH] kvm,x86: Exit to user space in
+    case of page fault error", 2020-06-30)."""
 
     latency: int
     fail: bool
@@ -376,10 +381,11 @@ class AsyncPf:
         raise ValueError(f"async #PF: rdmsr({msr:#x}) is not one of its MSRs (ask handles() first)")
 
     def wrmsr(self, msr: int, value: int, now: int) -> None:
-        """A guest WRMSR at cycle `now`. Raises ApfMsrError where KVM answers #GP(0):
-        EN bits 5:4, INT bits 63:8, ACK bits 63:1. (KVM itself ignores ACK bits 63:1, as
-        far as we know without semantics.md saying so; refusing them catches a handler
-        that writes garbage.) Nothing is changed by a refused write."""
+        """A guest WRMSR at cycle `now`. Raises ApfMsrError where KVM answers #GP(0): EN
+        bits 5:4, INT bits 63:8, ACK bits 63:1. (KVM itself ignores ACK bits 63:1: the
+        MSR_KVM_ASYNC_PF_ACK case of `kvm_set_msr_common`, arch/x86/kvm/x86.c, tests only
+        bit 0; refusing them catches a handler that writes garbage.) Nothing is changed by a
+        refused write."""
         if not 0 <= value <= _U64:
             raise ValueError(f"async #PF: wrmsr value {value:#x} does not fit in 64 bits")
         self._advance_clock(now)

@@ -49,15 +49,28 @@ The rules
   instant, so the window in which raising the TPR masks an interrupt between INTR and
   INTA, which the spurious vector exists for, does not occur.
 
+Accesses ("Local APIC Register Address Map"): registers are 32 bits at 16-byte aligned
+offsets. A narrower or unaligned load reads the bytes it covers (bytes 4-15 of a slot,
+reserved offsets and the write-only EOI read 0); a store that is not an aligned 32-bit
+one, or to a reserved offset, is dropped and reported — what KVM (`kvm_lapic_reg_read`,
+`apic_mmio_write`) and QEMU (`apic_mem_read`/`apic_mem_write`) do.
+
+The global enable (IA32_APIC_BASE[11], "Enabling or Disabling the Local APIC"): while it
+is clear the APIC takes no interrupt and dispatches none; setting it again brings the
+APIC back in its power-up state.
+
+IPIs to CPUs this machine does not have (a physical destination that is not this APIC,
+the all-excluding-self shorthand) reach no one, whatever their delivery mode: this is
+what INIT, INIT de-assert and start-up IPIs to the other CPUs do here.
+
 What is not modelled, and raises `ApicUnsupported`
 --------------------------------------------------
-x2APIC, the IA32_APIC_BASE MSR (the page stays at 0xFEE00000), level-triggered
-interrupts (LINT0/LINT1 level mode unmasked), the TSC-deadline timer mode unmasked, a
-timer LVT with a delivery mode other than fixed, IPIs in logical destination mode, to
-another APIC ID, or with the lowest-priority, SMI, INIT or start-up delivery mode,
-illegal vectors (0-15) where the hardware would record them in the ESR ("Error
-Handling"), register accesses that are not aligned 32-bit ones, unknown offsets and
-reads of the write-only EOI register. Each message names the register and the mode.
+x2APIC, moving the APIC page (IA32_APIC_BASE base), level-triggered interrupts
+(LINT0/LINT1 level mode unmasked), the TSC-deadline timer mode unmasked, a timer LVT
+with a delivery mode other than fixed, IPIs in logical destination mode, with the
+lowest-priority or SMI delivery mode, INIT or start-up IPIs to this CPU, illegal vectors
+(0-15) where the hardware would record them in the ESR ("Error Handling"). Each message
+names the register and the mode.
 
 Stored but inert: LDR and DFR (only logical-mode IPIs would use them), the LVT entries
 of LINT0, LINT1, thermal, performance-counter, CMCI and error (nothing in the machine
@@ -153,6 +166,8 @@ _ICR_HIGH_BITS = 0xFF000000
 ICR_LOGICAL = 1 << 11
 DELIVERY_FIXED = 0b000
 DELIVERY_NMI = 0b100
+DELIVERY_INIT = 0b101
+DELIVERY_STARTUP = 0b110
 _DELIVERY_NAMES = {
     0b000: "fixed", 0b001: "lowest priority", 0b010: "SMI", 0b011: "reserved",
     0b100: "NMI", 0b101: "INIT", 0b110: "start-up", 0b111: "reserved",
@@ -210,7 +225,12 @@ class LocalApic:
         self.timer_ratio = timer_ratio
         self._on_nmi = on_nmi
         self._on_event = on_event
-        # "Local APIC State After Power-Up or Reset".
+        self._now = 0  # latest cycle seen; time never goes back
+        self._reset()
+
+    def _reset(self) -> None:
+        """"Local APIC State After Power-Up or Reset" (the APIC ID is kept)."""
+        self.enabled = True  # IA32_APIC_BASE[11], the global enable
         self._irr = 0  # 256-bit sets: bit v = vector v
         self._isr = 0
         self._tpr = 0
@@ -227,7 +247,18 @@ class LocalApic:
         self._armed = False
         self._base_cycle = 0
         self._base_count = 0
-        self._now = 0  # latest cycle seen; time never goes back
+
+    def set_global_enable(self, enabled: bool) -> None:
+        """IA32_APIC_BASE[11] ("Enabling or Disabling the Local APIC"). Clearing it makes
+        the processor behave as one without an on-chip APIC: the register page is gone,
+        nothing is dispatched, arriving interrupts are lost. Setting it again brings the
+        APIC back in its power-up reset state (the transition "disabled → xAPIC" of the
+        SDM's "Local x2APIC State Transitions" figure; KVM `kvm_lapic_set_base`)."""
+        if enabled and not self.enabled:
+            self._reset()
+        elif not enabled and self.enabled:
+            self._reset()
+            self.enabled = False
 
     # ----- the machine's side ------------------------------------------------------------
 
@@ -238,7 +269,8 @@ class LocalApic:
         if not FIRST_LEGAL_VECTOR <= vector <= 0xFF:
             raise ValueError(f"APIC: vector {vector:#04x} is illegal for a fixed interrupt (legal: "
                              f"0x10-0xff; 0x00-0x0f are reserved, SDM 'Valid Interrupt Vectors')")
-        self._irr |= 1 << vector
+        if self.enabled:
+            self._irr |= 1 << vector
 
     def pending_vector(self) -> int | None:
         """The highest IRR vector if its priority class is above PPR[7:4], else None
@@ -341,8 +373,23 @@ class LocalApic:
     # ----- MMIO --------------------------------------------------------------------------
 
     def read(self, offset: int, size: int, now: int) -> int:
-        """A guest load of `size` bytes at `offset` in the page, at cycle `now`."""
-        self._check_access(offset, size, "read")
+        """A guest load of `size` (1, 2, 4 or 8) bytes at `offset` in the page, at cycle
+        `now`. Registers are 32 bits at 16-byte aligned offsets ("Local APIC Register
+        Address Map"); a narrower or unaligned load reads the bytes it covers (bytes 4-15
+        of each 16-byte slot read as 0), as KVM's `kvm_lapic_reg_read` and QEMU's
+        `apic_mem_read` do. Reserved offsets read 0 (QEMU: an illegal-register ESR error,
+        not modelled)."""
+        if not 0 <= offset < APIC_SIZE or offset + size > APIC_SIZE:
+            raise ApicUnsupported(f"APIC: read at offset {offset:#x} is outside the 4-KiB APIC page")
+        value = 0
+        for i in range(size):
+            byte = offset + i
+            slot, within = byte & ~0xF, byte & 0xF
+            if within < 4:
+                value |= ((self._read_register(slot, now) >> (8 * within)) & 0xFF) << (8 * i)
+        return value
+
+    def _read_register(self, offset: int, now: int) -> int:
         self.tick(now)
         if offset in _LVT:
             return self._lvt[offset]
@@ -363,9 +410,8 @@ class LocalApic:
                 return 0
             case 0x0A0:  # REG_PPR
                 return self.ppr
-            case 0x0B0:  # REG_EOI
-                raise ApicUnsupported(f"APIC: read of the write-only EOI register "
-                                      f"(offset {offset:#05x}) is not modelled")
+            case 0x0B0:  # REG_EOI: write-only; reads 0 (KVM, QEMU)
+                return 0
             case 0x0D0:  # REG_LDR
                 return self._ldr
             case 0x0E0:  # REG_DFR
@@ -384,11 +430,19 @@ class LocalApic:
                 return self._current_count(self._now)
             case 0x3E0:  # REG_TIMER_DIVIDE
                 return self._divide
-        raise ApicUnsupported(f"APIC: read of unknown register offset {offset:#05x} is not modelled")
+        return 0  # a reserved offset
 
     def write(self, offset: int, size: int, value: int, now: int) -> None:
-        """A guest store of `size` bytes of `value` at `offset` in the page, at cycle `now`."""
-        self._check_access(offset, size, "write")
+        """A guest store of `size` bytes of `value` at `offset` in the page, at cycle `now`.
+        Only aligned 32-bit stores reach a register; any other store is dropped and
+        reported as "apic_ignored_write" (KVM `apic_mmio_write`: "len != 4 || offset &
+        0xf" is ignored; QEMU drops stores narrower than 32 bits)."""
+        if not 0 <= offset < APIC_SIZE or offset + size > APIC_SIZE:
+            raise ApicUnsupported(f"APIC: write at offset {offset:#x} is outside the 4-KiB APIC page")
+        if size != 4 or offset & 0xF:
+            self._emit("apic_ignored_write", offset=offset, register=f"{size}-byte store",
+                       value=value)
+            return
         value &= _U32
         self.tick(now)
         now = self._now
@@ -424,19 +478,9 @@ class LocalApic:
             case 0x3E0:  # REG_TIMER_DIVIDE
                 self._write_divide(value, now)
             case _:
-                raise ApicUnsupported(f"APIC: write of {value:#010x} to unknown register offset "
-                                      f"{offset:#05x} is not modelled")
+                self._ignored(offset, "reserved", value)
 
     # ----- registers ---------------------------------------------------------------------
-
-    def _check_access(self, offset: int, size: int, what: str) -> None:
-        """Only aligned 32-bit accesses at 16-byte aligned offsets are defined ("Local APIC
-        Register Address Map": registers are 128-bit aligned, accessed as 32 bits)."""
-        if not 0 <= offset < APIC_SIZE:
-            raise ApicUnsupported(f"APIC: {what} at offset {offset:#x} is outside the 4-KiB APIC page")
-        if size != 4 or offset & 0xF:
-            raise ApicUnsupported(f"APIC: {size}-byte {what} at offset {offset:#05x} is not modelled "
-                                  f"(only aligned 32-bit accesses at 16-byte aligned offsets)")
 
     def _ignored(self, offset: int, name: str, value: int) -> None:
         self._emit("apic_ignored_write", offset=offset, register=name, value=value)
@@ -497,19 +541,19 @@ class LocalApic:
         shorthand = (value >> 18) & 0b11
         destination = self._icr_high >> 24
         shorthand_name = _SHORTHAND_NAMES[shorthand]
-        if delivery not in (DELIVERY_FIXED, DELIVERY_NMI):
+        if delivery not in (DELIVERY_FIXED, DELIVERY_NMI, DELIVERY_INIT, DELIVERY_STARTUP):
             raise ApicUnsupported(f"APIC: ICR delivery mode {_DELIVERY_NAMES[delivery]} "
-                                  f"({_bits(delivery, 3)}) is not modelled (supported: fixed, NMI)")
-        mode = "fixed" if delivery == DELIVERY_FIXED else "nmi"
+                                  f"({_bits(delivery, 3)}) is not modelled (supported: fixed, NMI, "
+                                  "INIT and start-up to other CPUs)")
+        mode = {DELIVERY_FIXED: "fixed", DELIVERY_NMI: "nmi", DELIVERY_INIT: "init",
+                DELIVERY_STARTUP: "startup"}[delivery]
         if shorthand == SHORTHAND_NONE:
             if value & ICR_LOGICAL:
                 raise ApicUnsupported("APIC: ICR logical destination mode (bit 11) is not modelled "
                                       "(supported: physical)")
-            if destination not in (self.apic_id, BROADCAST_ID):
-                raise ApicUnsupported(f"APIC: ICR physical destination {destination:#04x} is not this "
-                                      f"APIC ({self.apic_id:#04x}) nor broadcast (0xff): this machine "
-                                      f"has one CPU")
-            delivered = True
+            # A physical destination that is not this APIC names a CPU this machine does
+            # not have: no one accepts the IPI ("Issuing Interprocessor Interrupts").
+            delivered = destination in (self.apic_id, BROADCAST_ID)
         elif shorthand == SHORTHAND_ALL_EXCLUDING_SELF:
             delivered = False  # every other CPU: there is none
         elif delivery == DELIVERY_NMI:
@@ -521,11 +565,18 @@ class LocalApic:
                                   f"shorthand or all-excluding-self")
         else:
             delivered = True  # self, or all including self: this CPU is all
-        if mode == "fixed" and vector < FIRST_LEGAL_VECTOR:
+        if delivered and mode in ("init", "startup"):
+            # INIT resets the receiving CPU and a start-up IPI starts a CPU in wait-for-SIPI:
+            # this machine models neither for its only CPU.
+            raise ApicUnsupported(f"APIC: ICR {_DELIVERY_NAMES[delivery]} IPI to this CPU "
+                                  f"(shorthand {shorthand_name}, destination {destination:#04x}) "
+                                  "is not modelled (an INIT or start-up IPI to other CPUs reaches "
+                                  "no one here)")
+        if delivered and mode == "fixed" and vector < FIRST_LEGAL_VECTOR:
             raise ApicUnsupported(f"APIC: ICR fixed IPI with illegal vector {vector:#04x} (0x00-0x0f); "
                                   f"the ESR 'Send Illegal Vector' error is not modelled")
         self._icr_low = value & _ICR_LOW_BITS
-        self._emit("ipi", mode=mode, vector=vector if mode == "fixed" else NMI_VECTOR,
+        self._emit("ipi", mode=mode, vector=NMI_VECTOR if mode == "nmi" else vector,
                    shorthand=shorthand_name, destination=destination, delivered=delivered)
         if delivered:
             if mode == "fixed":

@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from cpu.errors import BadInput
 from guest_images.build import is_fresh, run_tool
-from idtlab.errors import BadInput
 
 IMAGE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = IMAGE_DIR / "build"

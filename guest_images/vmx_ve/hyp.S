@@ -14,7 +14,7 @@
  *
  * References: Intel SDM Vol. 3C (rev. 2023), chapters "Virtual Machine Control
  * Structures", "VMX Non-Root Operation", "VM Entries", "VM Exits", "EPT", appendix
- * "VMX Capability Reporting Facility" and "Field Encoding in VMCS"; semantics.md §7.
+ * "VMX Capability Reporting Facility" and "Field Encoding in VMCS".
  * Section titles are cited, not numbers (they drift between revisions).
  */
     .intel_syntax noprefix

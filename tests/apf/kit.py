@@ -1,8 +1,9 @@
 """A builder for the async-#PF tests: one block of Intel-syntax code on a fresh machine
 (the delivery rig's layout, tests/delivery/rig.py) with the KVM async-#PF host model
-enabled, and readers for the trace records it leaves (semantics.md §8; docs/async-pf.md).
+enabled, and readers for the trace records it leaves (docs/async-pf.md).
 
-Expected values in the tests are written down from semantics.md §8 and KVM (the ABI
+Expected values in the tests are written down from KVM (Linux
+arch/x86/include/uapi/asm/kvm_para.h, arch/x86/kvm/x86.c, arch/x86/kernel/kvm.c: the ABI
 numbers, the injection conditions), never computed by running the code.
 
 Layout, besides the rig's stacks and CODE at 0x100000:
@@ -35,7 +36,8 @@ from tests.delivery.rig import build as rig_build
 AREA = 0x140000
 PAGE = 0x1000
 
-# ABI numbers (semantics.md §8.1), spelled out rather than imported from the model.
+# ABI numbers (Linux arch/x86/include/uapi/asm/kvm_para.h), spelled out rather than
+# imported from the model.
 MSR_EN = 0x4B564D02
 MSR_INT = 0x4B564D06
 MSR_ACK = 0x4B564D07

@@ -2,7 +2,8 @@
 entries hold, its trace is byte-identical from run to run, and the records a TOML
 expectation cannot look into (`apf_not_present` reasons, `apf_halt` cycles, the CR2 of
 each #PF delivery, `iret.nmi_unblocked`, `frame_overwritten`) carry the values the
-example's comment block explains (semantics.md §8.3, §8.4)."""
+example's comment block explains (Linux arch/x86/kvm/x86.c; the CR2/flags race of the
+LKML thread "[PATCH v2] x86/kvm: Disable KVM_ASYNC_PF_SEND_ALWAYS")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The guest-visible interface of the async-#PF host model, driven by guest code: the
 three KVM MSRs, the other MSRs the machine answers, and the hypervisor CPUID leaves
-(semantics.md §8.1; SDM Vol. 2 RDMSR/WRMSR: #GP(0) at CPL > 0, for an unimplemented
-MSR and for reserved bits; KVM Documentation/virt/kvm/x86/msr.rst and cpuid.rst).
+(Linux arch/x86/include/uapi/asm/kvm_para.h; SDM Vol. 2 RDMSR/WRMSR: #GP(0) at CPL > 0,
+for an unimplemented MSR and for reserved bits; KVM Documentation/virt/kvm/x86/msr.rst and
+cpuid.rst).
 
 A refused RDMSR/WRMSR is a fault: the `deliver` record has vector 13, error code 0 and
 the saved RIP of the RDMSR/WRMSR itself; the MSR keeps its value."""

@@ -1,5 +1,7 @@
 """Page ready, the wake-all, failed page-ins and forced injections, driven by guest code
-(semantics.md §8.1-8.2; docs/async-pf.md; seed mail 2020-06-30 for failed page-ins).
+(Linux arch/x86/kernel/kvm.c; docs/async-pf.md; for failed page-ins, Sean Christopherson's
+mail of 2020-06-30 on LKML, "[RFC PATCH] kvm,x86: Exit to user space in case of page
+fault error").
 
 Page ready (2020 layout): the host writes the token at offset 4 of the area and raises
 the interrupt from MSR_KVM_ASYNC_PF_INT, but only while that slot is 0; a slot found busy
@@ -133,7 +135,7 @@ def test_zeroing_the_slot_without_the_ack_leaves_the_next_page_ready_queued() ->
     assert m.apf is not None and m.apf.pending_page_ready == (1,)  # ... and token 1 still waits
 
 
-# ----- failed page-ins (seed 2020-06-30) --------------------------------------------------
+# ----- failed page-ins ----------------------------------------------------------------------
 
 FAIL_SOURCE = f"""
 main:

@@ -1,7 +1,8 @@
 """Each host policy's decision, observed end to end: a guest access to a swapped-out page
 either gets a page-not-present #PF (error code 0, CR2 = the token, `flags` = 1) or the
-vCPU is stalled for the page-in latency and the access completes (semantics.md §8.2,
-§8.3; cpu/devices/apf.py `decide`).
+vCPU is stalled for the page-in latency and the access completes (Linux
+arch/x86/kvm/x86.c `kvm_can_do_async_pf`, `kvm_can_deliver_async_pf`; cpu/devices/apf.py
+`decide`).
 
 The situations, each the first failing KVM check in its row:
     IF=0            kvm_can_do_async_pf: RFLAGS.IF=0 (a synchronous fault)

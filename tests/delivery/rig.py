@@ -1,7 +1,8 @@
 """A tiny builder for delivery tests: assemble one block of Intel-syntax code, load it,
 configure the IDT from a declarative table, and check a delivered frame slot by slot.
 
-Expected values in the tests are computed from the SDM rules (semantics.md §1-§3), never
+Expected values in the tests are computed from the SDM rules (Vol. 3A "Exception and
+Interrupt Handling in 64-bit Mode", "Exception and Interrupt Reference"), never
 from running the code: the helpers here only *read* what the machine produced and compare
 it with what the test wrote down.
 
@@ -98,7 +99,8 @@ def one(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Frame:
-    """An expected 64-bit interrupt frame (semantics.md §2.1), from the final RSP up."""
+    """An expected 64-bit interrupt frame (SDM Vol. 3A "64-Bit Mode Stack Frame"), from the
+    final RSP up."""
 
     rip: int
     cs: int

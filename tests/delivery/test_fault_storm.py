@@ -1,4 +1,5 @@
-"""Many handled faults in a row never turn into #DF (cpu/engine.py, unicorn.md fact 4).
+"""Many handled faults in a row never turn into #DF (cpu/engine.py; unicorn-engine/unicorn
+issue #1883).
 
 QEMU inside Unicorn remembers the last exception in `old_exception`, which only its own
 delivery code resets; Python delivers instead, so without the reset the second

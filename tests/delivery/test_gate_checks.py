@@ -1,5 +1,6 @@
 """Gate checks for software interrupts: the DPL check, the present check, EXT, and the
-fact that INT 2 is not an NMI (semantics.md §1.1, §1.2, §6.1).
+fact that INT 2 is not an NMI (SDM Vol. 3A "64-Bit Mode IDT", "Error Code",
+"Nonmaskable Interrupt (NMI)"; Bochs exception.cc `long_mode_int`).
 
 Selector-format error codes name IDT entries by vector: (v << 3) | IDT(2) | EXT(1).
 """

@@ -1,5 +1,5 @@
-"""IRETQ faults and NMI unblocking (semantics.md §6.1; SDM Vol. 2A IRET, Vol. 3A "NMI
-Handling").
+"""IRETQ faults and NMI unblocking (SDM Vol. 2A IRET, Vol. 3A "NMI Handling", "Handling
+Multiple NMIs").
 
 Any IRET clears NMI blocking, *before* its checks: an IRET that faults still unblocks.
 """

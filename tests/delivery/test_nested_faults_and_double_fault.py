@@ -1,5 +1,6 @@
 """Faults raised while delivering an event: serial delivery, #DF, and shutdown
-(semantics.md §3, SDM Table 6-5 "Conditions for Generating a Double Fault").
+(SDM Vol. 3A Table 6-4 "Interrupt and Exception Classes", Table 6-5 "Conditions for
+Generating a Double Fault").
 
     first \\ second   | benign    contributory  page-fault
     contributory     | serial    #DF           serial

@@ -1,4 +1,5 @@
-"""#PF error codes and CR2 for the guest's own accesses (semantics.md §2.6).
+"""#PF error codes and CR2 for the guest's own accesses (SDM Vol. 3A "Page-Fault
+Exceptions", "Access Rights").
 
 Error-code bits: P(0) protection vs not-present, W/R(1) write, U/S(2) CPL3 access,
 I/D(4) instruction fetch (reported because EFER.NXE=1). CR2 = the exact linear address of

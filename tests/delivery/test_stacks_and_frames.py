@@ -1,4 +1,5 @@
-"""Stack selection, alignment and the 64-bit frame (semantics.md §2.1, §2.3, §2.4).
+"""Stack selection, alignment and the 64-bit frame (SDM Vol. 3A "Stack Switching in IA-32e
+Mode", "Interrupt Stack Table", "64-Bit Mode Stack Frame", "Exception Classifications").
 
 Every frame is the five (or six) 8-byte slots SS, RSP, RFLAGS, CS, RIP [, error code],
 pushed below the 16-byte-aligned new RSP, with the *unaligned* old RSP in its slot.
@@ -212,7 +213,8 @@ def test_ud2_after_two_nops_is_delivered_with_icount_2_and_the_ud2_address_saved
 def test_an_int3_after_an_instruction_that_followed_an_rf_setting_iretq_pushes_rf_clear() -> None:
     # The #DE handler returns with RF=1 in the image (a fault frame); IRETQ loads it. RF
     # lasts only until the next instruction runs, so by the INT3 after the NOP it is 0
-    # again, and a trap pushes RF as it is (semantics.md §2.4).
+    # again, and a trap pushes RF as it is (SDM Vol. 3A "Instruction-Breakpoint Exception
+    # Condition"; Bochs exception.cc: RF is set for faults other than #DB).
     m, sym = build("""
         mov ecx, 0
         div ecx

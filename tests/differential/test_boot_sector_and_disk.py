@@ -28,8 +28,10 @@ def test_the_boot_sector_is_one_sector_ending_in_the_boot_signature_with_a_zero_
 
 def test_every_multiboot_image_is_an_elf64_with_an_elf32_copy_and_a_header_at_1_mib(
         built_images: dict[str, gib.MultibootImage]) -> None:
-    assert sorted(built_images) == ["bp_stacks", "db_breakpoint", "int_gates", "nmi_apic",
-                                    "np_df", "pf_codes", "rf_frames"]
+    assert sorted(built_images) == ["ac_lock_rmw", "bp_stacks", "canon_branch", "db_breakpoint",
+                                    "debug_regs", "int_gates", "io_perm", "iret_rules",
+                                    "nmi_apic", "np_df", "pf_codes", "rf_frames", "shadow_chain",
+                                    "ss_gp_segment", "step_emulated", "store_fault"]
     for name, im in built_images.items():
         with im.elf.open("rb") as f:
             elf = ELFFile(f)

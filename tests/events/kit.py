@@ -3,7 +3,7 @@ APIC, injection points): build a machine with the constructor options these test
 capture every delivered frame *at the moment it is pushed*, and name the APIC registers.
 
 As in tests/delivery/rig.py, nothing here computes an expected value: the tests write
-them down from the SDM rules (semantics.md §2, §4-§6; SDM Vol. 3A "APIC") and these
+them down from the SDM rules (Vol. 3A "Interrupt and Exception Handling", "APIC") and these
 helpers only read what the machine produced.
 
 Why capture at delivery time: several tests deliver two events onto the same stack

@@ -1,6 +1,6 @@
 """How guest instructions reach the local APIC: the APIC page is never mapped in the
 engine, each access stops at the accessing instruction and the machine emulates it
-(a MOV between a register or immediate and a 32-bit register), so its effect is seen at
+(a MOV in any form a compiler emits, or MOVZX/MOVSX), so its effect is seen at
 the boundary right after it in both counting modes."""
 
 from __future__ import annotations
@@ -80,3 +80,72 @@ pf_handler:
     # P=1 (the page is present), U/S=1, read: error code 0b101.
     assert (pf["name"], pf["error_code"], pf["cr2"], pf["rip"]) == ("#PF", 0x5, APIC_BASE + 0x20,
                                                                      sym["the_load"])
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_every_mov_form_a_compiler_emits_reaches_the_apic_with_the_operand_width(mode: str) -> None:
+    """The moffs forms (A1/A3: what kvm-unit-tests' `xapic_read` compiles to), byte and
+    word loads into any register part, MOVZX/MOVSX, and narrow stores (dropped by the
+    APIC, as KVM's `apic_mmio_write` drops them: the register keeps its value)."""
+    m, _ = build(f"""
+    mov rbx, {APIC_BASE:#x}
+    mov dword ptr [rbx+{TPR:#x}], 0xa5
+    mov rax, -1
+    movabs eax, dword ptr [{APIC_BASE + 0x30:#x}]
+    mov rcx, -1
+    mov cl, byte ptr [rbx+{TPR:#x}]
+    mov rdx, -1
+    mov dh, byte ptr [rbx+{TPR:#x}]
+    movzx esi, word ptr [rbx+0x32]
+    movsx rdi, byte ptr [rbx+{TPR:#x}]
+    mov r8, 0x11
+    mov byte ptr [rbx+{TPR:#x}], r8b
+    mov r9, 0x22
+    movabs dword ptr [{APIC_BASE + TPR:#x}], eax
+    mov r10d, dword ptr [rbx+{TPR:#x}]
+    hlt
+    """, gates={}, mode=mode)
+
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=40)
+
+    assert r.outcome == "hlt", r.reason
+    regs = dict(zip(("rax", "rcx", "rdx", "rsi", "rdi", "r10"),
+                    m.engine.read(("rax", "rcx", "rdx", "rsi", "rdi", "r10")), strict=True))
+    assert regs == {"rax": 0x00050014, "rcx": 0xFFFFFFFFFFFFFFA5, "rdx": 0xFFFFFFFFFFFFA5FF,
+                    "rsi": 0x0005, "rdi": 0xFFFFFFFFFFFFFFA5, "r10": 0x14}
+    assert [e["register"] for e in r.trace.of_kind("apic_ignored_write")] == ["1-byte store"]
+
+
+@pytest.mark.parametrize("mode", BOTH)
+def test_clearing_the_apic_global_enable_hides_the_page_and_setting_it_resets_the_apic(
+        mode: str) -> None:
+    """IA32_APIC_BASE[11] ("Enabling or Disabling the Local APIC"), as kvm-unit-tests'
+    reset_apic does it: disabled, the page reads all ones and CPUID.1:EDX.APIC is 0;
+    enabled again, the APIC is in its reset state (SVR = 0xFF) and the MSR reads EN."""
+    m, _ = build(f"""
+    mov rbx, {APIC_BASE:#x}
+    mov dword ptr [rbx+{SVR:#x}], {SVR_ENABLED:#x}
+    mov ecx, 0x1b
+    rdmsr
+    and eax, ~0x800
+    wrmsr
+    mov r8d, dword ptr [rbx+{SVR:#x}]
+    mov eax, 1
+    cpuid
+    mov r9, rdx
+    mov rbx, {APIC_BASE:#x}
+    mov ecx, 0x1b
+    rdmsr
+    or eax, 0x800
+    wrmsr
+    mov r10d, dword ptr [rbx+{SVR:#x}]
+    rdmsr
+    mov r11, rax
+    hlt
+    """, gates={}, mode=mode)
+
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=40)
+
+    assert r.outcome == "hlt", r.reason
+    r8, r9, r10, r11 = m.engine.read(("r8", "r9", "r10", "r11"))
+    assert (r8, r9 & (1 << 9), r10, r11) == (0xFFFFFFFF, 0, 0xFF, 0xFEE00900)

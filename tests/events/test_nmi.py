@@ -1,5 +1,5 @@
-"""NMI delivery, blocking and the one-deep latch (semantics.md §4, §6.1; SDM Vol. 3A
-"Nonmaskable Interrupt (NMI)", "Handling Multiple NMIs", Table 6-2 priority).
+"""NMI delivery, blocking and the one-deep latch (SDM Vol. 3A "Nonmaskable Interrupt
+(NMI)", "Handling Multiple NMIs", Table 6-2 priority).
 
 The rules the expected values below come from:
 
@@ -16,8 +16,8 @@ The rules the expected values below come from:
 Frames: an external event at a boundary pushes RIP = the next instruction, RF unchanged
 (0), no error code; RSP is aligned down to 16 and five 8-byte slots are pushed. SS inside
 a handler entered through an IST gate is NULL (0) here: the machine follows the SDM's IST
-prose (semantics.md §2.1, marked UNCONFIRMED there), so a frame pushed *from* such a
-handler saves SS = 0.
+prose (the Vol. 2 INT n pseudo-code leaves SS alone; unconfirmed on hardware, see
+docs/sdm-map.md), so a frame pushed *from* such a handler saves SS = 0.
 
 Every test runs in both counting modes: fast (per translation block) and timed (per
 instruction); none of these events comes from inside a block, so both must agree.

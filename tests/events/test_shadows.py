@@ -1,5 +1,5 @@
-"""Interrupt shadows and IF (semantics.md §5; SDM Vol. 2B STI, Vol. 3A "Masking Maskable
-Hardware Interrupts", SDM-3C "Interruptibility State").
+"""Interrupt shadows and IF (SDM Vol. 2B STI, MOV; Vol. 3A "Masking Maskable Hardware
+Interrupts"; Vol. 3C "Interruptibility State").
 
 The rules the expected values below come from:
 

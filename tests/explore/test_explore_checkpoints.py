@@ -152,7 +152,7 @@ def test_a_revoked_ept_entry_gives_a_ve_exactly_when_revoked_before_the_access(
 
 def cr2_pf(result: object, machine: object) -> str | None:
     """A user invariant (module:function form): every #PF delivered had CR2 = 0x99."""
-    from cpu.machine import RunResult
+    from cpu.outcomes import RunResult
 
     assert isinstance(result, RunResult)
     bad = [d for d in result.deliveries if d["name"] == "#PF" and d.get("cr2") != 0x99]

@@ -1,8 +1,8 @@
-"""The race explorer's shipped examples and their exact findings (issue 7, "Examples that
-must ship"): the nested-NMI IST clobber, the #VE re-arm race (NMI and ept_revoke sweeps),
-and the async-#PF policy x handler matrix. Every expected point list below is derived
-from the SDM rules in shared/docs/semantics.md (§6.1, §7.3, §8.3-8.4), as the comments
-say, not copied from a run."""
+"""The race explorer's shipped examples and their exact findings: the nested-NMI IST
+clobber, the #VE re-arm race (NMI and ept_revoke sweeps), and the async-#PF policy x
+handler matrix. Every expected point list below is derived from the rules (SDM Vol. 3A
+"Handling Multiple NMIs"; Vol. 3C "Virtualization Exceptions"; KVM's injection checks in
+Linux arch/x86/kvm/x86.c), as the comments say, not copied from a run."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_the_cr2_flags_race_is_reachable_under_every_policy_up_to_the_entrys_las
 
 
 # reachable per policy (kvm, kvm-send-always, never-while-nmi-blocked, always), from
-# semantics.md §8.3 / cpu.devices.apf.decide: the NMI handler's access is injected iff
+# KVM (arch/x86/kvm/x86.c) / cpu.devices.apf.decide: the NMI handler's access is injected iff
 # IF=1 (unless "always"), CPL 0 needs SEND_ALWAYS (or "kvm-send-always"/"always"), and
 # "never-while-nmi-blocked" refuses while the NMI runs. An injected #PF makes the #PF or
 # page-ready IRET unblock NMIs inside the NMI handler: a second NMI anywhere in it nests.

@@ -2,7 +2,8 @@
 state machine: hypothesis draws random sequences of NMI arrivals, maskable interrupt
 arrivals, INT3, INT 2, CLI/STI and IRETs, drives a real `cpu.machine.Machine` through
 them, and after every step compares what the machine did with a small reference model
-written here from semantics.md §4 and §6.1 (it shares no code with `idt.blocking`).
+written here from the SDM (Vol. 3A "Handling Multiple NMIs", Table 6-2 priorities; it
+shares no code with `idt.blocking`).
 
 The guest is a command interpreter. Every context (the main program and every handler)
 spins in the same loop, `spin`, reading a one-byte mailbox at DATA. A step writes one

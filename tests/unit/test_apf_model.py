@@ -1,6 +1,6 @@
 """cpu.devices.apf on its own: KVM's async-#PF MSRs, CPUID leaves, the injection decision
 under every policy, tokens, page-in completion and the page-ready hand-shake
-(semantics.md §8; LNX arch/x86/kvm/x86.c, arch/x86/kernel/kvm.c). No engine involved."""
+(Linux arch/x86/kvm/x86.c, arch/x86/kernel/kvm.c). No engine involved."""
 
 from __future__ import annotations
 
@@ -252,7 +252,7 @@ def every_guest_state() -> list[GuestState]:
 
 
 def reference(policy: str, g: GuestState) -> Decision:
-    """The decision table of semantics.md §8.3 written out again, independently: KVM's
+    """KVM's decision (Linux arch/x86/kvm/x86.c) written out again, independently: KVM's
     kvm_can_do_async_pf (exception, IF, shadow), then kvm_can_deliver_async_pf (enabled
     and DELIVERY_AS_INT, CPL, paging), then the mitigation's NMI check."""
     if policy == "always":

@@ -1,6 +1,6 @@
 """idt/blocking.py on its own: the NMI latch and the arbiter's answer for every
 combination of blocking state (SDM Vol. 3A "Handling Multiple NMIs", Table 6-2, and the
-interruptibility-state shadows; semantics.md §4-§6)."""
+interruptibility-state shadows, SDM Vol. 3C "Interruptibility State")."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from idt.blocking import Held, Interruptibility, NmiArrival, Shadow, arbitrate
+from idt.blocking import Held, Interruptibility, NmiArrival, Shadow, arbitrate, shadow_after
 
 
 def test_an_nmi_arriving_unblocked_is_pending_a_second_is_dropped() -> None:
@@ -66,3 +66,32 @@ def test_a_held_event_names_its_reason_and_stepping_is_asked_only_for_one_instru
 def test_an_nmi_wins_over_an_interrupt_which_stays_held_not_dropped() -> None:
     choice = arbitrate(Interruptibility(nmi_pending=True), if_flag=True, intr_pending=True)
     assert choice.deliver == "nmi" and choice.held == ()
+
+
+# -- chained shadows (SDM-corner rule 13; docs/sdm-map.md "Chained shadows") --------------
+
+def test_mov_ss_right_after_sti_opens_its_own_shadow() -> None:
+    assert shadow_after(Shadow.STI, Shadow.MOV_SS, if_before=True) is Shadow.MOV_SS
+
+
+def test_sti_right_after_mov_ss_opens_its_own_shadow_when_it_sets_if() -> None:
+    assert shadow_after(Shadow.MOV_SS, Shadow.STI, if_before=False) is Shadow.STI
+
+
+def test_sti_with_if_already_set_opens_none_even_after_sti() -> None:
+    assert shadow_after(Shadow.STI, Shadow.STI, if_before=True) is Shadow.NONE
+    assert shadow_after(Shadow.NONE, Shadow.STI, if_before=True) is Shadow.NONE
+
+
+def test_mov_ss_right_after_mov_ss_is_not_rearmed() -> None:
+    assert shadow_after(Shadow.MOV_SS, Shadow.MOV_SS, if_before=False) is Shadow.NONE
+
+
+def test_a_lone_shadow_opener_opens_its_shadow() -> None:
+    assert shadow_after(Shadow.NONE, Shadow.MOV_SS, if_before=True) is Shadow.MOV_SS
+    assert shadow_after(Shadow.NONE, Shadow.STI, if_before=False) is Shadow.STI
+
+
+def test_only_sti_and_mov_ss_open_shadows() -> None:
+    with pytest.raises(ValueError):
+        shadow_after(Shadow.NONE, Shadow.NONE, if_before=False)

@@ -1,4 +1,6 @@
-"""idt.deliver.deliver: each check of semantics.md §1.1, in order, with its exact error code.
+"""idt.deliver.deliver: each check of IA-32e event delivery, in order, with its exact error
+code (SDM Vol. 3A "64-Bit Mode IDT", "Error Code"; the order Bochs exception.cc
+`long_mode_int` and QEMU `do_interrupt64` implement).
 
 Error codes are written out as numbers on purpose (0x402, 0x13, ...): building them with
 `idt.error_codes` here would hide exactly the class of bug (v*16+2) they guard against.
@@ -265,7 +267,7 @@ def test_a_non_canonical_handler_is_reported_before_the_tss_is_read(world: World
 def test_checks_fail_in_the_sdm_order_as_each_broken_thing_is_repaired_in_turn(
         world: World) -> None:
     """Break every check at once, then repair them one at a time: each repair reveals
-    the next check's fault, in the order of semantics.md §1.1 (1 IDT limit, 2 type,
+    the next check's fault, in the order of Bochs' `long_mode_int` (1 IDT limit, 2 type,
     3 software DPL, 4 present, 5 null selector, 6 GDT limit, 7 code/DPL, 8 64-bit,
     9 CS present, 10 canonical handler, 11 TSS slot, 12 canonical new RSP)."""
     v = 0x80

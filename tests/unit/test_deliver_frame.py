@@ -1,5 +1,6 @@
 """idt.deliver.deliver on success: stack selection, alignment, every frame slot, RFLAGS
-(semantics.md §2.1-§2.4)."""
+(SDM Vol. 3A "Stack Switching in IA-32e Mode", "Interrupt Stack Table", "64-Bit Mode Stack
+Frame"; Bochs exception.cc `long_mode_int`)."""
 
 from __future__ import annotations
 

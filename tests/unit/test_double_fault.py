@@ -1,4 +1,4 @@
-"""idt.double_fault: the class matrix (SDM Table 6-4/6-5, semantics.md §3) and
+"""idt.double_fault: the class matrix (SDM Vol. 3A Table 6-4/6-5) and
 `deliver_event`, the driver that turns faults during delivery into serial delivery, #DF or
 shutdown."""
 

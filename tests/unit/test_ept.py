@@ -1,7 +1,7 @@
 """cpu/ept.py without an engine: the identity map, rights as the AND along the walk, which
 entry's suppress-#VE bit a violation reports, splitting, misconfigurations, and the
 generation counter (SDM Vol. 3C "EPT Translation Mechanism", "EPT Violations",
-"EPT Misconfigurations"; semantics.md §7.1)."""
+"EPT Misconfigurations")."""
 
 from __future__ import annotations
 

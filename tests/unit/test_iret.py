@@ -1,5 +1,6 @@
 """idt.iret.iret64: NMI unblocking before the checks, each check's fault, and which RFLAGS
-bits IRETQ may write at which CPL/IOPL (semantics.md §6.1; SDM "IRET/IRETD/IRETQ")."""
+bits IRETQ may write at which CPL/IOPL (SDM Vol. 3A "Handling Multiple NMIs"; Vol. 2A
+"IRET/IRETD/IRETQ")."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fakes import (
 
 from idt.descriptors import SegmentDescriptor
 from idt.error_codes import PFErr
-from idt.iret import UnsupportedIret, iret64
+from idt.iret import UnsupportedIret, iret64, segments_to_null
 from idt.state import (
     RFLAGS_AC,
     RFLAGS_DF,
@@ -34,6 +35,7 @@ from idt.state import (
     RFLAGS_VM,
     ArchFault,
     ArchState,
+    DataSegment,
 )
 from idt.vectors import Vector
 
@@ -128,12 +130,29 @@ def test_an_iret_that_faults_still_unblocks_nmis(world: World, breakage: str) ->
 
 
 def test_an_iret_that_is_not_modelled_still_unblocks_nmis(world: World) -> None:
-    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1))  # 32-bit code
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=0))  # 16-bit code
     frame(world, cs=SPARE_SEL)
     st = handler_state()
     with pytest.raises(UnsupportedIret):
         iret64(world.mem, st)
     assert not st.nmi_blocked
+
+
+def test_an_iret_to_32_bit_compatibility_mode_code_returns_there(world: World) -> None:
+    """IA-32e mode IRET to a CS with L = 0, D = 1 (SDM Vol. 2 IRET: the return is to
+    compatibility mode; EIP must lie within the CS limit)."""
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1))  # 32-bit code
+    frame(world, cs=SPARE_SEL, rip=0x401000)
+    res = iret64(world.mem, handler_state())
+    assert (res.cs, res.rip, res.cpl) == (SPARE_SEL, 0x401000, 0)
+
+
+def test_an_iret_to_compatibility_mode_beyond_the_cs_limit_is_gp0(world: World) -> None:
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1, limit=0xF, g=0))
+    frame(world, cs=SPARE_SEL, rip=0x10)
+    with pytest.raises(ArchFault) as info:
+        iret64(world.mem, handler_state())
+    assert (info.value.vector, info.value.error_code) == (Vector.GP, 0)
 
 
 # -- each check ------------------------------------------------------------------------
@@ -234,9 +253,9 @@ def test_a_non_canonical_return_rip_raises_gp_0(world: World) -> None:
     assert iret_fault(world, handler_state()) == (Vector.GP, 0)
 
 
-def test_an_iret_to_a_compatibility_mode_segment_is_unsupported_not_a_crash(
+def test_an_iret_to_a_16_bit_code_segment_is_unsupported_not_a_crash(
         world: World) -> None:
-    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=1))
+    world.set_descriptor(SPARE_SEL, SegmentDescriptor(type=0xB, dpl=0, db=0))
     frame(world, cs=SPARE_SEL)
     with pytest.raises(UnsupportedIret):
         iret64(world.mem, handler_state())
@@ -253,7 +272,8 @@ def test_status_tf_df_nt_rf_ac_and_id_are_written_at_every_cpl(world: World, cpl
     res = iret64(world.mem, handler_state(cpl=cpl, rflags=0x2))
     assert res.rflags & ALWAYS == ALWAYS
     frame(world, cs=USER_CS, ss=USER_DS, rflags=0x2)
-    res = iret64(world.mem, handler_state(cpl=cpl, rflags=0x2 | ALWAYS))
+    # (NT = 1 in the current RFLAGS makes IRETQ itself fault: tested below.)
+    res = iret64(world.mem, handler_state(cpl=cpl, rflags=0x2 | (ALWAYS & ~RFLAGS_NT)))
     assert res.rflags & ALWAYS == 0
 
 
@@ -291,3 +311,61 @@ def test_iretq_never_sets_vm_or_reserved_bits_and_always_sets_bit_1(world: World
     res = iret64(world.mem, handler_state(rflags=0x2))
     assert res.rflags & (RFLAGS_VM | reserved) == 0
     assert res.rflags & 0x2
+
+
+# -- IA-32e mode: NT (SDM-corner rule 5) -----------------------------------------------
+
+def test_an_iretq_with_nt_set_in_long_mode_is_gp0_before_anything_is_popped() -> None:
+    # The frame's page is not present: a #GP(0) and not a #PF proves nothing was popped.
+    world = World()
+    world.mem.not_present.add(FRAME_AT & ~0xFFF)
+    st = handler_state(rflags=0x2 | RFLAGS_NT)
+    assert iret_fault(world, st) == (Vector.GP, 0)
+    assert st.nmi_blocked is False  # NMIs unblocked even so (before the NT check)
+    assert [a for a in world.mem.log if a.linear == FRAME_AT] == []
+    assert (st.rsp, st.rflags) == (FRAME_AT, 0x2 | RFLAGS_NT)
+
+
+def test_nt_in_the_popped_rflags_is_loaded_without_a_fault(world: World) -> None:
+    frame(world, rflags=0x2 | RFLAGS_NT)
+    res = iret64(world.mem, handler_state(rflags=0x2))
+    assert (res.rip, res.rflags, res.rsp) == (RET_RIP, 0x2 | RFLAGS_NT, RET_RSP)
+
+
+# -- RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS (SDM-corner rule 4) -------------------
+
+KDATA = DataSegment(KERNEL_DS, dpl=0)
+UDATA = DataSegment(USER_DS, dpl=3)
+KCODE = DataSegment(KERNEL_CS, dpl=0, is_code=True)
+CONFORMING = DataSegment(0x40, dpl=0, is_code=True, conforming=True)
+DPL1_DATA = DataSegment(0x49, dpl=1)
+
+
+def test_segments_below_the_new_cpl_are_nulled_in_the_sdm_order() -> None:
+    segs = {"ds": KDATA, "es": UDATA, "fs": DPL1_DATA, "gs": KCODE}
+    assert segments_to_null(3, segs) == ("fs", "gs", "ds")
+
+
+def test_conforming_code_and_dpl3_data_stay_at_cpl3() -> None:
+    assert segments_to_null(3, {"ds": UDATA, "gs": CONFORMING}) == ()
+
+
+def test_a_dpl1_segment_stays_on_a_return_to_cpl1_and_goes_on_one_to_cpl2() -> None:
+    assert segments_to_null(1, {"es": DPL1_DATA}) == ()
+    assert segments_to_null(2, {"es": DPL1_DATA}) == ("es",)
+
+
+def test_a_null_selector_with_an_rpl_becomes_0_and_a_zero_one_is_left_alone() -> None:
+    assert segments_to_null(3, {"ds": DataSegment(0x3, dpl=3), "es": DataSegment(0)}) == ("ds",)
+
+
+def test_an_iretq_to_cpl3_reports_the_segments_to_null(world: World) -> None:
+    frame(world, cs=USER_CS, ss=USER_DS)
+    st = handler_state(data_segments={"ds": KDATA, "es": UDATA, "fs": KDATA, "gs": KCODE})
+    assert iret64(world.mem, st).null_segments == ("fs", "gs", "ds")
+
+
+def test_an_iretq_to_the_same_cpl_nulls_nothing(world: World) -> None:
+    frame(world)
+    st = handler_state(data_segments={"ds": KDATA, "gs": KCODE})
+    assert iret64(world.mem, st).null_segments == ()

@@ -162,7 +162,7 @@ def test_every_default_entry_has_a_non_empty_source() -> None:
     assert raw["fast"]["source"].strip()
 
 
-def test_the_default_profile_carries_the_public_event_figures_from_timing_md() -> None:
+def test_the_default_profile_carries_the_public_event_figures_with_their_sources() -> None:
     profile = load_profile()
     assert profile.event("deliver_cpl_change") == 500
     assert "linux-xperf" in profile.events["deliver_cpl_change"].source

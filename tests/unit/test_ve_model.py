@@ -1,7 +1,7 @@
 """idt/ve.py on its own: the VE-information area layout, the EPT-violation exit
 qualification bits, and the #VE-or-VM-exit decision for every combination of its inputs
 (SDM Vol. 3C "Virtualization Exceptions", "Exit Qualification for EPT Violations",
-"EPT Violations"; semantics.md §7)."""
+"EPT Violations")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """A builder for the #VE tests: one block of Intel-syntax code on a fresh machine with
 VMX (EPT + the "EPT-violation #VE" control), and readers for what the SDM says the CPU
 leaves behind: the `ve_info_written` / `vmexit` trace records and the VE-information
-area (SDM Vol. 3C "Virtualization Exceptions", "Exit Qualification for EPT Violations";
-semantics.md §7).
+area (SDM Vol. 3C "Virtualization Exceptions", "Exit Qualification for EPT Violations").
 
 Expected values in the tests are written down from the SDM rules, never computed by
 running the code: the helpers only *read* what the machine produced.

@@ -2,7 +2,7 @@
 its trace is byte-identical from run to run, and the records a TOML expectation cannot
 look into (`ve_info_written`, `vmexit`, `delivery_fault`, the #DF's `double_fault_of`)
 carry the values the example's comment block explains (SDM Vol. 3C "Virtualization
-Exceptions", "Exit Qualification for EPT Violations"; semantics.md §7)."""
+Exceptions", "Exit Qualification for EPT Violations")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Property: over random EPT states, busy words and accesses, the machine never crashes
 and a #VE is delivered exactly when the SDM's conversion rule says so (SDM Vol. 3C
-"EPT Violations", "Convertible EPT Violations"; semantics.md §7.1):
+"EPT Violations", "Convertible EPT Violations"):
 
     #VE  <=>  the access violates the EPT rights
               and "EPT-violation #VE" is enabled

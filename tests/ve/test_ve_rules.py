@@ -4,7 +4,7 @@ a #VE and when a VM exit, what the CPU writes in the VE-information area, the fr
 host model, NMI unblocking by a faulting IRET, and #VE's place in the #DF table (SDM
 Vol. 3C "EPT Violations", "Convertible EPT Violations", "Virtualization Exceptions",
 "Exit Qualification for EPT Violations"; Vol. 3A Table "Conditions for Generating a
-Double Fault"; semantics.md §7).
+Double Fault").
 
 Expected values are written down from those rules.
 """

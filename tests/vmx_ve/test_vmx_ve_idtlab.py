@@ -100,7 +100,7 @@ def test_with_eptp_index_2_idtlab_writes_2_into_the_information_area() -> None:
     "IST switch (SDM Vol. 3A 'Interrupt Stack Table' prose), so the #VE taken in an NMI "
     "handler on IST3 pushes ss=0x0; Bochs 2.7 keeps SS (Vol. 2 INT n pseudo-code, "
     "INTRA-PRIVILEGE-LEVEL-INTERRUPT) and pushes ss=0x10, which these expectations follow. "
-    "semantics.md §2.1 marks it UNCONFIRMED on hardware"))
+    "Unconfirmed on hardware (docs/sdm-map.md)"))
 def test_with_the_nmi_gate_on_ist3_the_ve_in_the_nmi_handler_pushes_the_handlers_ss() -> None:
     elf = vmx_build.build(nmi_ist=3)
     _, result = run_guest(elf, nmi_ist=3)

@@ -7,7 +7,7 @@ Information", "Controls for Virtualization Exceptions", "Exit Qualification for 
 Violations", "Information for VM Exits During Event Delivery"; Vol. 3A "Exception and
 Interrupt Handling in 64-bit Mode" (stack frame, IST), "Interrupt 20—Virtualization
 Exception" (a fault, no error code); Vol. 2 "INT n/INTO/INT3/INT1" (push order); the
-line format is docs/idtlog-format.md (version 1). semantics.md §7 summarises the rules.
+line format is docs/idtlog-format.md (version 1).
 """
 
 from __future__ import annotations
