@@ -89,6 +89,8 @@ REG = {
     "dr0": X.UC_X86_REG_DR0, "dr1": X.UC_X86_REG_DR1, "dr2": X.UC_X86_REG_DR2,
     "dr3": X.UC_X86_REG_DR3, "dr6": X.UC_X86_REG_DR6, "dr7": X.UC_X86_REG_DR7,
 }
+_TABLE_REGS = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR,
+               "ldtr": X.UC_X86_REG_LDTR}
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
 MSR_EFER = 0xC0000080
@@ -155,6 +157,11 @@ class Engine:
         if bits == 64:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
+        # The power-up values QEMU's CPU reset would set and Unicorn's does not (it leaves
+        # both 0: every x87 and SIMD exception unmasked). SDM Vol. 3A "Processor State
+        # After Reset": x87 FPU control word 0040H, MXCSR 1F80H.
+        uc.reg_write(X.UC_X86_REG_FPCW, 0x0040)
+        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
         self.uc: Any = uc
         self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
         self.poison: Callable[[int, Access], None] = lambda v, a: None
@@ -568,8 +575,8 @@ class Engine:
         return self.read((name,))[0]
 
     def read_table(self, which: str) -> tuple[int, int, int]:
-        """(selector, base, limit) of IDTR, GDTR or TR."""
-        reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
+        """(selector, base, limit) of IDTR, GDTR, LDTR or TR."""
+        reg = _TABLE_REGS[which]
         mmr = self._mmr
         status = self._uclib.uc_reg_read(self._uch, reg, ctypes.byref(mmr))
         if status != 0:
@@ -577,7 +584,7 @@ class Engine:
         return int(mmr.selector), int(mmr.base), int(mmr.limit)
 
     def write_table(self, which: str, selector: int, base: int, limit: int, flags: int = 0) -> None:
-        reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
+        reg = _TABLE_REGS[which]
         self.uc.reg_write(reg, (selector, base, limit, flags))
 
     def read_msr(self, msr: int) -> int:

@@ -36,7 +36,7 @@ Special cases, each from its SDM section:
   FSM") is stored but MONITOR/MWAIT stay unreported, as the model has neither
   (documented in docs/sdm-map.md). XD Bit Disable does not refuse EFER.NXE.
 * IA32_MCG_CAP (179H): 0 — machine-check architecture with no error-reporting banks
-  (and no IA32_MCG_CTL), so IA32_MCi_* do not exist; read-only. IA32_MCG_STATUS (17AH):
+  (and no IA32_MCG_CTL), so IA32_MCi_* do not exist; read-only (a write is #GP(0)). IA32_MCG_STATUS (17AH):
   RIPV, EIPV, MCIP writable, 0 at reset; no machine check is ever raised.
 """
 
@@ -122,6 +122,7 @@ class Msr:
     reset: int = 0
     check: Callable[[int], str | None] | None = None
     flushes: bool = False  # a write changes address translation
+    read_only: bool = False  # every WRMSR is #GP(0) ("R/O" in the SDM's MSR tables)
 
 
 MSRS: tuple[Msr, ...] = (
@@ -129,7 +130,7 @@ MSRS: tuple[Msr, ...] = (
     Msr(MSR_SYSENTER_CS, "IA32_SYSENTER_CS", Store.BOTH, writable=ALL),
     Msr(MSR_SYSENTER_ESP, "IA32_SYSENTER_ESP", Store.ENGINE, writable=ALL, check=canonical),
     Msr(MSR_SYSENTER_EIP, "IA32_SYSENTER_EIP", Store.ENGINE, writable=ALL, check=canonical),
-    Msr(MSR_MCG_CAP, "IA32_MCG_CAP", Store.MODEL),
+    Msr(MSR_MCG_CAP, "IA32_MCG_CAP", Store.MODEL, read_only=True),
     Msr(MSR_MCG_STATUS, "IA32_MCG_STATUS", Store.MODEL, writable=0b111),
     Msr(MSR_MISC_ENABLE, "IA32_MISC_ENABLE", Store.MODEL,
         writable=MISC_ENABLE_FAST_STRING | (1 << 3) | (1 << 16) | (1 << 18)
@@ -164,6 +165,8 @@ def msr_name(index: int) -> str:
 def checked_value(msr: Msr, value: int, current: int) -> int:
     """The value a WRMSR of `value` leaves in `msr` (whose value is `current`), or raise
     `MsrFault` for a reserved bit or a value the MSR's own rule refuses."""
+    if msr.read_only:
+        raise MsrFault(f"{msr.name} is read-only")
     reserved = value & ~(msr.writable | msr.readonly) & ALL
     if reserved:
         raise MsrFault(f"{msr.name}: reserved bits {reserved:#x}")
