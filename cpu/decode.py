@@ -68,6 +68,7 @@ class SiteKind(StrEnum):
     TABLE_LOAD = "table_load"  # checked, then native: LGDT, LIDT, LLDT, LTR
     BASE_WRITE = "base_write"  # checked, then native: WRFSBASE, WRGSBASE
     UMIP = "umip"  # checked, then native: SGDT, SIDT, SLDT, SMSW, STR
+    UNDECLARED = "undeclared"  # emulated: #UD, an instruction the CPU model does not report
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
 
@@ -82,6 +83,23 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "sgdt": SiteKind.UMIP, "sidt": SiteKind.UMIP, "sldt": SiteKind.UMIP,
               "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
               "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
+
+
+# Instructions the engine's own CPU model executes but the declared one does not report
+# (cpu/cpu_model.py): the SDM's #UD "If CPUID ... = 0". RDRAND/RDSEED would also draw
+# from the host's random source.
+UNDECLARED_INSNS = {"rdrand": "CPUID.01H:ECX.RDRAND", "rdseed": "CPUID.(EAX=07H,ECX=0):EBX.RDSEED",
+                    "xsaveopt": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEOPT",
+                    "xsaveopt64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEOPT",
+                    "xsavec": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEC",
+                    "xsavec64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEC",
+                    "xsaves": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "xsaves64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "xrstors": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "xrstors64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "rdpid": "CPUID.(EAX=07H,ECX=0):ECX.RDPID",
+                    "invpcid": "CPUID.(EAX=07H,ECX=0):EBX.INVPCID"}
+SITE_KINDS.update(dict.fromkeys(UNDECLARED_INSNS, SiteKind.UNDECLARED))
 
 
 def site_kind(insn: Insn) -> SiteKind | None:

@@ -23,6 +23,9 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   too, which QEMU would not flush for). CR8 is the local APIC's TPR[7:4] (Vol. 3A "Task
   Priority in IA-32e Mode"); a machine without an APIC keeps it in the engine. MOV from
   CR0/CR3/CR4 runs natively.
+* RDRAND, RDSEED, XSAVEOPT, XSAVEC, XSAVES/XRSTORS, RDPID, INVPCID: the engine's own
+  CPU model has some of them, the declared one none: #UD, as the SDM says for each when
+  its CPUID flag is 0 (and RDRAND/RDSEED never reach the host's random source).
 * RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
   (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
   with CR4.PCE = 0 too.
@@ -52,7 +55,7 @@ from cpu.control_regs import (
     check_cr8,
 )
 from cpu.cpu_model import MsrFault
-from cpu.decode import GPR_SLOTS, control_move, decode_one
+from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.msrs import MSR_EFER
 from cpu.outcomes import Outcome, Stop
@@ -283,6 +286,17 @@ class Emulated:
         e.write({"rip": address + insn.size})
         e.recount()
         self.single_step(rflags)
+
+    def undeclared(self, address: int) -> None:
+        """An instruction the CPU model does not report: #UD (SDM Vol. 2, each
+        instruction's "#UD If CPUID... = 0")."""
+        m = self.m
+        m.engine.uncount()
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        name = insn.mnemonic if insn is not None else "?"
+        flag = UNDECLARED_INSNS.get(name, "its CPUID flag")
+        m.deliver(Event.exception(Vector.UD, address), why=f"{name.upper()}: {flag} = 0")
 
     def rdpmc(self, address: int) -> None:
         m = self.m

@@ -6,8 +6,11 @@ as the SDM says."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.cpu_model.kit import DATA, run
 
+UD = 6
 CR4_TSD = 1 << 2
 MSR_TSC_AUX = 0xC0000103
 
@@ -271,3 +274,23 @@ def test_rdtscp_returns_tsc_aux_in_ecx() -> None:
         hlt
     """)
     assert r.reg("rcx") == 0x1234
+
+
+@pytest.mark.parametrize("insn", ["rdrand eax", "rdrand rax", "rdseed eax", "xsaveopt [rsi]",
+                                  "xsavec [rsi]", "xsaves [rsi]", "xrstors [rsi]",
+                                  ".byte 0xf3, 0x48, 0x0f, 0xc7, 0xf8",  # rdpid rax
+                                  "invpcid rax, [rsi]"])
+def test_an_instruction_the_model_does_not_report_is_ud(insn: str) -> None:
+    # CPUID.01H:ECX.RDRAND = 0, no RDSEED/RDPID/INVPCID in leaf 7, CPUID.(EAX=0DH,ECX=1):
+    # EAX = 0: each instruction's "#UD If CPUID... = 0" (SDM Vol. 2).
+    r = run(f"""
+    main:
+        lea rsi, [{DATA}]
+        mov rax, cr4
+        bts rax, 18                  # CR4.OSXSAVE, so that the XSAVE forms are not #UD for it
+        mov cr4, rax
+    the_insn:
+        {insn}
+        hlt
+    """)
+    assert r.fault() == (UD, None, r.sym["the_insn"])
