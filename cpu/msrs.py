@@ -227,3 +227,4 @@ class MsrFile:
         if msr.flushes:
             m.regs.forget()
             e.flush_tlb()
+            e.forget_fills()  # the native fill front remembers translations too

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from cpu.devices.apic import APIC_BASE
 from cpu.engine import PROT_R, PROT_W, PROT_X
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.mmu import CR4_SMAP, Access, PagingControl, Translation, WalkCache
+from cpu.mmu import CR4_PKE, CR4_SMAP, Access, PagingControl, Translation, WalkCache
 from cpu.outcomes import Outcome, Stop
 from idt.state import RFLAGS_AC, ArchFault, is_canonical
 from idt.vectors import Vector
@@ -118,8 +118,9 @@ class Translator:
         m = self.m
         if not is_canonical(vpage):
             return None
+        ctl = m.regs.read_paging()
         try:
-            t = self.guest_walk(m.regs.read_paging(), vpage, access)
+            t = self.guest_walk(ctl, vpage, access)
         except (ArchFault, EptViolation, EptMisconfig):
             return None  # poisoned: the access stops at its instruction (cpu/stops.py)
         if not m.phys.contains(t.paddr, 4096):
@@ -145,6 +146,11 @@ class Translator:
             for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
                 if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
                     prot &= ~bit
+        elif not ctl.cr4 & CR4_PKE:
+            # The same fill, while the entries this walk read hold, needs no Python (not
+            # under CR4.PKE: PKRU changes natively, out of the native front's sight).
+            m.engine.remember_fill(vpage, access, m.regs.state.cpl == 3,
+                                   m.sysmem.walks.last_used, t.paddr, prot)
         return t.paddr, prot
 
     def _ept_allows(self, hpa: int, access: Access) -> bool:

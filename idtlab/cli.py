@@ -1,4 +1,5 @@
-"""`idtlab` command line: `run`, `compare`, `explore`, `ref`, `diff`, `demo`, `--version`.
+"""`idtlab` command line: `run`, `compare`, `explore`, `ref`, `diff`, `suite` (kvm-unit-tests
+suites, idtlab/suite.py), `demo`, `lab` (the teaching labs, idtlab.labs.cli), `--version`.
 
 Exit status: 0 when every expectation holds, 1 when one fails, 2 on bad input (one line
 on stderr, no traceback).
@@ -16,11 +17,12 @@ from pathlib import Path
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
-from idtlab import __version__, apf_matrix, ref
+from idtlab import __version__, apf_matrix, ref, suite
 from idtlab import diff as differ
 from idtlab import explore as ex
 from idtlab import scenario as scn
 from idtlab.errors import BadInput, Unsupported
+from idtlab.labs import cli as labs_cli
 from idtlab.trace import Symbolizer, timeline, write_jsonl
 
 SYSTEM_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
     ref.add_parser(sub)
     differ.add_parser(sub)
+    labs_cli.add_parser(sub)
+    suite.add_parser(sub)
     p_demo = sub.add_parser("demo", help="run the built-in example scenario")
     p_demo.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_demo.add_argument("--show", action="store_true", help="print the demo scenario and exit")
@@ -259,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             return ref.run_cli(args)
         if args.command == "diff":
             return differ.run_cli(args)
+        if args.command == "lab":
+            return labs_cli.run_cli(args)
+        if args.command == "suite":
+            return suite.run_cli(args)
         if args.command == "explore":
             return _explore(args)
         if args.command == "compare":

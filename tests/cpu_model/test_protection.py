@@ -137,6 +137,23 @@ def test_clac_after_an_allowed_access_makes_the_next_one_fault() -> None:
     pf(r, P, PROBE + 8, r.sym["the_insn"])
 
 
+def test_a_translation_made_with_ac_1_is_not_reused_with_ac_0_after_a_tlb_flush() -> None:
+    # Rewriting CR3 with its own value empties the engine's TLB but changes no control
+    # register: only EFLAGS.AC tells the two fills apart.
+    r = kernel(f"""
+    main:
+        stac
+        mov rbx, qword ptr [{PROBE + 8}]
+        mov rax, cr3
+        mov cr3, rax
+        clac
+    the_insn:
+        mov rbx, qword ptr [{PROBE + 8}]
+        hlt
+    """, cr4=CR4_SMAP)
+    pf(r, P, PROBE + 8, r.sym["the_insn"])
+
+
 def test_popf_setting_ac_lets_the_access_through() -> None:
     r = kernel(f"""
     main:

@@ -1,0 +1,156 @@
+"""QEMU's pc-testdev (`-device pc-testdev`), the ISA test device kvm-unit-tests' x86
+runner always adds: its data ports, its interrupt-line ports and its 64-KiB memory
+window (QEMU hw/misc/pc-testdev.c; function names below are that file's). A standalone
+model: pure, deterministic, no engine.
+
+What the guest sees (testdev_realizefn)
+---------------------------------------
+    I/O 0xE0-0xE3      a 32-bit data register, byte lanes by port (test_ioport_read/
+                       test_ioport_write): an access of N bytes at port 0xE0 + k reads or
+                       writes bytes k..k+N-1 of it; bytes past lane 3 are dropped, as
+                       QEMU's 32-bit arithmetic drops them
+    I/O 0xE4           flush page (test_flush_page_write): handled by the machine
+                       (cpu/devices/testports.py FLUSH_PAGE_PORT), not here
+    I/O 0xE8-0xEB      the same data register through byte-wide accesses
+                       (test_ioport_byte_ops: a wider access is split into bytes, which
+                       gives the same result inside the four ports)
+    I/O 0x2000-0x2017  interrupt lines (test_irq_line_write): a byte write sets ISA IRQ
+                       line (port - 0x2000) to (value != 0); reads return 0
+                       (test_irq_line_read). kvm-unit-tests' set_irq_line() drives the
+                       IOAPIC this way (lib/x86/apic.c, x86/ioapic.c)
+    MMIO 0xFF000000    IORAM: 64 KiB that read back what was written (test_iomem_read/
+         +0x10000      test_iomem_write), little-endian at any size and alignment;
+                       kvm-unit-tests maps it to test instructions against MMIO
+                       (x86/emulator.c: MOV, CMPS, SCAS, BT*, SSE ...; x86/lam.c)
+
+The interrupt lines are ISA lines; `on_irq_line(line, asserted)` receives them and the
+machine routes them as the PC does (cpu/devices/ioapic.py isa_irq_to_pin: IRQ 0 to
+IOAPIC input 2, the others one to one).
+
+Not modelled, raising `PcTestdevUnsupported`: IORAM accesses that run past the end of
+the window, and interrupt-line accesses wider than a byte (QEMU's test_irq_ops accept
+only bytes).
+
+All mutable state is in one `PcTestdevState` (checkpoints copy it whole). Because IORAM has
+no side effects, a machine may map `state.iomem` into the engine as ordinary memory
+instead of emulating each access; `restore` therefore copies into the same buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cpu.errors import Unsupported
+
+IORAM_BASE = 0xFF000000
+IORAM_SIZE = 0x10000
+DATA_PORT = 0xE0           # 0xE0-0xE3
+DATA_BYTE_PORT = 0xE8      # 0xE8-0xEB
+IRQ_LINE_PORT = 0x2000     # 0x2000-0x2017
+IRQ_LINES = 24
+_U32 = 0xFFFFFFFF
+
+
+class PcTestdevUnsupported(Unsupported):
+    """A pc-testdev access idtlab does not model; the message names it."""
+
+
+@dataclass
+class PcTestdevState:
+    """Everything about the test device that changes."""
+
+    ioport_data: int = 0                      # the 32-bit data register
+    iomem: bytearray = field(default_factory=lambda: bytearray(IORAM_SIZE))
+    irq_lines: int = 0                        # bit n: ISA line n asserted (last written)
+
+
+def _no_line(line: int, asserted: bool) -> None:
+    del line, asserted
+
+
+class PcTestdev:
+    """pc-testdev. `read`/`write` are IORAM (offset from IORAM_BASE); `port_read`,
+    `port_write` and `handles_port` are its I/O ports; `on_irq_line` receives the lines."""
+
+    def __init__(self, *, on_irq_line: Callable[[int, bool], None] = _no_line) -> None:
+        self.state = PcTestdevState()
+        self.on_irq_line = on_irq_line
+
+    # ----- checkpoints -------------------------------------------------------------------
+
+    def save(self) -> PcTestdevState:
+        s = self.state
+        return PcTestdevState(s.ioport_data, bytearray(s.iomem), s.irq_lines)
+
+    def restore(self, saved: PcTestdevState) -> None:
+        s = self.state
+        s.ioport_data, s.irq_lines = saved.ioport_data, saved.irq_lines
+        s.iomem[:] = saved.iomem  # in place: the buffer may be mapped into the engine
+
+    # ----- IORAM -------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int, now: int = 0) -> int:
+        """A load of `size` bytes at `offset` in IORAM, little-endian. `now` is unused."""
+        del now
+        self._check(offset, size, "read")
+        return int.from_bytes(self.state.iomem[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int, now: int = 0) -> None:
+        """A store of `size` bytes at `offset` in IORAM."""
+        del now
+        self._check(offset, size, "write")
+        self.state.iomem[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
+            size, "little")
+
+    @staticmethod
+    def _check(offset: int, size: int, what: str) -> None:
+        if size < 1 or offset < 0:
+            raise ValueError(f"pc-testdev: {what} of {size} bytes at IORAM offset {offset:#x}")
+        if offset + size > IORAM_SIZE:
+            raise PcTestdevUnsupported(f"pc-testdev: {size}-byte {what} at IORAM offset {offset:#x} "
+                                     f"runs past the end of the {IORAM_SIZE // 1024}-KiB window")
+
+    # ----- I/O ports ---------------------------------------------------------------------
+
+    @staticmethod
+    def handles_port(port: int) -> bool:
+        """The ports this model answers (0xE4, flush page, is the machine's)."""
+        return (DATA_PORT <= port < DATA_PORT + 4 or DATA_BYTE_PORT <= port < DATA_BYTE_PORT + 4
+                or IRQ_LINE_PORT <= port < IRQ_LINE_PORT + IRQ_LINES)
+
+    def port_read(self, port: int, size: int) -> int:
+        if IRQ_LINE_PORT <= port < IRQ_LINE_PORT + IRQ_LINES:
+            self._check_line_access(port, size, "read")
+            return 0
+        lane = self._lane(port)
+        mask = (((1 << (8 * size)) - 1) << (8 * lane)) & _U32
+        return (self.state.ioport_data & mask) >> (8 * lane)
+
+    def port_write(self, port: int, size: int, value: int) -> None:
+        if IRQ_LINE_PORT <= port < IRQ_LINE_PORT + IRQ_LINES:
+            self._check_line_access(port, size, "write")
+            line, asserted = port - IRQ_LINE_PORT, bool(value & 0xFF)
+            bit = 1 << line
+            self.state.irq_lines = self.state.irq_lines | bit if asserted else \
+                self.state.irq_lines & ~bit
+            self.on_irq_line(line, asserted)
+            return
+        lane = self._lane(port)
+        mask = (((1 << (8 * size)) - 1) << (8 * lane)) & _U32
+        s = self.state
+        s.ioport_data = (s.ioport_data & ~mask | (value << (8 * lane)) & mask) & _U32
+
+    @staticmethod
+    def _lane(port: int) -> int:
+        if DATA_PORT <= port < DATA_PORT + 4:
+            return port - DATA_PORT
+        if DATA_BYTE_PORT <= port < DATA_BYTE_PORT + 4:
+            return port - DATA_BYTE_PORT
+        raise ValueError(f"pc-testdev: port {port:#x} is not one of its ports")
+
+    @staticmethod
+    def _check_line_access(port: int, size: int, what: str) -> None:
+        if size != 1:
+            raise PcTestdevUnsupported(f"pc-testdev: {size}-byte {what} of interrupt-line port "
+                                     f"{port:#x} (only byte accesses are accepted)")

@@ -1,0 +1,32 @@
+# Lab 4, a mistake: the timer in one-shot mode: one tick, then silence.
+
+start_timer:
+    push rax
+    mov rax, APIC_BASE
+    mov dword ptr [rax + 0xf0], 0x1ff   # spurious-vector register: APIC software-enabled
+    mov dword ptr [rax + 0x3e0], 0x3    # divide configuration: by 16
+    mov dword ptr [rax + 0x320], 0x40   # LVT timer: one-shot, vector 0x40
+    mov dword ptr [rax + 0x380], 1250   # initial count: 1250 * 16 = 20000 cycles
+    pop rax
+    ret
+
+timer_handler:
+    push rax
+    inc qword ptr [ticks]
+    mov rax, APIC_BASE
+    mov dword ptr [rax + 0xb0], 0       # EOI: the ISR bit of 0x40 goes, the next tick can come
+    pop rax
+    iretq
+
+idle_loop:
+    cli                                 # check and sleep without a gap:
+    cmp qword ptr [work_pending], 0
+    jne idle_work
+    sti                                 # the STI shadow holds interrupts for one instruction,
+    hlt                                 # so one that is pending wakes this HLT
+    jmp idle_loop
+idle_work:
+    mov qword ptr [work_pending], 0
+    sti
+    call do_work
+    jmp idle_loop
