@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from cpu.control_regs import CR4_WRITABLE
 from tests.cpu_model.kit import DATA, Ran, run
 
 GP, UD = 13, 6
@@ -27,6 +28,12 @@ def write_cr(cr: int, value: int, *, cpl: int = 0, cr4: int = 0) -> Ran:
         mov cr{cr}, rax
         hlt
     """, cpl=cpl, cr4=cr4)
+
+
+def test_the_writable_cr4_bits_are_those_of_long_mode_and_of_the_reported_features() -> None:
+    # TSD 2, PAE 5, PCE 8, OSFXSR 9, OSXMMEXCPT 10 always; DE 3, PSE 4, MCE 6, PGE 7, UMIP 11,
+    # FSGSBASE 16, OSXSAVE 18, SMEP 20, SMAP 21, PKE 22, PKS 24 from CPUID.
+    assert CR4_WRITABLE == 0x01750FFC
 
 
 def test_mov_to_cr4_of_all_ones_is_gp0_and_cr4_keeps_its_value() -> None:
