@@ -62,28 +62,102 @@ class SiteKind(StrEnum):
     STI = "sti"  # observed: opens an interrupt shadow when it sets IF
     MOV_SS = "mov_ss"  # observed: opens a MOV-SS shadow
     OUT = "out"  # observed: a write to an exit port ends the run exactly after it
+    MOV_CR = "mov_cr"  # emulated: MOV to CR0/CR3/CR4/CR8, MOV from CR8 (cpu/control_regs.py)
+    RDPMC = "rdpmc"  # emulated: the model has no performance counters (#GP(0))
+    XCR = "xcr"  # checked, then native: XSETBV, XGETBV (cpu/checked_sites.py)
+    TABLE_LOAD = "table_load"  # checked, then native: LGDT, LIDT, LLDT, LTR
+    BASE_WRITE = "base_write"  # checked, then native: WRFSBASE, WRGSBASE
+    UMIP = "umip"  # checked, then native: SGDT, SIDT, SLDT, SMSW, STR
+    UNDECLARED = "undeclared"  # emulated: #UD, an instruction the CPU model does not report
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
               "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
-              "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "syscall": SiteKind.SYSCALL,
+              "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "rdpmc": SiteKind.RDPMC,
+              "xsetbv": SiteKind.XCR, "xgetbv": SiteKind.XCR,
+              "lgdt": SiteKind.TABLE_LOAD, "lidt": SiteKind.TABLE_LOAD,
+              "lldt": SiteKind.TABLE_LOAD, "ltr": SiteKind.TABLE_LOAD,
+              "wrfsbase": SiteKind.BASE_WRITE, "wrgsbase": SiteKind.BASE_WRITE,
+              "sgdt": SiteKind.UMIP, "sidt": SiteKind.UMIP, "sldt": SiteKind.UMIP,
+              "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
               "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
 
 
+# Instructions the engine's own CPU model executes but the declared one does not report
+# (cpu/cpu_model.py): the SDM's #UD "If CPUID ... = 0". RDRAND/RDSEED would also draw
+# from the host's random source.
+UNDECLARED_INSNS = {"rdrand": "CPUID.01H:ECX.RDRAND", "rdseed": "CPUID.(EAX=07H,ECX=0):EBX.RDSEED",
+                    "xsaveopt": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEOPT",
+                    "xsaveopt64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEOPT",
+                    "xsavec": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEC",
+                    "xsavec64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVEC",
+                    "xsaves": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "xsaves64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "xrstors": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "xrstors64": "CPUID.(EAX=0DH,ECX=1):EAX.XSAVES",
+                    "rdpid": "CPUID.(EAX=07H,ECX=0):ECX.RDPID",
+                    "invpcid": "CPUID.(EAX=07H,ECX=0):EBX.INVPCID"}
+SITE_KINDS.update(dict.fromkeys(UNDECLARED_INSNS, SiteKind.UNDECLARED))
+
+
 def site_kind(insn: Insn) -> SiteKind | None:
-    """"iret"/"hlt"/"rdmsr"/"wrmsr" (intercepted and emulated), "cpuid" (emulated for
-    the hypervisor leaves), "sti"/"mov_ss" (observed: they open an interrupt shadow),
-    "out" (observed: a write to the exit port ends the run exactly there), or None.
+    """The `SiteKind` of a decoded instruction, or None (it runs natively, unseen).
     POP SS is #UD in 64-bit mode, so MOV SS is the only SS load that opens a MOV-SS
-    shadow here."""
+    shadow here. MOV from CR0/CR2/CR3/CR4 runs natively (the engine holds those
+    registers as written); MOV from CR8 reads the local APIC's TPR."""
     kind = SITE_KINDS.get(insn.mnemonic)
-    if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
-        kind = SiteKind.MOV_SS
+    if kind is None and insn.mnemonic == "mov":
+        if insn.op_str.startswith("ss,"):
+            kind = SiteKind.MOV_SS
+        elif control_move(insn) is not None:
+            kind = SiteKind.MOV_CR
     if kind is None and insn.mnemonic == "out":
         kind = SiteKind.OUT
     return kind
+
+
+@dataclass(frozen=True)
+class ControlMove:
+    """MOV to CRn (`to_cr`) or from CR8, with its general-purpose register."""
+
+    cr: int
+    gpr: str
+    to_cr: bool
+
+
+def control_move(insn: Insn) -> ControlMove | None:
+    """The control-register move `insn` is, if it is one the machine emulates."""
+    if insn.mnemonic != "mov":
+        return None
+    dst, _, src = insn.op_str.partition(", ")
+    if dst.startswith("cr") and dst[2:].isdigit():
+        return ControlMove(int(dst[2:]), src, True)
+    if src == "cr8":
+        return ControlMove(8, dst, False)
+    return None
+
+
+# General-purpose register names of every width -> (64-bit register, shift, width).
+def _gpr_names() -> dict[str, tuple[str, int, int]]:
+    names: dict[str, tuple[str, int, int]] = {}
+    for r in ("ax", "bx", "cx", "dx"):
+        full = "r" + r
+        names.update({full: (full, 0, 64), "e" + r: (full, 0, 32), r: (full, 0, 16),
+                      r[0] + "l": (full, 0, 8), r[0] + "h": (full, 8, 8)})
+    for r in ("si", "di", "bp", "sp"):
+        full = "r" + r
+        names.update({full: (full, 0, 64), "e" + r: (full, 0, 32), r: (full, 0, 16),
+                      r + "l": (full, 0, 8)})
+    for i in range(8, 16):
+        full = f"r{i}"
+        names.update({full: (full, 0, 64), full + "d": (full, 0, 32), full + "w": (full, 0, 16),
+                      full + "b": (full, 0, 8)})
+    return names
+
+
+GPR_SLOTS = _gpr_names()
 
 
 def out_port(insn_text: str) -> int | None:

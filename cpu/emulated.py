@@ -1,4 +1,5 @@
-"""Instructions Python executes in place of the engine: IRET, HLT, RDMSR/WRMSR, CPUID.
+"""Instructions Python executes in place of the engine: IRET, HLT, RDMSR/WRMSR, CPUID,
+MOV to/from control registers, RDPMC.
 
 The engine stops at the instruction's site (cpu/sites.py) before it executes, counted
 by the native counter as if it had; each emulation takes the count back (`uncount`)
@@ -13,7 +14,21 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   next instruction.
 * RDMSR/WRMSR (SDM Vol. 2): #GP(0) at CPL > 0 or for what the CPU model refuses
   (cpu/cpu_model.py).
-* CPUID: the leaves the CPU model answers itself.
+* CPUID: every leaf from the declared CPU model (cpu/cpu_model.py), with ECX as the
+  subleaf.
+* MOV to CR0/CR2/CR3/CR4/CR8 and MOV from CR8 (SDM Vol. 2 "MOV—Move to/from Control
+  Registers"): #GP(0) at CPL > 0 or for a value cpu/control_regs.py refuses; otherwise
+  the register is written, and a write of CR0, CR3 or CR4 drops the engine's TLB and the
+  cached paging controls (the walk depends on all three, on CR4.PKE/PKS and CR0.WP
+  too, which QEMU would not flush for). CR8 is the local APIC's TPR[7:4] (Vol. 3A "Task
+  Priority in IA-32e Mode"); a machine without an APIC keeps it in the engine. MOV from
+  CR0/CR3/CR4 runs natively.
+* RDRAND, RDSEED, XSAVEOPT, XSAVEC, XSAVES/XRSTORS, RDPID, INVPCID: the engine's own
+  CPU model has some of them, the declared one none: #UD, as the SDM says for each when
+  its CPUID flag is 0 (and RDRAND/RDSEED never reach the host's random source).
+* RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
+  (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
+  with CR4.PCE = 0 too.
 * SYSCALL/SYSRET (SDM Vol. 2): Unicorn's SYSCALL only calls hooks, and the CPL is the
   machine's to track, so both are executed here: #UD without EFER.SCE, the fixed flat
   CS/SS from IA32_STAR, RIP from IA32_LSTAR (or IA32_CSTAR from compatibility mode),
@@ -31,8 +46,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cpu.control_regs import (
+    CR4_PCE,
+    ControlFault,
+    check_cr0,
+    check_cr3,
+    check_cr4,
+    check_cr8,
+)
 from cpu.cpu_model import MsrFault
+from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
+from cpu.msrs import MSR_EFER
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
 from idt.state import RFLAGS_RF, ArchFault, Event, Source, is_canonical
@@ -54,7 +79,8 @@ _SYSRET_RFLAGS = 0x3C7FD7
 
 
 class Emulated:
-    """IRET, HLT, RDMSR/WRMSR and CPUID, executed at their sites."""
+    """IRET, HLT, SYSCALL/SYSRET, RDMSR/WRMSR, CPUID, MOV CR and RDPMC, executed at their
+    sites."""
 
     def __init__(self, m: Machine) -> None:
         self.m = m
@@ -204,19 +230,81 @@ class Emulated:
         e.write(regs)
         e.recount()
 
-    def cpuid_site(self, address: int) -> bool:
-        """At a CPUID: stop to emulate it when the model answers the leaf in RAX."""
-        leaf = self.m.engine.read_reg("rax") & 0xFFFFFFFF
-        if self.m.model.cpuid(leaf) is None:
-            return False  # Unicorn's own CPUID
-        self.m.stops.pending = lambda: self.cpuid(address, leaf)
-        return True
-
-    def cpuid(self, address: int, leaf: int) -> None:
+    def cpuid(self, address: int) -> None:
         e = self.m.engine
         e.uncount()
-        regs = self.m.model.cpuid(leaf)
-        assert regs is not None
-        eax, ebx, ecx, edx = regs
+        rax, rcx = e.read(("rax", "rcx"))
+        eax, ebx, ecx, edx = self.m.model.cpuid(rax & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
         e.write({"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx, "rip": address + 2})
         e.recount()
+
+    def mov_cr(self, address: int) -> None:
+        """MOV to CR0/CR2/CR3/CR4/CR8, MOV from CR8 (see the module docstring)."""
+        m = self.m
+        e = m.engine
+        e.uncount()
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        move = control_move(insn) if insn is not None else None
+        if insn is None or move is None or move.gpr not in GPR_SLOTS:
+            raise Stop(Outcome.UNSUPPORTED, f"control-register move at {address:#x} could not "
+                       "be decoded", address)
+        cpl = m.regs.state.cpl
+        if cpl != 0:
+            m.deliver(Event.exception(Vector.GP, address, 0), why=f"MOV CR{move.cr} at CPL{cpl}")
+            return
+        reg, _, width = GPR_SLOTS[move.gpr]
+        rflags = e.read_reg("rflags")
+        if not move.to_cr:
+            tpr = m.apic.tpr if m.apic is not None else e.read_reg("cr8") << 4
+            e.write({reg: tpr >> 4, "rip": address + insn.size})
+            e.recount()
+            self.single_step(rflags)
+            return
+        value = e.read_reg(reg) & ((1 << width) - 1)
+        efer = e.read_msr(MSR_EFER)
+        try:
+            if move.cr == 0:
+                written = check_cr0(value, efer=efer)
+            elif move.cr == 3:
+                written = check_cr3(value)
+            elif move.cr == 4:
+                written = check_cr4(value, efer=efer)
+            elif move.cr == 8:
+                written = check_cr8(value)
+            else:
+                written = value  # CR2: any value
+        except ControlFault as fault:
+            m.deliver(Event.exception(Vector.GP, address, 0), why=f"MOV to CR{move.cr}: {fault}")
+            return
+        if move.cr == 8 and m.apic is not None:
+            m.apic.tpr = written << 4
+        else:
+            e.write({f"cr{move.cr}": written})
+        if move.cr in (0, 3, 4):
+            m.regs.forget()
+            e.flush_tlb()
+        e.write({"rip": address + insn.size})
+        e.recount()
+        self.single_step(rflags)
+
+    def undeclared(self, address: int) -> None:
+        """An instruction the CPU model does not report: #UD (SDM Vol. 2, each
+        instruction's "#UD If CPUID... = 0")."""
+        m = self.m
+        m.engine.uncount()
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        name = insn.mnemonic if insn is not None else "?"
+        flag = UNDECLARED_INSNS.get(name, "its CPUID flag")
+        m.deliver(Event.exception(Vector.UD, address), why=f"{name.upper()}: {flag} = 0")
+
+    def rdpmc(self, address: int) -> None:
+        m = self.m
+        m.engine.uncount()
+        cpl = m.regs.state.cpl
+        if cpl != 0 and not m.engine.read_reg("cr4") & CR4_PCE:
+            why = f"RDPMC at CPL{cpl} with CR4.PCE = 0"
+        else:
+            why = "RDPMC: this CPU model has no performance-monitoring counters"
+        m.deliver(Event.exception(Vector.GP, address, 0), why=why)

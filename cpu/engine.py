@@ -96,6 +96,8 @@ REG = {
     "dr0": X.UC_X86_REG_DR0, "dr1": X.UC_X86_REG_DR1, "dr2": X.UC_X86_REG_DR2,
     "dr3": X.UC_X86_REG_DR3, "dr6": X.UC_X86_REG_DR6, "dr7": X.UC_X86_REG_DR7,
 }
+_TABLE_REGS = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR,
+               "ldtr": X.UC_X86_REG_LDTR}
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
 MSR_EFER = 0xC0000080
@@ -162,6 +164,11 @@ class Engine:
         if bits == 64:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
+        # The power-up values QEMU's CPU reset would set and Unicorn's does not (it leaves
+        # both 0: every x87 and SIMD exception unmasked). SDM Vol. 3A "Processor State
+        # After Reset": x87 FPU control word 0040H, MXCSR 1F80H.
+        uc.reg_write(X.UC_X86_REG_FPCW, 0x0040)
+        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
         self.uc: Any = uc
         self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
         self.poison: Callable[[int, Access], None] = lambda v, a: None
@@ -222,6 +229,7 @@ class Engine:
         t.mask = native.TLB_SLOTS - 1
         t.rid_cr0, t.rid_cr3, t.rid_cr4 = X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4
         t.rid_cs, t.rid_msr = X.UC_X86_REG_CS, X.UC_X86_REG_MSR
+        t.rid_rflags = X.UC_X86_REG_RFLAGS
         t.enabled = 1 if bits == 64 else 0
         status = _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(self._tlb_hook), UC_HOOK_TLB_FILL,
                                          ctypes.cast(lib.idtlab_tlb_fill, ctypes.c_void_p),
@@ -624,8 +632,8 @@ class Engine:
         return self.read((name,))[0]
 
     def read_table(self, which: str) -> tuple[int, int, int]:
-        """(selector, base, limit) of IDTR, GDTR or TR."""
-        reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
+        """(selector, base, limit) of IDTR, GDTR, LDTR or TR."""
+        reg = _TABLE_REGS[which]
         mmr = self._mmr
         status = self._uclib.uc_reg_read(self._uch, reg, ctypes.byref(mmr))
         if status != 0:
@@ -633,7 +641,7 @@ class Engine:
         return int(mmr.selector), int(mmr.base), int(mmr.limit)
 
     def write_table(self, which: str, selector: int, base: int, limit: int, flags: int = 0) -> None:
-        reg = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR}[which]
+        reg = _TABLE_REGS[which]
         self.uc.reg_write(reg, (selector, base, limit, flags))
 
     def read_msr(self, msr: int) -> int:
@@ -656,6 +664,15 @@ class Engine:
         else:
             self.uc.context_update(self._ctx)
         return self._ctx
+
+    def pkru(self) -> int:
+        """PKRU (protection keys for user-mode pages): RDPKRU, WRPKRU and XRSTOR change
+        it natively, and the engine's API has no register for it."""
+        return int(struct.unpack_from("<I", blob(self._saved_context()), self.layout.pkru)[0])
+
+    def xcr0(self) -> int:
+        """XCR0 (XSETBV changes it natively; the engine's API has no register for it)."""
+        return int(struct.unpack_from("<Q", blob(self._saved_context()), self.layout.xcr0)[0])
 
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""

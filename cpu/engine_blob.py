@@ -8,10 +8,21 @@ contributory fault arrives as #DF. QEMU's error code for instruction-level fault
 whether the event was an INT instruction (`error_code`, `exception_is_int`) are read
 from the same blob.
 
+Two registers the engine keeps and its API cannot read are read from the same blob:
+PKRU (the page walk needs it when CR4.PKE = 1; RDPKRU, WRPKRU and XRSTOR change it
+natively) and XCR0 (CPUID leaf 0DH reports the XSAVE area size for the features it
+enables).
+
 The offsets depend on how QEMU's `CPUX86State` was compiled, so they are found once per
 process by probing — native IRETQs to CPL0 and CPL3, a #DE twice, a known #GP(0x1238),
-an INT 0x80 — and never hard-coded. With cpu/engine.py, the only module that imports
-`unicorn`.
+an INT 0x80, two WRPKRUs and three XSETBVs — and never hard-coded. With cpu/engine.py,
+the only module that imports `unicorn`.
+
+The engine's own CPU model is QEMU's Skylake-Server (`UC_CPU_X86_SKYLAKE_SERVER`), the
+oldest Unicorn model whose feature set holds SMAP and PKU: without SMAP QEMU neither
+decodes STAC/CLAC nor keeps a separate TLB for supervisor accesses made with
+EFLAGS.AC = 1, and without PKU it clears CR4.PKE. What the guest *sees* is the declared
+model of cpu/cpu_model.py, never this one: CPUID is always answered from there.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ class BlobLayout:
     error_code: int
     is_int: int
     old_exception: int
+    pkru: int  # u32
+    xcr0: int  # u64
 
 
 def blob(ctx: Any) -> ctypes.Array[ctypes.c_char]:
@@ -56,24 +69,23 @@ def _i32(b: bytes, off: int) -> int:
     return int(struct.unpack_from("<i", b, off)[0])
 
 
+def _u32(b: bytes, off: int) -> int:
+    return int(struct.unpack_from("<I", b, off)[0])
+
+
+def _u64(b: bytes, off: int) -> int:
+    return int(struct.unpack_from("<Q", b, off)[0])
+
+
+_CR4_OSXSAVE = 1 << 18
+_CR4_PKE = 1 << 22
+
+
 def new_uc(bits: int = 64) -> Any:
     """A 64-bit (or 32-bit) engine. Unicorn's binding is only partly typed, so it is `Any`."""
-    return Uc(UC_ARCH_X86, UC_MODE_64 if bits == 64 else UC_MODE_32)  # type: ignore[no-untyped-call]
-
-
-@cache
-def native_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-    """EAX, EBX, ECX, EDX of Unicorn's own CPUID (its default x86-64 CPU model), for the
-    machine to adjust where the model differs from it (cpu/machine.py `_cpuid_leaf`)."""
-    uc: Any = new_uc()
-    uc.mem_map(0, 0x1000, UC_PROT_ALL)
-    uc.mem_write(0, b"\x0f\xa2")  # cpuid
-    uc.reg_write(X.UC_X86_REG_RAX, leaf)
-    uc.reg_write(X.UC_X86_REG_RCX, subleaf)
-    uc.emu_start(0, 2)
-    eax, ebx, ecx, edx = (int(uc.reg_read(r)) for r in (X.UC_X86_REG_EAX, X.UC_X86_REG_EBX,
-                                                         X.UC_X86_REG_ECX, X.UC_X86_REG_EDX))
-    return eax, ebx, ecx, edx
+    uc: Any = Uc(UC_ARCH_X86, UC_MODE_64 if bits == 64 else UC_MODE_32)  # type: ignore[no-untyped-call]
+    uc.ctl_set_cpu_model(X.UC_CPU_X86_SKYLAKE_SERVER)  # see the module docstring
+    return uc
 
 
 _PROBE_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF)
@@ -134,4 +146,26 @@ def blob_layout() -> BlobLayout:
     int80 = trap(b"\xcd\x80")
     error_code = next(o for o in range(ss, n, 4)
                       if _i32(gp, o) == 0x1238 and _i32(gp, o + 4) == 0 and _i32(int80, o + 4) == 1)
-    return BlobLayout(hflags, cs, ss, error_code, error_code + 4, old_exception)
+
+    # PKRU and XCR0: written by WRPKRU / XSETBV from RAX, which is then cleared so that
+    # only the register itself holds the values.
+    cr4 = uc.reg_read(X.UC_X86_REG_CR4)
+    uc.reg_write(X.UC_X86_REG_CR4, cr4 | _CR4_OSXSAVE | _CR4_PKE)
+
+    def write_with(insn: bytes, value: int) -> bytes:
+        uc.reg_write(X.UC_X86_REG_RAX, value)
+        uc.reg_write(X.UC_X86_REG_RCX, 0)
+        uc.reg_write(X.UC_X86_REG_RDX, 0)
+        code = insn + b"\x31\xc0"  # ...; xor eax, eax
+        uc.mem_write(0x5000, code)
+        uc.emu_start(0x5000, 0x5000 + len(code))
+        return bytes(blob(uc.context_save()))
+
+    wrpkru, xsetbv = b"\x0f\x01\xef", b"\x0f\x01\xd1"
+    p1, p2 = write_with(wrpkru, 0x5A5A1234), write_with(wrpkru, 0x0F0F00CC)
+    pkru = next(o for o in range(0, n, 4)
+                if (_u32(p1, o), _u32(p2, o)) == (0x5A5A1234, 0x0F0F00CC))
+    x1, x2, x3 = (write_with(xsetbv, v) for v in (3, 0x203, 1))
+    xcr0 = next(o for o in range(0, n - 4, 4)
+                if (_u64(x1, o), _u64(x2, o), _u64(x3, o)) == (3, 0x203, 1))
+    return BlobLayout(hflags, cs, ss, error_code, error_code + 4, old_exception, pkru, xcr0)

@@ -18,8 +18,12 @@ component's business:
     cpu/translation.py   TLB fills, the two-stage walk, guest memory for delivery/IRET
     cpu/sites.py         the instructions the machine must see (IRET, HLT, MSR, ...)
     cpu/stops.py         what an engine stop means (faults, sites, #UD, outside RAM)
-    cpu/emulated.py      IRET, HLT, RDMSR/WRMSR, CPUID executed in Python
-    cpu/cpu_model.py     MSRs and CPUID leaves
+    cpu/emulated.py      IRET, HLT, RDMSR/WRMSR, CPUID, MOV CR, RDPMC executed in Python
+    cpu/checked_sites.py XSETBV, LGDT/LIDT/LLDT/LTR, WRFSBASE, UMIP: checked, then native
+    cpu/cpu_model.py     the declared CPU model: CPUID leaves as data
+    cpu/msrs.py          the MSR table
+    cpu/control_regs.py  CR0/CR3/CR4/CR8/XCR0 write rules
+    cpu/canonical.py     canonical checks on loaded base addresses
     cpu/boundary.py      arbitration, shadows, HLT, deadlines
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
@@ -46,6 +50,7 @@ from typing import Any
 from cpu import boot32, snapshot
 from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
 from cpu.boundary import BoundaryState, EventBoundary
+from cpu.checked_sites import CheckedSites
 from cpu.cpu_model import CpuModel, ModelState
 from cpu.decode import decode_one
 from cpu.devices.apf import AsyncPf
@@ -163,6 +168,7 @@ class Machine:
         self.vmx_host = Vmx(self, st.vmx)
         self.apf_host = ApfHost(self, st.apf)
         self.emulated = Emulated(self)
+        self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)
         self.symbols.update({"gdt": 0x1000, "tss": 0x1100, "idt": 0x2000})
         self.mmio = Mmio(self)

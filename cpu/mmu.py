@@ -1,5 +1,6 @@
 """Guest 4-level paging, walked in Python from guest memory (SDM Vol. 3A "4-Level
-Paging", "Access Rights", "Page-Fault Exceptions", "Accessed and Dirty Flags").
+Paging", "Access Rights", "Protection Keys", "Page-Fault Exceptions", "Accessed and
+Dirty Flags").
 
 The walk is used twice: by the engine's TLB-fill hook for the guest's own accesses
 (Unicorn's `UC_TLB_VIRTUAL` mode with a `UC_HOOK_TLB_FILL` callback), and by the delivery
@@ -8,6 +9,23 @@ over all levels: writes need R/W=1 everywhere (supervisor writes only when CR0.W
 accesses need U/S=1 everywhere, fetches are refused if any level has XD=1 (EFER.NXE=1). The
 walk sets Accessed in every entry it uses and Dirty in the leaf on a write, only when the
 access succeeds.
+
+An address is a *user-mode address* when U/S = 1 at every level, else a supervisor-mode
+address. On top of the rights above ("Determination of Access Rights"):
+
+* SMEP (CR4.SMEP = 1): a supervisor-mode fetch from a user-mode address faults.
+* SMAP (CR4.SMAP = 1): a supervisor-mode data access to a user-mode address faults,
+  unless it is an *explicit* access made with EFLAGS.AC = 1 (`smap_exempt`). Implicit
+  supervisor-mode accesses (the IDT, GDT, TSS and the frames delivery pushes, whatever
+  the CPL) never are. The engine keeps separate TLB entries for supervisor accesses
+  with AC = 0 and AC = 1 (QEMU's two kernel MMU indexes), so the fill hook, which reads
+  AC, answers each kind exactly and STAC/CLAC/POPF need no flush.
+* Protection keys (CR4.PKE = 1 for user-mode addresses, CR4.PKS = 1 for supervisor-mode
+  addresses): bits 62:59 of the leaf entry select key i; AD_i (bit 2i of PKRU/PKRS)
+  forbids every data access, WD_i (bit 2i+1) forbids writes by user-mode accesses, and
+  by supervisor-mode accesses when CR0.WP = 1. Fetches are never checked. A refusal
+  sets the PK bit (5) of the error code; it is checked after the rights above, so a
+  fault those already raise has PK = 0 (as QEMU's walk orders them).
 """
 
 from __future__ import annotations
@@ -40,6 +58,9 @@ CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
+CR4_PKE = 1 << 22
+CR4_PKS = 1 << 24
+PTE_PKEY_SHIFT = 59
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
@@ -57,6 +78,8 @@ class PagingControl:
     cr0: int
     cr4: int
     efer: int
+    pkru: int = 0  # PKRU (read only when CR4.PKE = 1)
+    pkrs: int = 0  # IA32_PKRS (read only when CR4.PKS = 1)
 
     @property
     def nxe(self) -> bool:
@@ -69,19 +92,23 @@ class Translation:
     writable: bool  # the rights allow a write by this privilege
     executable: bool
     dirty: bool  # the leaf's D bit (after this walk)
+    readable: bool = True  # a data read is allowed (SMAP and protection keys may refuse)
 
 
 LEVEL_NAMES = ("PML4E", "PDPTE", "PDE", "PTE")
 
 
 def walk(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *, user: bool,
-         set_ad: bool = True) -> Translation:
+         set_ad: bool = True, smap_exempt: bool = False, keys: bool = True) -> Translation:
     """Translate `linear` for `access`; raise `ArchFault(#PF, code, cr2=linear)` if refused.
 
+    `smap_exempt`: a supervisor-mode access SMAP lets through (explicit, EFLAGS.AC = 1);
+    `keys`: False for an inspection by the emulator, which protection keys do not limit.
     A paging-structure entry outside guest memory reads as not present (idtlab has no
     memory there), which is what a zeroed table would give.
     """
-    return walk_entries(mem, ctl, linear, access, user=user, set_ad=set_ad)[0]
+    return walk_entries(mem, ctl, linear, access, user=user, set_ad=set_ad,
+                        smap_exempt=smap_exempt, keys=keys)[0]
 
 
 class WalkCache:
@@ -99,17 +126,20 @@ class WalkCache:
         self.mem = mem
         # The (address, value) pairs of the entries the last successful walk read.
         self.last_used: tuple[tuple[int, int], ...] = ()
-        self._entries: dict[tuple[int, int, int, int, int, int, bool, int],
+        self._entries: dict[tuple[int, int, int, int, int, int, int, int, bool, bool, bool,
+                                  int],
                             tuple[tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
 
     def clear(self) -> None:
         self._entries.clear()
 
     def walk(self, ctl: PagingControl, linear: int, access: Access, *, user: bool,
-             stage2: Stage2 | None = None, stage2_generation: int = 0) -> Translation:
+             stage2: Stage2 | None = None, stage2_generation: int = 0,
+             smap_exempt: bool = False, keys: bool = True) -> Translation:
         """A validated walk. With `stage2`, `stage2_generation` must change whenever the
         second stage's rights change (a hit re-validates the guest entries only)."""
-        key = (linear >> 12, ctl.cr3, ctl.cr0, ctl.cr4, ctl.efer, int(access), user,
+        key = (linear >> 12, ctl.cr3, ctl.cr0, ctl.cr4, ctl.efer, ctl.pkru, ctl.pkrs,
+               int(access), user, smap_exempt, keys,
                -1 if stage2 is None else stage2_generation)
         hit = self._entries.get(key)
         if hit is not None:
@@ -125,7 +155,7 @@ class WalkCache:
         read: list[tuple[int, int]] = []
         try:
             t, used = walk_entries(self.mem, ctl, linear, access, user=user, read=read,
-                                   stage2=stage2)
+                                   stage2=stage2, smap_exempt=smap_exempt, keys=keys)
         except ArchFault as fault:
             self._entries[key] = (tuple(read), fault)
             raise
@@ -142,7 +172,7 @@ Stage2 = Callable[[int, Access, int, bool], int]
 
 def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: Access, *,
                  user: bool, set_ad: bool = True, read: list[tuple[int, int]] | None = None,
-                 stage2: Stage2 | None = None,
+                 stage2: Stage2 | None = None, smap_exempt: bool = False, keys: bool = True,
                  ) -> tuple[Translation, tuple[tuple[int, int], ...]]:
     """`walk`, also returning the (address, value after the walk) of each entry used.
     `read`, if given, receives every (address, value) read, also when the walk faults
@@ -199,15 +229,31 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
             break
         table = entry & ADDR_MASK
 
-    # Rights (SDM "Access Rights").
+    # Rights (SDM "Access Rights"), for the access made and for the two other kinds the
+    # engine's TLB entry will also serve (`Translation`).
     if user and not user_ok:
         raise fault(PFErr.P, "user access to a supervisor page")
     if access is Access.WRITE and not writable and (user or ctl.cr0 & CR0_WP):
         raise fault(PFErr.P, "write to a read-only page")
+    smep = not user and user_ok and bool(ctl.cr4 & CR4_SMEP)
     if access is Access.FETCH and nx:
         raise fault(PFErr.P, "fetch from an XD page")
-    if access is Access.FETCH and not user and user_ok and ctl.cr4 & CR4_SMEP:
+    if access is Access.FETCH and smep:
         raise fault(PFErr.P, "SMEP: supervisor fetch from a user page")
+    smap = not user and user_ok and bool(ctl.cr4 & CR4_SMAP) and not smap_exempt
+    if access is not Access.FETCH and smap:
+        raise fault(PFErr.P, "SMAP: supervisor data access to a user page")
+    key_ad = key_wd = False
+    if keys:
+        pkr = (ctl.pkru if ctl.cr4 & CR4_PKE else 0) if user_ok else \
+            (ctl.pkrs if ctl.cr4 & CR4_PKS else 0)
+        key = (entries[-1][1] >> PTE_PKEY_SHIFT) & 0xF
+        key_ad = bool(pkr >> (2 * key) & 1)
+        key_wd = bool(pkr >> (2 * key) & 2) and bool(user or ctl.cr0 & CR0_WP)
+        if access is not Access.FETCH and (key_ad or (key_wd and access is Access.WRITE)):
+            name = "PKRU" if user_ok else "PKRS"
+            what = "access-disabled" if key_ad else "write-disabled"
+            raise fault(PFErr.P | PFErr.PK, f"{name}: key {key} {what}")
 
     leaf_addr, leaf = entries[-1]
     after: list[tuple[int, int]] = []
@@ -227,11 +273,13 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
         after.append((addr, new))
     if set_ad and access is Access.WRITE:
         leaf |= PTE_D
-    may_write = writable or (not user and not ctl.cr0 & CR0_WP)
+    readable = not smap and not key_ad
+    may_write = (writable or (not user and not ctl.cr0 & CR0_WP)) and readable and not key_wd
     if stage2 is not None:
         # With the offset of the access: an EPT violation reports the full GPA.
         page_paddr = stage2(page_paddr | (linear & 0xFFF), access, linear, True) & ~0xFFF
-    return Translation(page_paddr, may_write, not nx, bool(leaf & PTE_D)), tuple(after)
+    return Translation(page_paddr, may_write, not nx and not smep, bool(leaf & PTE_D),
+                       readable), tuple(after)
 
 
 def build_identity_map(mem: PhysicalMemory, base: int, memsize: int,

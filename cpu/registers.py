@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cpu.layout import MSR_EFER
-from cpu.mmu import PagingControl
+from cpu.mmu import CR4_PKE, CR4_PKS, PagingControl
+from cpu.msrs import MSR_PKRS
 from idt.descriptors import SegmentDescriptor
 from idt.state import ArchState
 
@@ -65,9 +66,15 @@ class Registers:
         return ctl
 
     def read_paging(self) -> PagingControl:
+        """CR0, CR3, CR4, EFER, and the protection-key rights the walk uses: PKRU (kept
+        by the engine) when CR4.PKE = 1, IA32_PKRS (kept by the MSR table) when
+        CR4.PKS = 1."""
         e = self.m.engine
         cr0, cr3, cr4 = e.read(("cr0", "cr3", "cr4"))
-        return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=e.read_msr(MSR_EFER))
+        pkru = e.pkru() if cr4 & CR4_PKE else 0
+        pkrs = self.m.state.model.msrs.values[MSR_PKRS] if cr4 & CR4_PKS else 0
+        return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=e.read_msr(MSR_EFER), pkru=pkru,
+                             pkrs=pkrs)
 
     def table(self, which: str) -> tuple[int, int, int]:
         """IDTR/GDTR/TR as (selector, base, limit), cached like `paging`."""

@@ -1,12 +1,15 @@
 """Sites: the instructions in guest code that the machine must see before they execute.
 
-Unicorn executes IRET, HLT, RDMSR/WRMSR and CPUID with QEMU's semantics, which skip
-what idtlab models (NMI unblocking by IRET, the HLT wait, the CPU model's MSRs and
-CPUID leaves). So the code the machine loads is decoded once, and each such instruction
+Unicorn executes IRET, HLT, RDMSR/WRMSR, CPUID, MOV to control registers and RDPMC with
+QEMU's semantics, which skip what idtlab models (NMI unblocking by IRET, the HLT wait,
+the CPU model's MSRs and CPUID leaves, the control-register checks, the local APIC's
+TPR as CR8). So the code the machine loads is decoded once, and each such instruction
 gets a code hook (a *site*): the engine stops there and Python executes the instruction
-instead (cpu/emulated.py). STI and MOV SS sites are observed (they open an interrupt
-shadow; cpu/boundary.py) and OUT sites are looked at for the exit ports
-(cpu/platform.py); those then run natively.
+instead (cpu/emulated.py). XSETBV/XGETBV, LGDT/LIDT/LLDT/LTR, WRFSBASE/WRGSBASE and
+SGDT/SIDT/SLDT/SMSW/STR are *checked* sites: Python stops the engine only when the
+instruction must fault (cpu/checked_sites.py), and otherwise it runs natively. STI and
+MOV SS sites are observed (they open an interrupt shadow; cpu/boundary.py) and OUT
+sites are looked at for the exit ports (cpu/platform.py); those then run natively.
 
 The table is configuration: written when code is loaded, never changed by a run.
 """

@@ -13,8 +13,9 @@ CPU state. The kinds of stop:
   address, an EPT violation or misconfiguration, the local APIC page (emulated MMIO), or
   a code fetch that belongs to a later instruction of the block;
 * an invalid opcode (#UD, or INT1/ICEBP which Unicorn does not know);
-* a site (cpu/sites.py): an injection point, an IRET/HLT/MSR/CPUID to emulate, a
-  STI/MOV SS that opens a shadow, an OUT to an exit port;
+* a site (cpu/sites.py): an injection point, an IRET/HLT/MSR/CPUID/MOV-CR/RDPMC to
+  emulate, a checked instruction that must fault (cpu/checked_sites.py), a STI/MOV SS
+  that opens a shadow, an OUT to an exit port;
 * a physical access outside RAM.
 """
 
@@ -66,7 +67,14 @@ class Stops:
             SiteKind.OUT: m.platform.exit_write,
             SiteKind.RDMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=False)),
             SiteKind.WRMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=True)),
-            SiteKind.CPUID: m.emulated.cpuid_site,
+            SiteKind.CPUID: lambda a: self._defer(lambda: m.emulated.cpuid(a)),
+            SiteKind.MOV_CR: lambda a: self._defer(lambda: m.emulated.mov_cr(a)),
+            SiteKind.RDPMC: lambda a: self._defer(lambda: m.emulated.rdpmc(a)),
+            SiteKind.UNDECLARED: lambda a: self._defer(lambda: m.emulated.undeclared(a)),
+            SiteKind.XCR: m.checked.xcr,
+            SiteKind.TABLE_LOAD: m.checked.table_load,
+            SiteKind.BASE_WRITE: m.checked.base_write,
+            SiteKind.UMIP: m.checked.umip,
             SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
         }

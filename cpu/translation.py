@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from cpu.engine import PROT_R, PROT_W, PROT_X
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.mmu import Access, PagingControl, Translation, WalkCache
+from cpu.mmu import CR4_PKE, CR4_SMAP, Access, PagingControl, Translation, WalkCache
 from cpu.outcomes import Outcome, Stop
-from idt.state import ArchFault, is_canonical
+from idt.state import RFLAGS_AC, ArchFault, is_canonical
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
@@ -64,8 +64,12 @@ class GuestMemory:
         if self.architectural and m.ept is not None:
             t = self.walks.walk(ctl, addr, access, user=user, stage2=m.translator.stage2,
                                 stage2_generation=m.ept.generation)
-        else:
+        elif self.architectural:
+            # The CPU's implicit accesses: SMAP refuses user pages whatever EFLAGS.AC.
             t = self.walks.walk(ctl, addr, access, user=user)
+        else:
+            # An inspection by the emulator: no SMAP, no protection keys.
+            t = self.walks.walk(ctl, addr, access, user=user, smap_exempt=True, keys=False)
         paddr = t.paddr | (addr & 0xFFF)
         if not m.phys.contains(paddr, size):
             # A present translation to no RAM: a 2-MiB identity page over the end of a
@@ -113,8 +117,9 @@ class Translator:
         m = self.m
         if not is_canonical(vpage):
             return None
+        ctl = m.regs.read_paging()
         try:
-            t = self.guest_walk(m.regs.read_paging(), vpage, access)
+            t = self.guest_walk(ctl, vpage, access)
         except (ArchFault, EptViolation, EptMisconfig):
             return None  # poisoned: the access stops at its instruction (cpu/stops.py)
         if not m.phys.contains(t.paddr, 4096):
@@ -122,7 +127,7 @@ class Translator:
             # accessing instruction, which the machine emulates (cpu/mmio.py); so are
             # the other device pages.
             return None
-        prot = PROT_R
+        prot = PROT_R if t.readable else 0
         if t.writable and (t.dirty or access is Access.WRITE):
             prot |= PROT_W  # a clean page is filled read-only so the first write sets D
         if m.phys.dirty is not None:
@@ -141,8 +146,9 @@ class Translator:
             for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
                 if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
                     prot &= ~bit
-        else:
-            # The same fill, while the entries this walk read hold, needs no Python.
+        elif not ctl.cr4 & CR4_PKE:
+            # The same fill, while the entries this walk read hold, needs no Python (not
+            # under CR4.PKE: PKRU changes natively, out of the native front's sight).
             m.engine.remember_fill(vpage, access, m.regs.state.cpl == 3,
                                    m.sysmem.walks.last_used, t.paddr, prot)
         return t.paddr, prot
@@ -156,13 +162,18 @@ class Translator:
         return True
 
     def guest_walk(self, ctl: PagingControl, vaddr: int, access: Access) -> Translation:
-        """The guest's own access: guest paging, then EPT when the machine has it."""
+        """The guest's own (explicit) access at the current CPL: guest paging, then EPT
+        when the machine has it. With CR4.SMAP = 1, a supervisor access made with
+        EFLAGS.AC = 1 may touch user pages (the engine keeps the TLB entries of AC = 0
+        and AC = 1 apart, so reading AC here is exact; cpu/mmu.py)."""
         m = self.m
         user = m.regs.state.cpl == 3
+        exempt = (not user and bool(ctl.cr4 & CR4_SMAP)
+                  and bool(m.engine.read_reg("rflags") & RFLAGS_AC))
         if m.ept is None:
-            return m.sysmem.walks.walk(ctl, vaddr, access, user=user)
+            return m.sysmem.walks.walk(ctl, vaddr, access, user=user, smap_exempt=exempt)
         return m.sysmem.walks.walk(ctl, vaddr, access, user=user, stage2=self.stage2,
-                                   stage2_generation=m.ept.generation)
+                                   stage2_generation=m.ept.generation, smap_exempt=exempt)
 
     def stage2(self, gpa: int, access: Access, linear: int, final: bool) -> int:
         """EPT translation of one guest-physical access (`cpu.mmu.Stage2`). A violation

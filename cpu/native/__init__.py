@@ -68,17 +68,19 @@ class TlbStruct(ctypes.Structure):
         ("rid_cr4", ctypes.c_int32),
         ("rid_cs", ctypes.c_int32),
         ("rid_msr", ctypes.c_int32),
+        ("rid_rflags", ctypes.c_int32),
         ("cr0", ctypes.c_uint64),
         ("cr3", ctypes.c_uint64),
         ("cr4", ctypes.c_uint64),
         ("efer", ctypes.c_uint64),
         ("user", ctypes.c_uint64),
+        ("ac", ctypes.c_uint64),
     ]
 
 
-# sizeof(struct tlb_slot): tag, cr0, cr3, cr4, efer, generation, user, n, addr[4], val[4],
-# paddr, perms.
-TLB_SLOT_SIZE = 8 * (8 + 4 + 4 + 2)
+# sizeof(struct tlb_slot): tag, cr0, cr3, cr4, efer, generation, user, ac, n, addr[4],
+# val[4], paddr, perms.
+TLB_SLOT_SIZE = 8 * (9 + 4 + 4 + 2)
 TLB_SLOTS = 1 << 14
 
 # int miss(void *uc, uint64_t vaddr, int32_t type, void *entry): Python's TLB fill.

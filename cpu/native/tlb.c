@@ -8,8 +8,11 @@
  * This hook answers from a direct-mapped table of translations Python computed earlier,
  * and calls Python (`miss`) for everything else. An entry is used only if it still holds:
  * the same page, access kind, CR0/CR3/CR4/EFER and privilege (read from the engine at
- * each fill), the same `generation` (Python bumps it whenever anything else a fill
- * depends on changes: checkpoint tracking, EPT), and every paging-structure entry the
+ * each fill), the same EFLAGS.AC for a supervisor fill while CR4.SMAP = 1 (SMAP lets an
+ * explicit supervisor access reach a user page only with AC = 1), the same `generation`
+ * (Python bumps it whenever anything else a fill depends on changes: checkpoint tracking,
+ * EPT, IA32_PKRS; Python never remembers a fill made while CR4.PKE = 1, as PKRU changes
+ * natively), and every paging-structure entry the
  * walk read still holds the value the walk left there (re-read from guest memory). So an
  * answer from the table is exactly the answer a fresh Python walk would give — like
  * `cpu.mmu.WalkCache`, this is not a model of the hardware TLB, only a faster path to the
@@ -32,6 +35,7 @@ struct tlb_slot {
     uint64_t cr0, cr3, cr4, efer;
     uint64_t generation;
     uint64_t user;
+    uint64_t ac;
     uint64_t n;
     uint64_t addr[TLB_WALK_MAX];
     uint64_t val[TLB_WALK_MAX];
@@ -55,12 +59,14 @@ struct idtlab_tlb {
     uint64_t mask;
     uint64_t hits;
     uint64_t misses;
-    int32_t rid_cr0, rid_cr3, rid_cr4, rid_cs, rid_msr;
+    int32_t rid_cr0, rid_cr3, rid_cr4, rid_cs, rid_msr, rid_rflags;
     /* The context of the last lookup, for `idtlab_tlb_insert` from the miss path. */
-    uint64_t cr0, cr3, cr4, efer, user;
+    uint64_t cr0, cr3, cr4, efer, user, ac;
 };
 
 #define MSR_EFER 0xC0000080u
+#define CR4_SMAP (1ull << 21)
+#define RFLAGS_AC (1ull << 18)
 
 static uint64_t slot_index(uint64_t tag, uint64_t mask)
 {
@@ -78,6 +84,12 @@ static void read_context(struct idtlab_tlb *t, void *uc)
     t->reg_read(uc, t->rid_msr, &msr);
     t->efer = msr.value;
     t->user = (cs & 3) == 3;
+    t->ac = 0;
+    if ((t->cr4 & CR4_SMAP) && !t->user) {
+        uint64_t rflags = 0;
+        t->reg_read(uc, t->rid_rflags, &rflags);
+        t->ac = (rflags & RFLAGS_AC) != 0;
+    }
 }
 
 int idtlab_tlb_fill(void *uc, uint64_t addr, int32_t type, struct tlb_entry_out *entry,
@@ -90,7 +102,7 @@ int idtlab_tlb_fill(void *uc, uint64_t addr, int32_t type, struct tlb_entry_out 
         read_context(t, uc);
         if (s->tag == tag && s->generation == t->generation && s->cr3 == t->cr3 &&
                 s->cr0 == t->cr0 && s->cr4 == t->cr4 && s->efer == t->efer &&
-                s->user == t->user) {
+                s->user == t->user && s->ac == t->ac) {
             uint64_t i;
             for (i = 0; i < s->n; i++) {
                 uint64_t v;
@@ -131,6 +143,7 @@ void idtlab_tlb_insert(struct idtlab_tlb *t, uint64_t vaddr, int32_t type, uint6
     s->cr4 = t->cr4;
     s->efer = t->efer;
     s->user = t->user;
+    s->ac = t->ac;
     s->generation = t->generation;
     s->n = n;
     for (i = 0; i < n; i++) {
