@@ -21,6 +21,7 @@ component's business:
     cpu/emulated.py      IRET, HLT, RDMSR/WRMSR, CPUID executed in Python
     cpu/cpu_model.py     MSRs and CPUID leaves
     cpu/boundary.py      arbitration, shadows, HLT, deadlines
+    cpu/debug.py         #DB traps the engine does not raise, the debug registers
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
     cpu/platform.py      ports, UART, fw_cfg, exit devices
@@ -47,6 +48,7 @@ from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
 from cpu.apic_mmio import ApicMmio
 from cpu.boundary import BoundaryState, EventBoundary
 from cpu.cpu_model import CpuModel, ModelState
+from cpu.debug import Debug
 from cpu.decode import decode_one
 from cpu.devices.apf import AsyncPf
 from cpu.devices.apic import APIC_BASE, LocalApic
@@ -158,6 +160,7 @@ class Machine:
         self.model = CpuModel(self, st.model)
         self.vmx_host = Vmx(self, st.vmx)
         self.apf_host = ApfHost(self, st.apf)
+        self.debug = Debug(self, st.debug)
         self.emulated = Emulated(self)
         self.stops = Stops(self, st.stops)
         self.symbols.update({"gdt": 0x1000, "tss": 0x1100, "idt": 0x2000})

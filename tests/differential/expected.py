@@ -99,7 +99,6 @@ _R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
 _R10 = "rule 10: LOCK on a form that cannot be locked is #UD (cpu.decode.lock_is_legal)"
 _R11 = "rule 11: the I/O permission bitmap (cpu.io_permission)"
 _R12 = "rule 12: read-modify-write accesses have write intent (cpu.decode.has_write_intent)"
-_R13 = "rule 13: chained shadows (docs/sdm-map.md, Chained shadows)"
 
 # The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
 # flip to failures the day the wiring lands, and then leave this table).
@@ -130,8 +129,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
         "io_ins_denied_port_is_gp")},
     "iret_rules": {"iret_to_cpl3_nulls_dpl0_segments": _R4,
                    "iret_to_cpl3_keeps_conforming_code": _R4},
-    "shadow_chain": {t: _R13 for t in ("ipi_mov_ss_after_sti", "ipi_sti_after_mov_ss",
-                                       "tf_mov_ss_after_mov_ss")},
+    "shadow_chain": {},
     "ss_gp_segment": {t: _R2 for t in ("push_mem_rbx_gp", "pop_mem_rbx_gp", "call_mem_rbx_gp",
                                        "mov_fs_override_rbp_gp", "mov_gs_override_rsp_gp")},
     "step_emulated": {t: _R6 for t in ("tf_over_iretq", "tf_over_rdmsr", "tf_over_wrmsr",
