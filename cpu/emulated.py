@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 RFLAGS_TF = 1 << 8
 DR6_BS = 1 << 14
 EFER_SCE = 1 << 0
+MSR_FS_BASE, MSR_GS_BASE = 0xC0000100, 0xC0000101
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 # The fixed descriptors SYSCALL and SYSRET load (their high dwords, as the engine caches
 # them; SDM Vol. 2 SYSCALL/SYSRET: base 0, limit 4 GiB, accessed, present).
@@ -95,10 +96,26 @@ class Emulated:
         cost = m.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
         m.regs.load_segments(res.cs, res.ss, res.cpl, current=(st.cs, st.ss))
         e.write({"rip": res.rip, "rsp": res.rsp, "rflags": res.rflags})
+        if res.null_segments:
+            self._null_segments(res.null_segments)
         depth = m.frames.returned()
-        m.emit("iret", rip=address, to_rip=res.rip, to_rsp=res.rsp, to_cpl=res.cpl,
-               nmi_unblocked=res.nmi_unblocked, depth=depth)
+        rec = m.emit("iret", rip=address, to_rip=res.rip, to_rsp=res.rsp, to_cpl=res.cpl,
+                     nmi_unblocked=res.nmi_unblocked, depth=depth)
+        if res.null_segments:
+            rec["null_segments"] = list(res.null_segments)
         e.cycles += cost
+
+    def _null_segments(self, names: tuple[str, ...]) -> None:
+        """RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS that the new CPL may not use
+        become NULL. In 64-bit mode the selector is what changes: FS and GS keep their
+        bases (SDM Vol. 3A "Segment Loading Instructions in IA-32e Mode"; the engine's
+        selector write clears them, so they are put back)."""
+        e = self.m.engine
+        bases = {msr: e.read_msr(msr) for name, msr in (("fs", MSR_FS_BASE), ("gs", MSR_GS_BASE))
+                 if name in names}
+        e.write(dict.fromkeys(names, 0))
+        for msr, base in bases.items():
+            e.write_msr(msr, base)
 
     def single_step(self, rflags: int) -> None:
         """After an emulated instruction retired (RIP is the next one): the single-step

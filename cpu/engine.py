@@ -89,6 +89,7 @@ REG = {
     "dr0": X.UC_X86_REG_DR0, "dr1": X.UC_X86_REG_DR1, "dr2": X.UC_X86_REG_DR2,
     "dr3": X.UC_X86_REG_DR3, "dr6": X.UC_X86_REG_DR6, "dr7": X.UC_X86_REG_DR7,
 }
+_SEGMENT_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")  # QEMU's R_ES .. R_GS
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
 MSR_EFER = 0xC0000080
@@ -600,6 +601,21 @@ class Engine:
         else:
             self.uc.context_update(self._ctx)
         return self._ctx
+
+    def segment_caches(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(selector, descriptor flags) of segment registers ("es", "cs", "ss", "ds",
+        "fs", "gs") as QEMU caches them: the flags are the descriptor's high dword
+        (DPL in bits 13-14, S in bit 12, the type in bits 8-11). QEMU's `segs[]` array
+        holds ES, CS, SS, DS, FS, GS in that order, one `SegmentCache` apart."""
+        b = blob(self._saved_context())
+        lay = self.layout
+        stride = lay.ss - lay.cs
+        out: dict[str, tuple[int, int]] = {}
+        for name in names:
+            off = lay.cs + (_SEGMENT_ORDER.index(name) - 1) * stride
+            selector, flags = struct.unpack_from("<I", b, off)[0], struct.unpack_from("<I", b, off + 20)[0]
+            out[name] = (int(selector) & 0xFFFF, int(flags))
+        return out
 
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""

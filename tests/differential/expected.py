@@ -91,7 +91,6 @@ QEMU_DIVERGENCES = {
 _R1 = "rule 1: a branch to a non-canonical target faults on the branch (Unicorn jumps first)"
 _R2 = "rule 2: #SS vs #GP by the segment of the access (cpu.decode.memory_operand_segment)"
 _R3 = "rule 3: the canonical check comes before paging for a straddling access"
-_R4 = "rule 4: IRET to CPL3 nulls DS/ES/FS/GS with DPL < 3 (idt.iret null_segments)"
 _R6 = "rule 6: single-step over the instructions the machine emulates"
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
 _R8 = "rule 8: a faulting store leaves its first page unchanged"
@@ -127,8 +126,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
         "io_no_bitmap_is_gp", "io_denied_port_is_gp", "io_word_with_one_denied_byte_is_gp",
         "io_port_beyond_the_limit_is_gp", "io_second_bitmap_byte_beyond_the_limit_is_gp",
         "io_ins_denied_port_is_gp")},
-    "iret_rules": {"iret_to_cpl3_nulls_dpl0_segments": _R4,
-                   "iret_to_cpl3_keeps_conforming_code": _R4},
+    "iret_rules": {},
     "shadow_chain": {},
     "ss_gp_segment": {t: _R2 for t in ("push_mem_rbx_gp", "pop_mem_rbx_gp", "call_mem_rbx_gp",
                                        "mov_fs_override_rbp_gp", "mov_gs_override_rsp_gp")},
