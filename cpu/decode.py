@@ -102,26 +102,6 @@ def find_sites(code: bytes, address: int) -> dict[int, SiteKind]:
     return out
 
 
-_STACK_MNEMONICS = {"push", "pop", "pushfq", "popfq", "call", "ret", "enter", "leave",
-                    "pushf", "popf", "iretq", "iret"}
-
-
-def is_stack_reference(code: bytes, address: int) -> bool:
-    """True when the instruction's memory access is SS-relative (push/pop/call/ret or a
-    memory operand based on RSP/RBP): such accesses raise #SS, not #GP, when non-canonical."""
-    insns = list(_cs().disasm(code, address, 1))
-    if not insns:
-        return False
-    insn = insns[0]
-    if insn.mnemonic in _STACK_MNEMONICS:
-        return True
-    for op in insn.operands:
-        if op.type == CX.X86_OP_MEM and op.mem.base in (CX.X86_REG_RSP, CX.X86_REG_RBP,
-                                                         CX.X86_REG_ESP, CX.X86_REG_EBP):
-            return True
-    return False
-
-
 @dataclass(frozen=True)
 class MemOperand:
     """An explicit memory operand: [segment: base + index*scale + disp], `size` bytes."""

@@ -24,17 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cpu.decode import SiteKind, decode, is_stack_reference, memory_operands
+from cpu.decode import SiteKind, access_ranges, decode, faulting_segment, memory_operands
 from cpu.engine import GPRS
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access
 from cpu.outcomes import Outcome, Stop
-from idt.state import ArchFault, Event, Source, is_canonical
+from idt.state import ArchFault, Event, Source, is_canonical, is_canonical_range
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
+MSR_FS_BASE, MSR_GS_BASE = 0xC0000100, 0xC0000101
+_DECODE_REGS = (*GPRS, "rflags")
 # Exceptions that push an error code (SDM Vol. 3A 6.13, "Error Code").
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
@@ -121,10 +123,12 @@ class Stops:
             m.engine.uncount()
         rip = m.engine.read_reg("rip")
         try:
-            if not is_canonical(vaddr):
-                stack = access is not Access.FETCH and self.stack_reference(rip)
-                raise ArchFault(Vector.SS if stack else Vector.GP, 0,
-                                why=f"non-canonical address {vaddr:#x}")
+            if access is not Access.FETCH:
+                # Before paging: the canonical check of every byte (SDM Vol. 1 "Canonical
+                # Addressing"), then the access's intent (a read-modify-write is a write).
+                access = self.data_access(rip, vaddr, access)
+            elif not is_canonical(vaddr):
+                raise ArchFault(Vector.GP, 0, why=f"non-canonical address {vaddr:#x}")
             t = m.translator.guest_walk(m.regs.paging(), vaddr, access)
         except EptViolation as violation:
             m.engine.flush_tlb()
@@ -212,12 +216,64 @@ class Stops:
             end = insn.address + insn.size
         return end if end != rip else None
 
-    def stack_reference(self, rip: int) -> bool:
+    def data_access(self, rip: int, vaddr: int, access: Access) -> Access:
+        """The checks a data access at `vaddr` by the instruction at RIP passes before
+        paging, on the instruction's decoded accesses (`decode.access_ranges`, with the
+        registers as they are: the instruction did not complete):
+
+        * canonical addresses (SDM Vol. 1 "Canonical Addressing"): every byte of the
+          access, so one that straddles the end of the lower half is #GP(0)/#SS(0) even
+          where its first page is not present. Which of the two is the *segment's*
+          business, not the mnemonic's (Vol. 2 PUSH/POP/MOV, "64-Bit Mode Exceptions"):
+          #SS(0) for the implicit stack access and for an RSP/RBP base without an FS/GS
+          override, #GP(0) otherwise (`decode.faulting_segment`);
+        * write intent: a read-modify-write operand (ADD [m], r; INC [m]; XCHG; CMPXCHG;
+          any LOCKed form) is translated for writing from its first, reading part on,
+          so its #PF has W = 1 and its EPT violation says "write" (Bochs
+          `read_RMW_virtual_*`; SDM Vol. 3A "Page-Fault Exceptions").
+
+        Returns the access to walk (a READ becomes a WRITE); raises the canonical fault."""
+        code = self.insn_bytes(rip)
+        if code is None:
+            if not is_canonical(vaddr):
+                raise ArchFault(Vector.GP, 0, why=f"non-canonical address {vaddr:#x}")
+            return access
+        regs = self.decode_regs()
+        if not is_canonical(vaddr):
+            seg = faulting_segment(code, rip, vaddr, regs)
+            raise ArchFault(Vector.SS if seg == "ss" else Vector.GP, 0,
+                            why=f"non-canonical address {vaddr:#x}")
+        for r in access_ranges(code, rip, regs):
+            if not r.start <= vaddr < r.start + r.size:
+                continue
+            if not is_canonical_range(r.start, r.size):
+                end = (r.start + r.size - 1) & (2**64 - 1)
+                raise ArchFault(Vector.SS if r.segment == "ss" else Vector.GP, 0,
+                                why=f"access {r.start:#x}..{end:#x} crosses into "
+                                    f"non-canonical addresses ({r.segment})")
+            if access is Access.READ and r.write:
+                return Access.WRITE
+        return access
+
+    def insn_bytes(self, rip: int) -> bytes | None:
+        """The bytes of the instruction at RIP (up to 15, fewer at the end of a mapped
+        page before an unmapped one); None if RIP itself is unreadable."""
+        m = self.m
         try:
-            code = self.m.read_linear(rip, 15)
+            return m.read_linear(rip, 15)
         except ArchFault:
-            return False
-        return is_stack_reference(code, rip)
+            try:
+                return m.read_linear(rip, 0x1000 - (rip & 0xFFF))
+            except ArchFault:
+                return None
+
+    def decode_regs(self) -> dict[str, int]:
+        """The registers `cpu.decode` computes addresses from: the GPRs, RFLAGS and the
+        FS/GS bases."""
+        e = self.m.engine
+        regs = dict(zip(_DECODE_REGS, e.read(_DECODE_REGS), strict=True))
+        regs["fs_base"], regs["gs_base"] = e.read_msr(MSR_FS_BASE), e.read_msr(MSR_GS_BASE)
+        return regs
 
     def hooked_exception(self, vector: int) -> None:
         m = self.m

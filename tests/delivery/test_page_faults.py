@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.delivery.rig import (
     CODE,
     KERNEL_CS,
@@ -196,3 +198,40 @@ def test_a_read_straddling_into_a_not_present_page_faults_with_cr2_at_that_page(
                                  rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
                                  ss=KERNEL_DS))
     assert rec["cr2"] == m.engine.read_reg("cr2") == PAGE
+
+
+# -- write intent (SDM Vol. 3A "Page-Fault Exceptions", W/R; Bochs read_RMW_virtual_*) ----
+# A read-modify-write instruction translates its operand for writing from its first,
+# reading part on: a #PF on a not-present page has W = 1 though nothing was written yet.
+
+
+@pytest.mark.parametrize("access", [
+    "add qword ptr [rbx], rax",
+    "inc qword ptr [rbx]",
+    "xchg qword ptr [rbx], rax",
+    "cmpxchg qword ptr [rbx], rcx",
+    "lock add qword ptr [rbx], rax",
+    "shl qword ptr [rbx], 1",
+])
+def test_a_read_modify_write_of_a_not_present_page_raises_pf_with_w_set(access: str) -> None:
+    m, r, sym = run_access(access, NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=0x2, rip=sym["access"], cpl_before=0)
+
+
+def test_a_read_modify_write_of_a_read_only_page_raises_pf_0x3() -> None:
+    m, r, sym = run_access("add qword ptr [rbx], rax", READ_ONLY, cpl=0)
+    assert_pf(m, r, error_code=0x3, rip=sym["access"], cpl_before=0)
+
+
+def test_a_compare_with_a_not_present_page_is_a_read_pf_0x0() -> None:
+    m, r, sym = run_access("cmp qword ptr [rbx], rax", NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=0x0, rip=sym["access"], cpl_before=0)
+
+
+@pytest.mark.parametrize(("setup", "error_code"), [
+    ("mov rsi, rbx\n        mov rdi, 0x300000", 0x0),  # the source is not present: a read
+    ("mov rdi, rbx\n        mov rsi, 0x300000", 0x2),  # the destination: a write
+])
+def test_movs_reports_the_intent_of_the_access_that_faulted(setup: str, error_code: int) -> None:
+    m, r, sym = run_access(f"{setup}\n    movs_insn:\n        movsq", NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=error_code, rip=sym["movs_insn"], cpl_before=0)
