@@ -64,6 +64,7 @@ class SiteKind(StrEnum):
     OUT = "out"  # observed: a write to an exit port ends the run exactly after it
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
+    LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
@@ -72,12 +73,55 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
 
 
+ILLEGAL_LOCK = "(lock)"  # the mnemonic `decode_loaded` gives an illegal LOCK form
+
+
+def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
+    """The linear decode of loaded code (cpu/sites.py): `decode`, except that an
+    instruction carrying a LOCK prefix the SDM forbids (Vol. 2 LOCK: `lock_is_legal`)
+    comes out as mnemonic ILLEGAL_LOCK — capstone refuses most of them, which would end
+    its decode there and hide every site after — and the decode resumes after it. Its
+    length is that of the instruction without its LOCK bytes, plus those bytes."""
+    at = 0
+    while at < len(code):
+        last = at
+        for insn in decode(code[at:], address + at):
+            last = insn.address + insn.size - address
+            if LOCK_PREFIX in _prefixes(insn.raw)[0] and not lock_is_legal(insn.raw, insn.address):
+                yield Insn(insn.address, insn.size, ILLEGAL_LOCK, insn.text, insn.raw)
+            else:
+                yield insn
+        at = last
+        if at >= len(code):
+            return
+        bad = _illegal_lock_length(code[at:at + 15], address + at)
+        if bad is None:
+            return  # not an instruction: the decode ends here, as capstone's does
+        yield Insn(address + at, bad, ILLEGAL_LOCK, "", code[at:at + bad])
+        at += bad
+
+
+def _illegal_lock_length(code: bytes, address: int) -> int | None:
+    """The length of an illegal LOCK form capstone refuses at the start of `code`, or
+    None if `code` does not start with one."""
+    prefixes, rest = _prefixes(code)
+    if LOCK_PREFIX not in prefixes or lock_is_legal(code, address):
+        return None
+    kept = bytes(b for b in prefixes if b != LOCK_PREFIX)
+    insn = _one(kept + code[rest:], address)
+    if insn is None:
+        return None
+    return int(insn.size) + len(prefixes) - len(kept)
+
+
 def site_kind(insn: Insn) -> SiteKind | None:
     """"iret"/"hlt"/"rdmsr"/"wrmsr" (intercepted and emulated), "cpuid" (emulated for
     the hypervisor leaves), "sti"/"mov_ss" (observed: they open an interrupt shadow),
     "out" (observed: a write to the exit port ends the run exactly there), or None.
     POP SS is #UD in 64-bit mode, so MOV SS is the only SS load that opens a MOV-SS
     shadow here."""
+    if insn.mnemonic == ILLEGAL_LOCK:
+        return SiteKind.LOCK_UD
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
         kind = SiteKind.MOV_SS

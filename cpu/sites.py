@@ -6,7 +6,8 @@ CPUID leaves). So the code the machine loads is decoded once, and each such inst
 gets a code hook (a *site*): the engine stops there and Python executes the instruction
 instead (cpu/emulated.py). STI and MOV SS sites are observed (they open an interrupt
 shadow; cpu/boundary.py) and OUT sites are looked at for the exit ports
-(cpu/platform.py); those then run natively.
+(cpu/platform.py); those then run natively. An instruction with a LOCK prefix the SDM
+forbids is a site that raises #UD (the engine, like QEMU, runs some of them).
 
 The table is configuration: written when code is loaded, never changed by a run.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cpu.decode import SiteKind, decode, site_kind
+from cpu.decode import SiteKind, decode_loaded, site_kind
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -34,7 +35,7 @@ class SiteTable:
     def add_code(self, addr: int, data: bytes) -> None:
         """Decode `data` (guest code at linear `addr`) and hook its sites."""
         iretq, cr2_reads = set(self.iretq), set(self.cr2_reads)
-        for insn in decode(data, addr):
+        for insn in decode_loaded(data, addr):
             kind = site_kind(insn)
             if kind is not None:
                 self.kinds[insn.address] = kind

@@ -71,6 +71,7 @@ class Stops:
             SiteKind.CPUID: m.emulated.cpuid_site,
             SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
+            SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
         }
 
     def _defer(self, action: Callable[[], None]) -> bool:
@@ -315,6 +316,15 @@ class Stops:
             m.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
         else:
             m.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
+
+    def lock_ud(self, address: int) -> None:
+        """A LOCK prefix on an instruction or form that cannot be locked (SDM Vol. 2
+        LOCK: #UD unless the instruction is lockable and its destination is memory): a
+        fault on the instruction, before it does anything."""
+        m = self.m
+        m.engine.uncount()
+        m.deliver(Event.exception(Vector.UD, address), why="LOCK prefix on an instruction "
+                  "that cannot be locked")
 
     def native_stop(self) -> None:
         """The engine stopped without a hook: a HLT in code that was never decoded."""

@@ -93,7 +93,6 @@ _R6 = "rule 6: single-step over the instructions the machine emulates"
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
 _R8 = "rule 8: a faulting store leaves its first page unchanged"
 _R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
-_R10 = "rule 10: LOCK on a form that cannot be locked is #UD (cpu.decode.lock_is_legal)"
 _R11 = "rule 11: the I/O permission bitmap (cpu.io_permission)"
 
 # The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
@@ -101,7 +100,6 @@ _R11 = "rule 11: the I/O permission bitmap (cpu.io_permission)"
 IDTLAB_PENDING: dict[str, dict[str, str]] = {
     "ac_lock_rmw": {
         "ac_unaligned_load_at_cpl3": _R9, "ac_unaligned_push_at_cpl3": _R9,
-        "lock_mov_is_ud": _R10,
     },
     "canon_branch": {
         **{t: _R1 for t in ("jmp_rel32_noncanonical", "jcc_rel32_noncanonical",
