@@ -61,7 +61,8 @@ class SiteKind(StrEnum):
     CPUID = "cpuid"  # emulated for the leaves the CPU model declares
     STI = "sti"  # observed: opens an interrupt shadow when it sets IF
     MOV_SS = "mov_ss"  # observed: opens a MOV-SS shadow
-    OUT = "out"  # observed: a write to an exit port ends the run exactly after it
+    OUT = "out"  # checked (I/O permission), and a write to an exit port ends the run after it
+    IN = "in"  # checked: the I/O permission bitmap at CPL > IOPL (cpu/io_permission.py)
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
@@ -125,9 +126,25 @@ def site_kind(insn: Insn) -> SiteKind | None:
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
         kind = SiteKind.MOV_SS
-    if kind is None and insn.mnemonic == "out":
-        kind = SiteKind.OUT
+    if kind is None and insn.mnemonic.startswith("out"):
+        kind = SiteKind.OUT  # OUT, OUTSB/OUTSW/OUTSD
+    if kind is None and insn.mnemonic in ("in", "insb", "insw", "insd"):
+        kind = SiteKind.IN
     return kind
+
+
+_PORT_WIDTHS = {"al": 1, "ax": 2, "eax": 4, "b": 1, "w": 2, "d": 4}
+
+
+def port_access(insn: Insn) -> tuple[int | None, int]:
+    """(port, size in bytes) of IN/OUT/INS/OUTS: the port is the immediate of `in al,
+    imm8` / `out imm8, al`, None when it is in DX; the size is the register's (AL, AX,
+    EAX) or the string form's (B, W, D)."""
+    if insn.mnemonic in ("in", "out"):
+        ops = [o.strip() for o in insn.op_str.split(",")]
+        port, reg = (ops[1], ops[0]) if insn.mnemonic == "in" else (ops[0], ops[1])
+        return (None if port == "dx" else int(port, 0)), _PORT_WIDTHS[reg]
+    return None, _PORT_WIDTHS[insn.mnemonic[-1]]
 
 
 def out_port(insn_text: str) -> int | None:

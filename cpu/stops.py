@@ -65,7 +65,8 @@ class Stops:
             SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
             SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
             SiteKind.MOV_SS: lambda a: m.boundary.open_shadow(a, SiteKind.MOV_SS),
-            SiteKind.OUT: m.platform.exit_write,
+            SiteKind.OUT: lambda a: m.platform.io_check(a) or m.platform.exit_write(a),
+            SiteKind.IN: m.platform.io_check,
             SiteKind.RDMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=False)),
             SiteKind.WRMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=True)),
             SiteKind.CPUID: m.emulated.cpuid_site,
@@ -316,6 +317,14 @@ class Stops:
             m.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
         else:
             m.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
+
+    def fault_at(self, address: int, fault: ArchFault) -> None:
+        """A fault raised by the instruction at `address` before it did anything (it was
+        counted when the engine stopped at its site: it did not retire)."""
+        m = self.m
+        m.engine.uncount()
+        m.deliver(Event.exception(fault.vector, address, fault.error_code, fault.cr2),
+                  why=fault.why)
 
     def lock_ud(self, address: int) -> None:
         """A LOCK prefix on an instruction or form that cannot be locked (SDM Vol. 2

@@ -93,7 +93,6 @@ _R6 = "rule 6: single-step over the instructions the machine emulates"
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
 _R8 = "rule 8: a faulting store leaves its first page unchanged"
 _R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
-_R11 = "rule 11: the I/O permission bitmap (cpu.io_permission)"
 
 # The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
 # flip to failures the day the wiring lands, and then leave this table).
@@ -113,10 +112,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
         "dr3_two_byte_range_overlap", "single_step_and_data_breakpoint_together",
         "dr6_bs_is_sticky", "dr7_gd_faults_the_next_mov_dr",
         "mov_ss_delays_a_data_breakpoint")},
-    "io_perm": {t: _R11 for t in (
-        "io_no_bitmap_is_gp", "io_denied_port_is_gp", "io_word_with_one_denied_byte_is_gp",
-        "io_port_beyond_the_limit_is_gp", "io_second_bitmap_byte_beyond_the_limit_is_gp",
-        "io_ins_denied_port_is_gp")},
+    "io_perm": {},
     "iret_rules": {},
     "shadow_chain": {},
     "ss_gp_segment": {},
