@@ -72,6 +72,13 @@ POISON_BASE = 1 << 44  # far above any guest RAM; never mapped
 UNTIL_NEVER = 2**64 - 1
 
 _FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
+_ACCESS_FILL = {v: k for k, v in _FILL_ACCESS.items()}
+
+
+class _TlbEntry(ctypes.Structure):
+    """uc_tlb_entry."""
+
+    _fields_ = [("paddr", ctypes.c_uint64), ("perms", ctypes.c_int32)]
 _UNMAPPED_ACCESS = {UC_MEM_READ_UNMAPPED: Access.READ, UC_MEM_WRITE_UNMAPPED: Access.WRITE,
                     UC_MEM_FETCH_UNMAPPED: Access.FETCH}
 
@@ -202,7 +209,27 @@ class Engine:
         if status != 0:
             raise RuntimeError(f"uc_hook_add(counter) failed: {status}")
 
-        uc.hook_add(UC_HOOK_TLB_FILL, self._on_fill)
+        # The TLB fill: a native front answers from translations Python already computed
+        # and validated (tlb.c); everything else comes to `_tlb_miss` -> `fill`.
+        self._tlb = native.TlbStruct()
+        self._tlb_slots = (ctypes.c_uint8 * (native.TLB_SLOT_SIZE * native.TLB_SLOTS))()
+        self._tlb_miss_fn = native.TlbMissCallback(self._tlb_miss)
+        self._tlb_hook = ctypes.c_size_t()
+        t = self._tlb
+        t.reg_read = ctypes.cast(_ucpy.uclib.uc_reg_read, ctypes.c_void_p)
+        t.miss = ctypes.cast(self._tlb_miss_fn, ctypes.c_void_p)
+        t.mem, t.mem_size = mem.host_address, mem.size
+        t.slots = ctypes.cast(self._tlb_slots, ctypes.c_void_p)
+        t.mask = native.TLB_SLOTS - 1
+        t.rid_cr0, t.rid_cr3, t.rid_cr4 = X.UC_X86_REG_CR0, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4
+        t.rid_cs, t.rid_msr = X.UC_X86_REG_CS, X.UC_X86_REG_MSR
+        t.enabled = 1 if bits == 64 else 0
+        status = _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(self._tlb_hook), UC_HOOK_TLB_FILL,
+                                         ctypes.cast(lib.idtlab_tlb_fill, ctypes.c_void_p),
+                                         ctypes.byref(self._tlb), ctypes.c_uint64(1),
+                                         ctypes.c_uint64(0))
+        if status != 0:
+            raise RuntimeError(f"uc_hook_add(tlb fill) failed: {status}")
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
@@ -213,7 +240,9 @@ class Engine:
             uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
 
     # -- hooks -------------------------------------------------------------------------
-    def _on_fill(self, uc: Any, vaddr: int, access: int, entry: object, _data: object) -> bool:
+    def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
+        """The TLB fill the native front could not answer (called from tlb.c)."""
+        entry = _TlbEntry.from_address(entry_ptr)
         result = self.fill(vaddr, _FILL_ACCESS.get(access, Access.READ))
         if result is None:
             slot = self._poison_slots.get(vaddr)
@@ -221,11 +250,38 @@ class Engine:
                 slot = len(self._poison_pages)
                 self._poison_slots[vaddr] = slot
                 self._poison_pages.append(vaddr)
-            entry.paddr = POISON_BASE + slot * 4096  # type: ignore[attr-defined]
-            entry.perms = UC_PROT_ALL  # type: ignore[attr-defined]
+            entry.paddr = POISON_BASE + slot * 4096
+            entry.perms = UC_PROT_ALL
         else:
-            entry.paddr, entry.perms = result  # type: ignore[attr-defined]
-        return True
+            entry.paddr, entry.perms = result
+        return 1
+
+    def remember_fill(self, vaddr: int, access: Access, user: bool,
+                      used: Sequence[tuple[int, int]], paddr: int, prot: int) -> None:
+        """From inside `fill`: the native front may answer the same fill from now on,
+        while the paging-structure entries `used` ((address, value) pairs) hold."""
+        n = len(used)
+        addrs = (ctypes.c_uint64 * 4)(*(a for a, _v in used))
+        vals = (ctypes.c_uint64 * 4)(*(v for _a, v in used))
+        self._lib.idtlab_tlb_insert(ctypes.byref(self._tlb), ctypes.c_uint64(vaddr),
+                                    ctypes.c_int32(_ACCESS_FILL[access]), ctypes.c_uint64(user),
+                                    ctypes.c_uint64(n), addrs, vals, ctypes.c_uint64(paddr),
+                                    ctypes.c_uint64(prot))
+
+    def forget_fills(self) -> None:
+        """Something a fill depends on changed beyond what the front checks (checkpoint
+        tracking, a second stage): drop every remembered translation."""
+        self._tlb.generation += 1
+
+    def remember_fills(self, enabled: bool) -> None:
+        """Turn the native front on or off (off: every fill asks `fill`)."""
+        self._tlb.enabled = 1 if enabled and self.bits == 64 else 0
+        self.forget_fills()
+
+    @property
+    def fill_counts(self) -> tuple[int, int]:
+        """(fills answered natively, fills that asked `fill`)."""
+        return int(self._tlb.hits), int(self._tlb.misses)
 
     def _on_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
                      _data: object) -> bool:

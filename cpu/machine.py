@@ -167,6 +167,8 @@ class Machine:
         if apic:
             self.symbols["apic"] = APIC_BASE
         self._wire(self.engine)
+        if self.ept is not None:
+            self.engine.remember_fills(False)  # fills depend on EPT state too
 
     def _wire(self, e: Engine) -> None:
         e.fill = self.translator.fill
@@ -309,6 +311,7 @@ class Machine:
         """Give the machine a second translation stage (identity, all RWX) without #VE."""
         self.vmx = VmxConfig()
         self.ept = Ept(self.phys.size)
+        self.engine.remember_fills(False)
 
     def enable_apf(self, *, policy: ApfPolicy = "kvm", layout: str = "2020",
                    on_fail: str = "retry") -> AsyncPf:

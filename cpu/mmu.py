@@ -97,6 +97,8 @@ class WalkCache:
 
     def __init__(self, mem: PhysicalMemory) -> None:
         self.mem = mem
+        # The (address, value) pairs of the entries the last successful walk read.
+        self.last_used: tuple[tuple[int, int], ...] = ()
         self._entries: dict[tuple[int, int, int, int, int, int, bool, int],
                             tuple[tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
 
@@ -116,6 +118,7 @@ class WalkCache:
             if all(struct.unpack_from("<Q", view, a)[0] == v for a, v in used):
                 if isinstance(result, ArchFault):
                     raise ArchFault(result.vector, result.error_code, cr2=linear, why=result.why)
+                self.last_used = used
                 return result
         if len(self._entries) >= self.LIMIT:
             self._entries.clear()
@@ -127,6 +130,7 @@ class WalkCache:
             self._entries[key] = (tuple(read), fault)
             raise
         self._entries[key] = (used, t)
+        self.last_used = used
         return t
 
 

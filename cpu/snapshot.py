@@ -83,6 +83,7 @@ def take(machine: Machine) -> Checkpoint:
         ept.mem.commit()
     machine.phys.commit()
     e.flush_tlb()  # entries filled before tracking may grant write access
+    e.forget_fills()  # and so may the translations the native fill front remembers
     cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
                     trace_len=len(machine.trace.records), serial_len=len(machine.serial),
                     sites=e.site_addresses)
@@ -101,6 +102,7 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
     for address in e.site_addresses - cp.sites:
         e.remove_site(address)
     e.restore_state(cp.cpu)  # flushes the TLB
+    e.forget_fills()
     assign(machine.state, copy.deepcopy(cp.state, _memo(machine)))
     if machine.ept is not None:
         ept = machine.ept
@@ -129,3 +131,4 @@ def release(machine: Machine) -> None:
         machine.ept.mem.untrack()
     machine._checkpoint = None
     machine.engine.flush_tlb()
+    machine.engine.forget_fills()

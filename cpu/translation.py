@@ -141,6 +141,10 @@ class Translator:
             for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
                 if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
                     prot &= ~bit
+        else:
+            # The same fill, while the entries this walk read hold, needs no Python.
+            m.engine.remember_fill(vpage, access, m.regs.state.cpl == 3,
+                                   m.sysmem.walks.last_used, t.paddr, prot)
         return t.paddr, prot
 
     def _ept_allows(self, hpa: int, access: Access) -> bool:

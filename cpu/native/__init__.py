@@ -1,5 +1,6 @@
-"""The native instruction and cycle counter (`counter.c`), built on first use with the system C
-compiler and cached under `$IDTLAB_CACHE` (default `~/.cache/idtlab`)."""
+"""The native parts of the engine adapter, built on first use with the system C compiler into
+one library cached under `$IDTLAB_CACHE` (default `~/.cache/idtlab`): the instruction and
+cycle counter (`counter.c`) and the validated TLB-fill front (`tlb.c`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from cpu.errors import Unsupported
 
-_SOURCE = Path(__file__).with_name("counter.c")
+_SOURCES = (Path(__file__).with_name("counter.c"), Path(__file__).with_name("tlb.c"))
 
 
 class CounterStruct(ctypes.Structure):
@@ -48,6 +49,43 @@ class CounterStruct(ctypes.Structure):
 NO_SPLIT = 2**64 - 1
 
 
+class TlbStruct(ctypes.Structure):
+    """`struct idtlab_tlb` of tlb.c."""
+
+    _fields_ = [
+        ("reg_read", ctypes.c_void_p),
+        ("miss", ctypes.c_void_p),
+        ("mem", ctypes.c_void_p),
+        ("mem_size", ctypes.c_uint64),
+        ("enabled", ctypes.c_uint64),
+        ("generation", ctypes.c_uint64),
+        ("slots", ctypes.c_void_p),
+        ("mask", ctypes.c_uint64),
+        ("hits", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64),
+        ("rid_cr0", ctypes.c_int32),
+        ("rid_cr3", ctypes.c_int32),
+        ("rid_cr4", ctypes.c_int32),
+        ("rid_cs", ctypes.c_int32),
+        ("rid_msr", ctypes.c_int32),
+        ("cr0", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64),
+        ("efer", ctypes.c_uint64),
+        ("user", ctypes.c_uint64),
+    ]
+
+
+# sizeof(struct tlb_slot): tag, cr0, cr3, cr4, efer, generation, user, n, addr[4], val[4],
+# paddr, perms.
+TLB_SLOT_SIZE = 8 * (8 + 4 + 4 + 2)
+TLB_SLOTS = 1 << 14
+
+# int miss(void *uc, uint64_t vaddr, int32_t type, void *entry): Python's TLB fill.
+TlbMissCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int32,
+                                   ctypes.c_void_p)
+
+
 # uint32_t miss(uint64_t address, uint32_t size): the timed-mode cost of one instruction.
 MissCallback = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
 
@@ -60,8 +98,7 @@ def _cache_dir() -> Path:
 
 def library_path() -> Path:
     """Build (once) and return the shared library's path."""
-    src = _SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:16]
     out = _cache_dir() / f"counter-{digest}.so"
     if out.exists():
         return out
@@ -71,10 +108,10 @@ def library_path() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp_out), str(_SOURCE)],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp_out),
+                               *map(str, _SOURCES)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise Unsupported(f"building {_SOURCE.name} failed: {proc.stderr.strip()}")
+            raise Unsupported(f"building the native engine parts failed: {proc.stderr.strip()}")
         os.replace(tmp_out, out)  # atomic: parallel test workers may race here
     return out
 
