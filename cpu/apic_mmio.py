@@ -107,6 +107,7 @@ class ApicMmio:
                        "loads) between a general register or immediate and the APIC page is "
                        "emulated", rip)
         e.recount()  # the instruction retires here
+        rflags = e.read_reg("rflags")  # TF as the instruction found it (single-step)
         e.cycles += m.profile.event("apic_access")  # the access lands at its end
         now = e.cycles
         offset = vaddr & 0xFFF
@@ -139,3 +140,4 @@ class ApicMmio:
             e.cycles -= m.profile.event("apic_access")
             e.uncount()
             raise Stop(Outcome.UNSUPPORTED, str(exc), rip) from None
+        m.emulated.single_step(rflags)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cpu.debug_registers import DebugRegisters
+from cpu.debug_registers import DR6_B_MASK, DebugRegisters
 from idt.state import Event, Source
 from idt.vectors import Vector
 
@@ -112,10 +112,15 @@ class Debug:
             self.trap_now(hits=t.hits, bs=t.bs,
                           why="single-step" if t.bs and not t.hits else "debug trap")
 
-    def single_step_native(self, rip: int) -> None:
-        """The engine raised the single-step trap after an instruction it executed."""
-        self.state.trap = None
-        self.trap_now(bs=True)
+    def single_step_native(self) -> None:
+        """The engine raised #DB after an instruction it executed: the single-step trap
+        (the engine has set DR6.BS, and B0-B3 for an instruction breakpoint at the next
+        RIP, as Bochs reports both in one #DB). One #DB reports it with any data
+        breakpoint owed at this same boundary."""
+        t, self.state.trap = self.state.trap, None
+        e = self.m.engine
+        hits = t.hits if t is not None and (t.icount, t.rip) == (e.icount, e.read_reg("rip")) else 0
+        self.trap_now(hits=hits | (e.read_reg("dr6") & DR6_B_MASK), why="")
 
     def on_wake(self) -> bool:
         """The CPU leaves a HLT to deliver an event: deliver the HLT's single-step trap

@@ -20,11 +20,14 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   RFLAGS masked by IA32_FMASK; SYSRET #GP(0) at CPL > 0 or to a non-canonical RCX, and
   back to 64-bit (REX.W) or compatibility mode.
 
-Single-step (SDM Vol. 3B 17.3.1.4 "Single-Step Exception Condition"): an emulated
-instruction that completes with TF in force traps with DR6.BS after it, as the engine
-does for the instructions it executes. For SYSCALL and SYSRET TF is looked at when they
-complete (so an OS masks it with IA32_FMASK; what KVM's emulator does, commit "KVM: x86:
-fix singlestepping over syscall"); for the others at their start.
+Single-step (SDM Vol. 3B "Single-Step Exception Condition"): an emulated instruction
+that completes with TF in force traps with DR6.BS after it, as the engine does for the
+instructions it executes (cpu/debug.py delivers it). For SYSCALL and SYSRET TF is looked
+at when they complete (so an OS masks it with IA32_FMASK; what KVM's emulator does,
+commit "KVM: x86: fix singlestepping over syscall"); for the others at their start (an
+IRET that loads TF = 0 still traps after itself; one that loads TF = 1 traps only after
+the next instruction). HLT's trap waits for the event that wakes the CPU and comes
+before it.
 """
 
 from __future__ import annotations
@@ -35,14 +38,13 @@ from cpu.cpu_model import MsrFault
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
-from idt.state import RFLAGS_RF, ArchFault, Event, Source, is_canonical
+from idt.state import RFLAGS_RF, ArchFault, Event, is_canonical
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
 RFLAGS_TF = 1 << 8
-DR6_BS = 1 << 14
 EFER_SCE = 1 << 0
 MSR_FS_BASE, MSR_GS_BASE = 0xC0000100, 0xC0000101
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
@@ -104,6 +106,7 @@ class Emulated:
         if res.null_segments:
             rec["null_segments"] = list(res.null_segments)
         e.cycles += cost
+        self.single_step(st.rflags)  # TF as the IRET found it, not as it loaded it
 
     def _null_segments(self, names: tuple[str, ...]) -> None:
         """RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS that the new CPL may not use
@@ -120,15 +123,9 @@ class Emulated:
     def single_step(self, rflags: int) -> None:
         """After an emulated instruction retired (RIP is the next one): the single-step
         trap when `rflags` (TF at the instruction's start, or at its end for SYSCALL and
-        SYSRET) has TF set."""
-        if not rflags & RFLAGS_TF:
-            return
-        m = self.m
-        e = m.engine
-        e.write({"dr6": e.read_reg("dr6") | DR6_BS})
-        rip = e.read_reg("rip")
-        m.deliver(Event(Vector.DB, Source.EXCEPTION, rip, rip, trap_like=True),
-                  why="single-step")
+        SYSRET) has TF set (DR6.BS, cpu/debug.py)."""
+        if rflags & RFLAGS_TF:
+            self.m.debug.trap_now(bs=True)
 
     def syscall(self, address: int) -> None:
         m = self.m
@@ -187,8 +184,12 @@ class Emulated:
         m.engine.recount()
         # HLT retires; the CPU waits at the boundary after it, so an event that wakes it
         # saves RIP = the instruction after the HLT (SDM HLT). The run loop does the wait.
+        # With TF = 1 its single-step trap is delivered when the CPU wakes, before the
+        # event that woke it (cpu/debug.py).
         m.engine.write({"rip": address + 1})
         m.boundary.state.halted = True
+        if m.engine.read_reg("rflags") & RFLAGS_TF:
+            m.debug.state.step_on_wake = True
 
     def msr(self, address: int, *, write: bool) -> None:
         """RDMSR/WRMSR (SDM Vol. 2): #GP(0) at CPL > 0, for an MSR this machine does not
@@ -214,11 +215,13 @@ class Emulated:
             m.deliver(Event.exception(Vector.GP, address, 0), why=f"{name} {msr:#x}: {fault}")
             return
         m.emit("msr_write" if write else "msr_read", msr=msr, value=value)
+        rflags = e.read_reg("rflags")  # TF as the instruction found it
         regs = {"rip": address + 2}
         if not write:
             regs.update(rax=value & 0xFFFFFFFF, rdx=value >> 32)
         e.write(regs)
         e.recount()
+        self.single_step(rflags)
 
     def cpuid_site(self, address: int) -> bool:
         """At a CPUID: stop to emulate it when the model answers the leaf in RAX."""
@@ -236,3 +239,4 @@ class Emulated:
         eax, ebx, ecx, edx = regs
         e.write({"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx, "rip": address + 2})
         e.recount()
+        self.single_step(e.read_reg("rflags"))

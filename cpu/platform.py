@@ -194,8 +194,10 @@ class Platform:
             return True
         if port == FLUSH_PAGE_PORT and m.injections.waits_for_port("flush_page"):
             def flush() -> None:
+                rflags = m.engine.read_reg("rflags")
                 m.engine.write({"rip": after})  # the OUT retires, then the flush happens
                 self.flush_page(value, in_hook=False)
+                m.emulated.single_step(rflags)
 
             m.stops.pending = flush
             return True

@@ -294,7 +294,7 @@ class Stops:
             m.deliver(Event(vector, Source.SOFTWARE, rip, insn), why="")
         elif vector == Vector.DB:
             # Single-step (TF) #DB: a trap at the boundary after the instruction.
-            m.deliver(Event(vector, Source.EXCEPTION, rip, rip, trap_like=True), why="")
+            m.debug.single_step_native()
         else:
             e.uncount()  # a fault: the instruction did not retire
             ec = error_code if vector in _ERROR_CODE_VECTORS else None

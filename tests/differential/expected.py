@@ -89,7 +89,6 @@ QEMU_DIVERGENCES = {
 }
 
 _R1 = "rule 1: a branch to a non-canonical target faults on the branch (Unicorn jumps first)"
-_R6 = "rule 6: single-step over the instructions the machine emulates"
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
 _R8 = "rule 8: a faulting store leaves its first page unchanged"
 _R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
@@ -116,9 +115,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
     "iret_rules": {},
     "shadow_chain": {},
     "ss_gp_segment": {},
-    "step_emulated": {t: _R6 for t in ("tf_over_iretq", "tf_over_rdmsr", "tf_over_wrmsr",
-                                       "tf_over_cpuid", "tf_over_apic_read",
-                                       "tf_over_hlt_wake")},
+    "step_emulated": {},
     "store_fault": {t: _R8 for t in ("store_into_not_present_leaves_first_page",
                                      "store_into_read_only_leaves_first_page",
                                      "push_into_not_present_leaves_first_page")},
