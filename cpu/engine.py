@@ -355,7 +355,8 @@ class Engine:
 
     # The counter's scalar state (its cost tables are caches keyed by address and stay).
     _COUNTER_STATE = ("count", "stop_at", "stopped", "cycles", "stop_cycle", "last_cost",
-                      "block_addr", "block_size", "block_before", "block_cycles_before", "split")
+                      "block_addr", "block_size", "block_before", "block_cycles_before", "split",
+                      "last_addr")
 
     def save_state(self) -> tuple[Any, tuple[int, ...]]:
         """The CPU state and the counter's, for `restore_state` (cpu.snapshot)."""
@@ -471,6 +472,18 @@ class Engine:
         c.count = int(c.block_before) + k + 1
         c.cycles = int(c.block_cycles_before) + (k + 1) * int(c.default_cost) + extra
         c.last_cost = c.default_cost
+
+    def last_instruction(self) -> int | None:
+        """The address of the last instruction counted: the last one of the last
+        translation block in fast mode (a block ends at its first branch), the last one
+        the per-instruction counter saw in timed mode. None before any."""
+        c = self.counter
+        if not self.block_counting:
+            return int(c.last_addr) if int(c.count) else None
+        if not int(c.block_size):
+            return None
+        starts = self._starts(int(c.block_addr), int(c.block_size))
+        return starts[-1] if starts else None
 
     def count_at(self, address: int) -> int:
         """In a code hook for `address`: the count with that instruction counted (the

@@ -24,7 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cpu.decode import SiteKind, access_ranges, decode, faulting_segment, memory_operands
+from cpu.decode import (
+    SiteKind,
+    access_ranges,
+    branch_target,
+    decode,
+    faulting_segment,
+    memory_operands,
+    state_before_branch,
+)
 from cpu.engine import GPRS
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access
@@ -130,6 +138,10 @@ class Stops:
                 # Addressing"), then the access's intent (a read-modify-write is a write).
                 access = self.data_access(rip, vaddr, access)
             elif not is_canonical(vaddr):
+                branch = self.branch_into(vaddr)
+                if branch is not None:
+                    rip = branch
+                    raise ArchFault(Vector.GP, 0, why=f"branch to non-canonical {vaddr:#x}")
                 raise ArchFault(Vector.GP, 0, why=f"non-canonical address {vaddr:#x}")
             t = m.translator.guest_walk(m.regs.paging(), vaddr, access)
         except EptViolation as violation:
@@ -256,6 +268,41 @@ class Stops:
             if access is Access.READ and r.write:
                 return Access.WRITE
         return access
+
+    def branch_into(self, target: int) -> int | None:
+        """A fetch from the non-canonical `target`, which is RIP: the engine executed a
+        branch there (QEMU checks the target only when it fetches from it). The SDM
+        faults the *branch*: "#GP(0) If the target offset is non-canonical" (Vol. 2 JMP,
+        CALL, RET, Jcc, LOOP), with the state before it (Vol. 3A "Exception
+        Classifications": a fault leaves the state as before the instruction). So the
+        last instruction the engine ran is decoded; if it is a near branch to `target`,
+        RIP goes back to it, RSP to before a CALL's push or a RET's pop (and immediate),
+        RCX to before a LOOP's decrement (`decode.state_before_branch`), the branch is not
+        counted as retired, and its address is returned. A CALL's return address stays
+        written below RSP (not architectural state; Bochs writes it too)."""
+        m = self.m
+        e = m.engine
+        address = e.last_instruction()
+        if address is None or e.read_reg("rip") != target:
+            return None
+        code = self.insn_bytes(address)
+        if code is None:
+            return None
+        after = self.decode_regs()
+        before = state_before_branch(code, address, after)
+        if not before:
+            return None
+        regs = {**after, **before}
+        try:
+            branch = branch_target(code, address, regs,
+                                   lambda a: int.from_bytes(m.read_linear(a, 8), "little"))
+        except ArchFault:
+            return None
+        if branch is None or not branch.taken or branch.target != target:
+            return None
+        e.write(before)
+        e.uncount()
+        return address
 
     def insn_bytes(self, rip: int) -> bytes | None:
         """The bytes of the instruction at RIP (up to 15, fewer at the end of a mapped

@@ -43,6 +43,7 @@ class CounterStruct(ctypes.Structure):
         ("bmask", ctypes.c_uint64),
         ("bused", ctypes.c_uint64),
         ("bmiss", ctypes.c_void_p),
+        ("last_addr", ctypes.c_uint64),
     ]
 
 

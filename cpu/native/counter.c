@@ -43,6 +43,9 @@ struct idtlab_counter {
     uint64_t bmask;
     uint64_t bused;
     uint32_t (*bmiss)(uint64_t address, uint32_t size);
+    /* Timed mode: the address of the last instruction counted (the machine decodes it
+     * when a branch turned out to jump to a non-canonical address). */
+    uint64_t last_addr;
 };
 
 #define NO_SPLIT UINT64_MAX
@@ -118,6 +121,7 @@ void idtlab_count_insn(void *uc, uint64_t address, uint32_t size, void *user_dat
     c->count++;
     c->cycles = before + cost;
     c->last_cost = cost;
+    c->last_addr = address;
     if (c->count >= c->stop_at || before >= c->stop_cycle) {
         c->stopped = 1;
         c->stop(uc);

@@ -18,10 +18,12 @@ The #SS gate uses IST1 (a non-canonical RSP cannot take a frame).
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
 
+from cpu.machine import Machine
 from tests.delivery.rig import (
     CODE,
     IST1_TOP,
@@ -31,11 +33,15 @@ from tests.delivery.rig import (
     RFLAGS_RF,
     START_RFLAGS,
     Frame,
+    PageSpec,
     assert_delivered,
     build,
     deliveries,
     gate,
 )
+from tests.events.kit import build as kit_build
+
+MODES = ["fast", "timed"]  # fast counts per translation block, timed per instruction
 
 GP, SS = 13, 12
 NON_CANONICAL = 0x8000_0000_0000_0000
@@ -143,3 +149,120 @@ def test_a_push_straddling_the_canonical_boundary_is_ss_0() -> None:
     m, r, sym = run_access("push rax", rsp=LAST_CANONICAL + 4)
     assert_fault(m, r, sym, vector=SS, rsp=LAST_CANONICAL + 4)
     assert m.engine.read_reg("cr2") == 0
+
+
+# -- rule 1: a branch to a non-canonical target faults on the branch ----------------------
+# SDM Vol. 2 JMP, CALL, RET, Jcc, LOOP: "#GP(0) If the target offset is non-canonical".
+# The branch itself faults: saved RIP = the branch, RSP as before it (a CALL has not
+# pushed, a RET has not popped), RCX as before a LOOP, the branch not retired. The engine
+# (like QEMU) jumps first and faults fetching the target; the machine undoes the branch.
+# Direct branches run from the last canonical page, HIGH (mapped to guest-physical
+# HIGH_PA), so that a rel32/rel8 reaches past 0x0000_7FFF_FFFF_FFFF.
+
+HIGH = 0x7FFF_FFFF_F000
+HIGH_PA = 0x500000
+RF_START = START_RFLAGS | RFLAGS_RF
+
+
+def run_branch(setup: str, high_code: bytes = b"", *, at: int = 0xF00, mode: str = "fast"
+               ) -> tuple[Machine, Any, dict[str, int]]:
+    """`setup` at CODE (a #GP handler that halts follows it), `high_code` at HIGH + `at`."""
+    m, sym = kit_build(f"""
+    start:
+        {setup}
+    gp_handler:
+        hlt
+    """, gates={GP: gate("gp_handler")}, mode=mode)
+    m.set_page(PageSpec(HIGH, HIGH_PA))
+    m.load(HIGH_PA + at, high_code)
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=100)
+    assert (r.outcome, r.rip) == ("hlt", sym["gp_handler"] + 1)
+    return m, r, sym
+
+
+def assert_branch_fault(m: Machine, r: Any, *, rip: int, icount: int, rsp: int = KERNEL_STACK,
+                        rflags: int = RF_START) -> None:
+    (rec,) = deliveries(r.trace.records)
+    assert_delivered(m, rec, vector=GP, stack="current", stack_top=rsp, cpl=0,
+                     frame=Frame(error_code=0, rip=rip, cs=KERNEL_CS, rflags=rflags, rsp=rsp,
+                                 ss=KERNEL_DS))
+    assert rec["icount"] == icount  # the branch did not retire
+
+
+def rel32(insn_end: int, target: int) -> bytes:
+    return struct.pack("<i", target - insn_end)
+
+
+FROM_HIGH = f"mov rax, {HIGH + 0xF00:#x}\n        jmp rax"
+PAST = 0x8000_0000_0000  # the first non-canonical address above the lower half
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_jmp_rel32_to_a_non_canonical_target_faults_on_the_jmp(mode: str) -> None:
+    jmp = b"\xe9" + rel32(HIGH + 0xF05, PAST + 0x105)
+    m, r, _ = run_branch(FROM_HIGH, jmp, mode=mode)
+    assert_branch_fault(m, r, rip=HIGH + 0xF00, icount=2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_call_rel32_to_a_non_canonical_target_faults_before_its_push_counts(mode: str) -> None:
+    call = b"\xe8" + rel32(HIGH + 0xF05, PAST + 0x305)
+    m, r, _ = run_branch(FROM_HIGH, call, mode=mode)
+    assert_branch_fault(m, r, rip=HIGH + 0xF00, icount=2)
+    assert m.engine.read_reg("rsp") == KERNEL_STACK - 48  # only the #GP frame below RSP
+
+
+@pytest.mark.parametrize(("flags", "rflags", "taken"), [
+    ("cmp eax, eax", 0x246, True),     # ZF = 1: JE taken
+    ("cmp eax, 1", 0x297, False),      # EAX = 0: ZF = 0, CF = SF = PF = AF = 1: not taken
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_jcc_faults_only_when_it_is_taken(flags: str, rflags: int, taken: bool, mode: str) -> None:
+    je = b"\x0f\x84" + rel32(HIGH + 0xF06, PAST + 0x206)
+    ud2 = b"\x0f\x0b"  # the fall-through of a JE not taken: #UD at HIGH + 0xF06
+    setup = f"xor eax, eax\n        {flags}\n        {FROM_HIGH}"
+    if taken:
+        m, r, _ = run_branch(setup, je + ud2, mode=mode)
+        assert_branch_fault(m, r, rip=HIGH + 0xF00, icount=4, rflags=rflags | RFLAGS_RF)
+    else:
+        m, _ = kit_build(f"start:\n    {setup}\n", gates={6: gate(CODE + 0x800)}, mode=mode)
+        m.set_page(PageSpec(HIGH, HIGH_PA))
+        m.load(HIGH_PA + 0xF00, je + ud2)
+        m.load(CODE + 0x800, b"\xf4")  # the #UD handler: hlt
+        r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=100)
+        (rec,) = deliveries(r.trace.records)
+        assert (rec["vector"], rec["rip"]) == (6, HIGH + 0xF06)  # fell through to the UD2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_loop_to_a_non_canonical_target_faults_with_rcx_as_before_it(mode: str) -> None:
+    loop = b"\xe2\x7f"  # loop rel8 +127: at HIGH + 0xFF0, to 0x8000_0000_0071
+    m, r, _ = run_branch(f"mov ecx, 2\n        mov rax, {HIGH + 0xFF0:#x}\n        jmp rax",
+                         loop, at=0xFF0, mode=mode)
+    assert_branch_fault(m, r, rip=HIGH + 0xFF0, icount=3)
+    assert m.engine.read_reg("rcx") == 2
+
+
+@pytest.mark.parametrize(("setup", "label", "icount"), [
+    ("mov rax, 0x8000000000000000\n    the_branch:\n        jmp rax", "the_branch", 1),
+    ("mov rax, 0x8000000000000000\n    the_branch:\n        call rax", "the_branch", 1),
+    ("lea rbx, [rip + slot]\n    the_branch:\n        jmp qword ptr [rbx]", "the_branch", 1),
+    ("lea rbx, [rip + slot]\n    the_branch:\n        call qword ptr [rbx]", "the_branch", 1),
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_an_indirect_branch_to_a_non_canonical_target_faults_on_the_branch(
+        setup: str, label: str, icount: int, mode: str) -> None:
+    m, r, sym = run_branch(setup + "\n    slot:\n        .quad 0x8000000000000020", mode=mode)
+    assert_branch_fault(m, r, rip=sym[label], icount=icount)
+
+
+@pytest.mark.parametrize(("ret", "release"), [("ret", 0), ("ret 0x10", 0x10)])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_ret_to_a_non_canonical_address_faults_before_it_pops(ret: str, release: int,
+                                                                mode: str) -> None:
+    m, r, sym = run_branch(f"""mov rax, 0x8000000000000080
+        push rax
+    the_ret:
+        {ret}""", mode=mode)
+    # RSP still points at the return address the RET did not pop (nor release).
+    assert_branch_fault(m, r, rip=sym["the_ret"], icount=2, rsp=KERNEL_STACK - 8)

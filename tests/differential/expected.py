@@ -88,7 +88,6 @@ QEMU_DIVERGENCES = {
     "rf_frames": {"qemu-rf-fault-frames"},
 }
 
-_R1 = "rule 1: a branch to a non-canonical target faults on the branch (Unicorn jumps first)"
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
 _R8 = "rule 8: a faulting store leaves its first page unchanged"
 _R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
@@ -99,13 +98,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
     "ac_lock_rmw": {
         "ac_unaligned_load_at_cpl3": _R9, "ac_unaligned_push_at_cpl3": _R9,
     },
-    "canon_branch": {
-        **{t: _R1 for t in ("jmp_rel32_noncanonical", "jcc_rel32_noncanonical",
-                            "loop_rel8_noncanonical", "call_rel32_noncanonical",
-                            "jmp_reg_noncanonical", "jmp_mem_noncanonical",
-                            "call_reg_noncanonical", "call_mem_noncanonical",
-                            "ret_noncanonical", "ret_imm_noncanonical")},
-    },
+    "canon_branch": {},
     "debug_regs": {t: _R7 for t in (
         "dr0_write_breakpoint_trap", "dr2_read_write_breakpoint_on_a_read",
         "dr3_two_byte_range_overlap", "single_step_and_data_breakpoint_together",
