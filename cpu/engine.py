@@ -75,6 +75,17 @@ _FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FET
 _ACCESS_FILL = {v: k for k, v in _FILL_ACCESS.items()}
 
 
+class Refuse:
+    """A TLB-fill answer: refuse the fill outright (`REFUSE`). The engine then stops at
+    the accessing instruction before any byte of the access is done, and calls
+    `refused(vpage, access)`; the exact address is not known (poisoning gives it, but a
+    store that crosses into a poisoned page has written its first page by then: QEMU's
+    `store_helper` fills the second page first, then stores byte by byte)."""
+
+
+REFUSE = Refuse()
+
+
 class _TlbEntry(ctypes.Structure):
     """uc_tlb_entry."""
 
@@ -133,8 +144,9 @@ class Engine:
     """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
 
     Callbacks (set by the machine before `run`):
-      fill(vpage, access) -> (ppage, prot) or None to poison the page
-      poison(vaddr, access) -> None           an access hit a refused translation
+      fill(vpage, access) -> (ppage, prot), None to poison the page, or REFUSE
+      poison(vaddr, access) -> None           an access hit a poisoned translation
+      refused(vpage, access) -> None          a fill was refused (REFUSE)
       unmapped(paddr, access) -> None         a translation pointed outside RAM
       interrupt(vector) -> None               UC_HOOK_INTR
       site(address) -> None                   an address registered with `add_site`
@@ -164,8 +176,10 @@ class Engine:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
         self.uc: Any = uc
-        self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
+        self.fill: Callable[[int, Access], tuple[int, int] | Refuse | None] = \
+            lambda v, a: (v, UC_PROT_ALL)
         self.poison: Callable[[int, Access], None] = lambda v, a: None
+        self.refused: Callable[[int, Access], None] = lambda v, a: None
         self.unmapped: Callable[[int, Access], None] = lambda p, a: None
         self.interrupt: Callable[[int], None] = lambda v: None
         self.site: Callable[[int], None] = lambda a: None
@@ -243,7 +257,11 @@ class Engine:
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
         """The TLB fill the native front could not answer (called from tlb.c)."""
         entry = _TlbEntry.from_address(entry_ptr)
-        result = self.fill(vaddr, _FILL_ACCESS.get(access, Access.READ))
+        kind = _FILL_ACCESS.get(access, Access.READ)
+        result = self.fill(vaddr, kind)
+        if isinstance(result, Refuse):
+            self.refused(vaddr, kind)
+            return 0  # the engine stops at the accessing instruction, nothing done
         if result is None:
             slot = self._poison_slots.get(vaddr)
             if slot is None:

@@ -173,6 +173,7 @@ class Machine:
     def _wire(self, e: Engine) -> None:
         e.fill = self.translator.fill
         e.poison = self.stops.on_poison
+        e.refused = self.stops.on_refused
         e.unmapped = self.stops.on_unmapped
         e.interrupt = self.stops.on_interrupt
         e.site = self.stops.on_site

@@ -91,6 +91,9 @@ class Stops:
     def on_poison(self, vaddr: int, access: Access) -> None:
         self.pending = lambda: self.memory_fault(vaddr, access)
 
+    def on_refused(self, vpage: int, access: Access) -> None:
+        self.pending = lambda: self.refused_write(vpage)
+
     def on_unmapped(self, paddr: int, access: Access) -> None:
         def stop() -> None:
             rip = self.m.engine.read_reg("rip")
@@ -168,6 +171,24 @@ class Stops:
                        "outside guest memory", rip)
         m.engine.flush_tlb()  # the page became valid since it was poisoned: retry
 
+    def refused_write(self, vpage: int) -> None:
+        """A store's TLB fill for page `vpage` was refused (cpu/translation.py): the
+        engine stopped at the storing instruction with nothing written. The faulting
+        address is the first byte of the store that falls in that page: the store's
+        start, or `vpage` when the store began on the page before (SDM "Page-Fault
+        Exceptions": CR2 is the address whose access faulted; Bochs translates both pages
+        of a crossing access before writing either). Then it is the fault of that
+        address, as for any other access (`memory_fault`)."""
+        rip = self.m.engine.read_reg("rip")
+        vaddr = vpage
+        code = self.insn_bytes(rip)
+        if code is not None:
+            for r in access_ranges(code, rip, self.decode_regs()):
+                if r.write and r.start < vpage + 0x1000 and vpage < r.start + r.size:
+                    vaddr = max(r.start, vpage)
+                    break
+        self.memory_fault(vaddr, Access.WRITE)
+
     def split_access_cr2(self, rip: int, vaddr: int) -> int:
         """CR2 for a data #PF at `vaddr`, reported by the engine, in the instruction at RIP.
 
@@ -176,9 +197,8 @@ class Stops:
         both pages before it touches memory). Unicorn splits such a store into pieces and
         the poisoned piece may be any byte of the second page (e.g. 0x401003 for an
         8-byte store at 0x400ffc), so when an explicit memory operand of the instruction
-        covers `vaddr` but starts on an earlier page, CR2 is that page boundary.
-        Known deviation, not repaired: the bytes of such a store that the engine already
-        wrote to the first page stay written (the architecture writes none of them).
+        covers `vaddr` but starts on an earlier page, CR2 is that page boundary. (A store
+        writes nothing of its first page: its faulting fill is refused, `refused_write`.)
         """
         m = self.m
         page = vaddr & ~0xFFF

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from cpu.devices.apic import APIC_BASE
-from cpu.engine import PROT_R, PROT_W, PROT_X
+from cpu.engine import PROT_R, PROT_W, PROT_X, REFUSE, Refuse
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access, PagingControl, Translation, WalkCache
 from cpu.outcomes import Outcome, Stop
@@ -109,15 +109,26 @@ class Translator:
     def __init__(self, m: Machine) -> None:
         self.m = m
 
-    def fill(self, vpage: int, access: Access) -> tuple[int, int] | None:
-        """The engine's TLB fill: (physical page, PROT_* rights), or None to poison."""
+    def fill(self, vpage: int, access: Access) -> tuple[int, int] | Refuse | None:
+        """The engine's TLB fill: (physical page, PROT_* rights), None to poison, or
+        REFUSE.
+
+        A fill that faults (non-canonical, #PF, EPT) is poisoned — the access stops at its
+        instruction with its exact address (cpu/stops.py) — except a WRITE, which is
+        refused: QEMU's `store_helper` fills the second page of a store that crosses a
+        page boundary *before* writing a byte, but then stores byte by byte, so with a
+        poisoned second page the first page's bytes would already be written. A
+        faulting instruction changes nothing (SDM Vol. 3A "Exception Classifications"),
+        so the store must not start (cpu/stops.py `Stops.refused_write` finds the
+        address from the instruction)."""
         m = self.m
         if not is_canonical(vpage):
-            return None
+            return REFUSE if access is Access.WRITE else None
         try:
             t = self.guest_walk(m.regs.read_paging(), vpage, access)
         except (ArchFault, EptViolation, EptMisconfig):
-            return None  # poisoned: the access stops at its instruction (cpu/stops.py)
+            # The access stops at its instruction (cpu/stops.py).
+            return REFUSE if access is Access.WRITE else None
         if not m.phys.contains(t.paddr, 4096):
             # Also the local APIC page: every access to it stops the engine at the
             # accessing instruction, which the machine emulates (cpu/apic_mmio.py).

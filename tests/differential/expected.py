@@ -89,7 +89,6 @@ QEMU_DIVERGENCES = {
 }
 
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
-_R8 = "rule 8: a faulting store leaves its first page unchanged"
 _R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
 
 # The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
@@ -109,9 +108,7 @@ IDTLAB_PENDING: dict[str, dict[str, str]] = {
     "shadow_chain": {},
     "ss_gp_segment": {},
     "step_emulated": {},
-    "store_fault": {t: _R8 for t in ("store_into_not_present_leaves_first_page",
-                                     "store_into_read_only_leaves_first_page",
-                                     "push_into_not_present_leaves_first_page")},
+    "store_fault": {},
 }
 
 # The tests of SDM_IMAGES where QEMU 7.2 TCG differs from Bochs beyond its listed
