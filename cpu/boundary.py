@@ -130,6 +130,8 @@ class EventBoundary:
             choice = self._arbitrate()
             st.step = choice.needs_stepping or m.apf_host.state.wants_step
             if choice.deliver is None:
+                if m.alignment.fault_next():
+                    continue  # #AC delivered: its handler's first instruction is a boundary
                 return
             rip = m.engine.read_reg("rip")
             woke = st.halted

@@ -206,6 +206,9 @@ class Engine:
         self.counter.stop_cycle = 2**64 - 1
         self.counter.default_cost = 1
         self.counter.split = native.NO_SPLIT
+        self.counter.ac_pass = 2**64 - 1
+        self.counter.reg_read = ctypes.cast(_ucpy.uclib.uc_reg_read, ctypes.c_void_p)
+        self.counter.rid_eflags = X.UC_X86_REG_EFLAGS
         self._miss_fn: Any = None  # keeps the ctypes callbacks alive
         self._bmiss_fn: Any = None
         self._counter_hook = ctypes.c_size_t()
@@ -374,7 +377,7 @@ class Engine:
     # The counter's scalar state (its cost tables are caches keyed by address and stay).
     _COUNTER_STATE = ("count", "stop_at", "stopped", "cycles", "stop_cycle", "last_cost",
                       "block_addr", "block_size", "block_before", "block_cycles_before", "split",
-                      "last_addr")
+                      "last_addr", "ac_check", "ac_pass", "ac_stopped")
 
     def save_state(self) -> tuple[Any, tuple[int, ...]]:
         """The CPU state and the counter's, for `restore_state` (cpu.snapshot)."""
@@ -407,6 +410,7 @@ class Engine:
         """
         c = self.counter
         c.stopped = 0
+        c.ac_stopped = 0
         c.split = native.NO_SPLIT
         if until != UNTIL_NEVER:
             # `until` only takes effect in code translated after it is set: drop the
@@ -547,6 +551,21 @@ class Engine:
 
     def stop(self) -> None:
         self.uc.emu_stop()
+
+    # -- alignment checking (cpu/alignment.py; counter.c `ac_stop`) -------------------------
+    def set_alignment_check(self, armed: bool) -> None:
+        """Arm (CPL = 3 and CR0.AM = 1) or disarm the counter's look at RFLAGS.AC."""
+        self.counter.ac_check = int(armed)
+
+    @property
+    def alignment_stopped(self) -> bool:
+        """The last run stopped before an instruction because RFLAGS.AC = 1."""
+        return bool(self.counter.ac_stopped)
+
+    def pass_alignment_check(self) -> None:
+        """Let the next instruction run without the AC stop (the machine checked it)."""
+        self.counter.ac_stopped = 0
+        self.counter.ac_pass = self.counter.count
 
     @property
     def icount(self) -> int:

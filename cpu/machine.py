@@ -22,6 +22,7 @@ component's business:
     cpu/cpu_model.py     MSRs and CPUID leaves
     cpu/boundary.py      arbitration, shadows, HLT, deadlines
     cpu/debug.py         #DB traps the engine does not raise, the debug registers
+    cpu/alignment.py     #AC: the native look at RFLAGS.AC, the check before the instruction
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
     cpu/platform.py      ports, UART, fw_cfg, exit devices
@@ -44,6 +45,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from cpu import boot32, snapshot
+from cpu.alignment import AlignmentCheck
 from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
 from cpu.apic_mmio import ApicMmio
 from cpu.boundary import BoundaryState, EventBoundary
@@ -149,6 +151,7 @@ class Machine:
         )
         self.state = st
         self.layout = SystemLayout(self)
+        self.alignment = AlignmentCheck(self)
         self.regs = Registers(self, st.regs)
         self.translator = Translator(self)
         self.sysmem = GuestMemory(self)

@@ -138,6 +138,7 @@ class Registers:
         if cpl != st.cpl:
             # TLB entries carry rights computed for one privilege: drop them on a change.
             self.m.engine.flush_tlb()
+            self.m.alignment.arm(cpl)
         st.cpl = cpl
 
     def load_fixed_segments(self, cs: int, cs_flags: int, ss: int, ss_flags: int,
@@ -149,6 +150,7 @@ class Registers:
                                     clear_stale_exception=True)
         if cpl != st.cpl:
             self.m.engine.flush_tlb()
+            self.m.alignment.arm(cpl)
         st.cpl = cpl
 
     def gdt_descriptor(self, selector: int) -> SegmentDescriptor:

@@ -89,14 +89,11 @@ QEMU_DIVERGENCES = {
 }
 
 _R7 = "rule 7: debug registers (cpu.debug_registers)"
-_R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
 
 # The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
 # flip to failures the day the wiring lands, and then leave this table).
 IDTLAB_PENDING: dict[str, dict[str, str]] = {
-    "ac_lock_rmw": {
-        "ac_unaligned_load_at_cpl3": _R9, "ac_unaligned_push_at_cpl3": _R9,
-    },
+    "ac_lock_rmw": {},
     "canon_branch": {},
     "debug_regs": {t: _R7 for t in (
         "dr0_write_breakpoint_trap", "dr2_read_write_breakpoint_on_a_read",
