@@ -8,7 +8,7 @@ executes (cpu/stops.py `hooked_exception`). Everything else is raised here, at a
 instruction boundary the machine holds:
 
 * the single-step trap after an instruction Python executed (IRET, RDMSR/WRMSR, CPUID,
-  an APIC access, SYSCALL/SYSRET; cpu/emulated.py, cpu/apic_mmio.py) — `trap_now`;
+  a device-register access, SYSCALL/SYSRET; cpu/emulated.py, cpu/mmio.py) — `trap_now`;
 * the single-step trap the engine suppresses but the architecture does not: QEMU drops
   the trap after *every* MOV SS, the SDM only after the first of two (Vol. 3A "Masking
   Exceptions and Interrupts When Switching Stacks"; idt.blocking `shadow_after`) —
