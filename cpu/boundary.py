@@ -204,6 +204,9 @@ class EventBoundary:
             n = min(n, due)
         if self.state.step:
             n = min(n, m.engine.icount + 2)
+        debug = m.debug.next_stop()
+        if debug is not None:
+            n = min(n, debug)
         return n
 
     def next_deadline(self) -> int | None:

@@ -66,6 +66,7 @@ class SiteKind(StrEnum):
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
+    MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
@@ -126,6 +127,9 @@ def site_kind(insn: Insn) -> SiteKind | None:
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov" and insn.op_str.startswith("ss,"):
         kind = SiteKind.MOV_SS
+    if kind is None and insn.mnemonic == "mov" and (
+            insn.op_str.startswith("dr") or insn.op_str.split(", ")[-1].startswith("dr")):
+        kind = SiteKind.MOV_DR
     if kind is None and insn.mnemonic.startswith("out"):
         kind = SiteKind.OUT  # OUT, OUTSB/OUTSW/OUTSD
     if kind is None and insn.mnemonic in ("in", "insb", "insw", "insd"):

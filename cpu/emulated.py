@@ -106,6 +106,8 @@ class Emulated:
         if res.null_segments:
             rec["null_segments"] = list(res.null_segments)
         e.cycles += cost
+        if res.rflags & RFLAGS_RF:
+            m.debug.iret_loaded_rf(e.icount, res.rip)  # no instruction breakpoint there
         self.single_step(st.rflags)  # TF as the IRET found it, not as it loaded it
 
     def _null_segments(self, names: tuple[str, ...]) -> None:

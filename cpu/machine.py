@@ -403,6 +403,7 @@ class Machine:
     # -- delivery --------------------------------------------------------------------------
     def deliver(self, ev: Event, why: str = "") -> None:
         """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
+        self.debug.before_delivery(ev)  # a #DB trap still owed is void (cpu/debug.py)
         st = self.regs.arch_state()
         cr2_before = st.cr2
         st.rip = ev.return_rip

@@ -73,8 +73,9 @@ class Stops:
             SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
             SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
             SiteKind.MOV_SS: lambda a: m.boundary.open_shadow(a, SiteKind.MOV_SS),
-            SiteKind.OUT: lambda a: m.platform.io_check(a) or m.platform.exit_write(a),
-            SiteKind.IN: m.platform.io_check,
+            SiteKind.OUT: lambda a: self.io_site(a) or m.platform.exit_write(a),
+            SiteKind.IN: self.io_site,
+            SiteKind.MOV_DR: lambda a: self._defer(lambda: m.debug.mov_dr(a)),
             SiteKind.RDMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=False)),
             SiteKind.WRMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=True)),
             SiteKind.CPUID: m.emulated.cpuid_site,
@@ -82,6 +83,11 @@ class Stops:
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
             SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
         }
+
+    def io_site(self, address: int) -> bool:
+        """IN/OUT/INS/OUTS: the I/O permission check (a #GP stops the engine), then the
+        I/O breakpoints (a trap after the instruction)."""
+        return self.m.platform.io_check(address) or self.m.debug.io_site(address)
 
     def _defer(self, action: Callable[[], None]) -> bool:
         self.pending = action
@@ -112,6 +118,9 @@ class Stops:
         if m.injections.at_site(address):
             return
         if m.frames.cr2_read_site(address):
+            return
+        if m.debug.breakpoint_site(address):
+            m.engine.stop()  # an instruction breakpoint: #DB fault before it
             return
         kind = m.sites.kinds.get(address)
         if kind is not None and self._site_actions[kind](address):
@@ -165,6 +174,8 @@ class Stops:
         if m.mmio.claims(t.paddr) and access is not Access.FETCH:
             m.mmio.emulate(rip, vaddr, t.paddr, access)
             return
+        if access is not Access.FETCH and m.debug.data_access(rip, vaddr):
+            return  # a data breakpoint's page (cpu/debug.py): the instruction runs alone
         if not m.phys.contains(t.paddr | (vaddr & 0xFFF)):
             raise Stop(Outcome.OUTSIDE_MEMORY,
                        f"{access.name.lower()} of {vaddr:#x} maps to physical {t.paddr:#x}, "

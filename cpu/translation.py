@@ -133,6 +133,11 @@ class Translator:
             # accessing instruction, which the machine emulates (cpu/mmio.py); so are
             # the other device pages.
             return None
+        watched = m.debug.watches(vpage)
+        if watched and access is not Access.FETCH:
+            # A data breakpoint's page: every data access stops at its instruction
+            # (cpu/debug.py `Debug.data_access`); a store is refused, as above.
+            return REFUSE if access is Access.WRITE else None
         prot = PROT_R
         if t.writable and (t.dirty or access is Access.WRITE):
             prot |= PROT_W  # a clean page is filled read-only so the first write sets D
@@ -145,6 +150,8 @@ class Translator:
                 prot &= ~PROT_W
         if t.executable:
             prot |= PROT_X
+        if watched:
+            prot &= PROT_X  # fetches only: data accesses must miss and come back here
         if m.ept is not None:
             # The engine's TLB entry serves every kind of access: it may only grant what
             # both stages allow. A kind EPT refuses misses the TLB and comes back here
@@ -152,8 +159,9 @@ class Translator:
             for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
                 if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
                     prot &= ~bit
-        else:
-            # The same fill, while the entries this walk read hold, needs no Python.
+        elif vpage not in m.debug.state.watched:
+            # The same fill, while the entries this walk read hold, needs no Python
+            # (never for a data breakpoint's page: its mapping depends on more).
             m.engine.remember_fill(vpage, access, m.regs.state.cpl == 3,
                                    m.sysmem.walks.last_used, t.paddr, prot)
         return t.paddr, prot

@@ -88,25 +88,11 @@ QEMU_DIVERGENCES = {
     "rf_frames": {"qemu-rf-fault-frames"},
 }
 
-_R7 = "rule 7: debug registers (cpu.debug_registers)"
 
-# The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
-# flip to failures the day the wiring lands, and then leave this table).
-IDTLAB_PENDING: dict[str, dict[str, str]] = {
-    "ac_lock_rmw": {},
-    "canon_branch": {},
-    "debug_regs": {t: _R7 for t in (
-        "dr0_write_breakpoint_trap", "dr2_read_write_breakpoint_on_a_read",
-        "dr3_two_byte_range_overlap", "single_step_and_data_breakpoint_together",
-        "dr6_bs_is_sticky", "dr7_gd_faults_the_next_mov_dr",
-        "mov_ss_delays_a_data_breakpoint")},
-    "io_perm": {},
-    "iret_rules": {},
-    "shadow_chain": {},
-    "ss_gp_segment": {},
-    "step_emulated": {},
-    "store_fault": {},
-}
+# The tests of SDM_IMAGES whose records idtlab does not reproduce yet, each with the rule of
+# docs/sdm-map.md that fixes it (strict xfail: a test flips to a failure the day its wiring
+# lands, and then leaves this table). Every SDM-corner rule is wired: none is pending.
+IDTLAB_PENDING: dict[str, dict[str, str]] = {image: {} for image in SDM_IMAGES}
 
 # The tests of SDM_IMAGES where QEMU 7.2 TCG differs from Bochs beyond its listed
 # KNOWN_DIVERGENCES (RF in fault frames), and why (each is QEMU against the SDM, except
