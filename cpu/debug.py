@@ -263,9 +263,9 @@ class Debug:
         a stop requested from inside the block would come too late in fast mode)."""
         m = self.m
         e = m.engine
+        if not e.read_reg("dr7") & 0xFF:
+            return False  # no breakpoint enabled (the common case: one register read)
         regs = self.registers()
-        if not regs.dr7 & 0xFF:
-            return False
         here = e.count_at(address)
         t = self.state.trap
         if t is not None and t.icount == here:
