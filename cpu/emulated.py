@@ -174,6 +174,7 @@ class Emulated:
         m.regs.load_fixed_segments(cs, _CS64_DPL3 if to64 else _CS32_DPL3, (base + 8) | 3,
                                    _SS_DPL3, 3)
         e.write({"rip": rip, "rflags": rflags})
+        m.frames.user_mode()
         m.emit("sysret", rip=address, to_rip=rip, to_64bit=to64)
         self.single_step(rflags)
 

@@ -6,7 +6,7 @@ second NMI on the same IST stack overwrites the first NMI's return frame (SDM Vo
 keeps every live frame — address, slot names, event, when it was pushed — and after each
 delivery compares their bytes with what they held before it; a change is a
 `frame_overwritten` record naming the victim and every slot, old and new. An IRET pops
-the innermost one.
+the innermost one; an event taken at CPL 3 (or a SYSRET) finds none live.
 
 The same bookkeeping answers the CR2 question of the async-#PF threads: with
 `observe_cr2_reads`, each `MOV reg, CR2` in decoded code emits a `cr2_read` record with
@@ -71,6 +71,15 @@ class Frames:
                 self.m.emit("frame_overwritten", by=by, victim=name, victim_icount=icount,
                             at=addr, slots=[[s, o, n] for s, o, n in zip(slots, olds, news,
                                                                        strict=True)])
+
+    def user_mode(self) -> None:
+        """The CPU runs at CPL 3: no handler is waiting to return through a kernel frame
+        (it would have had to IRET out of it first), so frames still listed were
+        abandoned (a kernel that leaves a handler by switching stacks, as kvm-unit-tests'
+        user-mode helper does). Forget them: they are not victims, and a long run
+        would otherwise compare every delivery against all of them."""
+        self.state.live.clear()
+        self.state.depth = 0
 
     def pushed(self, rsp: int, has_error_code: bool, name: str) -> None:
         """A delivery pushed its frame at `rsp`."""

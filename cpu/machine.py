@@ -416,6 +416,8 @@ class Machine:
             # executing instruction, so RF is architecturally 0; fault-class exceptions set
             # it in their pushed image anyway (idt.deliver).
             st.rflags &= ~RFLAGS_RF
+        if st.cpl == 3:
+            self.frames.user_mode()
         live = self.frames.snapshot()
         try:
             with self.paging_snapshot():
