@@ -132,7 +132,7 @@ class Debug:
         m = self.m
         e = m.engine
         e.uncount()
-        insn = decode_one(m.code_bytes(address, 15) or b"", address)
+        insn = decode_one(m.stops.insn_bytes(address) or b"", address)
         assert insn is not None  # a site is a decoded instruction
         dst, src = (x.strip() for x in insn.op_str.split(","))
         write = dst.startswith("dr")
@@ -270,7 +270,7 @@ class Debug:
         t = self.state.trap
         if t is not None and t.icount == here:
             return False  # owed already: this is the run that executes it
-        insn = decode_one(m.code_bytes(address, 15) or b"", address)
+        insn = decode_one(m.stops.insn_bytes(address) or b"", address)
         if insn is None:
             return False
         port, size = port_access(insn)

@@ -163,7 +163,7 @@ class Platform:
         iopl = (m.engine.read_reg("rflags") & RFLAGS_IOPL) >> 12
         if cpl <= iopl:
             return False
-        insn = decode_one(m.code_bytes(address, 15) or b"", address)
+        insn = decode_one(m.stops.insn_bytes(address) or b"", address)
         if insn is None:
             return False
         port, size = port_access(insn)
