@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import sys
 import textwrap
 from importlib import resources
@@ -17,10 +18,11 @@ from pathlib import Path
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
-from idtlab import __version__, apf_matrix, ref, suite
+from idtlab import __version__, apf_matrix, explore_html, explore_report, ref, suite
 from idtlab import diff as differ
 from idtlab import explore as ex
 from idtlab import scenario as scn
+from idtlab.colour import Palette, wants_colour
 from idtlab.errors import BadInput, Unsupported
 from idtlab.labs import cli as labs_cli
 from idtlab.trace import Symbolizer, timeline, write_jsonl
@@ -74,12 +76,21 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     for f in failures:
         print(f"FAIL {f}")
     if sc.expects:
-        ok = len(sc.expects) - len(failures)
-        print(f"{ok}/{len(sc.expects)} expectations hold"
-              + (f"; trace written to {trace_out}" if trace_out else ""))
+        print(_held(sc, failures) + (f"; trace written to {trace_out}" if trace_out else ""))
     elif trace_out:
         print(f"trace written to {trace_out}")
     return 1 if failures else 0
+
+
+def _held(sc: scn.Scenario, failures: list[scn.Failure]) -> str:
+    """`N/M expectations hold`, counting those that describe the scenario's own run
+    (an entry with scope "explored" describes the race explorer's runs only)."""
+    own = [e for e in sc.expects if e.applies(0)]
+    line = f"{len(own) - len(failures)}/{len(own)} expectations hold"
+    if len(own) < len(sc.expects):
+        line += (f" ({len(sc.expects) - len(own)} more describe the explorer's runs only: "
+                 "scope \"explored\")")
+    return line
 
 
 def _run_image(args: argparse.Namespace) -> int:
@@ -132,8 +143,7 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
             lines.extend(textwrap.wrap(line, width, subsequent_indent=" " * 14,
                                        drop_whitespace=False) or [""])
         columns.append(lines)
-        ok = len(sc.expects) - len(failures)
-        footers.append(f"{path.name}: {result.outcome}; {ok}/{len(sc.expects)} expectations hold")
+        footers.append(f"{path.name}: {result.outcome}; {_held(sc, failures)}")
         footers.extend(f"  FAIL {f}" for f in failures)
     for row in itertools.zip_longest(*columns, fillvalue=""):
         print("  |  ".join(cell.ljust(width) for cell in row).rstrip())
@@ -143,44 +153,40 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
     return 1 if failed else 0
 
 
-def _explore(args: argparse.Namespace) -> int:
+def _explore(args: argparse.Namespace, command: str) -> int:
     start, sep, end = str(args.window).partition("..")
     if not sep or not start:
         raise BadInput(f"--window {args.window!r}: expected START..END or START.. (symbols or "
                        "addresses; START.. runs to the end of the run)")
     events = tuple(args.event or ["nmi"])
     invariants = tuple(args.invariant or ())
+    if args.invariants_only and not invariants:
+        raise BadInput("--invariants-only: give the invariants to check (--invariant NAME)")
     progress = sys.stderr.isatty() and not args.json
-    minimal = None
+    settings = ex.Settings(args.scenario, events, start, end or None, invariants, args.mode,
+                           random=args.random, seed=args.seed, max_events=args.max_events,
+                           force=args.force, expectations=not args.invariants_only,
+                           budget=args.budget, command=command)
     if args.dask:
         args.dask = ex.dask_client(args.dask, args.dask_timeout)
-    if args.random:
-        findings, minimal = ex.random_search(
-            args.scenario, events, start, end, count=args.random, seed=args.seed,
-            max_events=args.max_events, jobs=max(1, args.jobs), mode=args.mode,
-            progress=progress, invariants=invariants, dask=args.dask, budget=args.budget)
-    else:
-        findings = ex.explore(args.scenario, events, start, end, jobs=max(1, args.jobs),
-                              mode=args.mode, progress=progress, invariants=invariants,
-                              dask=args.dask, budget=args.budget)
-    if args.dask:
-        args.dask.close()
+    try:
+        result = ex.run_exploration(settings, jobs=max(1, args.jobs), dask=args.dask,
+                                    progress=progress)
+    finally:
+        if args.dask:
+            args.dask.close()
     if args.html:
-        plan = ex.Plan(args.scenario, args.mode, ex.Window((), ()), None, invariants)
-        Path(args.html).write_text(ex.html_report(plan, findings))
+        Path(args.html).write_text(explore_html.render(result))
     if args.json:
-        out: dict[str, object] = {"findings": ex.as_json(findings)}
-        if minimal is not None:
-            out["minimal"] = ex.as_json([minimal])[0]
-        print(json.dumps(out, indent=1))
+        print(json.dumps(explore_report.as_json(result), indent=1))
     else:
-        for line in ex.report(findings):
+        palette = Palette(wants_colour(sys.stdout))
+        for line in explore_report.report(result, failures_only=args.failures_only,
+                                          palette=palette):
             print(line)
-        if minimal is not None:
-            print(f"minimal failing schedule: {minimal.name}: {minimal.failures[0]}")
         if args.html:
             print(f"report written to {args.html}")
-    return 1 if any(not f.ok for f in findings) else 0
+    return 1 if result.breaking else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("scenario", type=Path)
     p_exp.add_argument("--event", action="append",
                        help="the event to inject: nmi (default), interrupt:VECTOR, "
-                            "async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA; twice: every "
-                            "ordered pair of points; with --random: the events to draw from")
+                            "async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA; a host event "
+                            "may name the policy to ask: async_pf:gpa=ADDR,policy=NAME (kvm, "
+                            "kvm-send-always, never-while-nmi-blocked, always, "
+                            "nmi-blocked-only, or FILE.py:FUNCTION); twice: every ordered pair "
+                            "of points; with --random: the events to draw from")
     p_exp.add_argument("--window", required=True, metavar="START..END",
                        help="addresses or symbols: from the first arrival at START to the next "
                             "arrival at END, both boundaries included (START..: to the end "
@@ -246,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                             "first failing one is shrunk")
     p_exp.add_argument("--seed", type=int, default=0, help="seed for --random (0)")
     p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
+    p_exp.add_argument("--failures-only", action="store_true",
+                       help="print only the schedules that break something")
+    p_exp.add_argument("--invariants-only", action="store_true",
+                       help="check only the --invariant checks, not the scenario's [[expect]] "
+                            "entries")
+    p_exp.add_argument("--force", action="store_true",
+                       help="host events (async_pf, ept_revoke) happen wherever the schedule "
+                            "puts them; without it the host's policy is asked at each point "
+                            "and a point where it refuses is reported as refused")
     ref.add_parser(sub)
     differ.add_parser(sub)
     labs_cli.add_parser(sub)
@@ -268,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "suite":
             return suite.run_cli(args)
         if args.command == "explore":
-            return _explore(args)
+            return _explore(args, "idtlab " + shlex.join(sys.argv[1:] if argv is None
+                                                         else argv))
         if args.command == "compare":
             return _compare(args.scenarios, args.width, args.cycles, args.mode)
         if args.command == "demo" and args.name in TABLES:

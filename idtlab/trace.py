@@ -290,6 +290,15 @@ def _apf_not_present(r: Record, sym: Symbolizer) -> str:
     return f"async #PF: GPA {gpa} swapped out -> host stalls the vCPU ({r['policy']}: {r['reason']})"
 
 
+@renders("host_declines")
+def _host_declines(r: Record, sym: Symbolizer) -> str:
+    where = f" before {sym(r['before'])}" if "before" in r else ""
+    if r["status"] == "refused":
+        return (f"~ host does not do {r['event']}{where}: policy {r['policy']} refuses "
+                f"({r['reason']})")
+    return f"~ host cannot do {r['event']}{where}: {r['reason']}"
+
+
 @renders("apf_halt")
 def _apf_halt(r: Record, sym: Symbolizer) -> str:
     return f"vCPU halted {r['cycles']} cycles until GPA {r['gpa']:#x} is in"
