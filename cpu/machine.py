@@ -47,7 +47,7 @@ from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
 from cpu.apic_mmio import ApicMmio
 from cpu.boundary import BoundaryState, EventBoundary
 from cpu.cpu_model import CpuModel, ModelState
-from cpu.decode import decode_one
+from cpu.decode import MAX_INSN_LENGTH, decode_one
 from cpu.devices.apf import AsyncPf
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.devices.fwcfg import FwCfg
@@ -344,9 +344,14 @@ class Machine:
             return None
 
     def _insn_cost(self, address: int, size: int) -> int:
-        """Timed mode: one instruction's cost (called once per address by the counter)."""
+        """Timed mode: one instruction's cost (called once per address by the counter).
+
+        `size` is the engine's, and is not trusted beyond the architectural limit of 15
+        bytes (SDM Vol. 2A, "Instruction Format": longer is #GP): Unicorn reports
+        0xF1F1F1F1 for INT1 (ICEBP), and reading that many bytes of guest memory took 4 GiB.
+        The cost model keys on at most 15 bytes anyway."""
         try:
-            code = self.read_linear(address, size)
+            code = self.read_linear(address, min(size, MAX_INSN_LENGTH))
         except (ArchFault, Stop):
             return self.profile.cycles_per_instruction
         return self._costs.instruction_cost(code, address)
