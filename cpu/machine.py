@@ -258,8 +258,14 @@ class Machine:
         self.state.vmx.on_ept_violation = policy
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append a trace record stamped with the current icount and cycle."""
-        return self.trace.emit(kind, self.engine.icount, self.engine.cycles, **fields)
+        """Append a trace record stamped with the current icount and cycle. A record made
+        inside an instruction (a hook while the engine runs: a port write, a serial line)
+        counts that instruction and no later one, in both counting modes."""
+        e = self.engine
+        if self.regs.running:
+            icount, cycles = e.hook_stamp(e.read_reg("rip"))
+            return self.trace.emit(kind, icount, cycles, **fields)
+        return self.trace.emit(kind, e.icount, e.cycles, **fields)
 
     # -- building ----------------------------------------------------------------------
     def load(self, addr: int, data: bytes, *, code: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shlex
 import sys
 import textwrap
@@ -25,7 +26,7 @@ from idtlab import scenario as scn
 from idtlab.colour import Palette, wants_colour
 from idtlab.errors import BadInput, Unsupported
 from idtlab.labs import cli as labs_cli
-from idtlab.trace import Symbolizer, timeline, write_jsonl
+from idtlab.trace import HINT, LEGEND, Symbolizer, stuck, timeline, write_jsonl
 
 SYSTEM_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
 # Built-in demos (idtlab/examples/): the default shows the nested-NMI IST race.
@@ -60,13 +61,11 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     if trace_out:
         write_jsonl(result.trace.records, trace_out)
     if not quiet:
-        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS)
-        print(f"idtlab: {display}")
-        print(f"{'icount':>10}  " + (f"{'cycle':>12}  " if cycles else "") + "event")
-        for line in timeline(result.trace.records, sym, cycles=cycles):
-            print(line)
         m = sc.machine
         assert m is not None
+        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS, disasm=m.disassemble)
+        print(f"idtlab: {display}")
+        _print_timeline(result.trace.records, sym, cycles)
         print(f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode, "
               f"profile {m.profile.name})")
         if result.serial and not live:
@@ -80,6 +79,19 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     elif trace_out:
         print(f"trace written to {trace_out}")
     return 1 if failures else 0
+
+
+def _print_timeline(records: list[dict[str, object]], sym: Symbolizer, cycles: bool) -> None:
+    """The timeline with repeats collapsed, coloured on a terminal, then the verdict when
+    the guest got stuck in a loop, and the legend's one-line hint."""
+    palette = Palette(wants_colour(sys.stdout))
+    print(palette.head(f"{'icount':>10}  " + (f"{'cycle':>12}  " if cycles else "") + "event"))
+    for line in timeline(records, sym, cycles=cycles, collapse=True, palette=palette):
+        print(line)
+    verdict = stuck(records, sym)
+    if verdict:
+        print(palette.bad(f"verdict: {verdict}"))
+    print(palette.dim(HINT))
 
 
 def _held(sc: scn.Scenario, failures: list[scn.Failure]) -> str:
@@ -113,11 +125,9 @@ def _run_image(args: argparse.Namespace) -> int:
         print(tail, flush=True)  # a last line without its newline
     if args.trace:
         write_jsonl(result.trace.records, args.trace)
-    sym = Symbolizer(m.symbols, hide=SYSTEM_SYMBOLS)
+    sym = Symbolizer(m.symbols, hide=SYSTEM_SYMBOLS, disasm=m.disassemble)
     if args.timeline:
-        print(f"{'icount':>10}  " + (f"{'cycle':>12}  " if args.cycles else "") + "event")
-        for line in timeline(result.trace.records, sym, cycles=args.cycles):
-            print(line)
+        _print_timeline(result.trace.records, sym, args.cycles)
     detail = f" ({result.reason})" if result.reason else ""
     print(f"idtlab: {args.image.name}: {result.outcome}{detail} at {sym(result.rip)}; "
           f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode), "
@@ -137,9 +147,10 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
         result = scn.run(sc)
         failures = scn.check(sc, result)
         failed = failed or bool(failures)
-        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS)
+        assert sc.machine is not None
+        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS, disasm=sc.machine.disassemble)
         lines = [path.name, "-" * min(width, len(path.name))]
-        for line in timeline(result.trace.records, sym, cycles=cycles):
+        for line in timeline(result.trace.records, sym, cycles=cycles, collapse=True):
             lines.extend(textwrap.wrap(line, width, subsequent_indent=" " * 14,
                                        drop_whitespace=False) or [""])
         columns.append(lines)
@@ -214,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
     p_run.add_argument("--mode", choices=("fast", "timed"),
                        help="cycle accounting, overriding the scenario's [machine] mode")
+    p_run.add_argument("--legend", action="store_true",
+                       help="explain the timeline's columns, words and symbols, and exit")
     p_cmp = sub.add_parser("compare", help="run scenarios and show their timelines side by side")
     p_cmp.add_argument("scenarios", type=Path, nargs="+")
     p_cmp.add_argument("--width", type=int, default=72, help="column width (72)")
@@ -314,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_file(demo, args.trace, False,
                                  f"demo {args.name} (idtlab demo {args.name} --show prints it)",
                                  args.cycles)
+        if args.legend:
+            print("How to read a timeline (idtlab run, compare, demo, lab):")
+            for line in LEGEND:
+                print(f"  {line}")
+            return 0
         if args.image is not None:
             if args.scenario is not None:
                 raise BadInput("run: give a scenario file or --image, not both")
@@ -328,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("idtlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `idtlab ... | head`: the reader left; say nothing more (not even at exit).
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
 
 
 if __name__ == "__main__":
