@@ -14,8 +14,10 @@ import os
 import shlex
 import sys
 import textwrap
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
@@ -81,7 +83,7 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     return 1 if failures else 0
 
 
-def _print_timeline(records: list[dict[str, object]], sym: Symbolizer, cycles: bool) -> None:
+def _print_timeline(records: Sequence[Mapping[str, Any]], sym: Symbolizer, cycles: bool) -> None:
     """The timeline with repeats collapsed, coloured on a terminal, then the verdict when
     the guest got stuck in a loop, and the legend's one-line hint."""
     palette = Palette(wants_colour(sys.stdout))

@@ -522,6 +522,23 @@ def _finding(plan: Plan, sc: scn.Scenario, events: tuple[str, ...],
                              expectations=plan.expectations))
 
 
+def replay(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, ...], *,
+           observe: Callable[[Machine], Any] | None = None) -> tuple[scn.Scenario, RunResult]:
+    """One schedule run again from the start, for its trace (a report's timeline);
+    `observe(machine)` is called before the run (to capture what the trace lacks)."""
+    specs = tuple(host_event(e, force=plan.force) for e in events)
+    sc = _load(plan.path, plan.mode)
+    m = sc.machine
+    assert m is not None
+    _limits(sc, plan.budget, len(events))
+    _prepare_invariants(plan.invariants, m)
+    if observe is not None:
+        observe(m)
+    for ev, point in zip(specs, schedule, strict=True):
+        m.inject(ev, Before(point.rip, point.arrival), label="explore")
+    return sc, scn.run(sc)
+
+
 def check_schedule(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, ...]) -> Finding:
     """The reference path: a fresh load and run from the start for one schedule (what the
     checkpointed `Session` must agree with)."""

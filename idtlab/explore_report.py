@@ -44,6 +44,7 @@ class Group:
 
     first: int
     findings: tuple[Finding, ...]
+    bare: bool = False  # every schedule of the exploration is the same single event
 
     @property
     def last(self) -> int:
@@ -71,12 +72,12 @@ class Group:
         the one schedule with its instruction."""
         a, b = self.findings[0], self.findings[-1]
         if len(self.findings) == 1:
-            if len(a.schedule) == 1:
+            if self.bare:
                 return f"{a.point.label}: {a.point.insn}"
             return a.name
         head = " + ".join(f"{e} @ {p.label}" for e, p in zip(a.events[:-1], a.schedule[:-1],
                                                                strict=True))
-        last = f"{a.events[-1]} @ " if len(a.events) > 1 else ""
+        last = "" if self.bare else f"{a.events[-1]} @ "
         span = f"{last}{a.schedule[-1].label} .. {b.schedule[-1].label}"
         return f"{head} + {span}" if head else span
 
@@ -107,13 +108,15 @@ def groups(findings: tuple[Finding, ...] | list[Finding]) -> list[Group]:
     out: list[Group] = []
     run: list[Finding] = []
     start = 0
+    # One event kind at one point per schedule: a schedule is named by its point alone.
+    bare = len({f.events for f in findings}) == 1 and all(len(f.events) == 1 for f in findings)
     for i, f in enumerate(findings):
         if run and _key(f) != _key(run[0]):
-            out.append(Group(start, tuple(run)))
+            out.append(Group(start, tuple(run), bare))
             run, start = [], i
         run.append(f)
     if run:
-        out.append(Group(start, tuple(run)))
+        out.append(Group(start, tuple(run), bare))
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,30 +146,53 @@ def timeline(records: Iterable[Record], sym: Symbolizer, *, cycles: bool = False
                  3  end: hlt after main+0x1: hlt (HLT with no event that can wake the CPU)
     """
     recs = list(records)
-    # A record without a depth of its own (an arrival, a HLT) is at the depth of the
-    # delivery or IRET before it.
-    depths: list[int] = []
-    depth = 0
-    for r in recs:
-        depth = int(r.get("depth", depth))
-        depths.append(depth)
+    levels = depths(recs)
     out: list[str] = []
     for start, period, count in (repeats(recs) if collapse else
                                  [(i, 1, 1) for i in range(len(recs))]):
         last = recs[start + period * count - 1]
         if count == 1:
-            out.extend(_lines(recs[start], depths[start], sym,
+            out.extend(_lines(recs[start], levels[start], sym,
                               _head(recs[start], recs[start], cycles), palette))
             continue
         head = _head(recs[start], last, cycles)
         if period == 1:
-            out.extend(_lines(recs[start], depths[start], sym, head, palette,
+            out.extend(_lines(recs[start], levels[start], sym, head, palette,
                               prefix=f"{count} \u00d7 "))
             continue
         out.append(f"{head}{count} \u00d7 the {period} records below, in turn:")
         for i in range(start, start + period):
-            out.extend(_lines(recs[i], depths[i], sym, " " * (len(head) + 2), palette))
+            out.extend(_lines(recs[i], levels[i], sym, " " * (len(head) + 2), palette))
     return out
+
+
+def depths(records: Sequence[Record]) -> list[int]:
+    """The indentation depth of each record: its own `depth` (a delivery's is the level it
+    interrupts, an IRET's the level it returns to), or, for a record without one (an
+    arrival, a HLT), the level the last delivery or IRET left: inside a handler, one
+    deeper than its delivery.
+
+        >>> depths([{"kind": "deliver", "depth": 0}, {"kind": "nmi_latched"},
+        ...         {"kind": "iret", "depth": 0}, {"kind": "hlt"}])
+        [0, 1, 0, 0]
+    """
+    out: list[int] = []
+    level = 0
+    for r in records:
+        if "depth" in r:
+            out.append(int(r["depth"]))
+            level = int(r["depth"]) + (1 if r["kind"] == "deliver" else 0)
+        else:
+            out.append(level)
+    return out
+
+
+def record_lines(r: Record, sym: Symbolizer) -> tuple[list[str], bool]:
+    """One record's text (a first line and its continuations) and whether it is indented
+    by the delivery depth (the end of the run is not)."""
+    renderer = RENDERERS.get(r["kind"], FALLBACK)
+    text = renderer.render(r, sym)
+    return ([text] if isinstance(text, str) else list(text)), renderer.nested
 
 
 def _head(first: Record, last: Record, cycles: bool) -> str:
@@ -182,10 +205,8 @@ def _head(first: Record, last: Record, cycles: bool) -> str:
 
 def _lines(r: Record, depth: int, sym: Symbolizer, head: str, palette: Palette,
            prefix: str = "") -> list[str]:
-    renderer = RENDERERS.get(r["kind"], FALLBACK)
-    text = renderer.render(r, sym)
-    lines = [text] if isinstance(text, str) else text
-    pad = "  " * depth if renderer.nested else ""
+    lines, nested = record_lines(r, sym)
+    pad = "  " * depth if nested else ""
     mark = _colour(r, palette)
     out = [f"{head}{pad}{mark(prefix + lines[0])}"]
     out.extend(f"{' ' * len(head)}{pad}{mark(line) if '<- changed' in line else line}"
@@ -215,7 +236,8 @@ def _same(a: Record, b: Record) -> bool:
     return len(a) == len(b) and all(a.get(k) == v for k, v in b.items() if k not in _STAMPS)
 
 
-def repeats(records: list[Record], *, longest: int = 4, least: int = 3) -> list[tuple[int, int, int]]:
+def repeats(records: Sequence[Record], *, longest: int = 4,
+            least: int = 3) -> list[tuple[int, int, int]]:
     """The records as runs `(start, period, count)`: a block of `period` records repeated
     `count` times from `start` (count 1: once). A block of up to `longest` records is a
     run when it repeats at least `least` times in a row; the run that covers the most
@@ -244,7 +266,7 @@ def repeats(records: list[Record], *, longest: int = 4, least: int = 3) -> list[
 _STUCK_OUTCOMES = {"max_insns": "the instruction limit", "max_events": "the event limit"}
 
 
-def stuck(records: list[Record], sym: Callable[[int], str] = hex) -> str | None:
+def stuck(records: Sequence[Record], sym: Callable[[int], str] = hex) -> str | None:
     """A one-line verdict when a run that hit its instruction or event limit spent its
     end repeating the same records (an IRET through a frame that points at itself, an
     event storm): the guest is stuck, whatever the expectations say.
