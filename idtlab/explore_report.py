@@ -34,7 +34,7 @@ from idtlab.explore import Exploration, Finding
 
 STATUS_TEXT = {"breaks": "BREAKS", "ok": "ok", "refused": "refused",
                "not_applicable": "not applicable"}
-LABEL_WIDTH = 64
+LABEL_WIDTH = 90  # wider labels (random schedules of several events) push their row out
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class Group:
             return a.name
         head = " + ".join(f"{e} @ {p.label}" for e, p in zip(a.events[:-1], a.schedule[:-1],
                                                                strict=True))
-        last = "" if self.bare else f"{a.events[-1]} @ "
-        span = f"{last}{a.schedule[-1].label} .. {b.schedule[-1].label}"
+        if self.bare:
+            return f"{a.schedule[-1].label} .. {b.schedule[-1].label}"
+        span = f"{a.events[-1]} @ [{a.schedule[-1].label} .. {b.schedule[-1].label}]"
         return f"{head} + {span}" if head else span
 
     @property
@@ -134,6 +135,21 @@ def summary(findings: tuple[Finding, ...] | list[Finding]) -> str:
     return line
 
 
+def headline(e: Exploration) -> str:
+    """What was explored, in one line (the first line of the text report)."""
+    s = e.settings
+    how = (f"{s.random} random schedules (seed {s.seed}, up to {s.max_events} events)"
+           if s.random is not None else
+           "at every point" if len(s.events) == 1 else "at every ordered pair of points")
+    extra = [f"invariants {', '.join(s.invariants)}" if s.invariants else "no invariants"]
+    if not s.expectations:
+        extra.append("no [[expect]]")
+    if s.force:
+        extra.append("host events forced")
+    return (f"{s.scenario.name}: {' + '.join(s.events)} {how} of {s.window} "
+            f"({len(e.plan.window.points)} points); {'; '.join(extra)}")
+
+
 def parameters(e: Exploration) -> list[str]:
     """What was explored, in words (the first lines of every report)."""
     s = e.settings
@@ -155,11 +171,11 @@ def parameters(e: Exploration) -> list[str]:
 
 def report(e: Exploration | list[Finding], *, failures_only: bool = False,
            palette: Palette = PLAIN) -> list[str]:
-    """The grouped table (`failures_only`: the breaking groups only), a note when the
-    run without the explorer's events is already broken, the summary line, and the
-    minimal schedule of a random search."""
+    """A headline, a note when the run without the explorer's events is already broken,
+    the grouped table (`failures_only`: the breaking groups only), the summary line, and
+    the minimal schedule of a random search."""
     findings = e.findings if isinstance(e, Exploration) else tuple(e)
-    lines: list[str] = []
+    lines: list[str] = [palette.head(headline(e))] if isinstance(e, Exploration) else []
     if isinstance(e, Exploration) and e.baseline:
         lines.append(palette.warn("note: the run without the explorer's events already breaks "
                                   "(every schedule inherits this):"))

@@ -139,7 +139,7 @@ exit_code = 7
 """)
     assert main(["explore", str(p), "--window", "main+0x3..main+0x3"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[:2] == ["note: the run without the explorer's events already breaks (every "
+    assert out[1:3] == ["note: the run without the explorer's events already breaks (every "
                        "schedule inherits this):",
                        "    [[expect]] #1: exit code: expected 7, got 1"]
 

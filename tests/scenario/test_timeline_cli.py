@@ -79,3 +79,16 @@ def test_colour_only_on_a_terminal_or_when_forced_and_never_with_no_color() -> N
     assert "\x1b[31;1m!! NMI frame at 0x121fd8" in forced
     assert "\x1b[31;1mverdict: the guest is stuck" in forced
     assert "\x1b[" not in _run({"FORCE_COLOR": "1", "NO_COLOR": "1"})
+
+
+ALL_EXAMPLES = sorted(EXAMPLES.rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", ALL_EXAMPLES, ids=[str(p.relative_to(EXAMPLES))
+                                                    for p in ALL_EXAMPLES])
+def test_every_shipped_example_has_an_icount_that_never_decreases_in_fast_mode(path: Path) -> None:
+    from idtlab import scenario as scn
+
+    sc = scn.load(path, mode="fast")
+    counts = [r["icount"] for r in scn.run(sc).trace.records]
+    assert counts == sorted(counts)
