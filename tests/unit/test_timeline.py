@@ -34,7 +34,9 @@ def test_a_kind_without_a_renderer_is_shown_with_its_fields_as_json() -> None:
     assert timeline([rec], SYM) == ['        12  new_kind {"vector": 2, "why": "x"}']
 
 
-def test_a_record_is_indented_by_the_depth_of_the_delivery_before_it_and_the_end_is_not() -> None:
+def test_a_record_without_a_depth_is_indented_inside_the_handler_of_the_delivery_before_it() -> None:
+    # The NMI interrupts depth 1; its handler runs at depth 2, where the HLT is. The end
+    # of the run is not indented.
     records = [
         {"seq": 0, "icount": 1, "cycle": 1, "kind": "deliver", "vector": 2, "name": "NMI",
          "source": "nmi", "error_code": None, "rip": 0x100004, "cs": 0x08, "handler": 0x100100,
@@ -45,7 +47,7 @@ def test_a_record_is_indented_by_the_depth_of_the_delivery_before_it_and_the_end
     assert timeline(records, SYM, cycles=True) == [
         "         1             1    NMI nmi before main+0x4 -> nmi_handler  stack=ist1 "
         "rsp=0x8ffd8 cpl 0->0",
-        "         2             2    hlt at nmi_handler+0x4: waiting",
+        "         2             2      hlt at nmi_handler+0x4: waiting",
         "         2             2  end: hlt at nmi_handler+0x5",
     ]
 
