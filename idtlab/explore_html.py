@@ -81,7 +81,7 @@ h3 { font-size: 15px; margin: 14px 0 6px; }
 .controls input[type=search] { width: 380px; padding: 6px 10px; font-size: 14px; }
 details.group { background: #fff; border: 1px solid var(--line); border-left: 6px solid;
   margin: 0 0 6px; border-radius: 4px; }
-details.group > summary { display: grid; grid-template-columns: minmax(0, 1fr) 70px 110px 260px;
+details.group > summary { display: grid; grid-template-columns: minmax(0, 1fr) 96px 110px 300px;
   gap: 10px; padding: 6px 10px 6px 26px; cursor: pointer; list-style: none;
   align-items: baseline; position: relative; }
 details.group > summary::-webkit-details-marker { display: none; }
