@@ -33,6 +33,8 @@ from cpu.devices.apf import (
     decide,
 )
 from cpu.ept import EptViolation
+from cpu.events import HOST, policy_text
+from cpu.events import AsyncPf as AsyncPfEvent
 from cpu.mmu import Access
 from cpu.outcomes import Outcome, Stop
 from idt.blocking import Shadow
@@ -106,10 +108,11 @@ class ApfHost:
                           exception_pending=False, cpl=m.regs.state.cpl,
                           nmi_blocked=m.intr.nmi_blocked, paging=True)
 
-    def _decide(self, rip: int) -> Decision:
-        policy = self.state.policy
+    def _decide(self, rip: int, policy: ApfPolicy | None = None) -> Decision:
+        """The decision of `policy` (default: the host's own) for the guest at `rip`."""
+        asked = self.state.policy if policy is None else policy
         g = self._guest_state(rip)
-        return policy(self.m, g) if callable(policy) else decide(policy, g)
+        return asked(self.m, g) if callable(asked) else decide(asked, g)
 
     def _policy_name(self) -> str:
         return self.state.policy if isinstance(self.state.policy, str) else "callback"
@@ -186,23 +189,49 @@ class ApfHost:
             self._area_write(APF_FLAGS_OFFSET, REASON_PAGE_NOT_PRESENT)
         self.m.deliver(Event.exception(Vector.PF, rip, 0, token), why="async #PF: page not present")
 
-    def inject_forced(self, token: int | None, gpa: int | None, *, where: dict[str, Any]) -> None:
-        """A scenario-forced async #PF at an injection point (the policy is not asked).
-        With a swapped-out `gpa` the host starts its page-in and the #PF carries the
-        host's token (page ready follows); otherwise CR2 = `token`."""
+    def arrive(self, ev: AsyncPfEvent, *, where: dict[str, Any]) -> None:
+        """An `async_pf` event arrives at an injection point: the host may inject a
+        page-not-present #PF here.
+
+        First, can it apply at all? With `gpa` (and no token of its own) the page must be
+        swapped out with no page-in in flight: a resident page has nothing to page in, and
+        a page already being paged in has its token out (KVM's repeated fault halts, it
+        never injects twice). Then, unless the event is forced (`policy` None), the
+        policy it names is asked with the guest's state at this boundary. Either refusal
+        is a `host_declines` record (`status` "not_applicable" or "refused", `reason`)
+        and nothing happens: the event did not take place. Otherwise the host starts the
+        page-in (with `gpa`) and injects the #PF with CR2 = the token."""
         m = self.m
         apf = self.state.device
         assert apf is not None
         rip = m.engine.read_reg("rip")
+        token, gpa = ev.token, ev.gpa
         swap = apf.swap_state(gpa) if gpa is not None else None
+        if gpa is not None and token is None and (swap is None or swap.token is not None):
+            page = gpa & ~0xFFF
+            why = (f"GPA {page:#x} is resident here: there is nothing to page in"
+                   if swap is None else
+                   f"GPA {page:#x} is being paged in already (token {swap.token:#x}): the "
+                   "host halts on a repeated fault, it never injects twice")
+            m.emit("host_declines", event=ev.text, status="not_applicable", reason=why, **where)
+            return
+        if ev.policy is None:
+            reason, policy = "forced by the scenario", self._policy_name()
+        else:
+            asked = self.state.policy if ev.policy == HOST else ev.policy
+            policy = policy_text(asked)
+            decision = self._decide(rip, asked)
+            if not decision.inject:
+                m.emit("host_declines", event=ev.text, status="refused", policy=policy,
+                       reason=decision.reason, **where)
+                return
+            reason = decision.reason
         if gpa is not None and swap is not None and swap.token is None:
             token = apf.start_page_in(gpa, m.engine.cycles)
             self.state.notified.add(token)
-        if token is None:
-            raise Stop(Outcome.UNSUPPORTED, "async_pf injection without a token needs a "
-                       "swapped-out gpa whose page-in is not already in flight", rip)
+        assert token is not None
         m.emit("apf_not_present", token=token, gpa=gpa, gla=None, decision="inject",
-               reason="forced by the scenario", policy=self._policy_name(), **where)
+               reason=reason, policy=policy, **where)
         self._deliver_not_present(token, rip)
 
     def service(self) -> None:

@@ -124,6 +124,7 @@ class EventBoundary:
         rules allow, one event per boundary, until nothing more can be taken."""
         m = self.m
         st = self.state
+        m.injections.raise_deferred()
         m.injections.arrive_here()
         self._fire_due()
         # A #DB trap owed for the instruction before this boundary ranks above NMI and

@@ -76,6 +76,10 @@ class SiteKind(StrEnum):
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
 
 
+# The longest x86 instruction (SDM Vol. 2A, "Instruction Format": an instruction of more
+# than 15 bytes raises #GP). An engine's instruction size above it is not a size.
+MAX_INSN_LENGTH = 15
+
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
               "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
               "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "rdpmc": SiteKind.RDPMC,

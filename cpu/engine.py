@@ -523,6 +523,18 @@ class Engine:
         k = self._index(address)
         return int(self.counter.block_before) + (k if k is not None else 0) + 1
 
+    def hook_stamp(self, address: int) -> tuple[int, int]:
+        """In a hook of the instruction at `address`, while the engine runs: the instruction
+        count and the cycle counter with that instruction counted and none after it. Fast
+        mode counts a translation block when it starts, so its raw counters are ahead
+        inside the block; timed mode counts per instruction, and they are exact."""
+        c = self.counter
+        if not self.block_counting:
+            return int(c.count), int(c.cycles)
+        exact = self.count_at(address)
+        ahead = max(0, int(c.count) - exact)
+        return exact, int(c.cycles) - ahead * int(c.default_cost)
+
     def _split(self, k: int, until: int) -> int | None:
         """The threshold falls before instruction `k` of the block at RIP: run exactly
         that far (Unicorn's `until`, after dropping the block's translation)."""

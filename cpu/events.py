@@ -22,10 +22,12 @@ what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from cpu.devices.apf import HOST_POLICIES
 from cpu.errors import BadInput
 
 
@@ -74,18 +76,49 @@ class Interrupt:
         return f"interrupt:{self.vector:#x}"
 
 
+# How a host event asks the host (`AsyncPf.policy`, `EptRevoke.policy`): None forces it
+# (the host does it whatever its policy says); "host" asks the machine's own policy; an
+# async-#PF policy name (cpu.devices.apf.HOST_POLICIES) asks that policy; a callable
+# `(machine, GuestState) -> Decision` is a Python policy (cpu/apf_host.py). A front end
+# turns a "FILE.py:function" or "module:function" spelling into the callable.
+HOST = "host"
+PolicyRef = str | Callable[..., Any] | None
+
+
+def policy_text(policy: PolicyRef) -> str:
+    """How a policy is spelled in an event's text and in the trace.
+
+        >>> policy_text("kvm"), policy_text(None)
+        ('kvm', 'forced')
+    """
+    if policy is None:
+        return "forced"
+    if isinstance(policy, str):
+        return policy
+    return str(getattr(policy, "__qualname__", None) or getattr(policy, "__name__", "callback"))
+
+
 @dataclass(frozen=True)
 class AsyncPf:
     """The host injects a KVM async page fault ("page not present"): with `gpa` (a page
     the host swapped out) it starts that page's page-in and the #PF carries the host's
     token (a "page ready" follows); with only `token`, CR2 = token.
 
+    `policy` (see `PolicyRef`): None forces the injection (a scenario's `[[inject]]`, the
+    explorer's `--force`); otherwise the host asks that policy at the point and injects
+    only if it allows (the trace says `host_declines` otherwise). Where the event cannot
+    apply at all (`gpa` is not swapped out there, or its page-in is already in flight)
+    nothing is injected either way.
+
         >>> AsyncPf(gpa=0x300000).text
         'async_pf:gpa=0x300000'
+        >>> AsyncPf(gpa=0x300000, policy="nmi-blocked-only").text
+        'async_pf:gpa=0x300000,policy=nmi-blocked-only'
     """
 
     gpa: int | None = None
     token: int | None = None
+    policy: PolicyRef = None
     kind: ClassVar[EventKind] = EventKind.ASYNC_PF
 
     def __post_init__(self) -> None:
@@ -93,11 +126,16 @@ class AsyncPf:
             raise ValueError("an async_pf needs a token (CR2) or a swapped-out gpa")
         if self.token is not None and not 0 < self.token < 0xFFFFFFFF:
             raise ValueError(f"an async_pf token must be in 1..0xfffffffe, not {self.token:#x}")
+        if isinstance(self.policy, str) and self.policy != HOST \
+                and self.policy not in HOST_POLICIES and ":" not in self.policy:
+            raise ValueError(f"unknown async-#PF policy {self.policy!r} (known: host, "
+                             f"{', '.join(HOST_POLICIES)}, or FILE.py:FUNCTION)")
 
     @property
     def text(self) -> str:
-        return f"async_pf:gpa={self.gpa:#x}" if self.gpa is not None else \
-            f"async_pf:token={self.token}"
+        what = f"gpa={self.gpa:#x}" if self.gpa is not None else f"token={self.token}"
+        return f"async_pf:{what}" + ("" if self.policy is None
+                                     else f",policy={policy_text(self.policy)}")
 
 
 @dataclass(frozen=True)
@@ -105,23 +143,34 @@ class EptRevoke:
     """The host makes the EPT entry of guest-physical page `gpa` not present with
     suppress-#VE clear: the guest's next access to it is an EPT violation.
 
+    `policy`: None forces it; "host" revokes only a page the guest can still access (a
+    host takes away what is there: revoking a page that has no access already changes
+    nothing, and the trace says `host_declines`). A host has no other condition: it may
+    migrate or convert a page at any moment.
+
         >>> EptRevoke(0x300000).text
         'ept_revoke:0x300000'
     """
 
     gpa: int
+    policy: PolicyRef = None
     kind: ClassVar[EventKind] = EventKind.EPT_REVOKE
+
+    def __post_init__(self) -> None:
+        if self.policy is not None and self.policy != HOST:
+            raise ValueError(f"an ept_revoke's only policy is 'host', not {self.policy!r}")
 
     @property
     def text(self) -> str:
-        return f"ept_revoke:{self.gpa:#x}"
+        return f"ept_revoke:{self.gpa:#x}" + ("" if self.policy is None
+                                              else f",policy={policy_text(self.policy)}")
 
 
 AsyncEvent = Nmi | Interrupt | AsyncPf | EptRevoke
 
 
 def make_event(kind: str, *, vector: int | None = None, token: int | None = None,
-               gpa: int | None = None) -> AsyncEvent:
+               gpa: int | None = None, policy: PolicyRef = None) -> AsyncEvent:
     """The event of `kind` with its arguments; `ValueError` for an unknown kind, a
     missing argument, or an argument that kind does not take."""
     if kind not in EventKind.__members__.values():
@@ -132,6 +181,8 @@ def make_event(kind: str, *, vector: int | None = None, token: int | None = None
         raise ValueError("a token belongs to an async_pf")
     if gpa is not None and kind not in (EventKind.ASYNC_PF, EventKind.EPT_REVOKE):
         raise ValueError("a gpa belongs to an async_pf or an ept_revoke")
+    if policy is not None and kind not in (EventKind.ASYNC_PF, EventKind.EPT_REVOKE):
+        raise ValueError("a policy belongs to a host event (an async_pf or an ept_revoke)")
     if kind == EventKind.NMI:
         return Nmi()
     if kind == EventKind.INTERRUPT:
@@ -139,25 +190,43 @@ def make_event(kind: str, *, vector: int | None = None, token: int | None = None
             raise ValueError("an interrupt needs a vector in 16..255, not None")
         return Interrupt(vector)
     if kind == EventKind.ASYNC_PF:
-        return AsyncPf(gpa=gpa, token=token)
+        return AsyncPf(gpa=gpa, token=token, policy=policy)
     if gpa is None:
         raise ValueError("an ept_revoke needs the gpa of the page it revokes")
-    return EptRevoke(gpa)
+    return EptRevoke(gpa, policy=policy)
 
 
-EVENT_FORMS = "nmi, interrupt:VECTOR, async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA"
+EVENT_FORMS = ("nmi, interrupt:VECTOR, async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA "
+               "(host events take ,policy=NAME)")
 
 
 def parse_event(text: str) -> AsyncEvent:
-    """An event in its command-line spelling (`EVENT_FORMS`); `BadInput` otherwise.
+    """An event in its command-line spelling (`EVENT_FORMS`); `BadInput` otherwise. A host
+    event (async_pf, ept_revoke) may name the policy to ask after a comma
+    (`async_pf:gpa=0x400000,policy=nmi-blocked-only`); without one it is forced (the
+    race explorer asks the scenario's policy unless told `--force`).
 
         >>> parse_event("async_pf:token=7")
-        AsyncPf(gpa=None, token=7)
+        AsyncPf(gpa=None, token=7, policy=None)
+        >>> parse_event("async_pf:gpa=0x400000,policy=kvm").policy
+        'kvm'
     """
-    kind, _, arg = text.partition(":")
+    head, _, rest = text.partition(":")
+    kind, *head_options = head.split(",")
     where = f"--event {text!r}"
     if kind not in EventKind.__members__.values():
         raise BadInput(f"{where}: unknown event (known: {EVENT_FORMS})")
+    arg, *options = rest.split(",") if rest else [""]
+    options = head_options + options
+    policy: str | None = None
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key != "policy" or not eq or not value:
+            raise BadInput(f"{where}: {option!r} is not an option of an event (only "
+                           "policy=NAME, for async_pf and ept_revoke)")
+        if kind not in (EventKind.ASYNC_PF, EventKind.EPT_REVOKE):
+            raise BadInput(f"{where}: only host events (async_pf, ept_revoke) take a policy")
+        policy = value
 
     def number(s: str, what: str) -> int:
         try:
@@ -181,10 +250,11 @@ def parse_event(text: str) -> AsyncEvent:
                 raise BadInput(f"{where}: give the swapped page or the token "
                                "(async_pf:gpa=0x300000 or async_pf:token=7)")
             n = number(value, key)
-            return AsyncPf(gpa=n) if key == "gpa" else AsyncPf(token=n)
+            return AsyncPf(gpa=n, policy=policy) if key == "gpa" else \
+                AsyncPf(token=n, policy=policy)
         if not arg:
             raise BadInput(f"{where}: give the guest-physical page (ept_revoke:0x300000)")
-        return EptRevoke(number(arg, "gpa"))
+        return EptRevoke(number(arg, "gpa"), policy=policy)
     except ValueError as exc:
         raise BadInput(f"{where}: {exc}") from None
 

@@ -54,6 +54,9 @@ class InjectionState:
     site_seen: tuple[int, int] | None = None  # (address, boundary) last counted
     port_points: dict[str, dict[int, list[Injection]]] = field(default_factory=dict)
     port_writes: dict[str, int] = field(default_factory=dict)
+    # An event that arrived between runs (`arrive_now`) and ended the run there (an async
+    # #PF whose delivery shut the CPU down, say): the next run ends with it at once.
+    deferred: Stop | None = None
 
 
 class Injections:
@@ -91,10 +94,23 @@ class Injections:
 
     def arrive_now(self, event: AsyncEvent, *, label: str = "",
                    shown: tuple[int, int] | None = None) -> Injection:
+        """The event arrives at the boundary the machine holds, between runs. An arrival
+        that ends the run (a host event delivered at once, whose delivery shuts the CPU
+        down) is kept for the next run, which ends with it: outside the run loop, an
+        outcome has nowhere else to go."""
         inj = Injection(event, Now(), label, shown=shown)
         self.state.scheduled.append(inj)
-        self.fire(inj)
+        try:
+            self.fire(inj)
+        except Stop as stop:
+            self.state.deferred = stop
         return inj
+
+    def raise_deferred(self) -> None:
+        """At the first boundary of a run: end it with an outcome `arrive_now` kept."""
+        stop, self.state.deferred = self.state.deferred, None
+        if stop is not None:
+            raise stop
 
     def watch(self, address: int) -> dict[int, list[Injection]]:
         """Count arrivals at `address` from now on; its injections by arrival number."""
@@ -223,9 +239,9 @@ class Injections:
         if isinstance(ev, Nmi):
             m.boundary.nmi_arrives("inject" if inj.label != "api" else "api", where)
         elif isinstance(ev, AsyncPf):
-            m.apf_host.inject_forced(ev.token, ev.gpa, where=where)
+            m.apf_host.arrive(ev, where=where)
         elif isinstance(ev, EptRevoke):
-            m.vmx_host.revoke(ev.gpa, where)
+            m.vmx_host.revoke(ev.gpa, where, checked=ev.policy is not None)
         else:
             assert m.apic is not None
             m.apic.set_irr(ev.vector)

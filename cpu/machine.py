@@ -56,7 +56,7 @@ from cpu.boundary import BoundaryState, EventBoundary
 from cpu.checked_sites import CheckedSites
 from cpu.cpu_model import CpuModel, ModelState
 from cpu.debug import Debug
-from cpu.decode import decode_one
+from cpu.decode import MAX_INSN_LENGTH, decode_one
 from cpu.devices.apf import AsyncPf
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.devices.fwcfg import FwCfg
@@ -284,8 +284,14 @@ class Machine:
         self.state.vmx.on_ept_violation = policy
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append a trace record stamped with the current icount and cycle."""
-        return self.trace.emit(kind, self.engine.icount, self.engine.cycles, **fields)
+        """Append a trace record stamped with the current icount and cycle. A record made
+        inside an instruction (a hook while the engine runs: a port write, a serial line)
+        counts that instruction and no later one, in both counting modes."""
+        e = self.engine
+        if self.regs.running:
+            icount, cycles = e.hook_stamp(e.read_reg("rip"))
+            return self.trace.emit(kind, icount, cycles, **fields)
+        return self.trace.emit(kind, e.icount, e.cycles, **fields)
 
     # -- building ----------------------------------------------------------------------
     def load(self, addr: int, data: bytes, *, code: bool = False) -> None:
@@ -371,9 +377,14 @@ class Machine:
             return None
 
     def _insn_cost(self, address: int, size: int) -> int:
-        """Timed mode: one instruction's cost (called once per address by the counter)."""
+        """Timed mode: one instruction's cost (called once per address by the counter).
+
+        `size` is the engine's, and is not trusted beyond the architectural limit of 15
+        bytes (SDM Vol. 2A, "Instruction Format": longer is #GP): Unicorn reports
+        0xF1F1F1F1 for INT1 (ICEBP), and reading that many bytes of guest memory took 4 GiB.
+        The cost model keys on at most 15 bytes anyway."""
         try:
-            code = self.read_linear(address, size)
+            code = self.read_linear(address, min(size, MAX_INSN_LENGTH))
         except (ArchFault, Stop):
             return self.profile.cycles_per_instruction
         return self._costs.instruction_cost(code, address)

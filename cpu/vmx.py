@@ -179,13 +179,36 @@ class Vmx:
         if during is not None:
             m.deliver(during)
 
-    def revoke(self, gpa: int, where: dict[str, Any]) -> None:
+    def revoke(self, gpa: int, where: dict[str, Any], *, checked: bool = False) -> None:
         """The host takes all access to a guest-physical page away (an EPT entry made not
         present, suppress-#VE clear): the guest's next access to it is an EPT violation,
-        converted to a #VE when the #VE controls allow it, a VM exit otherwise."""
+        converted to a #VE when the #VE controls allow it, a VM exit otherwise.
+
+        `checked`: only a page the guest can still access; one with no access already
+        is a `host_declines` record (not applicable) and nothing changes."""
         m = self.m
         assert m.ept is not None
         page = gpa & ~0xFFF
+        if checked and not self._accessible(page):
+            m.emit("host_declines", event=f"ept_revoke:{page:#x},policy=host",
+                   status="not_applicable",
+                   reason=f"GPA {page:#x} has no EPT access already: nothing to revoke",
+                   **where)
+            return
         m.ept.set_range(page, 0x1000, read=False, write=False, execute=False, suppress_ve=False)
         m.engine.flush_tlb()  # entries filled earlier carry the old rights
         m.emit("ept_revoke", gpa=page, **where)
+
+    def _accessible(self, page: int) -> bool:
+        """Whether the EPT grants any access to `page` (read, write or fetch)."""
+        m = self.m
+        assert m.ept is not None
+        for access in (Access.READ, Access.WRITE, Access.FETCH):
+            try:
+                m.ept.translate(page, access)
+            except EptViolation:
+                continue
+            except EptMisconfig:
+                return True  # an entry is there, if a broken one: revoking changes it
+            return True
+        return False

@@ -16,7 +16,9 @@ APIC, #VE, KVM async page faults. The public API:
 - `load_scenario(path)`, `run_scenario(sc)`, `check_scenario(sc, result)`, `Scenario`,
   `Failure`: scenario files (docs/scenario-format.md)
 - `idtlab.explore.explore(path, event, start, end)`: the race explorer, a module of
-  its own (docs/explorer.md)
+  its own (docs/explorer.md); `run_exploration(Settings(...))` gives the whole result,
+  which `idtlab.explore_report` (grouped text, JSON) and `idtlab.explore_html` (the
+  HTML report) render
 - `timeline(records, Symbolizer(symbols))`, `to_jsonl(records)`: the trace as text
 - `BadInput`, `Unsupported`: the errors for bad input and for what idtlab does not model
 

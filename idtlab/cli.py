@@ -10,20 +10,25 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import shlex
 import sys
 import textwrap
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
-from idtlab import __version__, apf_matrix, ref, suite
+from idtlab import __version__, apf_matrix, explore_html, explore_report, ref, suite
 from idtlab import diff as differ
 from idtlab import explore as ex
 from idtlab import scenario as scn
+from idtlab.colour import Palette, wants_colour
 from idtlab.errors import BadInput, Unsupported
 from idtlab.labs import cli as labs_cli
-from idtlab.trace import Symbolizer, timeline, write_jsonl
+from idtlab.trace import HINT, LEGEND, Symbolizer, stuck, timeline, write_jsonl
 
 # `run --image`: a test kernel runs to its exit port; the limit only catches a runaway one
 # (kvm-unit-tests' sieve retires tens of billions of instructions).
@@ -61,13 +66,11 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     if trace_out:
         write_jsonl(result.trace.records, trace_out)
     if not quiet:
-        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS)
-        print(f"idtlab: {display}")
-        print(f"{'icount':>10}  " + (f"{'cycle':>12}  " if cycles else "") + "event")
-        for line in timeline(result.trace.records, sym, cycles=cycles):
-            print(line)
         m = sc.machine
         assert m is not None
+        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS, disasm=m.disassemble)
+        print(f"idtlab: {display}")
+        _print_timeline(result.trace.records, sym, cycles)
         print(f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode, "
               f"profile {m.profile.name})")
         if result.serial and not live:
@@ -77,12 +80,34 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
     for f in failures:
         print(f"FAIL {f}")
     if sc.expects:
-        ok = len(sc.expects) - len(failures)
-        print(f"{ok}/{len(sc.expects)} expectations hold"
-              + (f"; trace written to {trace_out}" if trace_out else ""))
+        print(_held(sc, failures) + (f"; trace written to {trace_out}" if trace_out else ""))
     elif trace_out:
         print(f"trace written to {trace_out}")
     return 1 if failures else 0
+
+
+def _print_timeline(records: Sequence[Mapping[str, Any]], sym: Symbolizer, cycles: bool) -> None:
+    """The timeline with repeats collapsed, coloured on a terminal, then the verdict when
+    the guest got stuck in a loop, and the legend's one-line hint."""
+    palette = Palette(wants_colour(sys.stdout))
+    print(palette.head(f"{'icount':>10}  " + (f"{'cycle':>12}  " if cycles else "") + "event"))
+    for line in timeline(records, sym, cycles=cycles, collapse=True, palette=palette):
+        print(line)
+    verdict = stuck(records, sym)
+    if verdict:
+        print(palette.bad(f"verdict: {verdict}"))
+    print(palette.dim(HINT))
+
+
+def _held(sc: scn.Scenario, failures: list[scn.Failure]) -> str:
+    """`N/M expectations hold`, counting those that describe the scenario's own run
+    (an entry with scope "explored" describes the race explorer's runs only)."""
+    own = [e for e in sc.expects if e.applies(0)]
+    line = f"{len(own) - len(failures)}/{len(own)} expectations hold"
+    if len(own) < len(sc.expects):
+        line += (f" ({len(sc.expects) - len(own)} more describe the explorer's runs only: "
+                 "scope \"explored\")")
+    return line
 
 
 def _run_image(args: argparse.Namespace) -> int:
@@ -105,11 +130,9 @@ def _run_image(args: argparse.Namespace) -> int:
         print(tail, flush=True)  # a last line without its newline
     if args.trace:
         write_jsonl(result.trace.records, args.trace)
-    sym = Symbolizer(m.symbols, hide=SYSTEM_SYMBOLS)
+    sym = Symbolizer(m.symbols, hide=SYSTEM_SYMBOLS, disasm=m.disassemble)
     if args.timeline:
-        print(f"{'icount':>10}  " + (f"{'cycle':>12}  " if args.cycles else "") + "event")
-        for line in timeline(result.trace.records, sym, cycles=args.cycles):
-            print(line)
+        _print_timeline(result.trace.records, sym, args.cycles)
     detail = f" ({result.reason})" if result.reason else ""
     print(f"idtlab: {args.image.name}: {result.outcome}{detail} at {sym(result.rip)}; "
           f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode), "
@@ -129,14 +152,14 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
         result = scn.run(sc)
         failures = scn.check(sc, result)
         failed = failed or bool(failures)
-        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS)
+        assert sc.machine is not None
+        sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS, disasm=sc.machine.disassemble)
         lines = [path.name, "-" * min(width, len(path.name))]
-        for line in timeline(result.trace.records, sym, cycles=cycles):
+        for line in timeline(result.trace.records, sym, cycles=cycles, collapse=True):
             lines.extend(textwrap.wrap(line, width, subsequent_indent=" " * 14,
                                        drop_whitespace=False) or [""])
         columns.append(lines)
-        ok = len(sc.expects) - len(failures)
-        footers.append(f"{path.name}: {result.outcome}; {ok}/{len(sc.expects)} expectations hold")
+        footers.append(f"{path.name}: {result.outcome}; {_held(sc, failures)}")
         footers.extend(f"  FAIL {f}" for f in failures)
     for row in itertools.zip_longest(*columns, fillvalue=""):
         print("  |  ".join(cell.ljust(width) for cell in row).rstrip())
@@ -146,44 +169,40 @@ def _compare(paths: list[Path], width: int, cycles: bool, mode: str | None) -> i
     return 1 if failed else 0
 
 
-def _explore(args: argparse.Namespace) -> int:
+def _explore(args: argparse.Namespace, command: str) -> int:
     start, sep, end = str(args.window).partition("..")
     if not sep or not start:
         raise BadInput(f"--window {args.window!r}: expected START..END or START.. (symbols or "
                        "addresses; START.. runs to the end of the run)")
     events = tuple(args.event or ["nmi"])
     invariants = tuple(args.invariant or ())
+    if args.invariants_only and not invariants:
+        raise BadInput("--invariants-only: give the invariants to check (--invariant NAME)")
     progress = sys.stderr.isatty() and not args.json
-    minimal = None
+    settings = ex.Settings(args.scenario, events, start, end or None, invariants, args.mode,
+                           random=args.random, seed=args.seed, max_events=args.max_events,
+                           force=args.force, expectations=not args.invariants_only,
+                           budget=args.budget, command=command)
     if args.dask:
         args.dask = ex.dask_client(args.dask, args.dask_timeout)
-    if args.random:
-        findings, minimal = ex.random_search(
-            args.scenario, events, start, end, count=args.random, seed=args.seed,
-            max_events=args.max_events, jobs=max(1, args.jobs), mode=args.mode,
-            progress=progress, invariants=invariants, dask=args.dask, budget=args.budget)
-    else:
-        findings = ex.explore(args.scenario, events, start, end, jobs=max(1, args.jobs),
-                              mode=args.mode, progress=progress, invariants=invariants,
-                              dask=args.dask, budget=args.budget)
-    if args.dask:
-        args.dask.close()
+    try:
+        result = ex.run_exploration(settings, jobs=max(1, args.jobs), dask=args.dask,
+                                    progress=progress)
+    finally:
+        if args.dask:
+            args.dask.close()
     if args.html:
-        plan = ex.Plan(args.scenario, args.mode, ex.Window((), ()), None, invariants)
-        Path(args.html).write_text(ex.html_report(plan, findings))
+        Path(args.html).write_text(explore_html.render(result))
     if args.json:
-        out: dict[str, object] = {"findings": ex.as_json(findings)}
-        if minimal is not None:
-            out["minimal"] = ex.as_json([minimal])[0]
-        print(json.dumps(out, indent=1))
+        print(json.dumps(explore_report.as_json(result), indent=1))
     else:
-        for line in ex.report(findings):
+        palette = Palette(wants_colour(sys.stdout))
+        for line in explore_report.report(result, failures_only=args.failures_only,
+                                          palette=palette):
             print(line)
-        if minimal is not None:
-            print(f"minimal failing schedule: {minimal.name}: {minimal.failures[0]}")
         if args.html:
             print(f"report written to {args.html}")
-    return 1 if any(not f.ok for f in findings) else 0
+    return 1 if result.breaking else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
     p_run.add_argument("--mode", choices=("fast", "timed"),
                        help="cycle accounting, overriding the scenario's [machine] mode")
+    p_run.add_argument("--legend", action="store_true",
+                       help="explain the timeline's columns, words and symbols, and exit")
     p_cmp = sub.add_parser("compare", help="run scenarios and show their timelines side by side")
     p_cmp.add_argument("scenarios", type=Path, nargs="+")
     p_cmp.add_argument("--width", type=int, default=72, help="column width (72)")
@@ -222,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("scenario", type=Path)
     p_exp.add_argument("--event", action="append",
                        help="the event to inject: nmi (default), interrupt:VECTOR, "
-                            "async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA; twice: every "
-                            "ordered pair of points; with --random: the events to draw from")
+                            "async_pf:gpa=ADDR, async_pf:token=N, ept_revoke:GPA; a host event "
+                            "may name the policy to ask: async_pf:gpa=ADDR,policy=NAME (kvm, "
+                            "kvm-send-always, never-while-nmi-blocked, always, "
+                            "nmi-blocked-only, or FILE.py:FUNCTION); twice: every ordered pair "
+                            "of points; with --random: the events to draw from")
     p_exp.add_argument("--window", required=True, metavar="START..END",
                        help="addresses or symbols: from the first arrival at START to the next "
                             "arrival at END, both boundaries included (START..: to the end "
@@ -250,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
                             "first failing one is shrunk")
     p_exp.add_argument("--seed", type=int, default=0, help="seed for --random (0)")
     p_exp.add_argument("--max-events", type=int, default=3, help="events per random schedule (3)")
+    p_exp.add_argument("--failures-only", action="store_true",
+                       help="print only the schedules that break something")
+    p_exp.add_argument("--invariants-only", action="store_true",
+                       help="check only the --invariant checks, not the scenario's [[expect]] "
+                            "entries")
+    p_exp.add_argument("--force", action="store_true",
+                       help="host events (async_pf, ept_revoke) happen wherever the schedule "
+                            "puts them; without it the host's policy is asked at each point "
+                            "and a point where it refuses is reported as refused")
     ref.add_parser(sub)
     differ.add_parser(sub)
     labs_cli.add_parser(sub)
@@ -272,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "suite":
             return suite.run_cli(args)
         if args.command == "explore":
-            return _explore(args)
+            return _explore(args, "idtlab " + shlex.join(sys.argv[1:] if argv is None
+                                                         else argv))
         if args.command == "compare":
             return _compare(args.scenarios, args.width, args.cycles, args.mode)
         if args.command == "demo" and args.name in TABLES:
@@ -299,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                 return _run_file(demo, args.trace, False,
                                  f"demo {args.name} (idtlab demo {args.name} --show prints it)",
                                  args.cycles)
+        if args.legend:
+            print("How to read a timeline (idtlab run, compare, demo, lab):")
+            for line in LEGEND:
+                print(f"  {line}")
+            return 0
         if args.image is not None:
             if args.scenario is not None:
                 raise BadInput("run: give a scenario file or --image, not both")
@@ -313,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("idtlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `idtlab ... | head`: the reader left; say nothing more (not even at exit).
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ come back in schedule order, so the report is the same whatever runs it.
 
 from __future__ import annotations
 
-import html
+import dataclasses
 import importlib
 import importlib.util
 import multiprocessing
@@ -43,18 +43,19 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpu.events import AsyncEvent, Before, parse_event
+from cpu.devices.apf import HOST_POLICIES
+from cpu.events import HOST, AsyncEvent, AsyncPf, Before, EptRevoke, Interrupt, parse_event
 from cpu.machine import Machine
 from cpu.outcomes import Outcome, RunResult
 from cpu.snapshot import Checkpoint
 from idtlab import scenario as scn
 from idtlab.assemble import resolve_address
 from idtlab.errors import BadInput
-from idtlab.trace import Symbolizer, timeline
+from idtlab.trace import Symbolizer
 
 MAX_WINDOW_STEPS = 200_000
 HIDDEN_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
@@ -91,17 +92,39 @@ class Window:
 
 
 @dataclass(frozen=True)
+class Declined:
+    """The host did not do an explorer's host event where the schedule put it: its
+    policy `refused` (`reason`: the policy's first failing condition), or the event was
+    `not_applicable` there (the page is not swapped out at that point, its page-in is in
+    flight, the page has no access to revoke). Such a schedule is not a run of the race
+    it names, so it is not checked."""
+
+    status: str  # "refused" or "not_applicable"
+    event: str  # the event as the trace spells it
+    reason: str
+    policy: str = ""  # the policy asked (status "refused")
+
+    @property
+    def text(self) -> str:
+        if self.status == "refused":
+            return f"refused by policy {self.policy}: {self.reason}"
+        return f"not applicable: {self.reason}"
+
+
+@dataclass(frozen=True)
 class Finding:
     """One schedule (events injected at points, in order) and what it broke: the
-    events as the user spelled them, the points, the run's outcome, and the failed
-    expectations and broken invariants (none: `ok`).
+    events as the user spelled them, the points, the run's outcome, and the broken
+    invariants and failed expectations, invariants first (none: `ok`). A schedule the
+    host declined (`declined`) is not checked: no failures, status "refused" or
+    "not_applicable".
 
         >>> import idtlab
         >>> from pathlib import Path
         >>> path = Path(idtlab.__file__).parent / "examples" / "explore" / "cr2_race.toml"
         >>> first = explore(path, "nmi", "pf_handler", "pf_done")[0]
-        >>> first.name, first.outcome, first.ok
-        ('nmi @ pf_handler (#1)', 'exit', False)
+        >>> first.name, first.outcome, first.status
+        ('nmi @ pf_handler (#1)', 'exit', 'breaks')
         >>> first.failures[0]
         '[[expect]] #1: mem 0x110000 (8 bytes): expected 0x400000, got 0x500000'
     """
@@ -110,10 +133,19 @@ class Finding:
     schedule: tuple[Point, ...]
     outcome: str
     failures: tuple[str, ...]
+    declined: Declined | None = None
 
     @property
     def ok(self) -> bool:
+        """Nothing broke (a declined schedule breaks nothing)."""
         return not self.failures
+
+    @property
+    def status(self) -> str:
+        """"breaks", "ok", "refused" or "not_applicable"."""
+        if self.declined is not None:
+            return self.declined.status
+        return "breaks" if self.failures else "ok"
 
     @property
     def point(self) -> Point:
@@ -177,21 +209,18 @@ INVARIANTS: dict[str, Invariant] = {
 }
 
 
-def resolve_invariant(name: str) -> Invariant:
-    """A ready-made invariant by name, or a user's: `module:function` or
-    `path/to/file.py:function`."""
-    if name in INVARIANTS:
-        return INVARIANTS[name]
+def _load_function(name: str, what: str, noun: str, known: Sequence[str]) -> Callable[..., Any]:
+    """The function `name` names: `module:function` or `path/to/file.py:function`."""
     where, sep, func = name.rpartition(":")
     if not sep or not where or not func:
-        raise BadInput(f"--invariant {name!r}: not a ready-made invariant "
-                       f"({', '.join(INVARIANTS)}) nor MODULE:FUNCTION or FILE.py:FUNCTION")
+        raise BadInput(f"{what} {name!r}: not a ready-made {noun} ({', '.join(known)}) nor "
+                       "MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.is_file():
-                raise BadInput(f"--invariant {name!r}: no such file {where}")
-            spec = importlib.util.spec_from_file_location(f"idtlab_invariant_{path.stem}", path)
+                raise BadInput(f"{what} {name!r}: no such file {where}")
+            spec = importlib.util.spec_from_file_location(f"idtlab_user_{path.stem}", path)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
@@ -200,12 +229,52 @@ def resolve_invariant(name: str) -> Invariant:
     except BadInput:
         raise
     except Exception as exc:  # the user's module failed to import: say where
-        raise BadInput(f"--invariant {name!r}: cannot load {where}: "
+        raise BadInput(f"{what} {name!r}: cannot load {where}: "
                        f"{type(exc).__name__}: {exc}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise BadInput(f"--invariant {name!r}: {where} has no function {func!r}")
+        raise BadInput(f"{what} {name!r}: {where} has no function {func!r}")
     return fn  # type: ignore[no-any-return]
+
+
+def resolve_invariant(name: str) -> Invariant:
+    """A ready-made invariant by name, or a user's: `module:function` or
+    `path/to/file.py:function`."""
+    if name in INVARIANTS:
+        return INVARIANTS[name]
+    return _load_function(name, "--invariant", "invariant", tuple(INVARIANTS))
+
+
+def host_event(text: str, *, force: bool = False,
+               policies: dict[str, Any] | None = None) -> AsyncEvent:
+    """The event `text` (`cpu.events.parse_event`) as the explorer injects it. A host
+    event (async_pf, ept_revoke) asks the host's policy ("host") unless it names one
+    (`policy=NAME`; a `FILE.py:FUNCTION` or `module:function` one is loaded, once per
+    `policies` cache) or `force` is set (the host does it wherever the schedule puts it,
+    as a scenario's `[[inject]]` does).
+
+        >>> host_event("async_pf:gpa=0x400000")
+        AsyncPf(gpa=4194304, token=None, policy='host')
+        >>> host_event("async_pf:gpa=0x400000", force=True).policy is None
+        True
+    """
+    ev = parse_event(text)
+    if not isinstance(ev, (AsyncPf, EptRevoke)):
+        return ev
+    if force:
+        if ev.policy is not None:
+            raise BadInput(f"--event {text!r}: names a policy, but --force injects whatever "
+                           "the policy says: give one or the other")
+        return ev
+    if ev.policy is None:
+        return dataclasses.replace(ev, policy=HOST)
+    if isinstance(ev.policy, str) and ":" in ev.policy:
+        cache = policies if policies is not None else {}
+        if ev.policy not in cache:
+            cache[ev.policy] = _load_function(ev.policy, f"--event {text!r}: policy",
+                                              "policy", ("host", *HOST_POLICIES))
+        return dataclasses.replace(ev, policy=cache[ev.policy])
+    return ev
 
 
 def _check_invariants(invariants: Sequence[tuple[str, Invariant]], result: RunResult,
@@ -231,12 +300,26 @@ def _prepare_invariants(names: Sequence[str], m: Machine) -> list[tuple[str, Inv
     return invs
 
 
-def _failures(sc: scn.Scenario, result: RunResult,
-              invariants: Sequence[tuple[str, Invariant]]) -> tuple[str, ...]:
-    """The scenario's failed expectations, then the broken invariants."""
+def _failures(sc: scn.Scenario, result: RunResult, invariants: Sequence[tuple[str, Invariant]],
+              *, explored: int = 0, expectations: bool = True) -> tuple[str, ...]:
+    """The broken invariants, then the scenario's failed expectations that describe a
+    run with `explored` explorer events (none with `expectations` False)."""
     assert sc.machine is not None
-    return tuple([str(f) for f in scn.check(sc, result)]
-                 + _check_invariants(invariants, result, sc.machine))
+    expects = [str(f) for f in scn.check(sc, result, explored=explored)] if expectations \
+        else []
+    return tuple(_check_invariants(invariants, result, sc.machine) + expects)
+
+
+def _declined(result: RunResult, look: bool) -> Declined | None:
+    """The first of the explorer's host events the host declined in this run, if any
+    (`look` False: the schedule has none that the host may decline)."""
+    if not look:
+        return None
+    for r in result.trace.of_kind("host_declines"):
+        if r.get("label") == "explore":
+            return Declined(str(r["status"]), str(r["event"]), str(r["reason"]),
+                            str(r.get("policy", "")))
+    return None
 
 
 # -- loading and the window --------------------------------------------------------------
@@ -363,23 +446,39 @@ class Budget:
 
 
 def baseline_budget(path: Path, mode: str | None = None, per_event: int = 200) -> Budget:
+    return baseline(path, mode, per_event)[0]
+
+
+def baseline(path: Path, mode: str | None = None, per_event: int = 200,
+             invariants: tuple[str, ...] = ()) -> tuple[Budget, tuple[str, ...]]:
+    """The budget from the run without the explorer's events, and what that run already
+    breaks (its invariants, and the expectations that describe it: scope "always" and
+    "undisturbed"). A window explored over a run that is broken without any added event
+    reports that breakage at every point: the report says so first."""
     sc = _load(path, mode)
+    assert sc.machine is not None
+    invs = _prepare_invariants(invariants, sc.machine)
     r = scn.run(sc)
-    return Budget(insns=2 * r.icount + 100, events=4 * len(r.deliveries) + 50,
-                  per_event=per_event)
+    budget = Budget(insns=2 * r.icount + 100, events=4 * len(r.deliveries) + 50,
+                    per_event=per_event)
+    return budget, _failures(sc, r, invs)
 
 
 # -- running schedules -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
     """What every worker needs to run schedules: picklable, so it travels to worker
-    processes and Dask workers."""
+    processes and Dask workers. `force`: host events are injected wherever the schedule
+    puts them (without it the host's policy is asked); `expectations`: check the
+    scenario's `[[expect]]` entries (False: the invariants only)."""
 
     path: Path
     mode: str | None
     window: Window
     budget: Budget | None
     invariants: tuple[str, ...] = ()
+    force: bool = False
+    expectations: bool = True
 
 
 def _limits(sc: scn.Scenario, budget: Budget | None, n_events: int) -> None:
@@ -388,6 +487,13 @@ def _limits(sc: scn.Scenario, budget: Budget | None, n_events: int) -> None:
     if budget is not None:
         sc.run_args["max_insns"] = min(sc.run_args["max_insns"], budget.limit(n_events))
         m.max_events = min(m.max_events, budget.events)
+
+
+def _may_decline(events: tuple[AsyncEvent, ...]) -> bool:
+    """Whether the host may decline one of `events` (a host event that asks a policy, or
+    one that needs a swapped-out page): only then is the trace searched for it."""
+    return any((isinstance(e, (AsyncPf, EptRevoke)) and e.policy is not None)
+               or (isinstance(e, AsyncPf) and e.gpa is not None) for e in events)
 
 
 def _run_fresh(plan: Plan, events: tuple[AsyncEvent, ...], schedule: tuple[Point, ...],
@@ -405,12 +511,40 @@ def _run_fresh(plan: Plan, events: tuple[AsyncEvent, ...], schedule: tuple[Point
     return sc, scn.run(sc), invs
 
 
+def _finding(plan: Plan, sc: scn.Scenario, events: tuple[str, ...],
+             specs: tuple[AsyncEvent, ...], schedule: tuple[Point, ...], result: RunResult,
+             invariants: Sequence[tuple[str, Invariant]]) -> Finding:
+    declined = _declined(result, _may_decline(specs))
+    if declined is not None:
+        return Finding(events, schedule, result.outcome, (), declined)
+    return Finding(events, schedule, result.outcome,
+                   _failures(sc, result, invariants, explored=len(events),
+                             expectations=plan.expectations))
+
+
+def replay(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, ...], *,
+           observe: Callable[[Machine], Any] | None = None) -> tuple[scn.Scenario, RunResult]:
+    """One schedule run again from the start, for its trace (a report's timeline);
+    `observe(machine)` is called before the run (to capture what the trace lacks)."""
+    specs = tuple(host_event(e, force=plan.force) for e in events)
+    sc = _load(plan.path, plan.mode)
+    m = sc.machine
+    assert m is not None
+    _limits(sc, plan.budget, len(events))
+    _prepare_invariants(plan.invariants, m)
+    if observe is not None:
+        observe(m)
+    for ev, point in zip(specs, schedule, strict=True):
+        m.inject(ev, Before(point.rip, point.arrival), label="explore")
+    return sc, scn.run(sc)
+
+
 def check_schedule(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, ...]) -> Finding:
     """The reference path: a fresh load and run from the start for one schedule (what the
     checkpointed `Session` must agree with)."""
-    specs = tuple(parse_event(e) for e in events)
+    specs = tuple(host_event(e, force=plan.force) for e in events)
     sc, result, invs = _run_fresh(plan, specs, schedule, plan.budget)
-    return Finding(events, schedule, result.outcome, _failures(sc, result, invs))
+    return _finding(plan, sc, events, specs, schedule, result, invs)
 
 
 CHECKPOINT_EVERY = 8
@@ -432,6 +566,8 @@ class Session:
         self.index = {p: i for i, p in enumerate(plan.window.points)}
         self.cp: Checkpoint | None = None
         self.at = -1  # the point the checkpoint stands at (-1: the start of the run)
+        self.policies: dict[str, Any] = {}  # user policies loaded, by their spelling
+        self.specs: dict[str, AsyncEvent] = {}  # events by their spelling
 
     def _hit(self, p: Point) -> int:
         """The arrival number at `p.rip` the machine will count when it reaches `p`,
@@ -479,11 +615,20 @@ class Session:
         assert self.cp is not None
         self.m.rollback(self.cp)
 
+    def event(self, text: str) -> AsyncEvent:
+        spec = self.specs.get(text)
+        if spec is None:
+            spec = self.specs[text] = host_event(text, force=self.plan.force,
+                                                 policies=self.policies)
+        return spec
+
     def check(self, events: tuple[str, ...], schedule: tuple[Point, ...]) -> Finding:
-        result = self.run(tuple(parse_event(e) for e in events), schedule)
-        failures = _failures(self.sc, result, self.invariants)
+        specs = tuple(self.event(e) for e in events)
+        result = self.run(specs, schedule)
+        finding = _finding(self.plan, self.sc, events, specs, schedule, result,
+                           self.invariants)
         self.rollback()
-        return Finding(events, schedule, result.outcome, failures)
+        return finding
 
 
 Schedule = tuple[tuple[str, ...], tuple[Point, ...]]
@@ -587,29 +732,125 @@ def _dask_map(dask: str | Any, jobs_list: list[tuple[Plan, list[Schedule]]]) -> 
 
 
 # -- the explorations ----------------------------------------------------------------------
-def _validate(events: Iterable[str], invariants: tuple[str, ...]) -> None:
-    for event in events:
-        parse_event(event)
+@dataclass(frozen=True)
+class Settings:
+    """What was asked: the scenario, the window, the events and how they are checked;
+    `command` is the command line as typed (reports show it, so a run can be repeated)."""
+
+    scenario: Path
+    events: tuple[str, ...]
+    start: str
+    end: str | None
+    invariants: tuple[str, ...] = ()
+    mode: str | None = None
+    random: int | None = None  # N random schedules instead of every point (pair)
+    seed: int = 0
+    max_events: int = 3
+    force: bool = False
+    expectations: bool = True
+    budget: int | None = 200
+    command: str = ""
+
+    @property
+    def window(self) -> str:
+        return f"{self.start}..{self.end or ''}"
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """The result: every schedule's finding (in schedule order), the minimal failing
+    schedule of a random search, and what the run without the explorer's events already
+    breaks (`baseline`: nothing, for a scenario whose own run is correct)."""
+
+    settings: Settings
+    plan: Plan
+    findings: tuple[Finding, ...]
+    minimal: Finding | None = None
+    baseline: tuple[str, ...] = ()
+
+    @property
+    def breaking(self) -> int:
+        return sum(f.status == "breaks" for f in self.findings)
+
+
+def _validate(path: Path, mode: str | None, events: Iterable[str], invariants: tuple[str, ...],
+              force: bool) -> None:
+    """Every event and invariant, and what the events need of the scenario: bad input
+    (one line, exit status 2) before anything runs."""
+    specs = [host_event(e, force=force) for e in events]
     for name in invariants:
         resolve_invariant(name)
+    m = _load(path, mode).machine
+    assert m is not None
+    for text, spec in zip(events, specs, strict=True):
+        if isinstance(spec, AsyncPf) and m.apf is None:
+            raise BadInput(f"--event {text!r}: {path.name} has no async page faults ([apf] or "
+                           "[[swapped]])")
+        if isinstance(spec, EptRevoke) and m.ept is None:
+            raise BadInput(f"--event {text!r}: {path.name} is not a VMX guest with EPT ([vmx] "
+                           "or [[ept]])")
+        if isinstance(spec, Interrupt) and m.apic is None:
+            raise BadInput(f"--event {text!r}: {path.name}'s machine has no local APIC")
 
 
 def plan_for(path: Path, start: str, end: str | None, *, mode: str | None = None,
              invariants: tuple[str, ...] = (), budget: int | None = 200,
-             progress: bool = False) -> Plan:
+             progress: bool = False, force: bool = False, expectations: bool = True) -> Plan:
     """The window and the budget (`budget` instructions per injected event on top of
     twice the undisturbed run's; None: only the scenario's own limits)."""
     w = window(path, start, end, mode=mode, progress=progress)
     b = baseline_budget(path, mode, budget) if budget is not None else None
-    return Plan(path, mode, w, b, invariants)
+    return Plan(path, mode, w, b, invariants, force, expectations)
+
+
+def run_exploration(s: Settings, *, jobs: int = 1, dask: str | Any | None = None,
+                    progress: bool = False) -> Exploration:
+    """Run the exploration `s` asks for: one event at every point of the window, two at
+    every ordered pair of points, or `s.random` random schedules (the first failing one
+    shrunk to a minimal one)."""
+    if s.random is None and not 1 <= len(s.events) <= 2:
+        raise BadInput("give one --event (every point) or two (every ordered pair of points); "
+                       "for more, use --random")
+    if s.random is not None and s.random < 1:
+        raise BadInput(f"--random {s.random}: give the number of random schedules (1 or more)")
+    if s.max_events < 1:
+        raise BadInput(f"--max-events {s.max_events}: a schedule has at least one event")
+    _validate(s.scenario, s.mode, s.events, s.invariants, s.force)
+    plan = plan_for(s.scenario, s.start, s.end, mode=s.mode, invariants=s.invariants,
+                    budget=s.budget, progress=progress, force=s.force,
+                    expectations=s.expectations)
+    _, broken = baseline(s.scenario, s.mode, s.budget or 200, s.invariants)
+    if not s.expectations:
+        broken = tuple(f for f in broken if f.startswith("invariant "))
+    points = plan.window.points
+    schedules: list[Schedule]
+    if s.random is not None:
+        rng = random.Random(s.seed)
+        schedules = []
+        for _ in range(s.random):
+            k = rng.randint(1, s.max_events)
+            idx = sorted(rng.randrange(len(points)) for _ in range(k))
+            evs = tuple(rng.choice(s.events) for _ in range(k))
+            schedules.append((evs, tuple(points[i] for i in idx)))
+    elif len(s.events) == 1:
+        schedules = [(s.events, (p,)) for p in points]
+    else:
+        schedules = [(s.events, (a, b)) for i, a in enumerate(points) for b in points[i:]]
+    findings = run_schedules(plan, schedules, jobs=jobs, dask=dask, progress=progress)
+    minimal = None
+    if s.random is not None:
+        first = next((f for f in findings if f.status == "breaks"), None)
+        minimal = shrink(plan, first) if first is not None else None
+    return Exploration(s, plan, tuple(findings), minimal, broken)
 
 
 def explore(path: Path, event: str | tuple[str, ...], start: str, end: str | None, *, jobs: int = 1,
             mode: str | None = None, progress: bool = False, invariants: tuple[str, ...] = (),
-            dask: str | Any | None = None, budget: int | None = 200) -> list[Finding]:
+            dask: str | Any | None = None, budget: int | None = 200, force: bool = False,
+            expectations: bool = True) -> list[Finding]:
     """One event: every point of the window. Two events: every ordered pair of points
     (the second at or after the first in the undisturbed run). Results in schedule
-    order, whatever runs them.
+    order, whatever runs them (`run_exploration` gives the whole result).
 
     An NMI at every boundary of the #PF handler of the CR2 race (the NMI handler takes
     a #PF of its own): it breaks the expectation at every point up to the CR2 read.
@@ -625,46 +866,25 @@ def explore(path: Path, event: str | tuple[str, ...], start: str, end: str | Non
         'mov rsi, cr2'
     """
     events = (event,) if isinstance(event, str) else tuple(event)
-    if not 1 <= len(events) <= 2:
-        raise BadInput("give one --event (every point) or two (every ordered pair of points); "
-                       "for more, use --random")
-    _validate(events, invariants)
-    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget,
-                    progress=progress)
-    points = plan.window.points
-    schedules: list[Schedule]
-    if len(events) == 1:
-        schedules = [(events, (p,)) for p in points]
-    else:
-        schedules = [(events, (a, b)) for i, a in enumerate(points) for b in points[i:]]
-    return run_schedules(plan, schedules, jobs=jobs, dask=dask, progress=progress)
+    s = Settings(path, events, start, end, invariants, mode, budget=budget, force=force,
+                 expectations=expectations)
+    return list(run_exploration(s, jobs=jobs, dask=dask, progress=progress).findings)
 
 
 def random_search(path: Path, events: tuple[str, ...], start: str, end: str | None, *, count: int,
                   seed: int, max_events: int = 3, jobs: int = 1, mode: str | None = None,
                   progress: bool = False, invariants: tuple[str, ...] = (),
-                  dask: str | Any | None = None, budget: int | None = 200) -> tuple[
+                  dask: str | Any | None = None, budget: int | None = 200,
+                  force: bool = False, expectations: bool = True) -> tuple[
                       list[Finding], Finding | None]:
     """`count` random schedules of 1..`max_events` events (drawn from `events`) at points
     of the window, in increasing point order; the first failing one is shrunk to a
     minimal failing schedule (events removed one at a time, then each point moved as
     early as it still fails). Deterministic for a given seed."""
-    _validate(events, invariants)
-    plan = plan_for(path, start, end, mode=mode, invariants=invariants, budget=budget,
-                    progress=progress)
-    points = plan.window.points
-    rng = random.Random(seed)
-    schedules: list[Schedule] = []
-    for _ in range(count):
-        k = rng.randint(1, max_events)
-        idx = sorted(rng.randrange(len(points)) for _ in range(k))
-        evs = tuple(rng.choice(events) for _ in range(k))
-        schedules.append((evs, tuple(points[i] for i in idx)))
-    findings = run_schedules(plan, schedules, jobs=jobs, dask=dask, progress=progress)
-    first = next((f for f in findings if not f.ok), None)
-    if first is None:
-        return findings, None
-    return findings, shrink(plan, first)
+    s = Settings(path, tuple(events), start, end, invariants, mode, random=count, seed=seed,
+                 max_events=max_events, budget=budget, force=force, expectations=expectations)
+    e = run_exploration(s, jobs=jobs, dask=dask, progress=progress)
+    return list(e.findings), e.minimal
 
 
 def shrink(plan: Plan, failing: Finding) -> Finding:
@@ -698,55 +918,3 @@ def shrink(plan: Plan, failing: Finding) -> Finding:
             if changed:
                 break
     return best
-
-
-# -- reports ----------------------------------------------------------------------------
-def report(findings: list[Finding]) -> list[str]:
-    if findings and len(findings[0].schedule) == 1 and len({f.events for f in findings}) == 1:
-        lines = [f"{'point':<34} {'instruction':<34} result"]
-        for f in findings:
-            res = "ok" if f.ok else f"BREAKS: {f.failures[0]}"
-            lines.append(f"{f.point.label:<34} {f.point.insn:<34} {res}")
-    else:
-        lines = [f"{'schedule':<70} result"]
-        for f in findings:
-            res = "ok" if f.ok else f"BREAKS: {f.failures[0]}"
-            lines.append(f"{f.name:<70} {res}")
-    bad = sum(not f.ok for f in findings)
-    lines.append(f"{len(findings)} schedules, {bad} break an expectation or invariant")
-    return lines
-
-
-def as_json(findings: list[Finding]) -> list[dict[str, Any]]:
-    return [{"events": list(f.events), "schedule": [asdict(p) for p in f.schedule],
-             "outcome": f.outcome, "failures": list(f.failures)} for f in findings]
-
-
-def html_report(plan: Plan, findings: list[Finding]) -> str:
-    """A self-contained HTML page: the points (or schedules) coloured by outcome, each
-    beside its instruction, and the timeline of the first counterexample."""
-    rows = []
-    for f in findings:
-        colour = "#d7f5d7" if f.ok else "#f8d0d0"
-        insn = html.escape(" / ".join(p.insn for p in f.schedule))
-        result = "ok" if f.ok else html.escape(f.failures[0])
-        rows.append(f'<tr style="background:{colour}"><td>{html.escape(f.name)}</td>'
-                    f"<td><code>{insn}</code></td><td>{html.escape(f.outcome)}</td>"
-                    f"<td>{result}</td></tr>")
-    first = next((f for f in findings if not f.ok), None)
-    detail = "<p>No schedule breaks an expectation.</p>"
-    if first is not None:
-        specs = tuple(parse_event(e) for e in first.events)
-        sc, run, _ = _run_fresh(plan, specs, first.schedule, None)
-        sym = Symbolizer(sc.symbols, hide=HIDDEN_SYMBOLS)
-        lines = "\n".join(timeline(run.trace.records, sym, cycles=True))
-        detail = (f"<h2>First counterexample: {html.escape(first.name)}</h2>"
-                  f"<p>{html.escape('; '.join(first.failures))}</p><pre>{html.escape(lines)}</pre>")
-    bad = sum(not f.ok for f in findings)
-    name = plan.path.name
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>idtlab explore: "
-            f"{html.escape(name)}</title></head><body style='font-family:sans-serif'>"
-            f"<h1>{html.escape(name)}: {len(findings)} schedules, {bad} failing</h1>"
-            "<table border='1' cellspacing='0' cellpadding='3'><tr><th>schedule</th>"
-            "<th>instruction</th><th>outcome</th><th>result</th></tr>"
-            + "".join(rows) + f"</table>{detail}</body></html>\n")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from cpu.cpu_model import MSR_APIC_BASE, MSR_EFER, MSR_TSC
 from cpu.devices.apf import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT
 from idt.vectors import vector_name
+from idtlab.colour import PLAIN, Palette
 
 Record = Mapping[str, Any]
 
@@ -45,18 +46,39 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> None:
 
 
 class Symbolizer:
-    """Addresses as `symbol+0x10` (nearest symbol at or below, within 64 KiB).
+    """Addresses as `symbol+0x10` (nearest symbol at or below, within 64 KiB), and, given
+    a disassembler (`Machine.disassemble`), the instruction at an address.
 
     >>> sym = Symbolizer({"main": 0x100000, "idt": 0x2000}, hide=["idt"])
     >>> sym(0x100010), sym(0x2000)
     ('main+0x10', '0x2000')
     """
 
-    def __init__(self, symbols: Mapping[str, int], hide: Iterable[str] = ()) -> None:
+    def __init__(self, symbols: Mapping[str, int], hide: Iterable[str] = (),
+                 disasm: Callable[[int], str] | None = None) -> None:
         hidden = set(hide)
         pairs = sorted((v, k) for k, v in symbols.items() if k not in hidden)
         self._addrs = [a for a, _ in pairs]
         self._names = [n for _, n in pairs]
+        self._disasm = disasm
+
+    def insn(self, addr: int) -> str | None:
+        """The instruction at `addr` in Intel syntax; None without a disassembler or when
+        the bytes there are unreadable."""
+        if self._disasm is None:
+            return None
+        text = self._disasm(addr)
+        return None if text in ("", "??") else text
+
+    def insn_before(self, addr: int, *mnemonics: str) -> tuple[int, str] | None:
+        """The instruction that ends at `addr` when it is one of `mnemonics` (1 or 2 bytes
+        long: INT3, INT1, INTO, INT n, HLT, OUT): a trap's or an exit's own instruction,
+        where the record only has the address after it."""
+        for length in (1, 2):
+            text = self.insn(addr - length)
+            if text is not None and text.split()[0] in mnemonics:
+                return addr - length, text
+        return None
 
     def __call__(self, addr: int) -> str:
         i = bisect.bisect_right(self._addrs, addr) - 1
@@ -104,34 +126,212 @@ def as_json(r: Record, sym: Symbolizer) -> str:
 FALLBACK = Renderer(as_json)
 
 
-def timeline(records: Iterable[Record], sym: Symbolizer, *, cycles: bool = False) -> list[str]:
+def timeline(records: Iterable[Record], sym: Symbolizer, *, cycles: bool = False,
+             collapse: bool = False, palette: Palette = PLAIN) -> list[str]:
     r"""Readable lines: icount (and the cycle stamp with `cycles`), nesting by
-    indentation, names instead of numbers.
+    indentation, names instead of numbers. With `collapse`, a record (or a block of up to
+    four records) repeated three times or more in a row is shown once, with the count and
+    the icount range (`repeats`); `palette` colours the lines that matter (LEGEND).
 
         >>> from idtlab.api import load_asm
         >>> from cpu.machine import Machine
         >>> m = Machine()
         >>> _ = load_asm(m, "main:\n    int3\n    hlt\nbp_handler:\n    iretq", 0x100000)
         >>> m.set_gate(3, m.symbols["bp_handler"])
-        >>> for line in timeline(m.run(entry=0x100000, rsp=0x70000).trace.records,
-        ...                      Symbolizer({"main": 0x100000, "bp_handler": 0x100002})):
+        >>> sym = Symbolizer({"main": 0x100000, "bp": 0x100002}, disasm=m.disassemble)
+        >>> for line in timeline(m.run(entry=0x100000, rsp=0x70000).trace.records, sym):
         ...     print(line)
-                 1  #BP software at main+0x1 -> bp_handler  stack=current rsp=0x6ffd8 cpl 0->0
-                 2  iret at bp_handler -> main+0x1 rsp=0x70000 cpl 0
-                 3  end: hlt at bp_handler (HLT with no event that can wake the CPU)
+                 1  #BP software: int3 at main, returns to main+0x1 -> bp  stack=current rsp=0x6ffd8 cpl 0->0
+                 2  iret at bp -> main+0x1 rsp=0x70000 cpl 0
+                 3  end: hlt after main+0x1: hlt (HLT with no event that can wake the CPU)
     """
+    recs = list(records)
+    levels = depths(recs)
     out: list[str] = []
-    depth = 0
-    for r in records:
-        depth = int(r.get("depth", depth))
-        head = f"{r['icount']:>10}  " + (f"{r['cycle']:>12}  " if cycles else "")
-        renderer = RENDERERS.get(r["kind"], FALLBACK)
-        text = renderer.render(r, sym)
-        lines = [text] if isinstance(text, str) else text
-        pad = "  " * depth if renderer.nested else ""
-        out.append(f"{head}{pad}{lines[0]}")
-        out.extend(f"{' ' * len(head)}{pad}{line}" for line in lines[1:])
+    for start, period, count in (repeats(recs) if collapse else
+                                 [(i, 1, 1) for i in range(len(recs))]):
+        last = recs[start + period * count - 1]
+        if count == 1:
+            out.extend(_lines(recs[start], levels[start], sym,
+                              _head(recs[start], recs[start], cycles), palette))
+            continue
+        head = _head(recs[start], last, cycles)
+        if period == 1:
+            out.extend(_lines(recs[start], levels[start], sym, head, palette,
+                              prefix=f"{count} \u00d7 "))
+            continue
+        out.append(f"{head}{count} \u00d7 the {period} records below, in turn:")
+        for i in range(start, start + period):
+            out.extend(_lines(recs[i], levels[i], sym, " " * (len(head) + 2), palette))
     return out
+
+
+def depths(records: Sequence[Record]) -> list[int]:
+    """The indentation depth of each record: its own `depth` (a delivery's is the level it
+    interrupts, an IRET's the level it returns to), or, for a record without one (an
+    arrival, a HLT), the level the last delivery or IRET left: inside a handler, one
+    deeper than its delivery.
+
+        >>> depths([{"kind": "deliver", "depth": 0}, {"kind": "nmi_latched"},
+        ...         {"kind": "iret", "depth": 0}, {"kind": "hlt"}])
+        [0, 1, 0, 0]
+    """
+    out: list[int] = []
+    level = 0
+    for r in records:
+        if "depth" in r:
+            out.append(int(r["depth"]))
+            level = int(r["depth"]) + (1 if r["kind"] == "deliver" else 0)
+        else:
+            out.append(level)
+    return out
+
+
+def record_lines(r: Record, sym: Symbolizer) -> tuple[list[str], bool]:
+    """One record's text (a first line and its continuations) and whether it is indented
+    by the delivery depth (the end of the run is not)."""
+    renderer = RENDERERS.get(r["kind"], FALLBACK)
+    text = renderer.render(r, sym)
+    return ([text] if isinstance(text, str) else list(text)), renderer.nested
+
+
+def _head(first: Record, last: Record, cycles: bool) -> str:
+    """The stamp column(s): one icount (and cycle), or the range a collapsed run covers."""
+    def span(key: str) -> str:
+        a, b = first[key], last[key]
+        return str(a) if a == b else f"{a}..{b}"
+    return f"{span('icount'):>10}  " + (f"{span('cycle'):>12}  " if cycles else "")
+
+
+def _lines(r: Record, depth: int, sym: Symbolizer, head: str, palette: Palette,
+           prefix: str = "") -> list[str]:
+    lines, nested = record_lines(r, sym)
+    pad = "  " * depth if nested else ""
+    mark = _colour(r, palette)
+    out = [f"{head}{pad}{mark(prefix + lines[0])}"]
+    out.extend(f"{' ' * len(head)}{pad}{mark(line) if '<- changed' in line else line}"
+               for line in lines[1:])
+    return out
+
+
+def _colour(r: Record, palette: Palette) -> Callable[[str], str]:
+    kind = r["kind"]
+    if kind in ("frame_overwritten", "delivery_fault", "iret_fault", "shutdown"):
+        return palette.bad
+    if kind == "cr2_read" and r.get("pf_cr2") not in (None, r.get("value")):
+        return palette.bad
+    if kind in ("nmi_pending", "nmi_latched", "nmi_dropped", "interrupt_pending", "ept_revoke",
+                "host_declines"):
+        return palette.note
+    if kind == "end":
+        return palette.head
+    return str
+
+
+_STAMPS = ("seq", "icount", "cycle")
+
+
+def _same(a: Record, b: Record) -> bool:
+    """The same record but for its stamps."""
+    return len(a) == len(b) and all(a.get(k) == v for k, v in b.items() if k not in _STAMPS)
+
+
+def repeats(records: Sequence[Record], *, longest: int = 4,
+            least: int = 3) -> list[tuple[int, int, int]]:
+    """The records as runs `(start, period, count)`: a block of `period` records repeated
+    `count` times from `start` (count 1: once). A block of up to `longest` records is a
+    run when it repeats at least `least` times in a row; the run that covers the most
+    records wins, the shorter block on a tie.
+
+        >>> recs = [{"kind": "iret", "rip": 1, "icount": i} for i in range(5)]
+        >>> repeats([{"kind": "hlt", "icount": 0}] + recs)
+        [(0, 1, 1), (1, 1, 5)]
+    """
+    out: list[tuple[int, int, int]] = []
+    i, n = 0, len(records)
+    while i < n:
+        best_p, best_k = 1, 1
+        for p in range(1, longest + 1):
+            k = 1
+            while i + (k + 1) * p <= n and all(_same(records[i + j], records[i + k * p + j])
+                                               for j in range(p)):
+                k += 1
+            if k >= least and k * p > best_p * best_k:
+                best_p, best_k = p, k
+        out.append((i, best_p, best_k))
+        i += best_p * best_k
+    return out
+
+
+_STUCK_OUTCOMES = {"max_insns": "the instruction limit", "max_events": "the event limit"}
+
+
+def stuck(records: Sequence[Record], sym: Callable[[int], str] = hex) -> str | None:
+    """A one-line verdict when a run that hit its instruction or event limit spent its
+    end repeating the same records (an IRET through a frame that points at itself, an
+    event storm): the guest is stuck, whatever the expectations say.
+
+        >>> recs = [{"kind": "iret", "rip": 0x10, "to_rip": 0x10, "icount": i}
+        ...         for i in range(15)] + [{"kind": "end", "reason": "max_insns"}]
+        >>> print(stuck(recs))
+        the guest is stuck: the run ends in 15 identical IRETs (at 0x10, to 0x10) until the instruction limit
+    """
+    if not records or records[-1].get("kind") != "end" \
+            or records[-1].get("reason") not in _STUCK_OUTCOMES:
+        return None
+    body = records[:-1]
+    if not body:
+        return None
+    start, period, count = repeats(body)[-1]
+    if count < 3 or start + period * count != len(body):
+        return None
+    limit = _STUCK_OUTCOMES[str(records[-1]["reason"])]
+    first = body[start]
+    if period == 1 and first["kind"] == "iret":
+        what = f"{count} identical IRETs (at {sym(first['rip'])}, to {sym(first['to_rip'])})"
+    elif period == 1 and first["kind"] == "deliver":
+        what = f"{count} identical {first['name']} deliveries"
+    elif period == 1:
+        what = f"{count} identical '{first['kind']}' records"
+    else:
+        kinds = ", ".join(str(r["kind"]) for r in body[start:start + period])
+        what = f"{count} repetitions of the same {period} records ({kinds})"
+    return f"the guest is stuck: the run ends in {what} until {limit}"
+
+
+# What the timeline's words and symbols mean (`idtlab run --legend`; docs/trace-format.md).
+LEGEND = (
+    "icount            instructions retired when the record was made: before a delivered",
+    "                  event; a record made inside an instruction (a port write, an APIC",
+    "                  write) counts that instruction. With --cycles, the cycle counter too",
+    "indentation       nesting: the lines under a delivery happen in its handler, until",
+    "                  its IRET",
+    "X (#k)            the k-th arrival of execution at address X, counted from the start",
+    "                  of the run (the race explorer's points: a loop or a re-entered",
+    "                  handler gives each arrival a point of its own)",
+    "~                 an asynchronous event arrives (NMI, interrupt, host event): pending,",
+    "                  LATCHED (NMIs blocked: the one-deep latch) or DROPPED (one already",
+    "                  waiting); its delivery, if any, is a line of its own later",
+    "E at X (insn)     a fault E delivered: X is the faulting instruction; the frame's RIP",
+    "                  is X, and the IRET runs it again",
+    "E before X (insn) an NMI or interrupt delivered: X is the next instruction, which has",
+    "                  not run; the frame's RIP is X",
+    "E ... returns to X  a trap (INT3 -> #BP, INT n, INT1 -> #DB): the instruction has run;",
+    "                  the frame's RIP is X, the instruction after it",
+    "-> H stack=S rsp=R  the handler H, the stack the frame went to (istN: TSS.ISTn;",
+    "                  rspN: TSS.RSPn on a CPL change; current: no switch), the handler's RSP",
+    "!                 a fault while delivering an event, and what the SDM's table of",
+    "                  exception classes made of it: a #DF, a shutdown, or handled serially",
+    "                  (the fault is delivered on its own; the event is not)",
+    "!!                a delivery overwrote the frame of an event whose IRET has not run",
+    "                  (the nested-NMI race): each slot's old -> new value",
+    "N \u00d7 ...           the same record (or block of records) N times in a row; the icount",
+    "                  column shows the range it covers",
+    "end: R after X (insn)  how the run ended: an exit or HLT names the instruction that",
+    "                  ended it; 'at X' is the next RIP",
+)
+HINT = ("legend: ~ event arrives  ! fault while delivering  !! live frame overwritten  "
+        "(#k) k-th arrival  N \u00d7 repeated  (idtlab run --legend explains every column)")
 
 
 # -- delivery and IRET (SDM Vol. 3A, "Interrupt and Exception Handling") --------------------
@@ -144,15 +344,34 @@ def _deliver(r: Record, sym: Symbolizer) -> str:
     if "double_fault_of" in r:
         a, b = r["double_fault_of"]
         extra += f" [double fault: {vector_name(a)} then {vector_name(b)}]"
-    return (f"{r['name']}{ec} {r['source']} at {sym(r['rip'])} -> "
-            f"{sym(r['handler'])}  stack={r['stack']} rsp={r['rsp']:#x} "
-            f"cpl {r['cs'] & 3}->{r['cpl']}{extra}")
+    return (f"{r['name']}{ec} {_where(r, sym)} -> {sym(r['handler'])}  stack={r['stack']} "
+            f"rsp={r['rsp']:#x} cpl {r['cs'] & 3}->{r['cpl']}{extra}")
+
+
+def _where(r: Record, sym: Symbolizer) -> str:
+    """Where the event was taken, in the words of its class (LEGEND): the frame's RIP is
+    the faulting instruction (a fault), the next instruction (an interrupt, an NMI), or
+    the instruction after the trap (INT3, INT n, INT1; a #DB)."""
+    rip = int(r["rip"])
+    source = r["source"]
+    if source == "software" or (source == "exception" and r["vector"] == 1):
+        own = sym.insn_before(rip, "int3", "int1", "int", "into") if source == "software" \
+            else None
+        if own is not None:
+            return f"{source}: {own[1]} at {sym(own[0])}, returns to {sym(rip)}"
+        return f"{source}, returns to {sym(rip)}"
+    insn = sym.insn(rip)
+    text = f" ({insn})" if insn else ""
+    word = "at" if source == "exception" else "before"
+    return f"{source} {word} {sym(rip)}{text}"
 
 
 @renders("delivery_fault")
 def _delivery_fault(r: Record, sym: Symbolizer) -> str:
     ec = "" if r["error_code"] is None else f"({r['error_code']:#x})"
-    return f"! {r['fault_name']}{ec} while delivering {r['name']}: {r['why']} -> {r['action']}"
+    action = {"serial": "handled serially: no #DF, the fault is delivered on its own",
+              "double-fault": "#DF", "shutdown": "shutdown"}.get(r["action"], r["action"])
+    return f"! {r['fault_name']}{ec} while delivering {r['name']}: {r['why']} -> {action}"
 
 
 @renders("iret")
@@ -196,7 +415,16 @@ def _shutdown(r: Record, sym: Symbolizer) -> str:
 @renders("end", nested=False)
 def _end(r: Record, sym: Symbolizer) -> str:
     detail = f" ({r['detail']})" if r.get("detail") else ""
-    return f"end: {r['reason']} at {sym(r['rip'])}{detail}"
+    rip = int(r["rip"])
+    # An exit or a HLT ends the run with RIP past its instruction: name the instruction.
+    own = None
+    if r["reason"] == "exit":
+        own = sym.insn_before(rip, "out")
+    elif r["reason"] == "hlt":
+        own = sym.insn_before(rip, "hlt")
+    if own is not None:
+        return f"end: {r['reason']} after {sym(own[0])}: {own[1]}{detail}"
+    return f"end: {r['reason']} at {sym(rip)}{detail}"
 
 
 # -- arrivals of asynchronous events (cpu.events) ------------------------------------------
@@ -289,6 +517,15 @@ def _apf_not_present(r: Record, sym: Symbolizer) -> str:
         return (f"async #PF: GPA {gpa} swapped out -> host injects page-not-present, "
                 f"token {r['token']:#x} ({r['policy']}: {r['reason']})")
     return f"async #PF: GPA {gpa} swapped out -> host stalls the vCPU ({r['policy']}: {r['reason']})"
+
+
+@renders("host_declines")
+def _host_declines(r: Record, sym: Symbolizer) -> str:
+    where = f" before {sym(r['before'])}" if "before" in r else ""
+    if r["status"] == "refused":
+        return (f"~ host does not do {r['event']}{where}: policy {r['policy']} refuses "
+                f"({r['reason']})")
+    return f"~ host cannot do {r['event']}{where}: {r['reason']}"
 
 
 @renders("apf_halt")

@@ -82,6 +82,9 @@ When the host injects (arch/x86/kvm/x86.c; `decide`, in this order, first failur
     "never-while-nmi-blocked" 1-8 (the mitigation in the 2020-05-15 mail)
     "always"                  4 only: stress mode, IF/shadow/CPL/NMI/pending exceptions
                               and DELIVERY_AS_INT ignored (so legacy guests get #PFs too)
+    "nmi-blocked-only"        4 and 8 only: a host whose one condition is NMI blocking,
+                              to ask "would a host that only checks NMI blocking inject
+                              here?" (the race explorer's `policy=nmi-blocked-only`)
 
 Nothing in KVM looks at NMI blocking. The conditions protect the *guest's scheduler*: only
 a context that may be preempted (interrupts on, user mode) can be put to sleep on a token.
@@ -166,7 +169,13 @@ APF_REASON_OFFSET = 0  # "legacy": u32 reason
 APF_AREA_SIZE = 64  # the host-shared part; the guest's `enabled` word follows at +64
 LAYOUTS = ("2020", "legacy")
 
+# The policies of KVM as it is and of the fixes discussed (the policy x design matrix of
+# idtlab/apf_matrix.py compares exactly these) ...
 POLICIES = ("kvm", "kvm-send-always", "never-while-nmi-blocked", "always")
+# ... and every policy `decide` knows: those, plus hosts that exist only to ask a question.
+# "nmi-blocked-only" checks nothing but NMI blocking (and that APF is enabled): "would a
+# host that only checks NMI blocking inject here?" (the 2020-05-15 mail).
+HOST_POLICIES = (*POLICIES, "nmi-blocked-only")
 
 PAGE_SIZE = 0x1000
 FIRST_APIC_VECTOR = 16  # vectors 0-15 are illegal for a fixed APIC interrupt
@@ -274,12 +283,25 @@ class Decision:
 
 
 def decide(policy: str, g: GuestState) -> Decision:
-    """May the host inject a page-not-present #PF now, under `policy` (POLICIES)? The
-    checks and their fixed order are the table in the module docstring."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown async-#PF policy {policy!r}; known: {', '.join(POLICIES)}")
+    """May the host inject a page-not-present #PF now, under `policy` (HOST_POLICIES)? The
+    checks and their fixed order are the table in the module docstring.
+
+        >>> g = GuestState(apf_enabled=True, send_always=False, delivery_as_int=True,
+        ...                if_flag=False, shadow=False, exception_pending=False, cpl=0,
+        ...                nmi_blocked=False, paging=True)
+        >>> decide("kvm", g)
+        Decision(inject=False, reason='RFLAGS.IF=0')
+        >>> decide("nmi-blocked-only", g)
+        Decision(inject=True, reason='allowed')
+    """
+    if policy not in HOST_POLICIES:
+        raise ValueError(f"unknown async-#PF policy {policy!r}; known: {', '.join(HOST_POLICIES)}")
     if policy == "always":
         return Decision(True, WHY_ALLOWED) if g.apf_enabled else Decision(False, WHY_APF_DISABLED)
+    if policy == "nmi-blocked-only":
+        if not g.apf_enabled:
+            return Decision(False, WHY_APF_DISABLED)
+        return Decision(False, WHY_NMI_BLOCKED) if g.nmi_blocked else Decision(True, WHY_ALLOWED)
     checks = (
         (g.exception_pending, WHY_EXCEPTION_PENDING),
         (not g.if_flag, WHY_IF_CLEAR),
@@ -349,8 +371,8 @@ class AsyncPf:
     def __init__(self, *, layout: str = "2020", policy: str = "kvm") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown async-#PF area layout {layout!r}; known: {', '.join(LAYOUTS)}")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown async-#PF policy {policy!r}; known: {', '.join(POLICIES)}")
+        if policy not in HOST_POLICIES:
+            raise ValueError(f"unknown async-#PF policy {policy!r}; known: {', '.join(HOST_POLICIES)}")
         self.layout = layout
         self.policy = policy
         self._en = 0  # MSR_KVM_ASYNC_PF_EN as written

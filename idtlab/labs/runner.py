@@ -19,7 +19,6 @@ vocabulary is absorbed in this file.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -31,11 +30,10 @@ from cpu.events import Before, Interrupt, Nmi, parse_event
 from idtlab import explore as ex
 from idtlab import scenario as scn
 from idtlab.errors import BadInput, Unsupported
+from idtlab.stack_pictures import capture
 from idtlab.trace import Symbolizer, timeline
 
 HIDDEN_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
-TSS_BYTES = 0x68
-GATE_BYTES = 16
 
 __all__ = ["ExploreReport", "Problem", "RunReport", "Schedule", "check_event", "check_invariant",
            "explore_scenario", "records_of", "replay", "run_scenario", "symbolize", "taken_at"]
@@ -175,23 +173,6 @@ def _prepare(sc: scn.Scenario, invariants: Sequence[str]) -> list[tuple[str, Any
     return invs
 
 
-def _capture(sc: scn.Scenario, report_gates: dict[int, bytes], report_tss: dict[int, bytes]) -> None:
-    """At every delivery, read the gate the CPU used and the TSS, from guest memory."""
-    m = sc.machine
-    assert m is not None
-
-    def on_deliver(rec: dict[str, Any]) -> None:
-        st = m.arch_state()
-        # An unreadable IDT or TSS is drawn as unknown, never a crash.
-        with contextlib.suppress(Exception):
-            report_gates[int(rec["seq"])] = bytes(
-                m.read_linear(st.idtr_base + GATE_BYTES * int(rec["vector"]), GATE_BYTES))
-        with contextlib.suppress(Exception):
-            report_tss[int(rec["seq"])] = bytes(m.read_linear(st.tr_base, TSS_BYTES))
-
-    m.on_deliver.append(on_deliver)
-
-
 def _load(path: Path) -> scn.Scenario:
     return scn.load(path)
 
@@ -230,9 +211,8 @@ def run_scenario(path: Path, invariants: Sequence[str] = ()) -> RunReport:
         invs = _prepare(sc, invariants)
     except (BadInput, Unsupported) as exc:
         return _failed_load(exc)
-    gates: dict[int, bytes] = {}
-    tss: dict[int, bytes] = {}
-    _capture(sc, gates, tss)
+    assert sc.machine is not None
+    gates, tss = capture(sc.machine)  # the gate and TSS at each delivery
     return _finish(sc, scn.run(sc), invs, gates, tss)
 
 
@@ -253,9 +233,8 @@ def replay(path: Path, events: Sequence[str], rips: Sequence[int], arrivals: Seq
             m.inject(parse_event(text), Before(rip, hit), label="explore")
     except (BadInput, Unsupported) as exc:
         return _failed_load(exc)
-    gates: dict[int, bytes] = {}
-    tss: dict[int, bytes] = {}
-    _capture(sc, gates, tss)
+    assert sc.machine is not None
+    gates, tss = capture(sc.machine)  # the gate and TSS at each delivery
     return _finish(sc, scn.run(sc), invs, gates, tss)
 
 

@@ -10,7 +10,7 @@ guest's first access to one starts its page-in, with the latency given.
 from __future__ import annotations
 
 from cpu.apf_host import APF_FAIL_ACTIONS
-from cpu.devices.apf import LAYOUTS, POLICIES
+from cpu.devices.apf import HOST_POLICIES, LAYOUTS
 from idtlab.scenario.checker import did_you_mean
 from idtlab.scenario.context import Build
 
@@ -25,7 +25,7 @@ def build_apf(b: Build) -> None:
     chk = b.chk
     apf_t = chk.table(b.data.get("apf", {}), "[apf]")
     chk.keys(apf_t, APF_KEYS, "[apf]")
-    for key, known in (("policy", POLICIES), ("layout", LAYOUTS), ("on_fail", APF_FAIL_ACTIONS)):
+    for key, known in (("policy", HOST_POLICIES), ("layout", LAYOUTS), ("on_fail", APF_FAIL_ACTIONS)):
         if key in apf_t and apf_t[key] not in known:
             raise chk.fail(f"[apf] {key}", f"{apf_t[key]!r} is not one of {', '.join(known)}"
                            + did_you_mean(str(apf_t[key]), known))

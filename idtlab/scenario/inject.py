@@ -8,6 +8,10 @@ built by `cpu.events.make_event` and `make_point`, the constructors the Python A
 the explorer use too, and handed to `Machine.inject`. The checks here come first only
 where the scenario's message says more (it names the key to write, or the table).
 
+A host event (`async_pf`, `ept_revoke`) is forced: the host does it at the point. With
+`policy` ("host": the `[apf]` policy; or a policy name) the host asks that policy there
+and does nothing when it refuses (a `host_declines` record says why).
+
 Arrival is not delivery: the blocking rules decide when a pending event is delivered
 (SDM Vol. 3A, "Nonmaskable Interrupt (NMI)" and "Masking Maskable Hardware Interrupts").
 """
@@ -21,7 +25,7 @@ from idtlab.scenario.checker import did_you_mean
 from idtlab.scenario.context import Build
 
 INJECT_KEYS = ("event", "vector", "before", "hit", "icount", "cycle", "label", "token", "gpa",
-               "at_port")
+               "at_port", "policy")
 EVENT_KINDS = tuple(k.value for k in EventKind)
 POINT_KEYS = ("before", "icount", "cycle", "at_port")
 
@@ -44,8 +48,13 @@ def build_injections(b: Build) -> None:
         token = chk.int_(inj["token"], f"{where} token", 1, 0xFFFFFFFE) if "token" in inj \
             else None
         gpa = b.addr(inj["gpa"], f"{where} gpa") if "gpa" in inj else None
+        policy = inj.get("policy")
+        if policy is not None and (not isinstance(policy, str) or ":" in policy):
+            raise chk.fail(f"{where} policy", "expected \"host\" (the [apf] policy) or a "
+                           "policy name")
         try:
-            event = make_event(inj["event"], vector=vector, token=token, gpa=gpa)
+            event = make_event(inj["event"], vector=vector, token=token, gpa=gpa,
+                               policy=policy)
             point = make_point(before=before, hit=hit, icount=icount, cycle=cycle,
                                at_port=inj.get("at_port"))
             b.machine.inject(event, point, label=label or f"inject #{i}")
@@ -81,5 +90,8 @@ def _check(b: Build, inj: dict[str, Any], where: str) -> None:
     if "gpa" in inj and event not in (EventKind.ASYNC_PF, EventKind.EPT_REVOKE):
         raise chk.fail(f"{where} gpa", "'gpa' belongs to event = \"async_pf\" or "
                        "\"ept_revoke\"")
+    if "policy" in inj and event not in (EventKind.ASYNC_PF, EventKind.EPT_REVOKE):
+        raise chk.fail(f"{where} policy", "'policy' belongs to a host event (\"async_pf\" or "
+                       "\"ept_revoke\")")
     if event == EventKind.EPT_REVOKE and "gpa" not in inj:
         raise chk.fail(where, "an ept_revoke needs 'gpa' (the page the host revokes)")

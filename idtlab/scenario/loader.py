@@ -127,8 +127,10 @@ def run(sc: Scenario) -> RunResult:
     return sc.machine.run(**sc.run_args)
 
 
-def check(sc: Scenario, result: RunResult) -> list[Failure]:
-    """Compare every `[[expect]]` with the run; return the failures (empty: all hold).
+def check(sc: Scenario, result: RunResult, *, explored: int = 0) -> list[Failure]:
+    """Compare every `[[expect]]` that describes the run with it (`explored`: how many
+    events the race explorer added, 0 for the scenario's own run: the entry's `scope`);
+    return the failures (empty: all hold).
 
         >>> import idtlab
         >>> from pathlib import Path
@@ -137,4 +139,4 @@ def check(sc: Scenario, result: RunResult) -> list[Failure]:
         []
     """
     assert sc.machine is not None
-    return check_expectations(sc.expects, sc.machine, result)
+    return check_expectations(sc.expects, sc.machine, result, explored=explored)

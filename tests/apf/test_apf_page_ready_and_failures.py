@@ -190,6 +190,38 @@ def test_a_failed_page_in_with_on_fail_retry_gives_up_after_three_failures() -> 
     assert result.outcome == "vmexit"
 
 
+RETRY_SOURCE = f"""
+main:
+{ENABLE}
+    sti                             # IF=1: the host may inject
+    nop
+    mov rcx, PROBE
+the_access:
+    mov rax, qword ptr [rcx]
+    mov al, 0
+{EXIT}
+pf_handler:                         # returns to the access: it faults again
+    add rsp, 8
+    iretq
+"""
+
+
+def test_retry_is_not_a_synchronous_page_in_each_round_is_a_fresh_async_pf_where_allowed() -> None:
+    # docs/async-pf.md: "retry" handles the next access like the first one. Where the
+    # policy allows it, each round is a new page-not-present #PF with a new token (the
+    # access retried inside the round is KVM's repeated fault: a halt until the page-in
+    # completes, failed); after the third failed page-in the host stops.
+    m, sym = build(RETRY_SOURCE, policy="always", swapped=[(PROBE, 1000)], fail=True,
+                   gates={14: gate("pf_handler")})
+    result = m.run(entry=sym["main"], rsp=KERNEL_STACK, max_insns=400)
+    recs = result.trace.records
+    injected = [r for r in of_kind(recs, "apf_not_present") if r["decision"] == "inject"]
+    assert [r["token"] for r in injected] == [1, 2, 3]
+    assert [d["cr2"] for d in of_kind(recs, "deliver")] == [1, 2, 3]
+    assert [r["failures"] for r in of_kind(recs, "apf_page_in_failed")] == [1, 2, 3]
+    assert result.outcome == "vmexit"
+
+
 # ----- forced injections ---------------------------------------------------------------------
 
 FORCED_SOURCE = f"""

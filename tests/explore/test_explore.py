@@ -5,6 +5,7 @@ NMI per boundary, the scenario's expectations checked at each; the CR2 race of t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -223,10 +224,17 @@ entry = "main"
         findings[0].failures[0]
 
 
-def test_the_html_report_colours_the_points_and_shows_the_first_counterexample(
+def test_the_html_report_groups_the_points_and_shows_a_timeline_per_counterexample(
         scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.html"
-    assert main(["explore", str(scenario), "--window", "pf_handler..pf_done", "--html", str(out)]) == 1
+    assert main(["explore", str(scenario), "--window", "pf_handler..pf_done", "--html",
+                 str(out)]) == 1
     page = out.read_text()
-    assert page.count("#f8d0d0") == 3 and page.count("#d7f5d7") == 9
-    assert "First counterexample: nmi @ pf_handler (#1)" in page and "<pre>" in page
+    assert page.count("<details class='group st-breaks'") == 1
+    assert page.count("<details class='group st-ok'") == 1
+    assert "3 sched." in page and "9 sched." in page
+    assert "Counterexample 1: nmi @ pf_handler (#1)" in page
+    assert "id='legend'" in page and "id='parameters'" in page
+    assert "<code>pf_handler..pf_done</code>: 12 points" in page
+    # One file, nothing fetched: no external script, style, image or font.
+    assert not re.search(r"<link|<script src|<img|@import|url\(", page)

@@ -23,10 +23,10 @@ def test_the_cr2_race_breaks_every_boundary_up_to_and_including_the_cr2_read() -
     expected = [sym["pf_handler"] <= f.point.rip <= sym["pf_read_cr2"] for f in findings]
     assert [not f.ok for f in findings] == expected
     assert sum(expected) == 16 and len(findings) == 38
-    assert findings[0].failures == (
-        "[[expect]] #1: mem 0x110000 (8 bytes): expected 0x400000, got 0x500000",
+    assert findings[0].failures == (  # the invariant first: it names the mechanism
         f"invariant cr2-consistent: the #PF handler read CR2 = 0x500000 at "
-        f"{sym['pf_read_cr2']:#x}, but its #PF was for 0x400000")
+        f"{sym['pf_read_cr2']:#x}, but its #PF was for 0x400000",
+        "[[expect]] #1: mem 0x110000 (8 bytes): expected 0x400000, got 0x500000")
 
 
 def test_with_cr2_saved_and_restored_in_the_nmi_handler_no_boundary_breaks() -> None:

@@ -78,7 +78,8 @@ def test_mode_on_the_command_line_overrides_the_scenario_and_changes_only_cycle_
 def test_the_safe_demo_survives_the_same_nmi_schedule() -> None:
     proc = run_cli("demo", "nested-nmi-safe")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "end: exit at work" in proc.stdout and "4/4 expectations hold" in proc.stdout
+    assert "end: exit after work+0x13: out dx, al" in proc.stdout
+    assert "4/4 expectations hold" in proc.stdout
 
 
 def test_a_passing_scenario_exits_0_and_a_failing_expectation_exits_1(tmp_path: Path,
