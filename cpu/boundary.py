@@ -4,8 +4,8 @@ At every boundary the machine holds (between engine runs), in this order (Bochs'
 `handleAsyncEvent`, QEMU's `cpu_handle_interrupt`):
 
 1. arrivals at an injection point here count, and their events arrive;
-2. time-based sources that are due fire: the APIC timer, async-#PF page-ins and
-   page-ready notifications, icount/cycle injections;
+2. time-based sources that are due fire: the APIC timer, the HPET, async-#PF page-ins
+   and page-ready notifications, icount/cycle injections;
 3. the blocking rules (`idt.blocking.arbitrate`: NMI blocking, IF, the STI/MOV-SS
    shadow, the APIC's priority) choose at most one event, NMI before INTR (SDM Vol. 3A
    6.9 "Priority Among Concurrent Exceptions and Interrupts"), which is delivered; then
@@ -99,6 +99,9 @@ class EventBoundary:
         m = self.m
         if m.apic is not None:
             m.apic.tick(m.engine.cycles)
+        hpet = m.state.platform.hpet
+        if hpet is not None and hpet.running:
+            hpet.tick(m.engine.cycles)
         m.apf_host.service()
         m.injections.fire_due()
 
@@ -186,6 +189,9 @@ class EventBoundary:
         deadlines: list[int | None] = list(m.injections.cycle_deadlines())
         if m.apic is not None:
             deadlines.append(m.apic.next_deadline())
+        hpet = m.state.platform.hpet
+        if hpet is not None and hpet.running:
+            deadlines.append(hpet.next_deadline())
         if m.apf is not None:
             deadlines.append(m.apf.next_ready())
         return min((d for d in deadlines if d is not None), default=None)

@@ -28,7 +28,8 @@ component's business:
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
     cpu/platform.py      ports, UART, fw_cfg, exit devices
-    cpu/apic_mmio.py     local APIC register accesses
+    cpu/mmio.py          device register pages (local APIC, I/O APIC, HPET)
+    cpu/interrupts.py    the wires: ISA lines -> I/O APIC -> local APIC -> CPU
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
     cpu/apf_host.py      the KVM async-#PF host
     cpu/boot32.py        a multiboot image's 32-bit entry phase
@@ -48,7 +49,6 @@ from typing import Any
 
 from cpu import boot32, snapshot
 from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
-from cpu.apic_mmio import ApicMmio
 from cpu.boundary import BoundaryState, EventBoundary
 from cpu.checked_sites import CheckedSites
 from cpu.cpu_model import CpuModel, ModelState
@@ -56,6 +56,8 @@ from cpu.decode import decode_one
 from cpu.devices.apf import AsyncPf
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.devices.fwcfg import FwCfg
+from cpu.devices.hpet import HPET_BASE
+from cpu.devices.ioapic import IOAPIC_BASE
 from cpu.devices.uart import Uart16550
 from cpu.emulated import Emulated
 from cpu.engine import ERR_INSN_INVALID, Engine
@@ -63,8 +65,10 @@ from cpu.ept import Ept, EptMisconfig, EptViolation
 from cpu.events import AsyncEvent, Injection, Interrupt, Nmi, Point, make_event, make_point
 from cpu.frames import Frames, FrameState
 from cpu.injections import Injections, InjectionState
+from cpu.interrupts import Wires
 from cpu.layout import KERNEL_CS, KERNEL_DS, RESERVED_END, USER_CS, USER_DS, PageSpec, SystemLayout
 from cpu.memory import PhysicalMemory
+from cpu.mmio import Mmio
 from cpu.mmu import PagingControl
 from cpu.outcomes import Outcome, RunResult, Stop
 from cpu.platform import Platform
@@ -113,8 +117,8 @@ class Machine:
             raise ValueError(f"guest memory must be at least {RESERVED_END + 0x1000:#x} bytes")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-        if memory > APIC_BASE:
-            raise ValueError(f"guest memory must end below the local APIC at {APIC_BASE:#x}")
+        if memory > IOAPIC_BASE:
+            raise ValueError(f"guest memory must end below the I/O APIC at {IOAPIC_BASE:#x}")
         self.mode = mode
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._costs = CostModel(self.profile)
@@ -134,8 +138,8 @@ class Machine:
         self._checkpoint: Checkpoint | None = None  # the live one (cpu.snapshot)
 
         # -- components, each with its state object ------------------------------------
-        self.apic_mmio = ApicMmio(self)
-        self.platform = Platform(self, memory)
+        self.wires = Wires(self)
+        self.platform = Platform(self, memory, apic=apic)
         st = MachineState(
             run=RunState(max_insns=max_insns, max_events=max_events),
             regs=RegisterState(),
@@ -147,8 +151,8 @@ class Machine:
             platform=self.platform.state,
             vmx=VmxState(),
             apf=ApfHostState(),
-            apic=LocalApic(on_nmi=self.apic_mmio.on_nmi, on_event=self.apic_mmio.on_event)
-            if apic else None,
+            apic=LocalApic(on_nmi=self.wires.apic_nmi, on_event=self.wires.apic_event,
+                           on_eoi=self.wires.apic_eoi) if apic else None,
         )
         self.state = st
         self.layout = SystemLayout(self)
@@ -167,8 +171,15 @@ class Machine:
         self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)
         self.symbols.update({"gdt": 0x1000, "tss": 0x1100, "idt": 0x2000})
+        self.mmio = Mmio(self)
         if apic:
             self.symbols["apic"] = APIC_BASE
+            plat = self.state.platform
+            self.mmio.add(APIC_BASE, "apic",
+                          lambda: self.state.apic if self.state.apic and self.state.apic.enabled
+                          else None)
+            self.mmio.add(IOAPIC_BASE, "ioapic", lambda: plat.ioapic)
+            self.mmio.add(HPET_BASE, "hpet", lambda: plat.hpet)
         self._wire(self.engine)
         if self.ept is not None:
             self.engine.remember_fills(False)  # fills depend on EPT state too

@@ -84,7 +84,11 @@ from typing import TYPE_CHECKING
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from cpu.devices import acpi
+from cpu.devices.acpi import BIOS_AREA as ACPI_BIOS_AREA
 from cpu.devices.apic import APIC_BASE
+from cpu.devices.hpet import HPET_BASE
+from cpu.devices.ioapic import IOAPIC_BASE
 from cpu.elf import read_symbols  # the same code ranges as any ELF image
 from cpu.errors import BadInput, read_input
 from cpu.layout import RESERVED_END
@@ -333,9 +337,20 @@ def read_image(path: str | Path) -> MultibootImage:
 
 # -- the information structure --------------------------------------------------------------
 def memory_map(memsize: int, *, apic: bool) -> tuple[MmapEntry, ...]:
-    entries = [MmapEntry(0, memsize, MMAP_AVAILABLE)]
+    """RAM, with the BIOS area (where the ACPI tables are) reserved as a PC firmware
+    reports it, and the device pages of the interrupt controllers and the HPET."""
+    bios_lo, bios_hi = ACPI_BIOS_AREA
+    if memsize <= bios_lo:
+        entries = [MmapEntry(0, memsize, MMAP_AVAILABLE)]
+    else:
+        entries = [MmapEntry(0, bios_lo, MMAP_AVAILABLE),
+                   MmapEntry(bios_lo, bios_hi - bios_lo, MMAP_RESERVED)]
+        if memsize > bios_hi:
+            entries.append(MmapEntry(bios_hi, memsize - bios_hi, MMAP_AVAILABLE))
     if apic:
-        entries.append(MmapEntry(APIC_BASE, 0x1000, MMAP_RESERVED))
+        entries += [MmapEntry(IOAPIC_BASE, 0x1000, MMAP_RESERVED),
+                    MmapEntry(HPET_BASE, 0x1000, MMAP_RESERVED),
+                    MmapEntry(APIC_BASE, 0x1000, MMAP_RESERVED)]
     return tuple(entries)
 
 
@@ -383,6 +398,10 @@ def load(m: Machine, image: MultibootImage, *, cmdline: str | None = None) -> Bo
     for s in image.segments:
         m.phys.write(s.paddr, s.data + bytes(s.memsz - len(s.data)))
     m.phys.write(info.area, info.area_bytes())
+    if m.apic is not None and m.phys.size >= ACPI_BIOS_AREA[1]:
+        # The ACPI tables a PC firmware leaves in the BIOS area (RSDP, RSDT, FADT, FACS,
+        # DSDT, MADT, HPET), where kvm-unit-tests' lib/acpi.c searches for "RSD PTR ".
+        acpi.build(cpus=1, hpet=True).install(m.phys.write)
     for lo, hi in image.code_ranges:
         p = image.physical(lo)
         if p is not None and image.physical(hi - 1) == p + (hi - 1 - lo):

@@ -1,7 +1,10 @@
 """The platform around the CPU: I/O ports and the devices behind them.
 
 The devices test kernels use (cpu/devices/): a 16550 UART at 0x3F8 (its output is the
-`serial` trace record, one per line), QEMU's fw_cfg at 0x510/0x511, and the ways a test
+`serial` trace record, one per line), QEMU's fw_cfg at 0x510/0x511, pc-testdev's data
+register (0xE0, 0xE8) and ISA interrupt lines (0x2000-0x2017), the I/O APIC and the HPET
+(their registers are memory-mapped: cpu/mmio.py; their interrupts: cpu/interrupts.py),
+and the ways a test
 kernel ends its run — isa-debug-exit at 0xF4 (QEMU `-device isa-debug-exit`), Bochs'
 "Shutdown" string on port 0x8900 — and pc-testdev's flush-page port 0xE4 (QEMU
 hw/misc/pc-testdev.c), which drops the engine's translations and is an injection point.
@@ -22,6 +25,9 @@ from typing import TYPE_CHECKING
 
 from cpu.decode import decode_one, out_port
 from cpu.devices.fwcfg import FW_CFG_PORT_DATA, FW_CFG_PORT_SEL, FwCfg
+from cpu.devices.hpet import Hpet
+from cpu.devices.ioapic import Ioapic
+from cpu.devices.testdev import IRQ_LINE_PORT, IRQ_LINES, PcTestdev
 from cpu.devices.testports import BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT, BochsShutdown
 from cpu.devices.uart import Uart16550
 from cpu.outcomes import Outcome, Stop
@@ -40,6 +46,9 @@ class PlatformState:
 
     uart: Uart16550
     fwcfg: FwCfg
+    testdev: PcTestdev
+    ioapic: Ioapic | None  # with the local APIC only
+    hpet: Hpet | None
     bochs_shutdown: BochsShutdown = field(default_factory=BochsShutdown)
     exit_code: int | None = None  # written to the exit port, not yet acted on
     shutdown_requested: bool = False  # Bochs' "Shutdown" completed
@@ -51,10 +60,14 @@ class Platform:
     # Append-only, checkpointed by length like the trace (cpu/snapshot.py).
     LOGS = frozenset({"serial"})
 
-    def __init__(self, m: Machine, memory: int) -> None:
+    def __init__(self, m: Machine, memory: int, *, apic: bool) -> None:
         self.m = m
-        self.state = PlatformState(uart=Uart16550(SERIAL_PORT, on_byte=self.serial_byte),
-                                   fwcfg=FwCfg(ram_size=memory))
+        w = m.wires
+        self.state = PlatformState(
+            uart=Uart16550(SERIAL_PORT, on_byte=self.serial_byte), fwcfg=FwCfg(ram_size=memory),
+            testdev=PcTestdev(on_irq_line=w.isa_line),
+            ioapic=Ioapic(on_message=w.ioapic_message) if apic else None,
+            hpet=Hpet(cpu_mhz=m.profile.frequency_mhz, on_irq=w.ioapic_input) if apic else None)
         self.serial = bytearray()  # what the UART transmitted (checkpointed by length)
         self.on_serial_line: list[Callable[[str], None]] = []  # each completed line
 
@@ -66,6 +79,8 @@ class Platform:
                        for i in range(size))
         if port == FW_CFG_PORT_DATA and size == 1:
             return st.fwcfg.read_data()
+        if st.testdev.handles_port(port):
+            return st.testdev.port_read(port, size)
         # No device: all ones, like an undriven ISA bus.
         self.m.emit("port", direction="in", port=port, size=size)
         return (1 << (8 * size)) - 1
@@ -80,6 +95,8 @@ class Platform:
             st.fwcfg.select(value)
         elif port == FLUSH_PAGE_PORT:
             self.flush_page(value, in_hook=True)
+        elif st.testdev.handles_port(port):
+            st.testdev.port_write(port, size, value)
         elif port == BOCHS_SHUTDOWN_PORT and size == 1:
             if st.bochs_shutdown.write(value):
                 # Ends the run at the next boundary (exactly after the OUT when the OUT was
@@ -127,9 +144,10 @@ class Platform:
             raise Stop(Outcome.EXIT, SHUTDOWN_DETAIL, self.m.engine.read_reg("rip"))
 
     def exit_write(self, address: int) -> bool:
-        """An OUT about to write the exit port, the last byte of Bochs' "Shutdown", or the
-        flush-page port while injections wait for it: emulate it and end the run (or fire
-        the injections) right after it (exact in both counting modes; the port hook alone
+        """An OUT about to write the exit port, the last byte of Bochs' "Shutdown", the
+        flush-page port while injections wait for it, or a pc-testdev interrupt line:
+        emulate it and end the run (or fire the injections, or take the interrupt) right
+        after it (exact in both counting modes; the port hook alone
         would stop only at the next block boundary in fast mode). Returns False for other
         ports (the instruction then runs natively and reaches the port hook)."""
         m = self.m
@@ -139,7 +157,8 @@ class Platform:
         port = out_port(insn.op_str)
         if port is None:
             port = m.engine.read_reg("rdx") & 0xFFFF
-        if port not in (EXIT_PORT, BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT):
+        irq_line = IRQ_LINE_PORT <= port < IRQ_LINE_PORT + IRQ_LINES
+        if port not in (EXIT_PORT, BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT) and not irq_line:
             return False
         width = {"al": 1, "ax": 2, "eax": 4}.get(insn.op_str.split(",")[-1].strip(), 1)
         value = m.engine.read_reg("rax") & ((1 << (8 * width)) - 1)
@@ -151,6 +170,15 @@ class Platform:
                 raise Stop(Outcome.EXIT, SHUTDOWN_DETAIL, after)
 
             m.stops.pending = shutdown
+            return True
+        if irq_line:
+            # pc-testdev's interrupt lines: the interrupt an OUT raises is taken at the
+            # boundary right after it (what the guest tests: an edge, then `nop`).
+            def line() -> None:
+                m.engine.write({"rip": after})
+                self.port_out(port, width, value)
+
+            m.stops.pending = line
             return True
         if port == FLUSH_PAGE_PORT and m.injections.waits_for_port("flush_page"):
             def flush() -> None:

@@ -149,8 +149,8 @@ class Stops:
                 cr2 = self.split_access_cr2(rip, vaddr)
             m.deliver(Event.exception(fault.vector, rip, fault.error_code, cr2), why=fault.why)
             return
-        if m.apic_mmio.claims(t.paddr) and access is not Access.FETCH:
-            m.apic_mmio.emulate(rip, vaddr, access)
+        if m.mmio.claims(t.paddr) and access is not Access.FETCH:
+            m.mmio.emulate(rip, vaddr, t.paddr, access)
             return
         if not m.phys.contains(t.paddr | (vaddr & 0xFFF)):
             raise Stop(Outcome.OUTSIDE_MEMORY,

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from cpu.devices.apic import APIC_BASE
 from cpu.engine import PROT_R, PROT_W, PROT_X
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import CR4_PKE, CR4_SMAP, Access, PagingControl, Translation, WalkCache
@@ -125,7 +124,8 @@ class Translator:
             return None  # poisoned: the access stops at its instruction (cpu/stops.py)
         if not m.phys.contains(t.paddr, 4096):
             # Also the local APIC page: every access to it stops the engine at the
-            # accessing instruction, which the machine emulates (cpu/apic_mmio.py).
+            # accessing instruction, which the machine emulates (cpu/mmio.py); so are
+            # the other device pages.
             return None
         prot = PROT_R if t.readable else 0
         if t.writable and (t.dirty or access is Access.WRITE):
@@ -181,8 +181,8 @@ class Translator:
         translation or a guest paging-structure entry (qualification bits 7 and 8)."""
         m = self.m
         assert m.ept is not None
-        if m.apic is not None and gpa & ~0xFFF == APIC_BASE:
-            return gpa  # the APIC page is not behind EPT here (no APIC virtualization)
+        if m.mmio.claims(gpa & ~0xFFF):
+            return gpa  # device pages are not behind EPT here (no APIC virtualization)
         try:
             return m.ept.translate(gpa, access)
         except EptViolation as v:

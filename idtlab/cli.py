@@ -25,6 +25,9 @@ from idtlab.errors import BadInput, Unsupported
 from idtlab.labs import cli as labs_cli
 from idtlab.trace import Symbolizer, timeline, write_jsonl
 
+# `run --image`: a test kernel runs to its exit port; the limit only catches a runaway one
+# (kvm-unit-tests' sieve retires tens of billions of instructions).
+IMAGE_MAX_INSNS = 10**12
 SYSTEM_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
 # Built-in demos (idtlab/examples/): the default shows the nested-NMI IST race.
 DEMOS = {
@@ -197,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                             "serial output is printed as it comes")
     p_run.add_argument("--cmdline", help="--image: the multiboot command line (default: the "
                        "image's file name)")
-    p_run.add_argument("--memory", default="64M",
-                       help="--image: guest RAM (64M, as the reference runners use)")
-    p_run.add_argument("--max-insns", type=int, default=10_000_000,
-                       help="--image: instruction limit (10000000)")
+    p_run.add_argument("--memory", default="256M",
+                       help="--image: guest RAM (256M, what kvm-unit-tests' runner gives)")
+    p_run.add_argument("--max-insns", type=int, default=IMAGE_MAX_INSNS,
+                       help=f"--image: instruction limit ({IMAGE_MAX_INSNS:.0e}: a safety net "
+                            "for runaway kernels, far above what a test kernel needs)")
     p_run.add_argument("--timeline", action="store_true",
                        help="--image: also print the timeline after the run")
     p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")

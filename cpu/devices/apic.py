@@ -24,7 +24,8 @@ The rules
   Interrupt Vectors").
 * Completion ("Signaling Interrupt Servicing Completion"): any write to EOI clears the
   highest ISR bit, which lets nested, lower-class in-service vectors surface again.
-  Every interrupt is edge-triggered, so the TMR stays 0 and no EOI is broadcast.
+  A level-triggered interrupt (an IOAPIC message) sets its TMR bit; its EOI is broadcast
+  to the IOAPIC (`on_eoi`), which then clears Remote IRR.
 * IPIs ("Issuing Interprocessor Interrupts"): a write to the low ICR half sends. Fixed
   and NMI delivery, physical destination mode, the four shorthands; the machine has one
   CPU, so an IPI reaches this APIC or no one. Delivery is instant: the delivery status
@@ -216,7 +217,8 @@ class LocalApic:
 
     def __init__(self, *, apic_id: int = 0, timer_ratio: int = 1,
                  on_nmi: Callable[[], None] = _no_nmi_sink,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None,
+                 on_eoi: Callable[[int], None] | None = None) -> None:
         if not 0 <= apic_id <= 0xFF:
             raise ValueError(f"APIC ID {apic_id:#x} does not fit the xAPIC's 8-bit ID field")
         if timer_ratio < 1:
@@ -225,6 +227,7 @@ class LocalApic:
         self.timer_ratio = timer_ratio
         self._on_nmi = on_nmi
         self._on_event = on_event
+        self._on_eoi = on_eoi  # EOI broadcast of a level-triggered vector (to the IOAPIC)
         self._now = 0  # latest cycle seen; time never goes back
         self._reset()
 
@@ -233,6 +236,7 @@ class LocalApic:
         self.enabled = True  # IA32_APIC_BASE[11], the global enable
         self._irr = 0  # 256-bit sets: bit v = vector v
         self._isr = 0
+        self._tmr = 0
         self._tpr = 0
         self._ldr = 0
         self._dfr = DFR_RESET
@@ -262,15 +266,20 @@ class LocalApic:
 
     # ----- the machine's side ------------------------------------------------------------
 
-    def set_irr(self, vector: int) -> None:
-        """A fixed, edge-triggered interrupt arrives: set its IRR bit. A vector already
-        pending merges ("Interrupt Acceptance for Fixed Interrupts"). Vectors 0-15 are
-        illegal ("Valid Interrupt Vectors") and raise ValueError."""
+    def set_irr(self, vector: int, *, level: bool = False) -> None:
+        """A fixed interrupt arrives: set its IRR bit, and its TMR bit when it is
+        level-triggered (an IOAPIC message). A vector already pending merges ("Interrupt
+        Acceptance for Fixed Interrupts"). Vectors 0-15 are illegal ("Valid Interrupt
+        Vectors") and raise ValueError."""
         if not FIRST_LEGAL_VECTOR <= vector <= 0xFF:
             raise ValueError(f"APIC: vector {vector:#04x} is illegal for a fixed interrupt (legal: "
                              f"0x10-0xff; 0x00-0x0f are reserved, SDM 'Valid Interrupt Vectors')")
         if self.enabled:
             self._irr |= 1 << vector
+            if level:
+                self._tmr |= 1 << vector
+            else:
+                self._tmr &= ~(1 << vector)
 
     def pending_vector(self) -> int | None:
         """The highest IRR vector if its priority class is above PPR[7:4], else None
@@ -366,6 +375,11 @@ class LocalApic:
         return _members(self._irr)
 
     @property
+    def logical_id(self) -> int:
+        """LDR[31:24], the logical APIC ID ("Logical Destination Register")."""
+        return self._ldr >> 24
+
+    @property
     def software_enabled(self) -> bool:
         """SVR bit 8 ("Spurious-Interrupt Vector Register")."""
         return bool(self._svr & SVR_ENABLE)
@@ -396,7 +410,7 @@ class LocalApic:
         if REG_ISR <= offset < REG_ISR + 0x80:
             return (self._isr >> (32 * ((offset - REG_ISR) >> 4))) & _U32
         if REG_TMR <= offset < REG_TMR + 0x80:
-            return 0  # edge-triggered only: TMR is always clear
+            return (self._tmr >> (32 * ((offset - REG_TMR) >> 4))) & _U32
         if REG_IRR <= offset < REG_IRR + 0x80:
             return (self._irr >> (32 * ((offset - REG_IRR) >> 4))) & _U32
         match offset:
@@ -487,9 +501,16 @@ class LocalApic:
 
     def _eoi(self) -> None:
         """"Signaling Interrupt Servicing Completion": the EOI (whatever value is written)
-        retires the highest-priority in-service vector. Nothing in service: no effect."""
+        retires the highest-priority in-service vector. Nothing in service: no effect. A
+        level-triggered vector (TMR set) is broadcast to the I/O APICs ("EOI Register":
+        the IOAPIC clears its Remote IRR)."""
         if self._isr:
-            self._isr &= ~(1 << (self._isr.bit_length() - 1))
+            vector = self._isr.bit_length() - 1
+            self._isr &= ~(1 << vector)
+            # "Trigger Mode Register": the bit stays as acceptance left it; the EOI of a
+            # vector whose bit is set is sent to every I/O APIC.
+            if self._tmr & (1 << vector) and self._on_eoi is not None:
+                self._on_eoi(vector)
 
     def _write_svr(self, value: int) -> None:
         """"Spurious-Interrupt Vector Register": vector 7:0, software enable 8. Focus

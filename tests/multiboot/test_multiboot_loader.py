@@ -130,7 +130,7 @@ def test_the_information_structure_bytes() -> None:
     expected = bytearray(116)
     struct.pack_into("<III", expected, 0, 0x245, 640, (MEMORY >> 10) - 1024)  # flags, lower, upper
     struct.pack_into("<I", expected, 16, 0x9180)  # cmdline
-    struct.pack_into("<II", expected, 44, 48, 0x9080)  # mmap_length, mmap_addr
+    struct.pack_into("<II", expected, 44, 6 * 24, 0x9080)  # mmap_length, mmap_addr
     struct.pack_into("<I", expected, 64, 0x9160)  # boot_loader_name
     assert info.info_bytes() == bytes(expected)
     page = info.area_bytes()
@@ -140,15 +140,20 @@ def test_the_information_structure_bytes() -> None:
     assert struct.unpack_from("<3Q", page, 0x140) == (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
 
 
-def test_the_memory_map_describes_ram_and_the_apic_page_exactly() -> None:
+def test_the_memory_map_describes_ram_the_bios_area_and_the_device_pages_exactly() -> None:
+    """RAM with the BIOS area 0xE0000-0xFFFFF reserved (the ACPI tables are there, as a
+    PC firmware's e820 map says), and the I/O APIC, HPET and local APIC pages."""
     image = mb.read_image(build("boot64.S"))
     page = mb.plan(image, MEMORY, apic=True).area_bytes()
-    assert struct.unpack_from("<IQQI", page, 0x80) == (20, 0, MEMORY, 1)
-    assert struct.unpack_from("<IQQI", page, 0x98) == (20, 0xFEE00000, 0x1000, 2)
-    assert page[0xB0:0xC8] == bytes(24)
+    entries = [struct.unpack_from("<IQQI", page, 0x80 + 24 * i) for i in range(6)]
+    assert entries == [(20, 0, 0xE0000, 1), (20, 0xE0000, 0x20000, 2),
+                       (20, 0x100000, MEMORY - 0x100000, 1), (20, 0xFEC00000, 0x1000, 2),
+                       (20, 0xFED00000, 0x1000, 2), (20, 0xFEE00000, 0x1000, 2)]
+    assert page[0x80 + 6 * 24:0x80 + 7 * 24] == bytes(24)
     alone = mb.plan(image, MEMORY, apic=False)
-    assert alone.info_bytes()[44:48] == struct.pack("<I", 24)
-    assert alone.mmap == (mb.MmapEntry(0, MEMORY, 1),)
+    assert alone.info_bytes()[44:48] == struct.pack("<I", 3 * 24)
+    assert alone.mmap == (mb.MmapEntry(0, 0xE0000, 1), mb.MmapEntry(0xE0000, 0x20000, 2),
+                          mb.MmapEntry(0x100000, MEMORY - 0x100000, 1))
 
 
 def test_mem_lower_and_mem_upper_follow_the_ram_size() -> None:
@@ -182,3 +187,28 @@ def test_a_missing_image_is_one_line_bad_input(tmp_path: Path) -> None:
     with pytest.raises(BadInput) as exc:
         mb.read_image(tmp_path / "nope.elf")
     assert str(exc.value) == f"{tmp_path / 'nope.elf'}: no such file"
+
+
+def test_a_multiboot_machine_finds_the_acpi_tables_where_a_firmware_leaves_them() -> None:
+    """kvm-unit-tests' lib/acpi.c: "RSD PTR " on a 16-byte boundary in 0xE0000-0xFFFFF,
+    checksum 0; the RSDT lists the FADT (whose FACS and DSDT pointers are set), the MADT
+    and the HPET table, each with a valid checksum."""
+    m = Machine(MEMORY)
+    mb.load(m, mb.read_image(build("boot64.S")))
+    bios = m.phys.read(0xE0000, 0x20000)
+    at = next(i for i in range(0, len(bios), 16) if bios[i:i + 8] == b"RSD PTR ")
+    rsdp = bios[at:at + 20]
+    assert sum(rsdp) & 0xFF == 0
+    rsdt = struct.unpack_from("<I", rsdp, 16)[0]
+    length = struct.unpack_from("<I", m.phys.read(rsdt + 4, 4))[0]
+    table = m.phys.read(rsdt, length)
+    assert table[:4] == b"RSDT" and sum(table) & 0xFF == 0
+    pointers = struct.unpack_from(f"<{(length - 36) // 4}I", table, 36)
+    signatures = [m.phys.read(p, 4) for p in pointers]
+    assert signatures == [b"FACP", b"APIC", b"HPET"]
+    for p in pointers:
+        n = struct.unpack_from("<I", m.phys.read(p + 4, 4))[0]
+        assert sum(m.phys.read(p, n)) & 0xFF == 0
+    fadt = pointers[0]
+    facs, dsdt = struct.unpack_from("<II", m.phys.read(fadt + 36, 8))
+    assert m.phys.read(facs, 4) == b"FACS" and m.phys.read(dsdt, 4) == b"DSDT"

@@ -1,32 +1,31 @@
-"""Local APIC register accesses, emulated as a hypervisor emulates MMIO.
+"""Memory-mapped device registers, emulated as a hypervisor emulates MMIO.
 
-The APIC page (0xFEE00000) is never mapped in the engine: every access to it is refused
-at TLB-fill time and stops the engine *at* the accessing instruction, like a fault. This
-module decodes the instruction, performs the access on the APIC model
-(cpu/devices/apic.py) and retires the instruction. So the effect of a write — an EOI
-unmasking a vector, a self-IPI, a TPR change, the timer starting — is seen at the
-boundary right after the instruction, in both counting modes.
+The device pages (the local APIC at 0xFEE00000, the I/O APIC at 0xFEC00000, the HPET at
+0xFED00000) are never mapped in the engine: every access to one is refused at TLB-fill
+time and stops the engine *at* the accessing instruction, like a fault. This module
+decodes the instruction, performs the access on the device model and retires the
+instruction. So the effect of a write — an EOI unmasking a vector, a self-IPI, a timer
+starting, a redirection entry unmasked — is seen at the boundary right after the
+instruction, in both counting modes.
 
 Emulated: MOV in every form a compiler emits for a register access — to or from a
 general register of any width (AL..R15, AH..DH), an immediate store, the moffs forms
 (A0-A3, `movabs`) — and MOVZX/MOVSX/MOVSXD loads. The access width is the memory
-operand's; what a narrow or unaligned access does to a register is the APIC model's
-business (cpu/devices/apic.py). Any other instruction touching the page (an RMW `or`, a
-`cmp` with memory) ends the run as "unsupported", naming the instruction.
+operand's; what a narrow or unaligned access does to a register is the device model's
+business. Any other instruction touching a device page (an RMW `or`, a `cmp` with
+memory) ends the run as "unsupported", naming the instruction.
 
-While the APIC is globally disabled (IA32_APIC_BASE[11] = 0) the page is not there:
-loads read all ones and stores are dropped, as on a bus with no device.
-
-The APIC's own notifications (an NMI through LINT/ICR, timer expiries, EOIs, IPIs) come
-back through `on_nmi` and `on_event` and become trace records.
+A device that is not there (the local APIC while IA32_APIC_BASE[11] = 0) reads all ones
+and drops stores, as a bus with no device does. Each store is a trace record
+(`apic_write`, `ioapic_write`, `hpet_write`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from cpu.decode import decode_one, mmio_move
-from cpu.devices.apic import APIC_BASE
 from cpu.engine import GPRS
 from cpu.errors import Unsupported
 from cpu.mmu import Access
@@ -35,6 +34,15 @@ from idt.state import ArchFault
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
+
+
+class MmioDevice(Protocol):
+    """A device's register page: loads and stores by offset, at cycle `now`."""
+
+    def read(self, offset: int, size: int, now: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int, now: int) -> None: ...
+
 
 def _register_parts() -> dict[str, tuple[str, int, int]]:
     """Every general-purpose register name -> (its 64-bit register, bit offset, width)."""
@@ -62,38 +70,28 @@ def _mask(bits: int) -> int:
     return (1 << bits) - 1
 
 
-class ApicMmio:
-    """The bridge between the engine's stops on the APIC page and the APIC model."""
+class Mmio:
+    """The device pages and the emulation of the instructions that touch them."""
 
     def __init__(self, m: Machine) -> None:
         self.m = m
+        # page -> (record name, the device now, or None when it is not there)
+        self.pages: dict[int, tuple[str, Callable[[], MmioDevice | None]]] = {}
+
+    def add(self, page: int, name: str, device: Callable[[], MmioDevice | None]) -> None:
+        self.pages[page] = (name, device)
 
     def claims(self, paddr: int) -> bool:
-        """Whether physical page `paddr` is the (present) local APIC's."""
-        return self.m.apic is not None and paddr == APIC_BASE
+        """Whether physical page `paddr` is a device page."""
+        return paddr in self.pages
 
-    def on_nmi(self) -> None:
-        """The APIC delivers an NMI to the CPU (LINT1, or an ICR self-NMI)."""
-        self.m.boundary.nmi_arrives("apic")
-
-    def on_event(self, kind: str, **fields: Any) -> None:
-        # The APIC stamps timer events with the exact expiry cycle; the record's own
-        # `cycle` is the boundary where the machine saw it.
-        if "cycle" in fields:
-            fields["expiry"] = fields.pop("cycle")
-        if kind == "timer" and not fields.get("masked"):
-            fields.pop("masked", None)
-            self.m.emit("interrupt_pending", source="apic_timer", **fields)
-        else:
-            self.m.emit(kind if kind.startswith("apic") else f"apic_{kind}", **fields)
-
-    def emulate(self, rip: int, vaddr: int, access: Access) -> None:
-        """The instruction at RIP reads or writes the local APIC page: emulate it (see
-        the module docstring)."""
+    def emulate(self, rip: int, vaddr: int, page: int, access: Access) -> None:
+        """The instruction at RIP reads or writes a device page: emulate it (see the
+        module docstring)."""
         m = self.m
         e = m.engine
-        apic = m.apic
-        assert apic is not None
+        name, get_device = self.pages[page]
+        device = get_device()
         try:
             code = m.read_linear(rip, 15)
         except ArchFault:
@@ -102,12 +100,12 @@ class ApicMmio:
         what = decode_one(code, rip)
         if mv is None or (access is Access.WRITE) != mv.store or (
                 mv.reg is not None and mv.reg not in _PARTS):
-            raise Stop(Outcome.UNSUPPORTED, f"local APIC access by "
+            raise Stop(Outcome.UNSUPPORTED, f"{_DEVICE_NAMES.get(name, name)} access by "
                        f"'{what.text if what else '??'}' at {rip:#x}: only MOV (and MOVZX/MOVSX "
-                       "loads) between a general register or immediate and the APIC page is "
+                       "loads) between a general register or immediate and a device page is "
                        "emulated", rip)
         e.recount()  # the instruction retires here
-        e.cycles += m.profile.event("apic_access")  # the access lands at its end
+        e.cycles += m.profile.event("apic_access")  # the access lands at its end (MMIO)
         now = e.cycles
         offset = vaddr & 0xFFF
         try:
@@ -117,12 +115,12 @@ class ApicMmio:
                 else:
                     full, shift, _width = _PARTS[str(mv.reg)]
                     value = (e.read_reg(full) >> shift) & _mask(8 * mv.size)
-                m.emit("apic_write", offset=offset, value=value)
-                if apic.enabled:
-                    apic.write(offset, mv.size, value, now)
+                m.emit(f"{name}_write", offset=offset, value=value)
+                if device is not None:
+                    device.write(offset, mv.size, value, now)
                 e.write({"rip": rip + mv.length})
             else:
-                value = apic.read(offset, mv.size, now) if apic.enabled else \
+                value = device.read(offset, mv.size, now) if device is not None else \
                     _mask(8 * mv.size)
                 full, shift, width = _PARTS[str(mv.reg)]
                 if mv.extend == "sign" and value >> (8 * mv.size - 1):
@@ -139,3 +137,7 @@ class ApicMmio:
             e.cycles -= m.profile.event("apic_access")
             e.uncount()
             raise Stop(Outcome.UNSUPPORTED, str(exc), rip) from None
+
+
+_DEVICE_NAMES = {"apic": "local APIC", "ioapic": "I/O APIC", "hpet": "HPET"}
+

@@ -1,0 +1,89 @@
+"""The wires into the CPU's interrupt inputs, and between the interrupt controllers.
+
+A PC routes device interrupts through the I/O APIC to the local APIC ("Advanced
+Programmable Interrupt Controller", SDM Vol. 3A; the 82093AA datasheet): an ISA line
+(pc-testdev's IRQ ports, the HPET's timers) drives an IOAPIC input, the IOAPIC sends a
+message for its redirection entry, the local APIC accepts it into the IRR (with the TMR
+bit set for a level-triggered one), and the EOI of a level-triggered vector is broadcast
+back to the IOAPIC, which clears Remote IRR and sends again what is still asserted. The
+local APIC's own NMI (LINT1, an ICR self-NMI) and the IOAPIC's NMI messages go to the
+CPU's NMI input (cpu/boundary.py). Every arrival is a trace record.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cpu.devices.ioapic import DELIVERY_MODES, IoapicMessage, IoapicUnsupported, isa_irq_to_pin
+
+if TYPE_CHECKING:
+    from cpu.machine import Machine
+
+_BROADCAST = 0xFF
+_FIXED, _LOWEST, _NMI = 0b000, 0b001, 0b100
+
+
+class Wires:
+    """The connections between the devices, the APICs and the CPU."""
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+
+    # -- the local APIC ----------------------------------------------------------------
+    def apic_nmi(self) -> None:
+        """The APIC delivers an NMI to the CPU (LINT1, or an ICR self-NMI)."""
+        self.m.boundary.nmi_arrives("apic")
+
+    def apic_event(self, kind: str, **fields: Any) -> None:
+        # The APIC stamps timer events with the exact expiry cycle; the record's own
+        # `cycle` is the boundary where the machine saw it.
+        if "cycle" in fields:
+            fields["expiry"] = fields.pop("cycle")
+        if kind == "timer" and not fields.get("masked"):
+            fields.pop("masked", None)
+            self.m.emit("interrupt_pending", source="apic_timer", **fields)
+        else:
+            self.m.emit(kind if kind.startswith("apic") else f"apic_{kind}", **fields)
+
+    def apic_eoi(self, vector: int) -> None:
+        """The EOI of a level-triggered vector, broadcast to the I/O APIC."""
+        ioapic = self.m.state.platform.ioapic
+        if ioapic is not None:
+            ioapic.eoi(vector)
+
+    # -- the I/O APIC ------------------------------------------------------------------
+    def ioapic_message(self, msg: IoapicMessage) -> None:
+        """A message from an IOAPIC redirection entry (82093AA "Redirection Table")."""
+        m = self.m
+        apic = m.apic
+        if msg.delivery_mode == _NMI:
+            m.boundary.nmi_arrives("ioapic", {"pin": msg.pin})
+            return
+        if msg.delivery_mode not in (_FIXED, _LOWEST):
+            raise IoapicUnsupported(f"IOAPIC: delivery mode {DELIVERY_MODES[msg.delivery_mode]} "
+                                    f"(pin {msg.pin}) is not modelled (supported: fixed, lowest "
+                                    "priority, NMI)")
+        if apic is None or not apic.enabled:
+            return  # no local APIC to accept it
+        if msg.logical:
+            # Flat logical model: the destination is a bit mask over logical APIC IDs.
+            accepted = msg.destination == _BROADCAST or bool(msg.destination & apic.logical_id)
+        else:
+            accepted = msg.destination in (apic.apic_id, _BROADCAST)
+        if not accepted:
+            return  # addressed to a CPU this machine does not have
+        apic.set_irr(msg.vector, level=msg.level)
+        m.emit("interrupt_pending", vector=msg.vector, source="ioapic", pin=msg.pin,
+               level=msg.level)
+
+    def isa_line(self, line: int, asserted: bool) -> None:
+        """An ISA interrupt line (pc-testdev's IRQ ports) changes level."""
+        ioapic = self.m.state.platform.ioapic
+        if ioapic is not None:
+            ioapic.set_irq(isa_irq_to_pin(line), asserted)
+
+    def ioapic_input(self, pin: int, asserted: bool) -> None:
+        """An IOAPIC input driven directly (the HPET's routed timers)."""
+        ioapic = self.m.state.platform.ioapic
+        if ioapic is not None:
+            ioapic.set_irq(pin, asserted)
