@@ -71,6 +71,8 @@ class SiteKind(StrEnum):
     UNDECLARED = "undeclared"  # emulated: #UD, an instruction the CPU model does not report
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
+    SYSENTER = "sysenter"  # emulated, as SYSCALL: the CPL change is the machine's to track
+    SYSEXIT = "sysexit"
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
@@ -82,7 +84,9 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "wrfsbase": SiteKind.BASE_WRITE, "wrgsbase": SiteKind.BASE_WRITE,
               "sgdt": SiteKind.UMIP, "sidt": SiteKind.UMIP, "sldt": SiteKind.UMIP,
               "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
-              "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
+              "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET,
+              "sysenter": SiteKind.SYSENTER, "sysexit": SiteKind.SYSEXIT,
+              "sysexitq": SiteKind.SYSEXIT}
 
 
 # Instructions the engine's own CPU model executes but the declared one does not report

@@ -77,6 +77,8 @@ class Stops:
             SiteKind.UMIP: m.checked.umip,
             SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
+            SiteKind.SYSENTER: lambda a: self._defer(lambda: m.emulated.sysenter(a)),
+            SiteKind.SYSEXIT: lambda a: self._defer(lambda: m.emulated.sysexit(a)),
         }
 
     def _defer(self, action: Callable[[], None]) -> bool:
