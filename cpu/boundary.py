@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from cpu.decode import SiteKind
 from cpu.outcomes import Outcome, Stop
-from idt.blocking import Choice, Interruptibility, Shadow, arbitrate
-from idt.state import RFLAGS_IF, Event, Source
+from idt.blocking import Choice, Interruptibility, Shadow, arbitrate, shadow_after
+from idt.state import RFLAGS_IF, RFLAGS_TF, Event, Source
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
@@ -70,22 +70,26 @@ class EventBoundary:
     # -- shadows -----------------------------------------------------------------------
     def open_shadow(self, address: int, kind: SiteKind) -> bool:
         """At a STI or MOV SS site, before it executes (counted, not executed yet; if it
-        faults instead, the delivery clears the record). A shadow-opening instruction
-        inside an existing shadow opens none (only the first of a run of them is
-        guaranteed to delay, SDM STI; Bochs ignores a MOV SS in a MOV-SS shadow).
-        Observation only: returns False (the instruction runs natively)."""
+        faults instead, the delivery clears the record). The shadow after it is each
+        instruction's own (`idt.blocking.shadow_after`): STI opens one when it sets IF,
+        even right after a MOV SS; MOV SS opens one, even right after an STI, but not
+        right after another MOV SS (docs/sdm-map.md, "Chained shadows"). Observation
+        only: returns False (the instruction runs natively)."""
         m = self.m
         e = m.engine
         here = e.count_at(address)
-        if self.shadow_at(address, here - 1) is not Shadow.NONE:
-            return False
-        if kind is SiteKind.STI:
-            if e.read_reg("rflags") & RFLAGS_IF:
-                return False  # STI with IF already 1 opens no shadow
-            shadow = Shadow.STI
-        else:
-            shadow = Shadow.MOV_SS
-        self.state.shadow = (here, address + m.sites.lengths.get(address, 1), shadow)
+        current = self.shadow_at(address, here - 1)
+        rflags = e.read_reg("rflags")
+        opening = Shadow.STI if kind is SiteKind.STI else Shadow.MOV_SS
+        after = address + m.sites.lengths.get(address, 1)
+        shadow = shadow_after(current, opening, if_before=bool(rflags & RFLAGS_IF))
+        if shadow is not Shadow.NONE:
+            self.state.shadow = (here, after, shadow)
+        elif opening is Shadow.MOV_SS and rflags & RFLAGS_TF:
+            # A MOV SS right after a MOV SS suppresses nothing: its single-step trap comes
+            # right after it. The engine drops the trap after every MOV SS (QEMU), so the
+            # machine raises it at that boundary.
+            m.debug.trap_after(here, after, bs=True)
         return False
 
     def shadow_at(self, rip: int, retired: int) -> Shadow:
@@ -122,14 +126,28 @@ class EventBoundary:
         st = self.state
         m.injections.arrive_here()
         self._fire_due()
+        # A #DB trap owed for the instruction before this boundary ranks above NMI and
+        # INTR (SDM Vol. 3A Table 6-2, "Traps on the Previous Instruction").
+        m.debug.deliver_due()
         while True:
             choice = self._arbitrate()
             st.step = choice.needs_stepping or m.apf_host.state.wants_step
             if choice.deliver is None:
+                if m.alignment.fault_next():
+                    continue  # #AC delivered: its handler's first instruction is a boundary
                 return
             rip = m.engine.read_reg("rip")
             woke = st.halted
             st.halted = False
+            if woke and m.debug.state.step_on_wake:
+                # A HLT executed with TF = 1: its single-step trap comes first when the
+                # CPU wakes; the waking event stays pending and is arbitrated again (an
+                # interrupt is then held by the IF = 0 of the #DB's gate).
+                m.engine.cycles += m.profile.event("hlt_wake")
+                m.emit("wake", by=choice.deliver, vector=self._waking_vector(choice),
+                       first="#DB")
+                m.debug.on_wake()
+                continue
             if choice.deliver == "nmi":
                 st.intr.nmi_pending = False
                 ev = Event(Vector.NMI, Source.NMI, rip, rip)
@@ -144,6 +162,12 @@ class EventBoundary:
                 m.emit("wake", by=choice.deliver, vector=ev.vector)
             m.deliver(ev)
             m.injections.arrive_here()  # the handler's first instruction is a boundary too
+
+    def _waking_vector(self, choice: Choice) -> int:
+        if choice.deliver == "nmi":
+            return int(Vector.NMI)
+        assert self.m.apic is not None
+        return self.m.apic.pending_vector() or 0
 
     def _pending_sources(self) -> tuple[object, ...]:
         apic = self.m.apic
@@ -180,6 +204,9 @@ class EventBoundary:
             n = min(n, due)
         if self.state.step:
             n = min(n, m.engine.icount + 2)
+        debug = m.debug.next_stop()
+        if debug is not None:
+            n = min(n, debug)
         return n
 
     def next_deadline(self) -> int | None:

@@ -61,7 +61,8 @@ class SiteKind(StrEnum):
     CPUID = "cpuid"  # emulated for the leaves the CPU model declares
     STI = "sti"  # observed: opens an interrupt shadow when it sets IF
     MOV_SS = "mov_ss"  # observed: opens a MOV-SS shadow
-    OUT = "out"  # observed: a write to an exit port ends the run exactly after it
+    OUT = "out"  # checked (I/O permission), and a write to an exit port ends the run after it
+    IN = "in"  # checked: the I/O permission bitmap at CPL > IOPL (cpu/io_permission.py)
     MOV_CR = "mov_cr"  # emulated: MOV to CR0/CR3/CR4/CR8, MOV from CR8 (cpu/control_regs.py)
     RDPMC = "rdpmc"  # emulated: the model has no performance counters (#GP(0))
     XCR = "xcr"  # checked, then native: XSETBV, XGETBV (cpu/checked_sites.py)
@@ -73,6 +74,8 @@ class SiteKind(StrEnum):
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
     SYSENTER = "sysenter"  # emulated, as SYSCALL: the CPL change is the machine's to track
     SYSEXIT = "sysexit"
+    LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
+    MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
 
 
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
@@ -106,19 +109,66 @@ UNDECLARED_INSNS = {"rdrand": "CPUID.01H:ECX.RDRAND", "rdseed": "CPUID.(EAX=07H,
 SITE_KINDS.update(dict.fromkeys(UNDECLARED_INSNS, SiteKind.UNDECLARED))
 
 
+ILLEGAL_LOCK = "(lock)"  # the mnemonic `decode_loaded` gives an illegal LOCK form
+
+
+def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
+    """The linear decode of loaded code (cpu/sites.py): `decode`, except that an
+    instruction carrying a LOCK prefix the SDM forbids (Vol. 2 LOCK: `lock_is_legal`)
+    comes out as mnemonic ILLEGAL_LOCK — capstone refuses most of them, which would end
+    its decode there and hide every site after — and the decode resumes after it. Its
+    length is that of the instruction without its LOCK bytes, plus those bytes."""
+    at = 0
+    while at < len(code):
+        last = at
+        for insn in decode(code[at:], address + at):
+            last = insn.address + insn.size - address
+            if LOCK_PREFIX in _prefixes(insn.raw)[0] and not lock_is_legal(insn.raw, insn.address):
+                yield Insn(insn.address, insn.size, ILLEGAL_LOCK, insn.text, insn.raw)
+            else:
+                yield insn
+        at = last
+        if at >= len(code):
+            return
+        bad = _illegal_lock_length(code[at:at + 15], address + at)
+        if bad is None:
+            return  # not an instruction: the decode ends here, as capstone's does
+        yield Insn(address + at, bad, ILLEGAL_LOCK, "", code[at:at + bad])
+        at += bad
+
+
+def _illegal_lock_length(code: bytes, address: int) -> int | None:
+    """The length of an illegal LOCK form capstone refuses at the start of `code`, or
+    None if `code` does not start with one."""
+    prefixes, rest = _prefixes(code)
+    if LOCK_PREFIX not in prefixes or lock_is_legal(code, address):
+        return None
+    kept = bytes(b for b in prefixes if b != LOCK_PREFIX)
+    insn = _one(kept + code[rest:], address)
+    if insn is None:
+        return None
+    return int(insn.size) + len(prefixes) - len(kept)
+
+
 def site_kind(insn: Insn) -> SiteKind | None:
     """The `SiteKind` of a decoded instruction, or None (it runs natively, unseen).
     POP SS is #UD in 64-bit mode, so MOV SS is the only SS load that opens a MOV-SS
     shadow here. MOV from CR0/CR2/CR3/CR4 runs natively (the engine holds those
     registers as written); MOV from CR8 reads the local APIC's TPR."""
+    if insn.mnemonic == ILLEGAL_LOCK:
+        return SiteKind.LOCK_UD
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov":
         if insn.op_str.startswith("ss,"):
             kind = SiteKind.MOV_SS
         elif control_move(insn) is not None:
             kind = SiteKind.MOV_CR
-    if kind is None and insn.mnemonic == "out":
-        kind = SiteKind.OUT
+        elif insn.op_str.startswith("dr") or insn.op_str.split(", ")[-1].startswith("dr"):
+            kind = SiteKind.MOV_DR
+    if kind is None and insn.mnemonic.startswith("out"):
+        kind = SiteKind.OUT  # OUT, OUTSB/OUTSW/OUTSD
+    if kind is None and insn.mnemonic in ("in", "insb", "insw", "insd"):
+        kind = SiteKind.IN
     return kind
 
 
@@ -164,6 +214,20 @@ def _gpr_names() -> dict[str, tuple[str, int, int]]:
 GPR_SLOTS = _gpr_names()
 
 
+_PORT_WIDTHS = {"al": 1, "ax": 2, "eax": 4, "b": 1, "w": 2, "d": 4}
+
+
+def port_access(insn: Insn) -> tuple[int | None, int]:
+    """(port, size in bytes) of IN/OUT/INS/OUTS: the port is the immediate of `in al,
+    imm8` / `out imm8, al`, None when it is in DX; the size is the register's (AL, AX,
+    EAX) or the string form's (B, W, D)."""
+    if insn.mnemonic in ("in", "out"):
+        ops = [o.strip() for o in insn.op_str.split(",")]
+        port, reg = (ops[1], ops[0]) if insn.mnemonic == "in" else (ops[0], ops[1])
+        return (None if port == "dx" else int(port, 0)), _PORT_WIDTHS[reg]
+    return None, _PORT_WIDTHS[insn.mnemonic[-1]]
+
+
 def out_port(insn_text: str) -> int | None:
     """The port of `out imm8, reg` (None for `out dx, reg`: the port is in DX)."""
     port = insn_text.split(",")[0].split()[-1]
@@ -178,26 +242,6 @@ def find_sites(code: bytes, address: int) -> dict[int, SiteKind]:
         if kind is not None:
             out[i.address] = kind
     return out
-
-
-_STACK_MNEMONICS = {"push", "pop", "pushfq", "popfq", "call", "ret", "enter", "leave",
-                    "pushf", "popf", "iretq", "iret"}
-
-
-def is_stack_reference(code: bytes, address: int) -> bool:
-    """True when the instruction's memory access is SS-relative (push/pop/call/ret or a
-    memory operand based on RSP/RBP): such accesses raise #SS, not #GP, when non-canonical."""
-    insns = list(_cs().disasm(code, address, 1))
-    if not insns:
-        return False
-    insn = insns[0]
-    if insn.mnemonic in _STACK_MNEMONICS:
-        return True
-    for op in insn.operands:
-        if op.type == CX.X86_OP_MEM and op.mem.base in (CX.X86_REG_RSP, CX.X86_REG_RBP,
-                                                         CX.X86_REG_ESP, CX.X86_REG_EBP):
-            return True
-    return False
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,15 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   RFLAGS masked by IA32_FMASK; SYSRET #GP(0) at CPL > 0 or to a non-canonical RCX, and
   back to 64-bit (REX.W) or compatibility mode.
 
-Single-step (SDM Vol. 3B 17.3.1.4 "Single-Step Exception Condition"): an emulated
-instruction that completes with TF in force traps with DR6.BS after it, as the engine
-does for the instructions it executes. For SYSCALL, SYSRET, SYSENTER and SYSEXIT TF is
-looked at when they complete (so an OS masks it with IA32_FMASK; what KVM's emulator
-does, commit "KVM: x86: fix singlestepping over syscall"; SYSENTER leaves TF as it was, so
-the trap comes at the entry point); for the others at their start.
+Single-step (SDM Vol. 3B "Single-Step Exception Condition"): an emulated instruction
+that completes with TF in force traps with DR6.BS after it, as the engine does for the
+instructions it executes (cpu/debug.py delivers it). For SYSCALL, SYSRET, SYSENTER and
+SYSEXIT TF is looked at when they complete (so an OS masks it with IA32_FMASK; what KVM's
+emulator does, commit "KVM: x86: fix singlestepping over syscall"; SYSENTER leaves TF as
+it was, so the trap comes at the entry point); for the others at their start (an IRET
+that loads TF = 0 still traps after itself; one that loads TF = 1 traps only after the
+next instruction). HLT's trap waits for the event that wakes the CPU and comes
+before it.
 """
 
 from __future__ import annotations
@@ -64,15 +67,15 @@ from cpu.ept import EptMisconfig, EptViolation
 from cpu.msrs import MSR_EFER, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
-from idt.state import RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, ArchFault, Event, Source, is_canonical
+from idt.state import RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, ArchFault, Event, is_canonical
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
 RFLAGS_TF = 1 << 8
-DR6_BS = 1 << 14
 EFER_SCE = 1 << 0
+MSR_FS_BASE, MSR_GS_BASE = 0xC0000100, 0xC0000101
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 # The fixed descriptors SYSCALL and SYSRET load (their high dwords, as the engine caches
 # them; SDM Vol. 2 SYSCALL/SYSRET: base 0, limit 4 GiB, accessed, present).
@@ -125,23 +128,36 @@ class Emulated:
         cost = m.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
         m.regs.load_segments(res.cs, res.ss, res.cpl, current=(st.cs, st.ss))
         e.write({"rip": res.rip, "rsp": res.rsp, "rflags": res.rflags})
+        if res.null_segments:
+            self._null_segments(res.null_segments)
         depth = m.frames.returned()
-        m.emit("iret", rip=address, to_rip=res.rip, to_rsp=res.rsp, to_cpl=res.cpl,
-               nmi_unblocked=res.nmi_unblocked, depth=depth)
+        rec = m.emit("iret", rip=address, to_rip=res.rip, to_rsp=res.rsp, to_cpl=res.cpl,
+                     nmi_unblocked=res.nmi_unblocked, depth=depth)
+        if res.null_segments:
+            rec["null_segments"] = list(res.null_segments)
         e.cycles += cost
+        if res.rflags & RFLAGS_RF:
+            m.debug.iret_loaded_rf(e.icount, res.rip)  # no instruction breakpoint there
+        self.single_step(st.rflags)  # TF as the IRET found it, not as it loaded it
+
+    def _null_segments(self, names: tuple[str, ...]) -> None:
+        """RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS that the new CPL may not use
+        become NULL. In 64-bit mode the selector is what changes: FS and GS keep their
+        bases (SDM Vol. 3A "Segment Loading Instructions in IA-32e Mode"; the engine's
+        selector write clears them, so they are put back)."""
+        e = self.m.engine
+        bases = {msr: e.read_msr(msr) for name, msr in (("fs", MSR_FS_BASE), ("gs", MSR_GS_BASE))
+                 if name in names}
+        e.write(dict.fromkeys(names, 0))
+        for msr, base in bases.items():
+            e.write_msr(msr, base)
 
     def single_step(self, rflags: int) -> None:
         """After an emulated instruction retired (RIP is the next one): the single-step
         trap when `rflags` (TF at the instruction's start, or at its end for SYSCALL and
-        SYSRET) has TF set."""
-        if not rflags & RFLAGS_TF:
-            return
-        m = self.m
-        e = m.engine
-        e.write({"dr6": e.read_reg("dr6") | DR6_BS})
-        rip = e.read_reg("rip")
-        m.deliver(Event(Vector.DB, Source.EXCEPTION, rip, rip, trap_like=True),
-                  why="single-step")
+        SYSRET) has TF set (DR6.BS, cpu/debug.py)."""
+        if rflags & RFLAGS_TF:
+            self.m.debug.trap_now(bs=True)
 
     def syscall(self, address: int) -> None:
         m = self.m
@@ -188,6 +204,7 @@ class Emulated:
         m.regs.load_fixed_segments(cs, _CS64_DPL3 if to64 else _CS32_DPL3, (base + 8) | 3,
                                    _SS_DPL3, 3)
         e.write({"rip": rip, "rflags": rflags})
+        m.frames.user_mode()
         m.emit("sysret", rip=address, to_rip=rip, to_64bit=to64)
         self.single_step(rflags)
 
@@ -247,8 +264,12 @@ class Emulated:
         m.engine.recount()
         # HLT retires; the CPU waits at the boundary after it, so an event that wakes it
         # saves RIP = the instruction after the HLT (SDM HLT). The run loop does the wait.
+        # With TF = 1 its single-step trap is delivered when the CPU wakes, before the
+        # event that woke it (cpu/debug.py).
         m.engine.write({"rip": address + 1})
         m.boundary.state.halted = True
+        if m.engine.read_reg("rflags") & RFLAGS_TF:
+            m.debug.state.step_on_wake = True
 
     def msr(self, address: int, *, write: bool) -> None:
         """RDMSR/WRMSR (SDM Vol. 2): #GP(0) at CPL > 0, for an MSR this machine does not
@@ -274,11 +295,13 @@ class Emulated:
             m.deliver(Event.exception(Vector.GP, address, 0), why=f"{name} {msr:#x}: {fault}")
             return
         m.emit("msr_write" if write else "msr_read", msr=msr, value=value)
+        rflags = e.read_reg("rflags")  # TF as the instruction found it
         regs = {"rip": address + 2}
         if not write:
             regs.update(rax=value & 0xFFFFFFFF, rdx=value >> 32)
         e.write(regs)
         e.recount()
+        self.single_step(rflags)
 
     def cpuid(self, address: int) -> None:
         e = self.m.engine
@@ -287,6 +310,7 @@ class Emulated:
         eax, ebx, ecx, edx = self.m.model.cpuid(rax & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
         e.write({"rax": eax, "rbx": ebx, "rcx": ecx, "rdx": edx, "rip": address + 2})
         e.recount()
+        self.single_step(e.read_reg("rflags"))
 
     def mov_cr(self, address: int) -> None:
         """MOV to CR0/CR2/CR3/CR4/CR8, MOV from CR8 (see the module docstring)."""

@@ -75,6 +75,17 @@ _FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FET
 _ACCESS_FILL = {v: k for k, v in _FILL_ACCESS.items()}
 
 
+class Refuse:
+    """A TLB-fill answer: refuse the fill outright (`REFUSE`). The engine then stops at
+    the accessing instruction before any byte of the access is done, and calls
+    `refused(vpage, access)`; the exact address is not known (poisoning gives it, but a
+    store that crosses into a poisoned page has written its first page by then: QEMU's
+    `store_helper` fills the second page first, then stores byte by byte)."""
+
+
+REFUSE = Refuse()
+
+
 class _TlbEntry(ctypes.Structure):
     """uc_tlb_entry."""
 
@@ -98,6 +109,7 @@ REG = {
 }
 _TABLE_REGS = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR,
                "ldtr": X.UC_X86_REG_LDTR}
+_SEGMENT_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")  # QEMU's R_ES .. R_GS
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
         "r12", "r13", "r14", "r15")
 MSR_EFER = 0xC0000080
@@ -134,8 +146,9 @@ class Engine:
     """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
 
     Callbacks (set by the machine before `run`):
-      fill(vpage, access) -> (ppage, prot) or None to poison the page
-      poison(vaddr, access) -> None           an access hit a refused translation
+      fill(vpage, access) -> (ppage, prot), None to poison the page, or REFUSE
+      poison(vaddr, access) -> None           an access hit a poisoned translation
+      refused(vpage, access) -> None          a fill was refused (REFUSE)
       unmapped(paddr, access) -> None         a translation pointed outside RAM
       interrupt(vector) -> None               UC_HOOK_INTR
       site(address) -> None                   an address registered with `add_site`
@@ -171,8 +184,10 @@ class Engine:
         uc.reg_write(X.UC_X86_REG_FPCW, 0x0040)
         uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
         self.uc: Any = uc
-        self.fill: Callable[[int, Access], tuple[int, int] | None] = lambda v, a: (v, UC_PROT_ALL)
+        self.fill: Callable[[int, Access], tuple[int, int] | Refuse | None] = \
+            lambda v, a: (v, UC_PROT_ALL)
         self.poison: Callable[[int, Access], None] = lambda v, a: None
+        self.refused: Callable[[int, Access], None] = lambda v, a: None
         self.unmapped: Callable[[int, Access], None] = lambda p, a: None
         self.interrupt: Callable[[int], None] = lambda v: None
         self.site: Callable[[int], None] = lambda a: None
@@ -199,6 +214,9 @@ class Engine:
         self.counter.stop_cycle = 2**64 - 1
         self.counter.default_cost = 1
         self.counter.split = native.NO_SPLIT
+        self.counter.ac_pass = 2**64 - 1
+        self.counter.reg_read = ctypes.cast(_ucpy.uclib.uc_reg_read, ctypes.c_void_p)
+        self.counter.rid_eflags = X.UC_X86_REG_EFLAGS
         self._miss_fn: Any = None  # keeps the ctypes callbacks alive
         self._bmiss_fn: Any = None
         self._counter_hook = ctypes.c_size_t()
@@ -254,7 +272,11 @@ class Engine:
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
         """The TLB fill the native front could not answer (called from tlb.c)."""
         entry = _TlbEntry.from_address(entry_ptr)
-        result = self.fill(vaddr, _FILL_ACCESS.get(access, Access.READ))
+        kind = _FILL_ACCESS.get(access, Access.READ)
+        result = self.fill(vaddr, kind)
+        if isinstance(result, Refuse):
+            self.refused(vaddr, kind)
+            return 0  # the engine stops at the accessing instruction, nothing done
         if result is None:
             slot = self._poison_slots.get(vaddr)
             if slot is None:
@@ -366,7 +388,8 @@ class Engine:
 
     # The counter's scalar state (its cost tables are caches keyed by address and stay).
     _COUNTER_STATE = ("count", "stop_at", "stopped", "cycles", "stop_cycle", "last_cost",
-                      "block_addr", "block_size", "block_before", "block_cycles_before", "split")
+                      "block_addr", "block_size", "block_before", "block_cycles_before", "split",
+                      "last_addr", "ac_check", "ac_pass", "ac_stopped")
 
     def save_state(self) -> tuple[Any, tuple[int, ...]]:
         """The CPU state and the counter's, for `restore_state` (cpu.snapshot)."""
@@ -399,6 +422,7 @@ class Engine:
         """
         c = self.counter
         c.stopped = 0
+        c.ac_stopped = 0
         c.split = native.NO_SPLIT
         if until != UNTIL_NEVER:
             # `until` only takes effect in code translated after it is set: drop the
@@ -483,6 +507,18 @@ class Engine:
         c.cycles = int(c.block_cycles_before) + (k + 1) * int(c.default_cost) + extra
         c.last_cost = c.default_cost
 
+    def last_instruction(self) -> int | None:
+        """The address of the last instruction counted: the last one of the last
+        translation block in fast mode (a block ends at its first branch), the last one
+        the per-instruction counter saw in timed mode. None before any."""
+        c = self.counter
+        if not self.block_counting:
+            return int(c.last_addr) if int(c.count) else None
+        if not int(c.block_size):
+            return None
+        starts = self._starts(int(c.block_addr), int(c.block_size))
+        return starts[-1] if starts else None
+
     def count_at(self, address: int) -> int:
         """In a code hook for `address`: the count with that instruction counted (the
         per-instruction counter's value there)."""
@@ -527,6 +563,21 @@ class Engine:
 
     def stop(self) -> None:
         self.uc.emu_stop()
+
+    # -- alignment checking (cpu/alignment.py; counter.c `ac_stop`) -------------------------
+    def set_alignment_check(self, armed: bool) -> None:
+        """Arm (CPL = 3 and CR0.AM = 1) or disarm the counter's look at RFLAGS.AC."""
+        self.counter.ac_check = int(armed)
+
+    @property
+    def alignment_stopped(self) -> bool:
+        """The last run stopped before an instruction because RFLAGS.AC = 1."""
+        return bool(self.counter.ac_stopped)
+
+    def pass_alignment_check(self) -> None:
+        """Let the next instruction run without the AC stop (the machine checked it)."""
+        self.counter.ac_stopped = 0
+        self.counter.ac_pass = self.counter.count
 
     @property
     def icount(self) -> int:
@@ -677,6 +728,21 @@ class Engine:
     def xcr0(self) -> int:
         """XCR0 (XSETBV changes it natively; the engine's API has no register for it)."""
         return int(struct.unpack_from("<Q", blob(self._saved_context()), self.layout.xcr0)[0])
+
+    def segment_caches(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(selector, descriptor flags) of segment registers ("es", "cs", "ss", "ds",
+        "fs", "gs") as QEMU caches them: the flags are the descriptor's high dword
+        (DPL in bits 13-14, S in bit 12, the type in bits 8-11). QEMU's `segs[]` array
+        holds ES, CS, SS, DS, FS, GS in that order, one `SegmentCache` apart."""
+        b = blob(self._saved_context())
+        lay = self.layout
+        stride = lay.ss - lay.cs
+        out: dict[str, tuple[int, int]] = {}
+        for name in names:
+            off = lay.cs + (_SEGMENT_ORDER.index(name) - 1) * stride
+            selector, flags = struct.unpack_from("<I", b, off)[0], struct.unpack_from("<I", b, off + 20)[0]
+            out[name] = (int(selector) & 0xFFFF, int(flags))
+        return out
 
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""

@@ -6,7 +6,7 @@ second NMI on the same IST stack overwrites the first NMI's return frame (SDM Vo
 keeps every live frame — address, slot names, event, when it was pushed — and after each
 delivery compares their bytes with what they held before it; a change is a
 `frame_overwritten` record naming the victim and every slot, old and new. An IRET pops
-the innermost one.
+the innermost one; an event taken at CPL 3 (or a SYSRET) finds none live.
 
 The same bookkeeping answers the CR2 question of the async-#PF threads: with
 `observe_cr2_reads`, each `MOV reg, CR2` in decoded code emits a `cr2_read` record with
@@ -26,6 +26,8 @@ from idt.state import ArchFault
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
+# More live frames than any real nesting has (the #DF/NMI/#MC/#DB chains are a handful).
+MAX_LIVE_FRAMES = 64
 # (address, slot names, event name, icount when pushed)
 LiveFrame = tuple[int, tuple[str, ...], str, int]
 
@@ -57,8 +59,15 @@ class Frames:
         return out
 
     def report_overwrites(self, before: list[tuple[int, bytes]], by: str) -> None:
-        """Emit `frame_overwritten` for each live frame this delivery's pushes changed."""
-        for (addr, slots, name, icount), (_a, old) in zip(self.state.live, before, strict=True):
+        """Emit `frame_overwritten` for each live frame this delivery's pushes changed.
+        A frame is reported once: overwritten, it is no longer a frame anything can
+        return through intact, and it stops being watched (so a kernel that abandons
+        frames — kvm-unit-tests' longjmp out of its handlers — costs one record per
+        overwrite, not one per delivery for every frame it ever left)."""
+        st = self.state
+        clobbered: list[int] = []
+        for i, ((addr, slots, name, icount), (_a, old)) in enumerate(
+                zip(st.live, before, strict=True)):
             if not old:
                 continue
             try:
@@ -66,17 +75,32 @@ class Frames:
             except (ArchFault, Stop):
                 continue
             if new != old:
+                clobbered.append(i)
                 olds = struct.unpack(f"<{len(slots)}Q", old)
                 news = struct.unpack(f"<{len(slots)}Q", new)
                 self.m.emit("frame_overwritten", by=by, victim=name, victim_icount=icount,
                             at=addr, slots=[[s, o, n] for s, o, n in zip(slots, olds, news,
                                                                        strict=True)])
+        if clobbered:
+            st.live = [f for i, f in enumerate(st.live) if i not in clobbered]
+
+    def user_mode(self) -> None:
+        """The CPU runs at CPL 3: no handler is waiting to return through a kernel frame
+        (it would have had to IRET out of it first), so frames still listed were
+        abandoned (a kernel that leaves a handler by switching stacks, as kvm-unit-tests'
+        user-mode helper does). Forget them: they are not victims, and a long run
+        would otherwise compare every delivery against all of them."""
+        self.state.live.clear()
+        self.state.depth = 0
 
     def pushed(self, rsp: int, has_error_code: bool, name: str) -> None:
         """A delivery pushed its frame at `rsp`."""
         slots = ("error_code",) if has_error_code else ()
-        self.state.live.append((rsp, (*slots, "rip", "cs", "rflags", "rsp", "ss"), name,
-                                self.m.engine.icount))
+        live = self.state.live
+        live.append((rsp, (*slots, "rip", "cs", "rflags", "rsp", "ss"), name,
+                     self.m.engine.icount))
+        if len(live) > MAX_LIVE_FRAMES:
+            del live[0]  # deeper than any real nesting: the oldest was abandoned
         self.state.depth += 1
 
     def returned(self) -> int:

@@ -25,6 +25,8 @@ component's business:
     cpu/control_regs.py  CR0/CR3/CR4/CR8/XCR0 write rules
     cpu/canonical.py     canonical checks on loaded base addresses
     cpu/boundary.py      arbitration, shadows, HLT, deadlines
+    cpu/debug.py         #DB traps the engine does not raise, the debug registers
+    cpu/alignment.py     #AC: the native look at RFLAGS.AC, the check before the instruction
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
     cpu/platform.py      ports, UART, fw_cfg, exit devices
@@ -48,10 +50,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from cpu import boot32, snapshot
+from cpu.alignment import AlignmentCheck
 from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
 from cpu.boundary import BoundaryState, EventBoundary
 from cpu.checked_sites import CheckedSites
 from cpu.cpu_model import CpuModel, ModelState
+from cpu.debug import Debug
 from cpu.decode import decode_one
 from cpu.devices.apf import AsyncPf
 from cpu.devices.apic import APIC_BASE, LocalApic
@@ -156,6 +160,7 @@ class Machine:
         )
         self.state = st
         self.layout = SystemLayout(self)
+        self.alignment = AlignmentCheck(self)
         self.regs = Registers(self, st.regs)
         self.translator = Translator(self)
         self.sysmem = GuestMemory(self)
@@ -167,6 +172,7 @@ class Machine:
         self.model = CpuModel(self, st.model)
         self.vmx_host = Vmx(self, st.vmx)
         self.apf_host = ApfHost(self, st.apf)
+        self.debug = Debug(self, st.debug)
         self.emulated = Emulated(self)
         self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)
@@ -187,6 +193,7 @@ class Machine:
     def _wire(self, e: Engine) -> None:
         e.fill = self.translator.fill
         e.poison = self.stops.on_poison
+        e.refused = self.stops.on_refused
         e.unmapped = self.stops.on_unmapped
         e.interrupt = self.stops.on_interrupt
         e.site = self.stops.on_site
@@ -403,6 +410,7 @@ class Machine:
     # -- delivery --------------------------------------------------------------------------
     def deliver(self, ev: Event, why: str = "") -> None:
         """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
+        self.debug.before_delivery(ev)  # a #DB trap still owed is void (cpu/debug.py)
         st = self.regs.arch_state()
         cr2_before = st.cr2
         st.rip = ev.return_rip
@@ -415,6 +423,8 @@ class Machine:
             # executing instruction, so RF is architecturally 0; fault-class exceptions set
             # it in their pushed image anyway (idt.deliver).
             st.rflags &= ~RFLAGS_RF
+        if st.cpl == 3:
+            self.frames.user_mode()
         live = self.frames.snapshot()
         try:
             with self.paging_snapshot():

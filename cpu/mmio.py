@@ -105,6 +105,7 @@ class Mmio:
                        "loads) between a general register or immediate and a device page is "
                        "emulated", rip)
         e.recount()  # the instruction retires here
+        rflags = e.read_reg("rflags")  # TF as the instruction found it (single-step)
         e.cycles += m.profile.event("apic_access")  # the access lands at its end (MMIO)
         now = e.cycles
         offset = vaddr & 0xFFF
@@ -137,7 +138,7 @@ class Mmio:
             e.cycles -= m.profile.event("apic_access")
             e.uncount()
             raise Stop(Outcome.UNSUPPORTED, str(exc), rip) from None
+        m.emulated.single_step(rflags)
 
 
 _DEVICE_NAMES = {"apic": "local APIC", "ioapic": "I/O APIC", "hpet": "HPET"}
-

@@ -11,6 +11,9 @@ hw/misc/pc-testdev.c), which drops the engine's translations and is an injection
 A port with no device reads all ones, like an undriven ISA bus, and its accesses appear
 in the trace as `port` records.
 
+IN/OUT/INS/OUTS at CPL > IOPL consult the TSS's I/O permission bitmap first (`io_check`,
+at their sites: the engine itself lets CPL 3 touch every port).
+
 An exit ends the run exactly after the OUT that wrote it: an OUT to an exit port is a
 site (cpu/sites.py), emulated at the boundary in both counting modes; a write that
 reaches the port hook anyway (code not decoded at load) ends the run at the next
@@ -23,14 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cpu.decode import decode_one, out_port
+from cpu.decode import decode_one, out_port, port_access
 from cpu.devices.fwcfg import FW_CFG_PORT_DATA, FW_CFG_PORT_SEL, FwCfg
 from cpu.devices.hpet import Hpet
 from cpu.devices.ioapic import Ioapic
 from cpu.devices.testdev import IRQ_LINE_PORT, IRQ_LINES, PcTestdev
 from cpu.devices.testports import BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT, BochsShutdown
 from cpu.devices.uart import Uart16550
+from cpu.io_permission import io_permission
 from cpu.outcomes import Outcome, Stop
+from idt.state import RFLAGS_IOPL, ArchFault
+from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -143,6 +149,40 @@ class Platform:
         if st.shutdown_requested:
             raise Stop(Outcome.EXIT, SHUTDOWN_DETAIL, self.m.engine.read_reg("rip"))
 
+    def io_check(self, address: int) -> bool:
+        """At an IN/OUT/INS/OUTS site, before it runs: the I/O permission check (SDM
+        Vol. 1 "I/O Permission Bit Map"; cpu/io_permission.py). At CPL <= IOPL every port
+        is allowed; otherwise the TSS's bitmap decides, read at TR.base as the processor
+        reads it (supervisor accesses through guest paging). Denied: the instruction
+        does nothing (an IN leaves RAX alone) and raises #GP(0) — returns True, with
+        the #GP pending; allowed: False (it runs natively and reaches the port hooks)."""
+        m = self.m
+        cpl = m.regs.state.cpl
+        if cpl == 0:
+            return False
+        iopl = (m.engine.read_reg("rflags") & RFLAGS_IOPL) >> 12
+        if cpl <= iopl:
+            return False
+        insn = decode_one(m.stops.insn_bytes(address) or b"", address)
+        if insn is None:
+            return False
+        port, size = port_access(insn)
+        if port is None:
+            port = m.engine.read_reg("rdx") & 0xFFFF
+        _sel, base, limit = m.regs.table("tr")
+        try:
+            check = io_permission(cpl=cpl, iopl=iopl, port=port, size=size, tss_limit=limit,
+                                  read_tss=lambda offset, n: m.sysmem.read(base + offset, n))
+        except ArchFault as fault:
+            failed = fault  # reading the TSS faulted (#PF, ...): that fault, at the instruction
+            m.stops.pending = lambda: m.stops.fault_at(address, failed)
+            return True
+        if check.allowed:
+            return False
+        m.stops.pending = lambda: m.stops.fault_at(
+            address, ArchFault(Vector.GP, 0, why=f"{insn.text}: {check.why}"))
+        return True
+
     def exit_write(self, address: int) -> bool:
         """An OUT about to write the exit port, the last byte of Bochs' "Shutdown", the
         flush-page port while injections wait for it, or a pc-testdev interrupt line:
@@ -152,7 +192,7 @@ class Platform:
         ports (the instruction then runs natively and reaches the port hook)."""
         m = self.m
         insn = decode_one(m.code_bytes(address, 2) or b"", address)
-        if insn is None:
+        if insn is None or insn.mnemonic != "out":
             return False
         port = out_port(insn.op_str)
         if port is None:
@@ -182,8 +222,10 @@ class Platform:
             return True
         if port == FLUSH_PAGE_PORT and m.injections.waits_for_port("flush_page"):
             def flush() -> None:
+                rflags = m.engine.read_reg("rflags")
                 m.engine.write({"rip": after})  # the OUT retires, then the flush happens
                 self.flush_page(value, in_hook=False)
+                m.emulated.single_step(rflags)
 
             m.stops.pending = flush
             return True

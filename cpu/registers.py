@@ -15,6 +15,7 @@ CPL bits of `hflags`; cpu/engine.py), and the CPL is kept here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,17 @@ from cpu.layout import MSR_EFER
 from cpu.mmu import CR4_PKE, CR4_PKS, PagingControl
 from cpu.msrs import MSR_PKRS
 from idt.descriptors import SegmentDescriptor
-from idt.state import ArchState
+from idt.iret import DATA_SEGMENT_REGISTERS
+from idt.state import ArchState, DataSegment
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
+
+# A segment descriptor's high dword (as the engine caches it): S = 1 and type bit 11 mark
+# a code segment, type bit 10 a conforming one (SDM Vol. 3A "Code- and Data-Segment
+# Descriptor Types").
+DESC_CODE = 1 << 11
+DESC_CONFORMING = 1 << 10
 
 
 @dataclass
@@ -88,7 +96,8 @@ class Registers:
 
     def arch_state(self) -> ArchState:
         """The state `idt` delivers from: RIP, RSP, RFLAGS, CS, SS, CPL, the table
-        registers, CR2 and NMI blocking."""
+        registers, CR2, NMI blocking, and the descriptor caches of DS/ES/FS/GS (what an
+        IRET to an outer level looks at; read only if something looks)."""
         rip, rsp, rflags, cs, ss, cr2 = self.m.engine.read(("rip", "rsp", "rflags", "cs", "ss",
                                                             "cr2"))
         _, idt_base, idt_limit = self.table("idtr")
@@ -97,7 +106,24 @@ class Registers:
         return ArchState(rip=rip, rsp=rsp, rflags=rflags, cs=cs, ss=ss, cpl=self.state.cpl,
                          idtr_base=idt_base, idtr_limit=idt_limit, gdtr_base=gdt_base,
                          gdtr_limit=gdt_limit, tr_selector=tr_sel, tr_base=tr_base,
-                         tr_limit=tr_limit, cr2=cr2, nmi_blocked=self.m.intr.nmi_blocked)
+                         tr_limit=tr_limit, cr2=cr2, nmi_blocked=self.m.intr.nmi_blocked,
+                         data_segments=_DataSegments(self))
+
+    def data_segments(self) -> dict[str, DataSegment]:
+        """DS/ES/FS/GS holding a non-zero selector, with the DPL and type of the
+        descriptor cached when it was loaded (the engine's segment caches: the GDT entry
+        may have changed since, and the SDM's IRET rule reads the cache)."""
+        e = self.m.engine
+        names = [n for n, sel in zip(DATA_SEGMENT_REGISTERS, e.read(DATA_SEGMENT_REGISTERS),
+                                     strict=True) if sel & 0xFFFF]
+        if not names:
+            return {}
+        out: dict[str, DataSegment] = {}
+        for name, (selector, flags) in e.segment_caches(names).items():
+            out[name] = DataSegment(selector=selector, dpl=(flags >> 13) & 3,
+                                    is_code=bool(flags & DESC_CODE),
+                                    conforming=bool(flags & DESC_CONFORMING))
+        return out
 
     def load_segments(self, cs: int, ss: int, cpl: int,
                       current: tuple[int, int] | None = None) -> None:
@@ -119,6 +145,7 @@ class Registers:
         if cpl != st.cpl:
             # TLB entries carry rights computed for one privilege: drop them on a change.
             self.m.engine.flush_tlb()
+            self.m.alignment.arm(cpl)
         st.cpl = cpl
 
     def load_fixed_segments(self, cs: int, cs_flags: int, ss: int, ss_flags: int,
@@ -130,8 +157,32 @@ class Registers:
                                     clear_stale_exception=True)
         if cpl != st.cpl:
             self.m.engine.flush_tlb()
+            self.m.alignment.arm(cpl)
         st.cpl = cpl
 
     def gdt_descriptor(self, selector: int) -> SegmentDescriptor:
         _, base, _limit = self.table("gdtr")
         return SegmentDescriptor.unpack(self.m.inspect.read(base + (selector & ~7), 8))
+
+
+class _DataSegments(Mapping[str, DataSegment]):
+    """`Registers.data_segments`, read on first use: only an IRET to an outer privilege
+    level looks at them, and reading the engine's segment caches costs a context save."""
+
+    def __init__(self, regs: Registers) -> None:
+        self._regs = regs
+        self._read: dict[str, DataSegment] | None = None
+
+    def _get(self) -> dict[str, DataSegment]:
+        if self._read is None:
+            self._read = self._regs.data_segments()
+        return self._read
+
+    def __getitem__(self, name: str) -> DataSegment:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())

@@ -9,7 +9,9 @@ instead (cpu/emulated.py). XSETBV/XGETBV, LGDT/LIDT/LLDT/LTR, WRFSBASE/WRGSBASE 
 SGDT/SIDT/SLDT/SMSW/STR are *checked* sites: Python stops the engine only when the
 instruction must fault (cpu/checked_sites.py), and otherwise it runs natively. STI and
 MOV SS sites are observed (they open an interrupt shadow; cpu/boundary.py) and OUT
-sites are looked at for the exit ports (cpu/platform.py); those then run natively.
+sites are looked at for the exit ports (cpu/platform.py); those then run natively. An instruction with a
+LOCK prefix the SDM forbids is a site that raises #UD (the engine, like QEMU, runs some
+of them).
 
 The table is configuration: written when code is loaded, never changed by a run.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cpu.decode import SiteKind, decode, site_kind
+from cpu.decode import SiteKind, decode_loaded, site_kind
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -37,7 +39,7 @@ class SiteTable:
     def add_code(self, addr: int, data: bytes) -> None:
         """Decode `data` (guest code at linear `addr`) and hook its sites."""
         iretq, cr2_reads = set(self.iretq), set(self.cr2_reads)
-        for insn in decode(data, addr):
+        for insn in decode_loaded(data, addr):
             kind = site_kind(insn)
             if kind is not None:
                 self.kinds[insn.address] = kind

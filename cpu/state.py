@@ -14,12 +14,13 @@ back a machine whose state equals the checkpointed one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from cpu.apf_host import ApfHostState
 from cpu.boundary import BoundaryState
 from cpu.cpu_model import ModelState
+from cpu.debug import DebugState
 from cpu.devices.apic import LocalApic
 from cpu.frames import FrameState
 from cpu.injections import InjectionState
@@ -56,6 +57,7 @@ class MachineState:
     vmx: VmxState
     apf: ApfHostState
     apic: LocalApic | None
+    debug: DebugState = field(default_factory=DebugState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
 
 

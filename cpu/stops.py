@@ -25,17 +25,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cpu.decode import SiteKind, decode, is_stack_reference, memory_operands
+from cpu.decode import (
+    SiteKind,
+    access_ranges,
+    branch_target,
+    decode,
+    faulting_segment,
+    memory_operands,
+    state_before_branch,
+)
 from cpu.engine import GPRS
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access
 from cpu.outcomes import Outcome, Stop
-from idt.state import ArchFault, Event, Source, is_canonical
+from idt.state import ArchFault, Event, Source, is_canonical, is_canonical_range
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
+MSR_FS_BASE, MSR_GS_BASE = 0xC0000100, 0xC0000101
+_DECODE_REGS = (*GPRS, "rflags")
 # Exceptions that push an error code (SDM Vol. 3A 6.13, "Error Code").
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
@@ -64,7 +74,9 @@ class Stops:
             SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
             SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
             SiteKind.MOV_SS: lambda a: m.boundary.open_shadow(a, SiteKind.MOV_SS),
-            SiteKind.OUT: m.platform.exit_write,
+            SiteKind.OUT: lambda a: self.io_site(a) or m.platform.exit_write(a),
+            SiteKind.IN: self.io_site,
+            SiteKind.MOV_DR: lambda a: self._defer(lambda: m.debug.mov_dr(a)),
             SiteKind.RDMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=False)),
             SiteKind.WRMSR: lambda a: self._defer(lambda: m.emulated.msr(a, write=True)),
             SiteKind.CPUID: lambda a: self._defer(lambda: m.emulated.cpuid(a)),
@@ -79,7 +91,13 @@ class Stops:
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
             SiteKind.SYSENTER: lambda a: self._defer(lambda: m.emulated.sysenter(a)),
             SiteKind.SYSEXIT: lambda a: self._defer(lambda: m.emulated.sysexit(a)),
+            SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
         }
+
+    def io_site(self, address: int) -> bool:
+        """IN/OUT/INS/OUTS: the I/O permission check (a #GP stops the engine), then the
+        I/O breakpoints (a trap after the instruction)."""
+        return self.m.platform.io_check(address) or self.m.debug.io_site(address)
 
     def _defer(self, action: Callable[[], None]) -> bool:
         self.pending = action
@@ -88,6 +106,9 @@ class Stops:
     # -- engine hooks (record, stop; no CPU state changes) ---------------------------------
     def on_poison(self, vaddr: int, access: Access) -> None:
         self.pending = lambda: self.memory_fault(vaddr, access)
+
+    def on_refused(self, vpage: int, access: Access) -> None:
+        self.pending = lambda: self.refused_write(vpage)
 
     def on_unmapped(self, paddr: int, access: Access) -> None:
         def stop() -> None:
@@ -107,6 +128,9 @@ class Stops:
         if m.injections.at_site(address):
             return
         if m.frames.cr2_read_site(address):
+            return
+        if m.debug.breakpoint_site(address):
+            m.engine.stop()  # an instruction breakpoint: #DB fault before it
             return
         kind = m.sites.kinds.get(address)
         if kind is not None and self._site_actions[kind](address):
@@ -131,10 +155,16 @@ class Stops:
             m.engine.uncount()
         rip = m.engine.read_reg("rip")
         try:
-            if not is_canonical(vaddr):
-                stack = access is not Access.FETCH and self.stack_reference(rip)
-                raise ArchFault(Vector.SS if stack else Vector.GP, 0,
-                                why=f"non-canonical address {vaddr:#x}")
+            if access is not Access.FETCH:
+                # Before paging: the canonical check of every byte (SDM Vol. 1 "Canonical
+                # Addressing"), then the access's intent (a read-modify-write is a write).
+                access = self.data_access(rip, vaddr, access)
+            elif not is_canonical(vaddr):
+                branch = self.branch_into(vaddr)
+                if branch is not None:
+                    rip = branch
+                    raise ArchFault(Vector.GP, 0, why=f"branch to non-canonical {vaddr:#x}")
+                raise ArchFault(Vector.GP, 0, why=f"non-canonical address {vaddr:#x}")
             t = m.translator.guest_walk(m.regs.paging(), vaddr, access)
         except EptViolation as violation:
             m.engine.flush_tlb()
@@ -154,11 +184,31 @@ class Stops:
         if m.mmio.claims(t.paddr) and access is not Access.FETCH:
             m.mmio.emulate(rip, vaddr, t.paddr, access)
             return
+        if access is not Access.FETCH and m.debug.data_access(rip, vaddr):
+            return  # a data breakpoint's page (cpu/debug.py): the instruction runs alone
         if not m.phys.contains(t.paddr | (vaddr & 0xFFF)):
             raise Stop(Outcome.OUTSIDE_MEMORY,
                        f"{access.name.lower()} of {vaddr:#x} maps to physical {t.paddr:#x}, "
                        "outside guest memory", rip)
         m.engine.flush_tlb()  # the page became valid since it was poisoned: retry
+
+    def refused_write(self, vpage: int) -> None:
+        """A store's TLB fill for page `vpage` was refused (cpu/translation.py): the
+        engine stopped at the storing instruction with nothing written. The faulting
+        address is the first byte of the store that falls in that page: the store's
+        start, or `vpage` when the store began on the page before (SDM "Page-Fault
+        Exceptions": CR2 is the address whose access faulted; Bochs translates both pages
+        of a crossing access before writing either). Then it is the fault of that
+        address, as for any other access (`memory_fault`)."""
+        rip = self.m.engine.read_reg("rip")
+        vaddr = vpage
+        code = self.insn_bytes(rip)
+        if code is not None:
+            for r in access_ranges(code, rip, self.decode_regs()):
+                if r.write and r.start < vpage + 0x1000 and vpage < r.start + r.size:
+                    vaddr = max(r.start, vpage)
+                    break
+        self.memory_fault(vaddr, Access.WRITE)
 
     def split_access_cr2(self, rip: int, vaddr: int) -> int:
         """CR2 for a data #PF at `vaddr`, reported by the engine, in the instruction at RIP.
@@ -168,9 +218,8 @@ class Stops:
         both pages before it touches memory). Unicorn splits such a store into pieces and
         the poisoned piece may be any byte of the second page (e.g. 0x401003 for an
         8-byte store at 0x400ffc), so when an explicit memory operand of the instruction
-        covers `vaddr` but starts on an earlier page, CR2 is that page boundary.
-        Known deviation, not repaired: the bytes of such a store that the engine already
-        wrote to the first page stay written (the architecture writes none of them).
+        covers `vaddr` but starts on an earlier page, CR2 is that page boundary. (A store
+        writes nothing of its first page: its faulting fill is refused, `refused_write`.)
         """
         m = self.m
         page = vaddr & ~0xFFF
@@ -222,12 +271,99 @@ class Stops:
             end = insn.address + insn.size
         return end if end != rip else None
 
-    def stack_reference(self, rip: int) -> bool:
+    def data_access(self, rip: int, vaddr: int, access: Access) -> Access:
+        """The checks a data access at `vaddr` by the instruction at RIP passes before
+        paging, on the instruction's decoded accesses (`decode.access_ranges`, with the
+        registers as they are: the instruction did not complete):
+
+        * canonical addresses (SDM Vol. 1 "Canonical Addressing"): every byte of the
+          access, so one that straddles the end of the lower half is #GP(0)/#SS(0) even
+          where its first page is not present. Which of the two is the *segment's*
+          business, not the mnemonic's (Vol. 2 PUSH/POP/MOV, "64-Bit Mode Exceptions"):
+          #SS(0) for the implicit stack access and for an RSP/RBP base without an FS/GS
+          override, #GP(0) otherwise (`decode.faulting_segment`);
+        * write intent: a read-modify-write operand (ADD [m], r; INC [m]; XCHG; CMPXCHG;
+          any LOCKed form) is translated for writing from its first, reading part on,
+          so its #PF has W = 1 and its EPT violation says "write" (Bochs
+          `read_RMW_virtual_*`; SDM Vol. 3A "Page-Fault Exceptions").
+
+        Returns the access to walk (a READ becomes a WRITE); raises the canonical fault."""
+        code = self.insn_bytes(rip)
+        if code is None:
+            if not is_canonical(vaddr):
+                raise ArchFault(Vector.GP, 0, why=f"non-canonical address {vaddr:#x}")
+            return access
+        regs = self.decode_regs()
+        if not is_canonical(vaddr):
+            seg = faulting_segment(code, rip, vaddr, regs)
+            raise ArchFault(Vector.SS if seg == "ss" else Vector.GP, 0,
+                            why=f"non-canonical address {vaddr:#x}")
+        for r in access_ranges(code, rip, regs):
+            if not r.start <= vaddr < r.start + r.size:
+                continue
+            if not is_canonical_range(r.start, r.size):
+                end = (r.start + r.size - 1) & (2**64 - 1)
+                raise ArchFault(Vector.SS if r.segment == "ss" else Vector.GP, 0,
+                                why=f"access {r.start:#x}..{end:#x} crosses into "
+                                    f"non-canonical addresses ({r.segment})")
+            if access is Access.READ and r.write:
+                return Access.WRITE
+        return access
+
+    def branch_into(self, target: int) -> int | None:
+        """A fetch from the non-canonical `target`, which is RIP: the engine executed a
+        branch there (QEMU checks the target only when it fetches from it). The SDM
+        faults the *branch*: "#GP(0) If the target offset is non-canonical" (Vol. 2 JMP,
+        CALL, RET, Jcc, LOOP), with the state before it (Vol. 3A "Exception
+        Classifications": a fault leaves the state as before the instruction). So the
+        last instruction the engine ran is decoded; if it is a near branch to `target`,
+        RIP goes back to it, RSP to before a CALL's push or a RET's pop (and immediate),
+        RCX to before a LOOP's decrement (`decode.state_before_branch`), the branch is not
+        counted as retired, and its address is returned. A CALL's return address stays
+        written below RSP (not architectural state; Bochs writes it too)."""
+        m = self.m
+        e = m.engine
+        address = e.last_instruction()
+        if address is None or e.read_reg("rip") != target:
+            return None
+        code = self.insn_bytes(address)
+        if code is None:
+            return None
+        after = self.decode_regs()
+        before = state_before_branch(code, address, after)
+        if not before:
+            return None
+        regs = {**after, **before}
         try:
-            code = self.m.read_linear(rip, 15)
+            branch = branch_target(code, address, regs,
+                                   lambda a: int.from_bytes(m.read_linear(a, 8), "little"))
         except ArchFault:
-            return False
-        return is_stack_reference(code, rip)
+            return None
+        if branch is None or not branch.taken or branch.target != target:
+            return None
+        e.write(before)
+        e.uncount()
+        return address
+
+    def insn_bytes(self, rip: int) -> bytes | None:
+        """The bytes of the instruction at RIP (up to 15, fewer at the end of a mapped
+        page before an unmapped one); None if RIP itself is unreadable."""
+        m = self.m
+        try:
+            return m.read_linear(rip, 15)
+        except ArchFault:
+            try:
+                return m.read_linear(rip, 0x1000 - (rip & 0xFFF))
+            except ArchFault:
+                return None
+
+    def decode_regs(self) -> dict[str, int]:
+        """The registers `cpu.decode` computes addresses from: the GPRs, RFLAGS and the
+        FS/GS bases."""
+        e = self.m.engine
+        regs = dict(zip(_DECODE_REGS, e.read(_DECODE_REGS), strict=True))
+        regs["fs_base"], regs["gs_base"] = e.read_msr(MSR_FS_BASE), e.read_msr(MSR_GS_BASE)
+        return regs
 
     def hooked_exception(self, vector: int) -> None:
         m = self.m
@@ -246,7 +382,7 @@ class Stops:
             m.deliver(Event(vector, Source.SOFTWARE, rip, insn), why="")
         elif vector == Vector.DB:
             # Single-step (TF) #DB: a trap at the boundary after the instruction.
-            m.deliver(Event(vector, Source.EXCEPTION, rip, rip, trap_like=True), why="")
+            m.debug.single_step_native()
         else:
             e.uncount()  # a fault: the instruction did not retire
             ec = error_code if vector in _ERROR_CODE_VECTORS else None
@@ -269,6 +405,23 @@ class Stops:
             m.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
         else:
             m.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
+
+    def fault_at(self, address: int, fault: ArchFault) -> None:
+        """A fault raised by the instruction at `address` before it did anything (it was
+        counted when the engine stopped at its site: it did not retire)."""
+        m = self.m
+        m.engine.uncount()
+        m.deliver(Event.exception(fault.vector, address, fault.error_code, fault.cr2),
+                  why=fault.why)
+
+    def lock_ud(self, address: int) -> None:
+        """A LOCK prefix on an instruction or form that cannot be locked (SDM Vol. 2
+        LOCK: #UD unless the instruction is lockable and its destination is memory): a
+        fault on the instruction, before it does anything."""
+        m = self.m
+        m.engine.uncount()
+        m.deliver(Event.exception(Vector.UD, address), why="LOCK prefix on an instruction "
+                  "that cannot be locked")
 
     def native_stop(self) -> None:
         """The engine stopped without a hook: a HLT in code that was never decoded."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from cpu.engine import PROT_R, PROT_W, PROT_X
+from cpu.engine import PROT_R, PROT_W, PROT_X, REFUSE, Refuse
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import CR4_PKE, CR4_SMAP, Access, PagingControl, Translation, WalkCache
 from cpu.outcomes import Outcome, Stop
@@ -112,21 +112,37 @@ class Translator:
     def __init__(self, m: Machine) -> None:
         self.m = m
 
-    def fill(self, vpage: int, access: Access) -> tuple[int, int] | None:
-        """The engine's TLB fill: (physical page, PROT_* rights), or None to poison."""
+    def fill(self, vpage: int, access: Access) -> tuple[int, int] | Refuse | None:
+        """The engine's TLB fill: (physical page, PROT_* rights), None to poison, or
+        REFUSE.
+
+        A fill that faults (non-canonical, #PF, EPT) is poisoned — the access stops at its
+        instruction with its exact address (cpu/stops.py) — except a WRITE, which is
+        refused: QEMU's `store_helper` fills the second page of a store that crosses a
+        page boundary *before* writing a byte, but then stores byte by byte, so with a
+        poisoned second page the first page's bytes would already be written. A
+        faulting instruction changes nothing (SDM Vol. 3A "Exception Classifications"),
+        so the store must not start (cpu/stops.py `Stops.refused_write` finds the
+        address from the instruction)."""
         m = self.m
         if not is_canonical(vpage):
-            return None
+            return REFUSE if access is Access.WRITE else None
         ctl = m.regs.read_paging()
         try:
             t = self.guest_walk(ctl, vpage, access)
         except (ArchFault, EptViolation, EptMisconfig):
-            return None  # poisoned: the access stops at its instruction (cpu/stops.py)
+            # The access stops at its instruction (cpu/stops.py).
+            return REFUSE if access is Access.WRITE else None
         if not m.phys.contains(t.paddr, 4096):
             # Also the local APIC page: every access to it stops the engine at the
             # accessing instruction, which the machine emulates (cpu/mmio.py); so are
             # the other device pages.
             return None
+        watched = m.debug.watches(vpage)
+        if watched and access is not Access.FETCH:
+            # A data breakpoint's page: every data access stops at its instruction
+            # (cpu/debug.py `Debug.data_access`); a store is refused, as above.
+            return REFUSE if access is Access.WRITE else None
         prot = PROT_R if t.readable else 0
         if t.writable and (t.dirty or access is Access.WRITE):
             prot |= PROT_W  # a clean page is filled read-only so the first write sets D
@@ -139,6 +155,8 @@ class Translator:
                 prot &= ~PROT_W
         if t.executable:
             prot |= PROT_X
+        if watched:
+            prot &= PROT_X  # fetches only: data accesses must miss and come back here
         if m.ept is not None:
             # The engine's TLB entry serves every kind of access: it may only grant what
             # both stages allow. A kind EPT refuses misses the TLB and comes back here
@@ -146,9 +164,10 @@ class Translator:
             for kind, bit in ((Access.READ, PROT_R), (Access.WRITE, PROT_W), (Access.FETCH, PROT_X)):
                 if prot & bit and kind is not access and not self._ept_allows(t.paddr, kind):
                     prot &= ~bit
-        elif not ctl.cr4 & CR4_PKE:
+        elif not ctl.cr4 & CR4_PKE and vpage not in m.debug.state.watched:
             # The same fill, while the entries this walk read hold, needs no Python (not
-            # under CR4.PKE: PKRU changes natively, out of the native front's sight).
+            # under CR4.PKE: PKRU changes natively, out of the native front's sight; never
+            # for a data breakpoint's page: its mapping depends on more).
             m.engine.remember_fill(vpage, access, m.regs.state.cpl == 3,
                                    m.sysmem.walks.last_used, t.paddr, prot)
         return t.paddr, prot

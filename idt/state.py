@@ -8,6 +8,7 @@ from the engine and applies the result back. Guest memory is reached only throug
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -153,7 +154,7 @@ class ArchState:
     extra: dict[str, int] = field(default_factory=dict)
     # "es", "ds", "fs", "gs" -> their descriptor caches, for IRET's outer-level rule
     # (idt.iret.segments_to_null); a register left out is never nulled.
-    data_segments: dict[str, DataSegment] = field(default_factory=dict)
+    data_segments: Mapping[str, DataSegment] = field(default_factory=dict)
 
 
 class SystemMemory(Protocol):

@@ -223,7 +223,8 @@ def _hlt(r: Record, sym: Symbolizer) -> str:
 
 @renders("wake")
 def _wake(r: Record, sym: Symbolizer) -> str:
-    return f"wake-up by {r['by']}"
+    first = f" (the HLT's {r['first']} first)" if "first" in r else ""
+    return f"wake-up by {r['by']}{first}"
 
 
 # -- VMX: EPT violations, #VE and VM exits (SDM Vol. 3C, "EPT Violations") ----------------

@@ -43,6 +43,12 @@ class CounterStruct(ctypes.Structure):
         ("bmask", ctypes.c_uint64),
         ("bused", ctypes.c_uint64),
         ("bmiss", ctypes.c_void_p),
+        ("last_addr", ctypes.c_uint64),
+        ("ac_check", ctypes.c_uint64),
+        ("ac_pass", ctypes.c_uint64),
+        ("ac_stopped", ctypes.c_uint64),
+        ("reg_read", ctypes.c_void_p),
+        ("rid_eflags", ctypes.c_int32),
     ]
 
 

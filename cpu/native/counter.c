@@ -43,6 +43,18 @@ struct idtlab_counter {
     uint64_t bmask;
     uint64_t bused;
     uint32_t (*bmiss)(uint64_t address, uint32_t size);
+    /* Timed mode: the address of the last instruction counted (the machine decodes it
+     * when a branch turned out to jump to a non-canonical address). */
+    uint64_t last_addr;
+    /* Alignment checking (#AC), see ac_stop: armed by the machine while CPL = 3 and
+     * CR0.AM = 1; then RFLAGS.AC is read (through reg_read) before each block (fast
+     * mode) or instruction (timed mode), except at the boundary where `count` equals
+     * `ac_pass` (the machine let that one instruction run). */
+    uint64_t ac_check;
+    uint64_t ac_pass;
+    uint64_t ac_stopped;
+    int (*reg_read)(void *uc, int regid, void *value);
+    int32_t rid_eflags;
 };
 
 #define NO_SPLIT UINT64_MAX
@@ -110,14 +122,44 @@ static uint32_t cost_of(struct idtlab_counter *c, uint64_t address, uint32_t siz
     return cost;
 }
 
+#define RFLAGS_AC (1u << 18)
+
+/* Alignment checking: with CPL = 3 and CR0.AM = 1 (`ac_check`), RFLAGS.AC = 1 turns every
+ * unaligned data access into #AC (SDM Vol. 3A "Alignment Check Exception"). QEMU does not
+ * check alignment, and a memory hook sees an access only while it happens, too late for a
+ * fault. So while AC = 1 the engine stops before each instruction and the machine checks
+ * the instruction's accesses itself, then lets it run alone (`ac_pass`). AC changes only
+ * where QEMU ends a translation block (POPF ends one "because TF/AC flag may change";
+ * IRET and SYSRET are the machine's), so one look per block is exact in fast mode. With
+ * AC = 0, the cost is one register read per block; with CR0.AM = 0 or CPL < 3, one test. */
+static int ac_stop(struct idtlab_counter *c, void *uc)
+{
+    uint64_t rflags = 0;
+    if (!c->ac_check || c->count == c->ac_pass)
+        return 0;
+    c->reg_read(uc, c->rid_eflags, &rflags);
+    return (rflags & RFLAGS_AC) != 0;
+}
+
 void idtlab_count_insn(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct idtlab_counter *c = (struct idtlab_counter *)user_data;
     uint64_t before = c->cycles;
+    if (ac_stop(c, uc)) {
+        /* Counted, not executed, like a threshold stop (the machine takes it back). */
+        c->count++;
+        c->cycles = before + c->default_cost;
+        c->last_cost = c->default_cost;
+        c->stopped = 1;
+        c->ac_stopped = 1;
+        c->stop(uc);
+        return;
+    }
     uint64_t cost = c->timed ? cost_of(c, address, size) : c->default_cost;
     c->count++;
     c->cycles = before + cost;
     c->last_cost = cost;
+    c->last_addr = address;
     if (c->count >= c->stop_at || before >= c->stop_cycle) {
         c->stopped = 1;
         c->stop(uc);
@@ -202,6 +244,13 @@ void idtlab_count_block(void *uc, uint64_t address, uint32_t size, void *user_da
     c->block_size = size;
     c->block_before = c->count;
     c->block_cycles_before = c->cycles;
+    if (ac_stop(c, uc)) {
+        c->split = 0; /* stop before the block's first instruction */
+        c->stopped = 1;
+        c->ac_stopped = 1;
+        c->stop(uc);
+        return;
+    }
     if (c->count + n >= c->stop_at)
         k = c->stop_at > c->count + 1 ? c->stop_at - 1 - c->count : 0;
     if (c->stop_cycle != UINT64_MAX) {

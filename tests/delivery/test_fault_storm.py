@@ -76,7 +76,9 @@ def test_a_hundred_de_faults_at_cpl0_each_skipped_by_the_handler_give_no_spuriou
 
 def test_a_hundred_gp_faults_from_cli_at_cpl3_each_skipped_by_the_handler_give_no_spurious_df() -> None:
     # CLI (1 byte) at CPL3 with IOPL 0 raises #GP(0); the handler drops the error code,
-    # steps the saved RIP over the CLI and returns to CPL3. OUT to the exit port ends it.
+    # steps the saved RIP over the CLI and returns to CPL3. INT3 then enters CPL0 (on
+    # IST1, leaving the RSP0 frame alone), whose OUT to the exit port ends the run (an OUT
+    # at CPL3 with IOPL 0 would be one more #GP: the TSS has no I/O bitmap).
     m, sym = build(f"""
     start:
         mov r8d, {N}
@@ -85,6 +87,8 @@ def test_a_hundred_gp_faults_from_cli_at_cpl3_each_skipped_by_the_handler_give_n
         cli
         dec r8d
         jnz again
+        int3
+    bp_handler:
         out 0xf4, al
     gp_handler:
         add rsp, 8
@@ -92,12 +96,14 @@ def test_a_hundred_gp_faults_from_cli_at_cpl3_each_skipped_by_the_handler_give_n
         iretq
     df_handler:
         hlt
-    """, gates={13: gate("gp_handler"), 8: gate("df_handler", ist=2)})
+    """, gates={13: gate("gp_handler"), 8: gate("df_handler", ist=2),
+                3: gate("bp_handler", dpl=3, ist=1)})
 
     r = m.run(entry=CODE, rsp=USER_STACK, cpl=3, rflags=START_RFLAGS)
 
     assert r.outcome == "exit"
-    recs = deliveries(r.trace.records)
+    *recs, bp = deliveries(r.trace.records)
+    assert (bp["vector"], bp["stack"]) == (3, "ist1")
     assert len(recs) == N
     assert [d["vector"] for d in recs] == [13] * N
     assert all(d["error_code"] == 0 and d["rip"] == sym["the_cli"] and d["stack"] == "rsp0"

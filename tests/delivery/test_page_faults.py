@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.delivery.rig import (
     CODE,
+    IST1_TOP,
     KERNEL_CS,
     KERNEL_DS,
     KERNEL_STACK,
@@ -196,3 +199,101 @@ def test_a_read_straddling_into_a_not_present_page_faults_with_cr2_at_that_page(
                                  rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
                                  ss=KERNEL_DS))
     assert rec["cr2"] == m.engine.read_reg("cr2") == PAGE
+
+
+# -- write intent (SDM Vol. 3A "Page-Fault Exceptions", W/R; Bochs read_RMW_virtual_*) ----
+# A read-modify-write instruction translates its operand for writing from its first,
+# reading part on: a #PF on a not-present page has W = 1 though nothing was written yet.
+
+
+@pytest.mark.parametrize("access", [
+    "add qword ptr [rbx], rax",
+    "inc qword ptr [rbx]",
+    "xchg qword ptr [rbx], rax",
+    "cmpxchg qword ptr [rbx], rcx",
+    "lock add qword ptr [rbx], rax",
+    "shl qword ptr [rbx], 1",
+])
+def test_a_read_modify_write_of_a_not_present_page_raises_pf_with_w_set(access: str) -> None:
+    m, r, sym = run_access(access, NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=0x2, rip=sym["access"], cpl_before=0)
+
+
+def test_a_read_modify_write_of_a_read_only_page_raises_pf_0x3() -> None:
+    m, r, sym = run_access("add qword ptr [rbx], rax", READ_ONLY, cpl=0)
+    assert_pf(m, r, error_code=0x3, rip=sym["access"], cpl_before=0)
+
+
+def test_a_compare_with_a_not_present_page_is_a_read_pf_0x0() -> None:
+    m, r, sym = run_access("cmp qword ptr [rbx], rax", NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=0x0, rip=sym["access"], cpl_before=0)
+
+
+@pytest.mark.parametrize(("setup", "error_code"), [
+    ("mov rsi, rbx\n        mov rdi, 0x300000", 0x0),  # the source is not present: a read
+    ("mov rdi, rbx\n        mov rsi, 0x300000", 0x2),  # the destination: a write
+])
+def test_movs_reports_the_intent_of_the_access_that_faulted(setup: str, error_code: int) -> None:
+    m, r, sym = run_access(f"{setup}\n    movs_insn:\n        movsq", NOT_PRESENT, cpl=0)
+    assert_pf(m, r, error_code=error_code, rip=sym["movs_insn"], cpl_before=0)
+
+
+# -- a faulting store writes nothing (SDM Vol. 3A "Exception Classifications": a fault
+# leaves the state as it was before the instruction) -----------------------------------
+# The store starts 4 bytes before PAGE, on a present page filled with 0xAA; its second
+# half falls on PAGE. The #PF reports CR2 = PAGE (the first byte of the access on the
+# faulting page) and the first page keeps its 0xAA bytes.
+
+BEFORE = bytes([0xAA] * 8)
+
+
+def run_crossing(access: str, page: PageSpec, *, rbx: int = PAGE - 4, rsp: int = KERNEL_STACK,
+                 pf_ist: int = 0) -> tuple[Any, Any, dict[str, int]]:
+    m, sym = build(f"""
+    start:
+        mov rbx, {rbx:#x}
+        mov rax, 0x1122334455667788
+        mov rsp, {rsp:#x}
+    access:
+        {access}
+        hlt
+    pf_handler:
+        hlt
+    """, gates={14: gate("pf_handler", ist=pf_ist)}, pages=[page])
+    m.phys.write(PAGE - 8, BEFORE)
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS)
+    assert (r.outcome, r.rip) == ("hlt", sym["pf_handler"] + 1)
+    return m, r, sym
+
+
+@pytest.mark.parametrize(("page", "error_code"), [(NOT_PRESENT, 0x2), (READ_ONLY, 0x3)])
+def test_a_store_crossing_into_a_faulting_page_writes_nothing_of_the_first_page(
+        page: PageSpec, error_code: int) -> None:
+    m, r, sym = run_crossing("mov qword ptr [rbx], rax", page)
+    (rec,) = deliveries(r.trace.records)
+    assert_delivered(m, rec, vector=14, stack="current", stack_top=KERNEL_STACK, cpl=0,
+                     frame=Frame(error_code=error_code, rip=sym["access"], cs=KERNEL_CS,
+                                 rflags=START_RFLAGS | RFLAGS_RF, rsp=KERNEL_STACK,
+                                 ss=KERNEL_DS))
+    assert rec["cr2"] == m.engine.read_reg("cr2") == PAGE
+    assert m.phys.read(PAGE - 8, 8) == BEFORE
+    assert rec["icount"] == 3  # the store did not retire
+
+
+def test_a_push_crossing_into_a_not_present_page_writes_nothing_and_leaves_rsp() -> None:
+    # PUSH writes [RSP - 8, RSP) = PAGE - 4 .. PAGE + 3; the #PF is taken on IST1.
+    m, r, sym = run_crossing("push rax", NOT_PRESENT, rsp=PAGE + 4, pf_ist=1)
+    (rec,) = deliveries(r.trace.records)
+    assert_delivered(m, rec, vector=14, stack="ist1", stack_top=IST1_TOP, cpl=0,
+                     frame=Frame(error_code=0x2, rip=sym["access"], cs=KERNEL_CS,
+                                 rflags=START_RFLAGS | RFLAGS_RF, rsp=PAGE + 4, ss=KERNEL_DS))
+    assert rec["cr2"] == PAGE
+    assert m.phys.read(PAGE - 8, 8) == BEFORE
+
+
+def test_a_store_starting_inside_a_faulting_page_reports_its_own_address() -> None:
+    # Refused fills find the address from the instruction: the store's first byte here.
+    _, r, sym = run_crossing("mov qword ptr [rbx], rax", NOT_PRESENT, rbx=ADDR)
+    (rec,) = deliveries(r.trace.records)
+    assert (rec["vector"], rec["error_code"], rec["cr2"], rec["rip"]) == (14, 0x2, ADDR,
+                                                                          sym["access"])

@@ -88,59 +88,11 @@ QEMU_DIVERGENCES = {
     "rf_frames": {"qemu-rf-fault-frames"},
 }
 
-_R1 = "rule 1: a branch to a non-canonical target faults on the branch (Unicorn jumps first)"
-_R2 = "rule 2: #SS vs #GP by the segment of the access (cpu.decode.memory_operand_segment)"
-_R3 = "rule 3: the canonical check comes before paging for a straddling access"
-_R4 = "rule 4: IRET to CPL3 nulls DS/ES/FS/GS with DPL < 3 (idt.iret null_segments)"
-_R6 = "rule 6: single-step over the instructions the machine emulates"
-_R7 = "rule 7: debug registers (cpu.debug_registers)"
-_R8 = "rule 8: a faulting store leaves its first page unchanged"
-_R9 = "rule 9: #AC (cpu.decode.alignment_check_faults)"
-_R10 = "rule 10: LOCK on a form that cannot be locked is #UD (cpu.decode.lock_is_legal)"
-_R11 = "rule 11: the I/O permission bitmap (cpu.io_permission)"
-_R12 = "rule 12: read-modify-write accesses have write intent (cpu.decode.has_write_intent)"
-_R13 = "rule 13: chained shadows (docs/sdm-map.md, Chained shadows)"
 
-# The tests of SDM_IMAGES whose records idtlab does not reproduce yet (strict xfail: they
-# flip to failures the day the wiring lands, and then leave this table).
-IDTLAB_PENDING: dict[str, dict[str, str]] = {
-    "ac_lock_rmw": {
-        "ac_unaligned_load_at_cpl3": _R9, "ac_unaligned_push_at_cpl3": _R9,
-        "lock_mov_is_ud": _R10,
-        "rmw_add_not_present_is_write": _R12, "rmw_inc_not_present_is_write": _R12,
-        "rmw_xchg_not_present_is_write": _R12, "rmw_cmpxchg_not_present_is_write": _R12,
-        "rmw_lock_add_not_present_is_write": _R12,
-    },
-    "canon_branch": {
-        **{t: _R1 for t in ("jmp_rel32_noncanonical", "jcc_rel32_noncanonical",
-                            "loop_rel8_noncanonical", "call_rel32_noncanonical",
-                            "jmp_reg_noncanonical", "jmp_mem_noncanonical",
-                            "call_reg_noncanonical", "call_mem_noncanonical",
-                            "ret_noncanonical", "ret_imm_noncanonical")},
-        "straddle_load_gp": _R3, "straddle_store_gp": _R3, "straddle_push_ss": _R3,
-    },
-    "debug_regs": {t: _R7 for t in (
-        "dr0_write_breakpoint_trap", "dr2_read_write_breakpoint_on_a_read",
-        "dr3_two_byte_range_overlap", "single_step_and_data_breakpoint_together",
-        "dr6_bs_is_sticky", "dr7_gd_faults_the_next_mov_dr",
-        "mov_ss_delays_a_data_breakpoint")},
-    "io_perm": {t: _R11 for t in (
-        "io_no_bitmap_is_gp", "io_denied_port_is_gp", "io_word_with_one_denied_byte_is_gp",
-        "io_port_beyond_the_limit_is_gp", "io_second_bitmap_byte_beyond_the_limit_is_gp",
-        "io_ins_denied_port_is_gp")},
-    "iret_rules": {"iret_to_cpl3_nulls_dpl0_segments": _R4,
-                   "iret_to_cpl3_keeps_conforming_code": _R4},
-    "shadow_chain": {t: _R13 for t in ("ipi_mov_ss_after_sti", "ipi_sti_after_mov_ss",
-                                       "tf_mov_ss_after_mov_ss")},
-    "ss_gp_segment": {t: _R2 for t in ("push_mem_rbx_gp", "pop_mem_rbx_gp", "call_mem_rbx_gp",
-                                       "mov_fs_override_rbp_gp", "mov_gs_override_rsp_gp")},
-    "step_emulated": {t: _R6 for t in ("tf_over_iretq", "tf_over_rdmsr", "tf_over_wrmsr",
-                                       "tf_over_cpuid", "tf_over_apic_read",
-                                       "tf_over_hlt_wake")},
-    "store_fault": {t: _R8 for t in ("store_into_not_present_leaves_first_page",
-                                     "store_into_read_only_leaves_first_page",
-                                     "push_into_not_present_leaves_first_page")},
-}
+# The tests of SDM_IMAGES whose records idtlab does not reproduce yet, each with the rule of
+# docs/sdm-map.md that fixes it (strict xfail: a test flips to a failure the day its wiring
+# lands, and then leaves this table). Every SDM-corner rule is wired: none is pending.
+IDTLAB_PENDING: dict[str, dict[str, str]] = {image: {} for image in SDM_IMAGES}
 
 # The tests of SDM_IMAGES where QEMU 7.2 TCG differs from Bochs beyond its listed
 # KNOWN_DIVERGENCES (RF in fault frames), and why (each is QEMU against the SDM, except

@@ -286,3 +286,91 @@ def test_an_exception_delivered_in_the_sti_shadow_ends_it(mode: str) -> None:
            frame=Frame(rip=sym["bp_handler"], cs=KERNEL_CS, rflags=START_RFLAGS, rsp=bp_rsp, ss=KERNEL_DS))
     assert frames.seen[0][0]["icount"] == frames.seen[1][0]["icount"] == 4  # cli, nop, sti, int3
     assert (r.outcome, r.rip) == ("hlt", sym["after_int3"] + 1)
+
+
+# -- chained shadows (docs/sdm-map.md, "Chained shadows"; idt.blocking.shadow_after) ------
+CHAIN = """
+start:
+    cli
+held:                   # the interrupt arrives here, IF = 0
+    nop
+    mov eax, 0x10
+    {first}
+    {second}
+at_x:                   # the boundary after the second shadow-opener
+    nop
+at_y:                   # one instruction later
+    nop
+    hlt
+h30:
+    iretq
+"""
+
+
+@pytest.mark.parametrize(("first", "second", "taken_at"), [
+    ("sti", "mov ss, ax", "at_y"),   # MOV SS after STI opens its own (MOV-SS) shadow
+    ("mov ss, ax", "sti", "at_y"),   # STI with IF = 0 after MOV SS opens its own shadow
+    ("sti", "sti", "at_x"),          # the second STI runs with IF = 1: no shadow after it
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_each_instruction_of_a_shadow_chain_opens_its_own_shadow(
+        first: str, second: str, taken_at: str, mode: str) -> None:
+    # Interrupts are enabled by the STI of the chain; the MOV SS keeps IF = 0 only in
+    # the "mov ss, sti" order until the STI. Taken at the boundary after the instruction
+    # that follows the last shadow (Bochs: guest_images/mb/shadow_chain.S).
+    m, sym = build(CHAIN.format(first=first, second=second), gates={VEC: gate("h30")}, mode=mode)
+    m.inject("interrupt", vector=VEC, before="held")
+    frames = Frames(m)
+
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=50)
+
+    assert kinds(r.trace.records) == ["interrupt_pending", "deliver", "iret", "end"]
+    expect(frames.seen[0], vector=VEC, frame=at(sym[taken_at]), stack="current",
+           stack_top=KERNEL_STACK, source="interrupt", handler=sym["h30"])
+    # cli, nop, mov eax, the two shadow-openers, and the nop at at_x when taken at at_y.
+    assert frames.seen[0][0]["icount"] == (6 if taken_at == "at_y" else 5)
+
+
+TF_CHAIN = """
+start:
+    mov eax, 0x10
+    pushfq
+    or qword ptr [rsp], 0x100
+    popfq                   # TF = 1 from the next instruction on
+    {chain}
+at_x:
+    nop
+at_y:
+    nop
+    hlt
+db_handler:                 # one #DB per test: clear TF in the pushed RFLAGS
+    and qword ptr [rsp + 16], ~0x100
+    iretq
+"""
+DB = 1
+RFLAGS_TF = 0x100
+DR6_BS = 0xFFFF4FF0  # DR6_INIT | BS
+
+
+@pytest.mark.parametrize(("chain", "trap_at", "icount"), [
+    # MOV SS suppresses the single-step trap after it: the trap follows the next instruction.
+    ("mov ss, ax", "at_y", 6),
+    # A MOV SS right after a MOV SS opens no shadow: its own trap comes right after it
+    # (the engine, like QEMU, would suppress it again; Bochs traps at at_x).
+    ("mov ss, ax\n    mov ss, ax", "at_x", 6),
+])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_single_step_trap_after_a_mov_ss_chain_comes_where_the_shadow_ends(
+        chain: str, trap_at: str, icount: int, mode: str) -> None:
+    m, sym = build(TF_CHAIN.format(chain=chain), gates={DB: gate("db_handler")}, mode=mode)
+    frames = Frames(m)
+
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=50)
+
+    assert kinds(r.trace.records) == ["deliver", "iret", "end"]
+    expect(frames.seen[0], vector=DB, frame=at(sym[trap_at], START_RFLAGS | RFLAGS_TF),
+           stack="current", stack_top=KERNEL_STACK, source="exception",
+           handler=sym["db_handler"])
+    assert frames.seen[0][0]["icount"] == icount
+    assert m.engine.read_reg("dr6") == DR6_BS
+    assert (r.outcome, r.rip) == ("hlt", sym["db_handler"])

@@ -8,15 +8,19 @@ from __future__ import annotations
 import pytest
 
 from cpu.decode import (
+    ILLEGAL_LOCK,
     AccessRange,
+    SiteKind,
     access_ranges,
     alignment_check_faults,
     branch_target,
+    decode_loaded,
     faulting_segment,
     has_write_intent,
     is_read_modify_write,
     lock_is_legal,
     memory_operand_segment,
+    site_kind,
     state_before_branch,
 )
 from idt.state import is_canonical, is_canonical_range
@@ -42,6 +46,25 @@ NONCANON = 0x8000_0000_0000_0000
 def test_lock_is_legal_only_on_lockable_instructions_with_a_memory_destination(
         code: bytes, legal: bool) -> None:
     assert lock_is_legal(code, AT) is legal
+
+
+@pytest.mark.parametrize("locked", [
+    bytes.fromhex("f0 89 05 00 00 00 00"),   # lock mov [rip], eax (capstone refuses it)
+    bytes.fromhex("66 f0 87 c3"),            # lock xchg bx, ax (capstone decodes it)
+    bytes.fromhex("f0 90"),                  # lock nop
+])
+def test_the_load_time_decode_marks_an_illegal_lock_form_and_goes_on_after_it(locked: bytes) -> None:
+    code = bytes.fromhex("90") + locked + bytes.fromhex("fb f4")  # nop; <locked>; sti; hlt
+    insns = list(decode_loaded(code, AT))
+    assert [(i.address, i.size, i.mnemonic) for i in insns] == [
+        (AT, 1, "nop"), (AT + 1, len(locked), ILLEGAL_LOCK), (AT + 1 + len(locked), 1, "sti"),
+        (AT + 2 + len(locked), 1, "hlt")]
+    assert [site_kind(i) for i in insns] == [None, SiteKind.LOCK_UD, SiteKind.STI, SiteKind.HLT]
+
+
+def test_the_load_time_decode_still_ends_at_bytes_that_are_no_instruction() -> None:
+    code = bytes.fromhex("90 ff ff f4")  # nop; (ff ff: no instruction); hlt
+    assert [i.mnemonic for i in decode_loaded(code, AT)] == ["nop"]
 
 
 # -- write intent (rule 12) -------------------------------------------------------------

@@ -19,6 +19,7 @@ from cpu.machine import Machine
 from cpu.memory import PhysicalMemory
 from cpu.trace import Trace
 from idtlab import scenario as scn
+from tests.delivery.rig import CODE, KERNEL_STACK, build, gate
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (ROOT / "idtlab" / "examples").rglob("*.toml"))
@@ -151,3 +152,36 @@ def test_a_checkpoint_in_a_handler_with_an_nmi_injected_after_it_rolls_back_exac
         m.run()
         m.rollback(cp)
         assert whole(m) == saved
+
+
+def test_frames_a_kernel_abandoned_are_forgotten_when_the_cpu_next_takes_an_event_at_cpl3(
+        ) -> None:
+    """A kernel that leaves an INT handler by switching stacks and enters user mode with
+    SYSRET never IRETs through the INT's frame (kvm-unit-tests' user-mode helper): the
+    frame must not stay "live", or every later entry would be reported overwriting it
+    (and compared against all of them: the access test grew to gigabytes)."""
+    m, _sym = build(f"""
+    mov ecx, 0xc0000080
+    rdmsr
+    or eax, 1
+    wrmsr
+    mov ecx, 0xc0000081
+    xor eax, eax
+    mov edx, 0x00080008
+    wrmsr
+to_user:
+    mov rsp, {KERNEL_STACK:#x}
+    lea rcx, [rip + user]
+    mov r11, 0x202
+    .byte 0x48, 0x0f, 0x07        # sysretq
+user:
+    int 0x20
+kernel_entry:
+    jmp to_user                   # abandon the frame
+    """, gates={0x20: gate("kernel_entry", dpl=3)})
+
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=0x2, max_insns=400)
+
+    assert r.outcome == "max_insns" and len(r.deliveries) > 20
+    assert r.trace.of_kind("frame_overwritten") == []
+    assert len(m.state.frames.live) <= 1 and m.state.frames.depth <= 1

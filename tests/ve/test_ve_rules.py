@@ -787,3 +787,57 @@ def test_an_ept_misconfiguration_while_pushing_a_frame_is_a_vm_exit_with_reason_
     r = m.run(entry=s["main"], rsp=KERNEL_STACK)
     assert r.outcome == "vmexit"
     assert one(r.trace.records, "vmexit")["reason"] == 49
+
+
+# -- write intent ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("access", "qual"), [
+    ("add qword ptr [rcx], rax", Q_WRITE | Q_GLA_VALID | Q_FINAL),        # 0x182
+    ("lock xadd qword ptr [rcx], rax", Q_WRITE | Q_GLA_VALID | Q_FINAL),
+    ("cmp qword ptr [rcx], rax", Q_READ | Q_GLA_VALID | Q_FINAL),         # 0x181
+])
+def test_a_read_modify_write_violation_is_qualified_as_a_write(access: str, qual: int) -> None:
+    # SDM Vol. 3C "Exit Qualification for EPT Violations": bit 1, "the access causing the
+    # EPT violation was a data write"; a read-modify-write is translated for writing from
+    # its reading part on (Bochs read_RMW_virtual_*).
+    m, s = build(f"""
+        main:
+            mov rcx, PROBE
+        access:
+            {access}
+            hlt
+        ve_handler:
+            hlt
+        """, gates=VE_GATE, ve=False)
+    m.ept.set_range(PROBE, PAGE, read=False, write=False, execute=False)
+    m.on_ept_violation = "stop"
+    r = m.run(entry=s["main"], rsp=KERNEL_STACK)
+    assert (r.outcome, r.rip) == ("vmexit", s["access"])
+    assert without_stamps(one(r.trace.records, "vmexit")) == exit_record(
+        icount=1, qual=qual, gla=PROBE, gpa=PROBE, rip=s["access"], why="#VE not enabled",
+        action="stop")
+
+
+def test_a_store_crossing_into_a_read_only_ept_page_exits_before_writing_its_first_page() -> None:
+    # SDM Vol. 3A "Exception Classifications": nothing of a faulting instruction is done;
+    # the violation names the first byte on the faulting page (GLA = GPA = PROBE).
+    m, s = build("""
+        main:
+            mov rcx, PROBE - 4
+            mov rax, -1
+        store:
+            mov qword ptr [rcx], rax
+            hlt
+        ve_handler:
+            hlt
+        """, gates=VE_GATE, ve=False)
+    m.phys.write(PROBE - 8, bytes(8))
+    m.ept.set_range(PROBE, PAGE, read=True, write=False, execute=False)
+    m.on_ept_violation = "stop"
+    r = m.run(entry=s["main"], rsp=KERNEL_STACK)
+    assert (r.outcome, r.rip) == ("vmexit", s["store"])
+    assert without_stamps(one(r.trace.records, "vmexit")) == exit_record(
+        icount=2, qual=Q_WRITE | Q_READABLE | Q_GLA_VALID | Q_FINAL, gla=PROBE, gpa=PROBE,
+        rip=s["store"], why="#VE not enabled", action="stop")
+    assert m.phys.read(PROBE - 8, 8) == bytes(8)
