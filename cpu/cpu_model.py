@@ -123,7 +123,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("mce", L1, 0, D, 7, _CR + "test_cr4_bits_of_declared_features_are_writable"),
     Feature("cx8", L1, 0, D, 8, _NATIVE + "test_cmpxchg8b_and_cmpxchg16b_run_natively"),
     Feature("apic", L1, 0, D, 9, "cpu.devices.apic.LocalApic", mirrors="apic"),
-    Feature("sep", L1, 0, D, 11, "cpu.msrs.MSR_SYSENTER_CS"),
+    Feature("sep", L1, 0, D, 11, "cpu.emulated.Emulated.sysenter"),
     Feature("pge", L1, 0, D, 13, "cpu.control_regs.CR4_PGE"),
     Feature("mca", L1, 0, D, 14, "cpu.msrs.MSR_MCG_CAP"),
     Feature("cmov", L1, 0, D, 15, _NATIVE + "test_cmov_and_lahf_run_natively"),
@@ -163,7 +163,7 @@ FEATURES: tuple[Feature, ...] = (
     # CPUID.80000001H
     Feature("lahf_lm", LX, 0, C, 0, _NATIVE + "test_cmov_and_lahf_run_natively"),
     Feature("abm", LX, 0, C, 5, _NATIVE + "test_movbe_and_popcnt_run_natively"),
-    Feature("syscall", LX, 0, D, 11, "cpu.msrs.MSR_LSTAR"),
+    Feature("syscall", LX, 0, D, 11, "cpu.emulated.Emulated.syscall"),
     Feature("nx", LX, 0, D, 20, "cpu.mmu.walk", mirrors="not MISC_ENABLE.XD_DISABLE"),
     Feature("pdpe1gb", LX, 0, D, 26, "cpu.mmu.walk"),
     Feature("rdtscp", LX, 0, D, 27, _NATIVE + "test_rdtscp_returns_tsc_aux_in_ecx"),

@@ -72,6 +72,8 @@ class SiteKind(StrEnum):
     UNDECLARED = "undeclared"  # emulated: #UD, an instruction the CPU model does not report
     SYSCALL = "syscall"  # emulated: Unicorn's SYSCALL only calls hooks (no transition)
     SYSRET = "sysret"  # emulated: the CPL change is the machine's to track
+    SYSENTER = "sysenter"  # emulated, as SYSCALL: the CPL change is the machine's to track
+    SYSEXIT = "sysexit"
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
 
@@ -89,7 +91,9 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "wrfsbase": SiteKind.BASE_WRITE, "wrgsbase": SiteKind.BASE_WRITE,
               "sgdt": SiteKind.UMIP, "sidt": SiteKind.UMIP, "sldt": SiteKind.UMIP,
               "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
-              "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET}
+              "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET,
+              "sysenter": SiteKind.SYSENTER, "sysexit": SiteKind.SYSEXIT,
+              "sysexitq": SiteKind.SYSEXIT}
 
 
 # Instructions the engine's own CPU model executes but the declared one does not report

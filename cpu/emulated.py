@@ -29,6 +29,9 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
 * RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
   (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
   with CR4.PCE = 0 too.
+* SYSENTER/SYSEXIT (SDM Vol. 2), for the same reason as SYSCALL/SYSRET: flat CS/SS from
+  IA32_SYSENTER_CS, RIP/RSP from IA32_SYSENTER_EIP/ESP (SYSEXIT: RDX/RCX), #GP(0) when
+  IA32_SYSENTER_CS[15:2] = 0, SYSEXIT at CPL > 0 or to a non-canonical RCX/RDX.
 * SYSCALL/SYSRET (SDM Vol. 2): Unicorn's SYSCALL only calls hooks, and the CPL is the
   machine's to track, so both are executed here: #UD without EFER.SCE, the fixed flat
   CS/SS from IA32_STAR, RIP from IA32_LSTAR (or IA32_CSTAR from compatibility mode),
@@ -37,11 +40,12 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
 
 Single-step (SDM Vol. 3B "Single-Step Exception Condition"): an emulated instruction
 that completes with TF in force traps with DR6.BS after it, as the engine does for the
-instructions it executes (cpu/debug.py delivers it). For SYSCALL and SYSRET TF is looked
-at when they complete (so an OS masks it with IA32_FMASK; what KVM's emulator does,
-commit "KVM: x86: fix singlestepping over syscall"); for the others at their start (an
-IRET that loads TF = 0 still traps after itself; one that loads TF = 1 traps only after
-the next instruction). HLT's trap waits for the event that wakes the CPU and comes
+instructions it executes (cpu/debug.py delivers it). For SYSCALL, SYSRET, SYSENTER and
+SYSEXIT TF is looked at when they complete (so an OS masks it with IA32_FMASK; what KVM's
+emulator does, commit "KVM: x86: fix singlestepping over syscall"; SYSENTER leaves TF as
+it was, so the trap comes at the entry point); for the others at their start (an IRET
+that loads TF = 0 still traps after itself; one that loads TF = 1 traps only after the
+next instruction). HLT's trap waits for the event that wakes the CPU and comes
 before it.
 """
 
@@ -60,10 +64,10 @@ from cpu.control_regs import (
 from cpu.cpu_model import MsrFault
 from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.msrs import MSR_EFER
+from cpu.msrs import MSR_EFER, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
-from idt.state import RFLAGS_RF, ArchFault, Event, is_canonical
+from idt.state import RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, ArchFault, Event, is_canonical
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
@@ -202,6 +206,53 @@ class Emulated:
         e.write({"rip": rip, "rflags": rflags})
         m.frames.user_mode()
         m.emit("sysret", rip=address, to_rip=rip, to_64bit=to64)
+        self.single_step(rflags)
+
+    def sysenter(self, address: int) -> None:
+        """SYSENTER (SDM Vol. 2): #GP(0) if IA32_SYSENTER_CS[15:2] = 0; otherwise CPL 0 at
+        IA32_SYSENTER_EIP with RSP = IA32_SYSENTER_ESP, CS = SYSENTER_CS AND FFFCH (flat,
+        64-bit in IA-32e mode) and SS = CS + 8; RFLAGS.VM, IF, RF cleared (TF is not: a
+        single-step trap comes after the SYSENTER, at the entry point)."""
+        m = self.m
+        e = m.engine
+        e.uncount()
+        cs = m.model.rdmsr(MSR_SYSENTER_CS) & 0xFFFC
+        if cs == 0:
+            m.deliver(Event.exception(Vector.GP, address, 0),
+                      why="SYSENTER with IA32_SYSENTER_CS[15:2] = 0")
+            return
+        rip, rsp = (e.read_msr(x) for x in (MSR_SYSENTER_EIP, MSR_SYSENTER_ESP))
+        rflags = e.read_reg("rflags") & ~(RFLAGS_VM | RFLAGS_IF | RFLAGS_RF)
+        e.recount()
+        m.regs.load_fixed_segments(cs, _CS64_DPL0, cs + 8, _SS_DPL0, 0)
+        e.write({"rip": rip, "rsp": rsp, "rflags": rflags})
+        m.emit("sysenter", rip=address, to_rip=rip)
+        self.single_step(rflags)
+
+    def sysexit(self, address: int) -> None:
+        """SYSEXIT (SDM Vol. 2): #GP(0) if IA32_SYSENTER_CS[15:2] = 0, at CPL > 0, or (to
+        64-bit mode, REX.W) if RCX or RDX is not canonical; otherwise CPL 3 at RDX with
+        RSP = RCX (EDX/ECX to compatibility mode), CS = SYSENTER_CS + 32 (+ 16) OR 3,
+        SS = CS + 8, flat; RFLAGS unchanged."""
+        m = self.m
+        e = m.engine
+        e.uncount()
+        to64 = m.sites.lengths.get(address, 2) == 3  # REX.W
+        base = m.model.rdmsr(MSR_SYSENTER_CS) & 0xFFFF
+        rcx, rdx, rflags = e.read(("rcx", "rdx", "rflags"))
+        why = ("SYSEXIT with IA32_SYSENTER_CS[15:2] = 0" if base & 0xFFFC == 0 else
+               f"SYSEXIT at CPL{m.regs.state.cpl}" if m.regs.state.cpl != 0 else
+               f"SYSEXIT to non-canonical RCX/RDX {rcx:#x}/{rdx:#x}"
+               if to64 and not (is_canonical(rcx) and is_canonical(rdx)) else "")
+        if why:
+            m.deliver(Event.exception(Vector.GP, address, 0), why=why)
+            return
+        cs = ((base + 32) if to64 else (base + 16)) | 3
+        rip, rsp = (rdx, rcx) if to64 else (rdx & 0xFFFFFFFF, rcx & 0xFFFFFFFF)
+        e.recount()
+        m.regs.load_fixed_segments(cs, _CS64_DPL3 if to64 else _CS32_DPL3, cs + 8, _SS_DPL3, 3)
+        e.write({"rip": rip, "rsp": rsp})
+        m.emit("sysexit", rip=address, to_rip=rip, to_64bit=to64)
         self.single_step(rflags)
 
     def hlt(self, address: int) -> None:

@@ -160,7 +160,8 @@ class Engine:
         """`bits` = 32: a UC_MODE_32 engine for a multiboot image's 32-bit entry code
         QEMU's own page walk (no TLB-fill hook: nothing is modelled before
         long mode), 32-bit register names, 32-bit decoding for block counting, a block
-        callback `block(address)` and a CPUID callback `cpuid(leaf, subleaf)`."""
+        callback `block(address)`. Both kinds call `cpuid(leaf, subleaf)` for a CPUID they
+        execute."""
         if bits not in (32, 64):
             raise ValueError(f"bits must be 32 or 64, not {bits}")
         self.mem = mem
@@ -259,10 +260,13 @@ class Engine:
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        # CPUID the engine executes itself answers through `cpuid` (the declared CPU model),
+        # never from the engine's own model: in the 32-bit phase, and in 64-bit code the
+        # machine did not decode at load time (decoded CPUIDs are sites).
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         if bits == 32:
             # After the counter: a stop here comes after the block was counted.
             uc.hook_add(UC_HOOK_BLOCK, self._on_block)
-            uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
 
     # -- hooks -------------------------------------------------------------------------
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:

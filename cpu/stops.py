@@ -89,6 +89,8 @@ class Stops:
             SiteKind.UMIP: m.checked.umip,
             SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
+            SiteKind.SYSENTER: lambda a: self._defer(lambda: m.emulated.sysenter(a)),
+            SiteKind.SYSEXIT: lambda a: self._defer(lambda: m.emulated.sysexit(a)),
             SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
         }
 

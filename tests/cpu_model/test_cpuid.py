@@ -215,3 +215,19 @@ def test_cpuid_1_edx_apic_reads_0_while_the_apic_is_globally_disabled() -> None:
     """)
     assert r.result.outcome == "hlt"
     assert r.u64(DATA) == 0x00000800_0789E9FD  # EDX.APIC (bit 9) clear, EBX[31:24] = 0
+
+
+def test_a_cpuid_in_code_the_machine_did_not_decode_answers_from_the_model_too() -> None:
+    # Code written at run time is not decoded for sites; the engine's own CPUID would
+    # report its Skylake model (RDRAND, XSAVEOPT, ...). Here: copied by the guest, then run.
+    r = run(f"""
+    main:
+        mov dword ptr [{DATA}], 0x00A20F90      # nop; cpuid; <byte 0>
+        mov byte ptr [{DATA + 3}], 0xF4         # hlt
+        mov eax, 1
+        xor ecx, ecx
+        lea rbx, [{DATA}]
+        jmp rbx
+    """)
+    assert (r.result.outcome, r.reg("rip")) == ("hlt", DATA + 4)
+    assert (r.reg("rax"), r.reg("rcx"), r.reg("rdx")) == (0x50654, 0x06D82203, 0x0789EBFD)
