@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from cpu.decode import decode_one, mmio_move
-from cpu.engine import GPRS
+from cpu.decode import GPR_SLOTS, decode_one, mmio_move
 from cpu.errors import Unsupported
 from cpu.mmu import Access
 from cpu.outcomes import Outcome, Stop
@@ -42,28 +41,6 @@ class MmioDevice(Protocol):
     def read(self, offset: int, size: int, now: int) -> int: ...
 
     def write(self, offset: int, size: int, value: int, now: int) -> None: ...
-
-
-def _register_parts() -> dict[str, tuple[str, int, int]]:
-    """Every general-purpose register name -> (its 64-bit register, bit offset, width)."""
-    legacy = {"rax": "a", "rbx": "b", "rcx": "c", "rdx": "d"}
-    index = {"rsi": "si", "rdi": "di", "rbp": "bp", "rsp": "sp"}
-    parts: dict[str, tuple[str, int, int]] = {}
-    for r in GPRS:
-        parts[r] = (r, 0, 64)
-        if r in legacy:
-            x = legacy[r]
-            parts.update({f"e{x}x": (r, 0, 32), f"{x}x": (r, 0, 16), f"{x}l": (r, 0, 8),
-                          f"{x}h": (r, 8, 8)})
-        elif r in index:
-            x = index[r]
-            parts.update({f"e{x}": (r, 0, 32), x: (r, 0, 16), f"{x}l": (r, 0, 8)})
-        else:
-            parts.update({f"{r}d": (r, 0, 32), f"{r}w": (r, 0, 16), f"{r}b": (r, 0, 8)})
-    return parts
-
-
-_PARTS = _register_parts()
 
 
 def _mask(bits: int) -> int:
@@ -99,7 +76,7 @@ class Mmio:
         mv = mmio_move(code, rip)
         what = decode_one(code, rip)
         if mv is None or (access is Access.WRITE) != mv.store or (
-                mv.reg is not None and mv.reg not in _PARTS):
+                mv.reg is not None and mv.reg not in GPR_SLOTS):
             raise Stop(Outcome.UNSUPPORTED, f"{_DEVICE_NAMES.get(name, name)} access by "
                        f"'{what.text if what else '??'}' at {rip:#x}: only MOV (and MOVZX/MOVSX "
                        "loads) between a general register or immediate and a device page is "
@@ -114,7 +91,7 @@ class Mmio:
                 if mv.imm is not None:
                     value = mv.imm & _mask(8 * mv.size)
                 else:
-                    full, shift, _width = _PARTS[str(mv.reg)]
+                    full, shift, _width = GPR_SLOTS[str(mv.reg)]
                     value = (e.read_reg(full) >> shift) & _mask(8 * mv.size)
                 m.emit(f"{name}_write", offset=offset, value=value)
                 if device is not None:
@@ -123,7 +100,7 @@ class Mmio:
             else:
                 value = device.read(offset, mv.size, now) if device is not None else \
                     _mask(8 * mv.size)
-                full, shift, width = _PARTS[str(mv.reg)]
+                full, shift, width = GPR_SLOTS[str(mv.reg)]
                 if mv.extend == "sign" and value >> (8 * mv.size - 1):
                     value |= _mask(width) & ~_mask(8 * mv.size)
                 if width == 32:
