@@ -108,6 +108,7 @@ class Emulated:
             m.intr.nmi_blocked = st.nmi_blocked  # cleared even though the IRET faulted
             m.emit("iret_fault", rip=address, vector=fault.vector, error_code=fault.error_code,
                    nmi_unblocked=was_blocked, why=fault.why)
+            m.vmx_exits.note_iret_fault(was_blocked)  # II bit 12 if the #PF/#GP exits
             m.deliver(Event.exception(fault.vector, address, fault.error_code, fault.cr2),
                       why=fault.why)
             return

@@ -33,6 +33,7 @@ component's business:
     cpu/mmio.py          device register pages (local APIC, I/O APIC, HPET)
     cpu/interrupts.py    the wires: ISA lines -> I/O APIC -> local APIC -> CPU
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
+    cpu/vmx_exits.py     VM exits on events, IDT-vectoring info, VM-entry injection
     cpu/apf_host.py      the KVM async-#PF host
     cpu/boot32.py        a multiboot image's 32-bit entry phase
     cpu/state.py         every component's mutable state in one object (checkpoints)
@@ -85,8 +86,9 @@ from cpu.timing import CostModel, Profile, load_profile
 from cpu.trace import Trace
 from cpu.translation import GuestMemory, Translator
 from cpu.vmx import HostPolicy, Vmx, VmxConfig, VmxState
+from cpu.vmx_exits import HyperState, VmExits
 from idt.blocking import Interruptibility
-from idt.double_fault import Combine, deliver_event
+from idt.double_fault import Combine, DeliveryOutcome, deliver_event
 from idt.state import RFLAGS_RF, ArchFault, ArchState, Event, Source
 from idt.vectors import Vector, vector_name
 
@@ -155,6 +157,7 @@ class Machine:
             platform=self.platform.state,
             vmx=VmxState(),
             apf=ApfHostState(),
+            hyper=HyperState(),
             apic=LocalApic(on_nmi=self.wires.apic_nmi, on_event=self.wires.apic_event,
                            on_eoi=self.wires.apic_eoi) if apic else None,
         )
@@ -171,6 +174,7 @@ class Machine:
         self.frames = Frames(self, st.frames)
         self.model = CpuModel(self, st.model)
         self.vmx_host = Vmx(self, st.vmx)
+        self.vmx_exits = VmExits(self, st.hyper)
         self.apf_host = ApfHost(self, st.apf)
         self.debug = Debug(self, st.debug)
         self.emulated = Emulated(self)
@@ -421,6 +425,8 @@ class Machine:
     # -- delivery --------------------------------------------------------------------------
     def deliver(self, ev: Event, why: str = "") -> None:
         """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
+        if self.vmx_exits.direct(ev):
+            return  # the exception bitmap made it a VM exit (cpu/vmx_exits.py)
         self.debug.before_delivery(ev)  # a #DB trap still owed is void (cpu/debug.py)
         st = self.regs.arch_state()
         cr2_before = st.cr2
@@ -437,19 +443,29 @@ class Machine:
         if st.cpl == 3:
             self.frames.user_mode()
         live = self.frames.snapshot()
+        hyper = self.vmx_exits
+        progress = DeliveryOutcome(delivery=None)
         try:
             with self.paging_snapshot():
-                out = deliver_event(self.sysmem, st, ev)
+                out = deliver_event(self.sysmem, st, ev, hyper.intercept_fn(), progress)
         except EptViolation as violation:
             # Never converted to #VE while delivering an event (SDM "EPT Violations"):
             # a VM exit with the event in the IDT-vectoring information.
-            self.vmx_host.ept_violation(violation, ev.insn_rip, violation.access, during=ev)
+            during = ev
+            if hyper.enabled:  # an indirect exit: the delivery's side effects happened
+                during = progress.vectoring or ev
+                self.intr.nmi_blocked = st.nmi_blocked
+                if st.cr2 != cr2_before:
+                    self.engine.write({"cr2": st.cr2})
+            self.vmx_host.ept_violation(violation, ev.insn_rip, violation.access, during=during)
             return
         except EptMisconfig as bad:
             self.vmx_host.ept_misconfig(bad, ev.insn_rip, during=ev)
             return
         e = self.engine
-        if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
+        exited = out.intercepted is not None or out.triple_fault
+        if (out.nested or exited) and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE) \
+                and hyper.state.injected is None:
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
             # fault while delivering them is a fault *on* the instruction (saved RIP = the
             # INT, which restarts after the handler): it did not retire.
@@ -461,6 +477,9 @@ class Machine:
             self.emit("delivery_fault", vector=nf.during.vector, name=nf.during.name,
                       fault=nf.fault.vector, fault_name=vector_name(nf.fault.vector),
                       error_code=nf.fault.error_code, action=nf.action.value, why=nf.fault.why)
+        if exited:
+            hyper.delivery_exit(ev, out)
+            return
         if out.delivery is None:
             last = out.nested[-1]
             assert last.action is Combine.SHUTDOWN

@@ -28,6 +28,7 @@ from cpu.platform import PlatformState
 from cpu.registers import RegisterState
 from cpu.stops import StopState
 from cpu.vmx import VmxState
+from cpu.vmx_exits import HyperState
 
 if TYPE_CHECKING:
     from cpu.multiboot import Boot
@@ -56,6 +57,7 @@ class MachineState:
     platform: PlatformState
     vmx: VmxState
     apf: ApfHostState
+    hyper: HyperState
     apic: LocalApic | None
     debug: DebugState = field(default_factory=DebugState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
