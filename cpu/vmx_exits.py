@@ -136,6 +136,7 @@ class HyperState:
     injected_event: Event | None = None
     iret_unblocked: bool = False  # the exception being delivered was raised by such an IRET
     owed: list[tuple[int, int, int]] = field(default_factory=list)  # host's queue
+    launch: tuple[int, int, int] | None = None  # the first entry's injection
     reentries: int = 0  # consecutive exits without a retired guest instruction
     last_icount: int = -1
 
@@ -271,6 +272,13 @@ class VmExits:
         if c is None:
             return False
         m = self.m
+        if self.state.launch is not None:
+            info, ec, length = self.state.launch
+            self.state.launch = None
+            rip = int(m.engine.read_reg("rip"))
+            self.enter(Inject(info, ec, length),
+                       ExitInfo(0, rip=rip, why="VMLAUNCH", interruptibility=0))
+            return True
         is_ = self.current_interruptibility(indirect=False)
         shadow = is_ & (IS_STI | IS_MOV_SS)
         rip = int(m.engine.read_reg("rip"))
@@ -357,7 +365,13 @@ class VmExits:
                        f"instruction retiring (last: {info.name}): the host loops", info.rip)
         self.enter(action, info)
 
+    def launch(self, inject: Inject) -> None:
+        """The VMLAUNCH that starts the guest injects `inject` (at the first boundary of
+        the next run)."""
+        self.state.launch = (inject.info, inject.error_code, inject.length)
+
     def enter(self, action: Resume | Inject | Halt, info: ExitInfo) -> None:
+        """The VM entry the host asked for after the exit `info` (or the launch)."""
         m = self.m
         if isinstance(action, Halt):
             raise Stop(Outcome.VMEXIT, f"{info.name}: host stops: {action.reason}", info.rip)

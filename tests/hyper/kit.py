@@ -25,7 +25,7 @@ from cpu.machine import Machine
 from cpu.outcomes import RunResult
 from cpu.vmx import VmxConfig
 from cpu.vmx_exits import VmxControls
-from cpu.vmx_host import Host, resolve_host
+from cpu.vmx_host import Halt, Host, resolve_host
 from idt.vmx_events import ExceptionBitmap
 from tests.delivery.rig import (
     CODE,
@@ -46,9 +46,27 @@ RSP0_PAGE = RSP0_TOP - 0x1000
 N = 0x8000_0000_0000_0000  # non-canonical: `mov rax, [N]` is #GP(0)
 IDT = 0x2000  # the machine's IDT (cpu/layout.py), linear = guest-physical
 
-__all__ = ["CODE", "DATA", "IDT", "IST1_TOP", "IST2_TOP", "KERNEL_STACK", "N", "RSP0_PAGE",
-           "RSP0_TOP", "STACK_PAGE", "USER_STACK", "build", "entries", "exits", "of_kind", "one",
-           "read_frame", "run", "unmapped"]
+__all__ = [
+    "CODE",
+    "DATA",
+    "IDT",
+    "IST1_TOP",
+    "IST2_TOP",
+    "KERNEL_STACK",
+    "RSP0_PAGE",
+    "RSP0_TOP",
+    "STACK_PAGE",
+    "USER_STACK",
+    "N",
+    "build",
+    "entries",
+    "exits",
+    "of_kind",
+    "one",
+    "read_frame",
+    "run",
+    "unmapped",
+]
 
 
 def unmapped(*pages: int) -> list[PageSpec]:
@@ -82,3 +100,23 @@ def exits(r: RunResult) -> list[dict[str, Any]]:
 
 def entries(r: RunResult) -> list[dict[str, Any]]:
     return of_kind(r.trace.records, "vmentry")
+
+
+class Script:
+    """A host that answers the exits with `answers` in order (an action, or a function
+    `(exit, vcpu) -> action`), then stops; `seen` keeps every exit it was given."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.seen: list[Any] = []
+
+    def __call__(self, exit_: Any, vcpu: Any) -> Any:
+
+        self.seen.append(exit_)
+        if not self.answers:
+            return Halt("script done")
+        a = self.answers.pop(0)
+        return a(exit_, vcpu) if callable(a) else a
+
+
+STOP = Halt("test host stops")
