@@ -78,11 +78,12 @@ def build(source: str, *, gates: Mapping[int, Mapping[str, Any]] | None = None,
           pages: Iterable[PageSpec] = (), controls: VmxControls | None = None,
           host: str | Host = "sdm", host_pages: Iterable[int] = (),
           l1: ExceptionBitmap | None = None, tss: Mapping[str, int] | None = None,
-          known: Mapping[str, int] | None = None) -> tuple[Machine, dict[str, int]]:
+          known: Mapping[str, int] | None = None, vmx: VmxConfig | None = None
+          ) -> tuple[Machine, dict[str, int]]:
     """A fresh VMX guest with `source` at CODE under `host` ("sdm", "kvm-pre-6.1" or a
-    callable) with the event controls `controls`."""
+    callable) with the event controls `controls` (`vmx`: the #VE controls)."""
     m, sym = rig_build(source, gates=gates, pages=pages, tss=tss, known=known,
-                       vmx=VmxConfig())
+                       vmx=vmx or VmxConfig())
     h = resolve_host(host, l1_exception_bitmap=l1) if isinstance(host, str) else host
     m.vmx_exits.enable(controls or VmxControls(), h, host_pages=frozenset(host_pages))
     return m, sym
@@ -92,6 +93,19 @@ def run(m: Machine, *, cpl: int = 0, rsp: int | None = None, max_insns: int = 10
         ) -> RunResult:
     return m.run(entry=CODE, rsp=rsp if rsp is not None else
                  (USER_STACK if cpl == 3 else KERNEL_STACK), cpl=cpl, max_insns=max_insns)
+
+
+def ept_none(m: Machine, page: int) -> None:
+    """The host removes the EPT entry of `page` (not present, suppress-#VE clear)."""
+    assert m.ept is not None
+    m.ept.set_range(page & ~0xFFF, 0x1000, read=False, write=False, execute=False,
+                    suppress_ve=False)
+
+
+def ept_read_only(m: Machine, page: int) -> None:
+    assert m.ept is not None
+    m.ept.set_range(page & ~0xFFF, 0x1000, read=True, write=False, execute=False,
+                    suppress_ve=False)
 
 
 def exits(r: RunResult) -> list[dict[str, Any]]:
