@@ -136,7 +136,7 @@ class HyperState:
     injected_event: Event | None = None
     iret_unblocked: bool = False  # the exception being delivered was raised by such an IRET
     owed: list[tuple[int, int, int]] = field(default_factory=list)  # host's queue
-    launch: tuple[int, int, int] | None = None  # the first entry's injection
+    launch: Inject | Resume | None = None  # the first entry (VMLAUNCH)
     reentries: int = 0  # consecutive exits without a retired guest instruction
     last_icount: int = -1
 
@@ -273,11 +273,9 @@ class VmExits:
             return False
         m = self.m
         if self.state.launch is not None:
-            info, ec, length = self.state.launch
-            self.state.launch = None
+            entry, self.state.launch = self.state.launch, None
             rip = int(m.engine.read_reg("rip"))
-            self.enter(Inject(info, ec, length),
-                       ExitInfo(0, rip=rip, why="VMLAUNCH", interruptibility=0))
+            self.enter(entry, ExitInfo(0, rip=rip, why="VMLAUNCH"))
             return True
         is_ = self.current_interruptibility(indirect=False)
         shadow = is_ & (IS_STI | IS_MOV_SS)
@@ -365,10 +363,10 @@ class VmExits:
                        f"instruction retiring (last: {info.name}): the host loops", info.rip)
         self.enter(action, info)
 
-    def launch(self, inject: Inject) -> None:
-        """The VMLAUNCH that starts the guest injects `inject` (at the first boundary of
-        the next run)."""
-        self.state.launch = (inject.info, inject.error_code, inject.length)
+    def launch(self, entry: Inject | Resume) -> None:
+        """The VMLAUNCH that starts the guest (at the first boundary of the next run):
+        an injection, or a plain entry with an interruptibility state."""
+        self.state.launch = entry
 
     def enter(self, action: Resume | Inject | Halt, info: ExitInfo) -> None:
         """The VM entry the host asked for after the exit `info` (or the launch)."""
