@@ -223,8 +223,7 @@ class Vcpu:
                     decoded={"interruption": EventInfo.decode(info).text(),
                              "idt_vectoring": EventInfo.decode(idtv).text()},
                     why=why)
-        return Halt(f"exit to the inner hypervisor (L1): {EventInfo.decode(info).text()}, "
-                    f"IDT-vectoring {EventInfo.decode(idtv).text()}")
+        return Halt("exit to the inner hypervisor (L1)")
 
 
 class SdmHost:
