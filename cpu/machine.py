@@ -346,13 +346,15 @@ class Machine:
         self.engine.remember_fills(False)
 
     def enable_apf(self, *, policy: ApfPolicy = "kvm", layout: str = "2020",
-                   on_fail: str = "retry") -> AsyncPf:
+                   on_fail: str = "retry", error_policy: str | None = None) -> AsyncPf:
         """Model a KVM host with paravirtual async page faults (cpu/apf_host.py).
         Swapped-out pages (`swap_out`) are EPT-not-present with suppress-#VE set, so a
         guest access to one is a VM exit that the host answers by `policy`: inject a
         page-not-present #PF or stall the vCPU until the page is in. `on_fail`: "retry",
-        "stop" or "inject-pf", when a page-in fails."""
-        return self.apf_host.enable(policy=policy, layout=layout, on_fail=on_fail)
+        "stop" or "inject-pf", when a page-in fails; `error_policy` (cpu/apf_host.py)
+        replaces it with the 2020 thread's designs."""
+        return self.apf_host.enable(policy=policy, layout=layout, on_fail=on_fail,
+                                    error_policy=error_policy)
 
     def swap_out(self, gpa: int, size: int = 4096, *, latency: int = 5000,
                  fail: bool = False) -> None:
