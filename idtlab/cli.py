@@ -45,6 +45,7 @@ DEMOS = {
 SIDE_BY_SIDE = {
     "ve-rearm-race": ("ve/ve_rearm_race_clear_then_iret.toml", "ve/ve_rearm_race_deferred.toml"),
     "nested-nmi-both": ("nested_nmi_naive.toml", "nested_nmi_safe.toml"),
+    "apf-error-gfn": ("apf/apf_error_gfn_loop.toml", "apf/apf_error_spte_tag.toml"),
     "nested-injection": ("hyper/nested_injection_sdm.toml",
                          "hyper/nested_injection_kvm_pre61.toml"),
 }

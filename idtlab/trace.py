@@ -509,6 +509,19 @@ def _hyper_exit(r: Record, sym: Symbolizer) -> str:
     return " ".join(parts) + f" -> host: {r.get('action', '?')}"
 
 
+@renders("apf_error_recorded")
+def _apf_error_recorded(r: Record, sym: Symbolizer) -> str:
+    gone = f", evicts {r['evicted']:#x}" if r.get("evicted") is not None else ""
+    held = ", ".join(f"{g:#x}" for g in r["remembered"])
+    return f"host ({r['policy']}) remembers failed GPA {r['gpa']:#x}: [{held}]{gone}"
+
+
+@renders("apf_error_exit")
+def _apf_error_exit(r: Record, sym: Symbolizer) -> str:
+    return (f"host ({r['policy']}): GPA {r['gpa']:#x} failed to page in: exit to user space "
+            f"at {sym(r['rip'])}")
+
+
 @renders("vmentry")
 def _vmentry(r: Record, sym: Symbolizer) -> str:
     if r["injected"] is None:
