@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from cpu.events import AsyncPf
 from cpu.apf_host import EPT_APF_ERROR_TAG, parse_error_policy
-from tests.apf.kit import AREA, DATA, ENABLE, KERNEL_STACK, PAGE, PROBE, build, of_kind, one
+from cpu.events import AsyncPf
+from tests.apf.kit import DATA, ENABLE, KERNEL_STACK, PAGE, PROBE, build, of_kind, one
 from tests.delivery.rig import gate
 
 A, B, C = PROBE, PROBE + PAGE, PROBE + 2 * PAGE
@@ -95,7 +95,7 @@ def injected(r: Any, page: int) -> int:
 
 
 def test_with_no_memory_of_errors_the_guest_loops_on_the_async_path() -> None:
-    m, sym, r = run_policy("none", [A])
+    m, _sym, r = run_policy("none", [A])
     assert r.outcome == "max_insns"
     assert injected(r, A) >= 5
     assert of_kind(r.trace.records, "apf_error_exit") == []
@@ -103,7 +103,7 @@ def test_with_no_memory_of_errors_the_guest_loops_on_the_async_path() -> None:
 
 
 def test_a_single_error_gfn_catches_one_failing_page_on_its_next_fault() -> None:
-    m, sym, r = run_policy("error-gfn", [A])
+    _m, sym, r = run_policy("error-gfn", [A])
     assert r.outcome == "vmexit"
     x = one(r.trace.records, "apf_error_exit")
     assert (x["gpa"], x["rip"]) == (A, sym["touch_0"])  # the faulting access, intact
@@ -112,7 +112,7 @@ def test_a_single_error_gfn_catches_one_failing_page_on_its_next_fault() -> None
 
 
 def test_a_single_error_gfn_loops_when_two_failing_pages_are_touched_in_turn() -> None:
-    m, sym, r = run_policy("error-gfn", [A, B])
+    _m, _sym, r = run_policy("error-gfn", [A, B])
     assert r.outcome == "max_insns"
     remembered = [e["remembered"] for e in of_kind(r.trace.records, "apf_error_recorded")]
     assert remembered[:4] == [[A], [B], [A], [B]]
@@ -120,14 +120,14 @@ def test_a_single_error_gfn_loops_when_two_failing_pages_are_touched_in_turn() -
 
 
 def test_a_two_entry_cache_catches_two_failing_pages() -> None:
-    m, sym, r = run_policy("error-cache:2", [A, B])
+    _m, sym, r = run_policy("error-cache:2", [A, B])
     assert r.outcome == "vmexit"
     assert one(r.trace.records, "apf_error_exit")["rip"] == sym["touch_0"]
     assert (injected(r, A), injected(r, B)) == (1, 1)
 
 
 def test_a_two_entry_cache_overflows_with_three_pages_and_the_loop_comes_back() -> None:
-    m, sym, r = run_policy("error-cache:2", [A, B, C])
+    _m, _sym, r = run_policy("error-cache:2", [A, B, C])
     assert r.outcome == "max_insns"
     recs = of_kind(r.trace.records, "apf_error_recorded")
     assert [(e["remembered"], e["evicted"]) for e in recs[:4]] == [
@@ -147,7 +147,7 @@ def test_an_spte_tag_never_overflows() -> None:
 
 
 def test_exit_to_user_at_the_failure_loses_the_faulting_context() -> None:
-    m, sym, r = run_policy("exit-to-user", [A])
+    _m, sym, r = run_policy("exit-to-user", [A])
     assert r.outcome == "vmexit"
     x = one(r.trace.records, "apf_error_exit")
     assert x["gpa"] == A and x["rip"] != sym["touch_0"]  # the guest is elsewhere (sleeping)

@@ -16,7 +16,6 @@ from tests.delivery.rig import DATA, IST1_TOP, PROBE, gate
 from tests.hyper.kit import (
     IDT,
     KERNEL_STACK,
-    STOP,
     Script,
     build,
     entries,
@@ -82,7 +81,7 @@ after_gp:
 def test_s12a_reinjecting_a_virtual_nmi_without_clearing_blocking_fails_the_entry() -> None:
     host = Script(lambda e, v: (v.fix_ept(e.gpa), Inject(0x80000202,
                                                           interruptibility=e.interruptibility))[1])
-    m, sym = build(NMI_GUEST, gates={2: {"handler": "nmi", "ist": 1}}, controls=VNMI, host=host)
+    m, _sym = build(NMI_GUEST, gates={2: {"handler": "nmi", "ist": 1}}, controls=VNMI, host=host)
     ept_read_only(m, IST1_TOP - 0x1000)
     m.vmx_exits.launch(Inject(0x80000202))
     r = run(m)
@@ -112,7 +111,7 @@ def test_s12b_cleared_blocking_reinjects_and_the_nmi_window_opens_after_the_gues
     ept_read_only(m, IST1_TOP - 0x1000)
     m.vmx_exits.launch(Inject(0x80000202))
     r = run(m)
-    ept, gp, window = exits(r)
+    _ept, gp, window = exits(r)
     assert entries(r)[1]["injected"] == 0x80000202
     assert (gp["interruption_info"], gp["interruptibility"] & 0x8) == (0x80000B0D, 0x8)
     assert (window["exit_reason"], window["rip"], window["interruptibility"]) == (
@@ -201,7 +200,7 @@ def test_s14b_the_sdm_host_reflects_it_without_bit_12_and_with_cr2() -> None:
 
 def test_s14c_copying_the_interruption_info_verbatim_is_vmfailvalid_7() -> None:
     host = Script(lambda e, v: Inject(e.interruption_info, e.interruption_error_code))
-    m, sym = iret_machine(host=host, pages=unmapped(PROBE),
+    m, _sym = iret_machine(host=host, pages=unmapped(PROBE),
                           controls=VmxControls(exception_bitmap=1 << 14))
     r = run(m)
     e = one(r.trace.records, "vmentry")
@@ -302,7 +301,7 @@ def test_s16d_resuming_without_injection_reexecutes_the_int() -> None:
 
 def test_s16_reinjecting_a_software_interrupt_with_length_0_is_vmfailvalid() -> None:
     host = Script(lambda e, v: (v.fix_ept(e.gpa), Inject(e.idt_vectoring_info, 0, 0))[1])
-    m, sym = build(soft_guest("int 0x21"), gates={0x21: gate("h")}, host=host)
+    m, _sym = build(soft_guest("int 0x21"), gates={0x21: gate("h")}, host=host)
     ept_none(m, IDT)
     r = run(m)
     assert one(r.trace.records, "vmentry")["vm_instruction_error"] == 7

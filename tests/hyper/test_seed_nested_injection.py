@@ -18,8 +18,8 @@ from idtlab.cli import main
 from tests.delivery.rig import IST2_TOP, gate, handler_rsp
 from tests.hyper.kit import (
     IDT,
-    N,
     RSP0_PAGE,
+    N,
     build,
     entries,
     exits,
@@ -67,7 +67,7 @@ def test_s20a_a_page_the_outer_host_owns_is_fixed_and_the_gp_reinjected_l1_never
 
 
 def test_s20b_the_sdm_host_exits_to_l1_with_the_pf_and_the_gp_in_idt_vectoring() -> None:
-    m, sym = gp_machine("sdm", l1=ExceptionBitmap(1 << 14))
+    m, _sym = gp_machine("sdm", l1=ExceptionBitmap(1 << 14))
     r = run(m)
     n = one(r.trace.records, "nested_vmexit")
     assert (n["exit_reason"], n["interruption_info"], n["interruption_error_code"],
@@ -78,7 +78,7 @@ def test_s20b_the_sdm_host_exits_to_l1_with_the_pf_and_the_gp_in_idt_vectoring()
 
 
 def test_s20b_before_6_1_the_exit_to_l1_lost_the_gp() -> None:
-    m, sym = gp_machine("kvm-pre-6.1", l1=ExceptionBitmap(1 << 14))
+    m, _sym = gp_machine("kvm-pre-6.1", l1=ExceptionBitmap(1 << 14))
     r = run(m)
     n = one(r.trace.records, "nested_vmexit")
     assert (n["interruption_info"], n["idt_vectoring_info"]) == (0x80000B0E, 0)
@@ -86,7 +86,7 @@ def test_s20b_before_6_1_the_exit_to_l1_lost_the_gp() -> None:
 
 @pytest.mark.parametrize("host", ["sdm", "kvm-pre-6.1"])
 def test_s20c_when_l1_does_not_intercept_the_pf_is_injected_into_l2_with_cr2(host: str) -> None:
-    m, sym = build(GP_GUEST, gates={13: gate("gp"), 14: gate("pf", ist=1), 8: gate("df", ist=2)},
+    m, _sym = build(GP_GUEST, gates={13: gate("gp"), 14: gate("pf", ist=1), 8: gate("df", ist=2)},
                    pages=unmapped(0x6F000),
                    controls=ALL_PF, host=host, l1=ExceptionBitmap(0), known={"N": N})
     r = run(m)
@@ -144,7 +144,7 @@ L1_SUPERVISOR_PF = ExceptionBitmap(1 << 14, pfec_mask=0x4, pfec_match=0)
 
 
 def test_df_routing_sdm_the_pf_during_pf_goes_to_l1_with_the_first_pf_vectoring() -> None:
-    m, sym = pf_pf("sdm", L1_SUPERVISOR_PF)
+    m, _sym = pf_pf("sdm", L1_SUPERVISOR_PF)
     r = run(m, cpl=3)
     reflect, second = exits(r)
     assert (reflect["interruption_info"], reflect["interruption_error_code"],
@@ -158,7 +158,7 @@ def test_df_routing_sdm_the_pf_during_pf_goes_to_l1_with_the_first_pf_vectoring(
 
 
 def test_df_routing_kvm_pre_6_1_delivers_a_spurious_df_in_l2() -> None:
-    m, sym = pf_pf("kvm-pre-6.1", L1_SUPERVISOR_PF)
+    m, _sym = pf_pf("kvm-pre-6.1", L1_SUPERVISOR_PF)
     r = run(m, cpl=3)
     assert [e["injected"] for e in entries(r)] == [0x80000B0E, 0x80000B08]
     assert of_kind(r.trace.records, "nested_vmexit") == []
@@ -169,7 +169,7 @@ def test_df_routing_kvm_pre_6_1_delivers_a_spurious_df_in_l2() -> None:
 
 def test_df_routing_kvm_pre_6_1_with_l1_intercepting_df_exits_to_l1_as_df_without_vectoring(
         ) -> None:
-    m, sym = pf_pf("kvm-pre-6.1", ExceptionBitmap((1 << 14) | (1 << 8), 0x4, 0))
+    m, _sym = pf_pf("kvm-pre-6.1", ExceptionBitmap((1 << 14) | (1 << 8), 0x4, 0))
     r = run(m, cpl=3)
     n = one(r.trace.records, "nested_vmexit")
     assert (n["interruption_info"], n["interruption_error_code"], n["qualification"],

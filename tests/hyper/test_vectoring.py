@@ -13,9 +13,9 @@ from cpu.vmx_host import Inject, Resume
 from tests.delivery.rig import IST1_TOP, IST2_TOP, PROBE, USER_CS, gate, handler_rsp
 from tests.hyper.kit import (
     KERNEL_STACK,
-    N,
     RSP0_PAGE,
     STACK_PAGE,
+    N,
     Script,
     build,
     exits,

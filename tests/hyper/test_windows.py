@@ -109,7 +109,7 @@ INTR_WINDOW = VmxControls(interrupt_window_exiting=True)
 
 
 def test_s18_the_interrupt_window_exits_at_once_with_if_set() -> None:
-    m, sym = build(GUEST, host=lambda e, v: STOP, controls=INTR_WINDOW)
+    m, _sym = build(GUEST, host=lambda e, v: STOP, controls=INTR_WINDOW)
     r = run(m)
     assert (one(r.trace.records, "vmexit")["exit_reason"], r.icount) == (7, 0)
 
