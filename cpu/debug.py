@@ -291,6 +291,8 @@ class Debug:
     def trap_now(self, *, hits: int = 0, bs: bool = False, why: str = "single-step") -> None:
         """Deliver a trap-class #DB at the current boundary (RIP = the next instruction)."""
         m = self.m
+        if m.vmx_exits.db_trap(hits=hits, bs=bs):
+            return  # a #DB the exception bitmap claims: DR6 untouched (cpu/vmx_exits.py)
         regs = self.registers()
         regs.commit(hits, bs=bs)
         self.store(regs)

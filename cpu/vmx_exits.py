@@ -87,6 +87,8 @@ if TYPE_CHECKING:
     from cpu.machine import Machine
 
 MAX_REENTRIES = 64
+PENDING_BS = 1 << 14  # pending debug exceptions / #DB exit qualification: single step
+PENDING_ENABLED_BP = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,23 @@ class VmExits:
                            interruptibility=self.current_interruptibility(indirect=False),
                            instruction_length=length, rip=ev.insn_rip,
                            why=f"exception bitmap bit {ev.vector}"))
+        return True
+
+    def db_trap(self, *, hits: int, bs: bool) -> bool:
+        """A trap-class #DB is about to be delivered (cpu/debug.py): if the bitmap claims
+        vector 1 it exits directly, DR6 untouched, its DR6-style bits (B0-B3, BS) in the
+        exit qualification (SDM Vol. 3C "Architectural State Before a VM Exit"; KUT
+        `vmx_db_test`)."""
+        c = self.state.controls
+        if c is None or self.state.injected is not None or not c.bitmap.exits(Vector.DB, None):
+            return False
+        rip = int(self.m.engine.read_reg("rip"))
+        self.exit(ExitInfo(int(ExitReason.EXCEPTION_OR_NMI),
+                           qualification=(hits & 0xF) | (PENDING_BS if bs else 0),
+                           interruption_info=EventInfo(Vector.DB,
+                                                       EventType.HARDWARE_EXCEPTION).raw,
+                           interruptibility=self.current_interruptibility(indirect=False),
+                           rip=rip, why="exception bitmap bit 1 (#DB trap)"))
         return True
 
     def _bit12_defined(self) -> bool:
@@ -377,6 +396,14 @@ class VmExits:
             self._set_interruptibility(action.interruptibility)
         if isinstance(action, Resume):
             m.emit("vmentry", injected=None)
+            pd = action.pending_debug
+            if pd & (0xF | PENDING_ENABLED_BP | PENDING_BS) and not (
+                    self.current_interruptibility(indirect=False) & IS_MOV_SS):
+                # SDM Vol. 3C "Delivery of Pending Debug Exceptions after VM Entry": a
+                # non-vectoring entry delivers them first, as a trap on the previous
+                # instruction (above NMIs, interrupts and both window exits).
+                m.debug.trap_now(hits=pd & 0xF, bs=bool(pd & PENDING_BS),
+                                 why="pending debug exceptions (VM entry)")
             return
         c = self.state.controls
         assert c is not None

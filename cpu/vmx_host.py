@@ -10,8 +10,9 @@ entries, guest page-table entries it owns (a stand-in for shadow pages it has no
 built yet), the interruptibility state, the window-exiting controls, and a queue of
 events it owes the guest. The action is one of:
 
-    Resume(interruptibility=None)      VM entry with nothing injected: the guest
-                                       re-executes from the saved RIP
+    Resume(interruptibility=None,      VM entry with nothing injected: the guest
+           pending_debug=0)            re-executes from the saved RIP (a pending #DB
+                                       first, if the field says so)
     Inject(info, error_code, length,   VM entry injecting the event `info` (the VM-entry
            cr2=None, interruptibility) interruption-information field); `cr2` is written
                                        first (a reflected #PF: the direct exit did not)
@@ -89,9 +90,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Resume:
     """VM entry without injection; `interruptibility` (if given) is written to the guest
-    interruptibility-state field first."""
+    interruptibility-state field first; `pending_debug` is the pending-debug-exceptions
+    field (B0-B3 in bits 3:0, enabled breakpoint 12, BS 14)."""
 
     interruptibility: int | None = None
+    pending_debug: int = 0
 
 
 @dataclass(frozen=True)

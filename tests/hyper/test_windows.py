@@ -135,3 +135,28 @@ def test_s18_with_if_clear_the_interrupt_window_opens_after_the_first_stis_shado
     x = one(r.trace.records, "vmexit")
     assert (x["exit_reason"], x["rip"], r.icount) == (7, sym["after"], 2)
     assert len(exits(r)) == 1
+
+
+def test_s18_pending_debug_exceptions_at_a_non_vectoring_entry_come_before_the_nmi_window(
+        ) -> None:
+    m, sym = build(GUEST, gates={1: gate("h")}, host=lambda e, v: STOP, controls=NMI_WINDOW)
+    m.vmx_exits.launch(Resume(pending_debug=1 << 14))
+    r = run(m)
+    d = one(r.trace.records, "deliver")
+    assert (d["vector"], d["rip"]) == (1, sym["start"])
+    x = one(r.trace.records, "vmexit")
+    assert (x["exit_reason"], x["rip"]) == (8, sym["h"])
+    assert m.engine.read_reg("dr6") & (1 << 14)  # BS
+
+
+def test_s18_a_pending_single_step_the_bitmap_claims_exits_with_bs_in_the_qualification(
+        ) -> None:
+    m, sym = build(GUEST, gates={1: gate("h")}, host=lambda e, v: STOP,
+                   controls=VmxControls(exception_bitmap=1 << 1, interrupt_window_exiting=True))
+    m.vmx_exits.launch(Resume(pending_debug=1 << 14))
+    r = run(m)
+    x = one(r.trace.records, "vmexit")
+    assert (x["exit_reason"], x["interruption_info"], x["qualification"], x["rip"]) == (
+        0, 0x80000301, 0x4000, sym["start"])
+    assert m.engine.read_reg("dr6") == 0xFFFF0FF0  # untouched: the bits are in the qualification
+    assert of_kind(r.trace.records, "deliver") == []
