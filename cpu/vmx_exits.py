@@ -180,15 +180,18 @@ class VmExits:
 
     def note_iret_fault(self, unblocked: bool) -> None:
         """An IRET that had unblocked NMIs faulted: the exception it raises reports it."""
-        self.state.iret_unblocked = unblocked
+        if self.state.controls is not None:
+            self.state.iret_unblocked = unblocked
 
     def direct(self, ev: Event) -> bool:
         """At the start of a delivery: does `ev` itself exit (the exception bitmap)? Then
         make the exit and return True. Injected events are never checked."""
         st = self.state
-        unblocked, st.iret_unblocked = st.iret_unblocked, False
         c = st.controls
-        if c is None or st.injected is not None or not c.bitmap.event_exits(ev):
+        if c is None:
+            return False  # no hypervisor model: the common path costs one test
+        unblocked, st.iret_unblocked = st.iret_unblocked, False
+        if st.injected is not None or not c.bitmap.event_exits(ev):
             return False
         m = self.m
         t = event_type(ev)
