@@ -63,7 +63,7 @@ def run(m: Machine) -> None:
     e64 = m.engine
     # Per-instruction counting in both modes (the phase is short): a stop requested by a
     # port write (an exit port) then lands exactly after the OUT.
-    e32 = Engine(m.phys, bits=32)
+    e32 = Engine(m.phys, bits=32, windows=e64.windows)
     e32.set_cost_mode(timed=False, default_cost=m.profile.cycles_per_instruction)
     e32.counter.count = e64.counter.count
     e32.counter.cycles = e64.counter.cycles
