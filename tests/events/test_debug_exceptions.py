@@ -252,6 +252,37 @@ sel:
     assert ran.frames.seen[0][0]["icount"] == 6  # lea, mov dr0, mov eax, mov dr7, MOV SS, nop
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_instruction_breakpoint_right_after_mov_ss_is_not_reported_and_is_gone(mode: str) -> None:
+    # Intel (the declared vendor): the breakpoint on `target` is inhibited by the MOV-SS
+    # shadow; `target` runs; nothing is owed after it (kvm-unit-tests x86/emulator.c
+    # test_mov_pop_ss_code_db).
+    ran = run(arm(0, "target", 0x2) + """
+    mov ss, word ptr [rip + sel]
+target:
+    mov r9, 7
+    hlt
+sel:
+    .word 0x10""", mode=mode)
+    assert ran.frames.seen == []
+    assert ran.r.rip == ran.sym["target"] + 7 + 1 and ran.r.icount == 7
+    assert ran.m.engine.read_reg("r9") == 7
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_instruction_breakpoint_two_instructions_after_mov_ss_is_reported(mode: str) -> None:
+    ran = run(arm(0, "target", 0x2) + """
+    mov ss, word ptr [rip + sel]
+    nop
+target:
+    mov r9, 7
+    hlt
+sel:
+    .word 0x10""", mode=mode)
+    db_at(ran, ran.sym["target"])
+    assert ran.drs[0][0] == DR6_INIT | 0x1
+
+
 # -- I/O breakpoints ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("cr4_de", "hit"), [(True, True), (False, False)])
