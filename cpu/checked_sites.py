@@ -137,6 +137,36 @@ class CheckedSites:
             return self._gp(address, 0, f"{insn.mnemonic.upper()}: {fault}")
         return False
 
+    def mov_ss(self, address: int) -> bool:
+        """MOV SS of a null selector in 64-bit mode: allowed only at CPL < 3 with RPL =
+        CPL, #GP(0) otherwise (SDM Vol. 2 "MOV—Move", 64-bit mode: "IF segment selector
+        is NULL and (CPL = 3 or RPL ≠ CPL) THEN #GP(0)"). QEMU 7.2 TCG, like the engine,
+        checks only the CPL (`load_seg`); kvm-unit-tests x86/emulator64.c test_sreg
+        loads selector 3 at CPL 0. A non-null selector is the engine's to check (RPL ≠
+        CPL, DPL ≠ CPL: #GP(selector))."""
+        m = self.m
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        if code is None or insn is None:
+            return False
+        length, ops = memory_operands(code, address)
+        if ops:
+            ea = self.effective_address(ops[0], address, length)
+            raw = self.read_operand(ea, 2) if ea is not None else None
+            if raw is None:
+                return False  # the access faults: the engine's
+            selector = int.from_bytes(raw, "little")
+        else:
+            source = insn.op_str.partition(",")[2].strip()
+            if source not in GPR_SLOTS:
+                return False
+            selector = self.gpr(source) & 0xFFFF
+        cpl = m.regs.state.cpl
+        if selector & ~3 == 0 and cpl < 3 and selector & 3 != cpl:
+            return self._gp(address, 0, f"MOV SS of null selector {selector:#x} with RPL "
+                            f"{selector & 3} at CPL{cpl}")
+        return False
+
     def table_load(self, address: int) -> bool:
         """LGDT/LIDT (the base in the operand), LLDT/LTR (the base in the descriptor)."""
         m = self.m

@@ -73,7 +73,8 @@ class Stops:
             SiteKind.IRET: lambda a: self._defer(lambda: m.emulated.iret(a)),
             SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
             SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
-            SiteKind.MOV_SS: lambda a: m.boundary.open_shadow(a, SiteKind.MOV_SS),
+            SiteKind.MOV_SS: lambda a: (m.checked.mov_ss(a)
+                                        or m.boundary.open_shadow(a, SiteKind.MOV_SS)),
             SiteKind.OUT: lambda a: self.io_site(a) or m.platform.exit_write(a),
             SiteKind.IN: self.io_site,
             SiteKind.MOV_DR: lambda a: self._defer(lambda: m.debug.mov_dr(a)),
