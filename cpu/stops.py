@@ -30,6 +30,7 @@ from cpu.decode import (
     access_ranges,
     branch_target,
     decode,
+    invalid_encoding,
     faulting_segment,
     memory_operands,
     state_before_branch,
@@ -93,6 +94,7 @@ class Stops:
             SiteKind.SYSENTER: lambda a: self._defer(lambda: m.emulated.sysenter(a)),
             SiteKind.SYSEXIT: lambda a: self._defer(lambda: m.emulated.sysexit(a)),
             SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
+            SiteKind.INVALID_UD: lambda a: self._defer(lambda: self.invalid_ud(a)),
         }
 
     def io_site(self, address: int) -> bool:
@@ -423,6 +425,16 @@ class Stops:
         m.engine.uncount()
         m.deliver(Event.exception(Vector.UD, address), why="LOCK prefix on an instruction "
                   "that cannot be locked")
+
+    def invalid_ud(self, address: int) -> None:
+        """An encoding the SDM makes #UD and the engine would run (cpu/decode.py
+        `invalid_encoding`): a fault on the instruction."""
+        m = self.m
+        m.engine.uncount()
+        code = m.code_bytes(address, 15)
+        found = invalid_encoding(code) if code is not None else None
+        m.deliver(Event.exception(Vector.UD, address),
+                  why=found[1] if found is not None else "invalid encoding")
 
     def native_stop(self) -> None:
         """The engine stopped without a hook: a HLT in code that was never decoded."""
