@@ -30,8 +30,8 @@ from cpu.decode import (
     access_ranges,
     branch_target,
     decode,
-    invalid_encoding,
     faulting_segment,
+    invalid_encoding,
     memory_operands,
     state_before_branch,
 )
