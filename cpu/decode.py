@@ -76,6 +76,7 @@ class SiteKind(StrEnum):
     SYSEXIT = "sysexit"
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
     INVALID_UD = "invalid_ud"  # an encoding the SDM makes #UD and the engine runs anyway
+    SSE_ALIGN = "sse_align"  # checked, then native: a 16/32-byte operand that must be aligned
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
 
 
@@ -112,6 +113,31 @@ UNDECLARED_INSNS = {"rdrand": "CPUID.01H:ECX.RDRAND", "rdseed": "CPUID.(EAX=07H,
                     "rdpid": "CPUID.(EAX=07H,ECX=0):ECX.RDPID",
                     "invpcid": "CPUID.(EAX=07H,ECX=0):EBX.INVPCID"}
 SITE_KINDS.update(dict.fromkeys(UNDECLARED_INSNS, SiteKind.UNDECLARED))
+
+
+# SSE alignment (SDM Vol. 1 "Data Alignment for 128-Bit Data": a legacy SSE instruction's
+# 128-bit memory operand must be 16-byte aligned, #GP(0) otherwise, except these; VEX
+# forms need no alignment except the explicitly aligned moves). The engine (QEMU 5
+# under Unicorn) checks none of them; `aligned_operand` says which the machine checks.
+UNALIGNED_SSE = frozenset({"movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm",
+                           "pcmpistri", "pcmpistrm"})
+ALIGNED_VEX = frozenset({"vmovaps", "vmovapd", "vmovdqa", "vmovntps", "vmovntpd", "vmovntdq",
+                         "vmovntdqa"})
+
+
+def aligned_operand(insn: Insn) -> int | None:
+    """The alignment (16 or 32) the memory operand of `insn` must have, or None."""
+    op = insn.op_str
+    if "xmmword ptr" in op:
+        size = 16
+    elif "ymmword ptr" in op:
+        size = 32
+    else:
+        return None
+    name = insn.mnemonic
+    if name.startswith("v"):
+        return size if name in ALIGNED_VEX else None
+    return size if name not in UNALIGNED_SSE else None
 
 
 ILLEGAL_LOCK = "(lock)"  # the mnemonic `decode_loaded` gives an illegal LOCK form
@@ -199,6 +225,8 @@ def site_kind(insn: Insn) -> SiteKind | None:
         kind = SiteKind.OUT  # OUT, OUTSB/OUTSW/OUTSD
     if kind is None and insn.mnemonic in ("in", "insb", "insw", "insd"):
         kind = SiteKind.IN
+    if kind is None and aligned_operand(insn) is not None:
+        kind = SiteKind.SSE_ALIGN
     return kind
 
 

@@ -89,6 +89,7 @@ class Stops:
             SiteKind.TABLE_LOAD: m.checked.table_load,
             SiteKind.BASE_WRITE: m.checked.base_write,
             SiteKind.UMIP: m.checked.umip,
+            SiteKind.SSE_ALIGN: m.checked.sse_align,
             SiteKind.SYSCALL: lambda a: self._defer(lambda: m.emulated.syscall(a)),
             SiteKind.SYSRET: lambda a: self._defer(lambda: m.emulated.sysret(a)),
             SiteKind.SYSENTER: lambda a: self._defer(lambda: m.emulated.sysenter(a)),
