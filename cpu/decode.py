@@ -150,9 +150,8 @@ def invalid_encoding(code: bytes) -> tuple[int, str] | None:
     register operand (0F 38 F0/F1 with ModRM.mod = 11; SDM Vol. 2 MOVBE lists only
     memory forms; kvm-unit-tests x86/emulator.c test_illegal_movbe). With an F2 prefix
     the same opcode is CRC32, whose register form is valid."""
-    prefixes, at = _prefixes(code)
-    if at < len(code) and 0x40 <= code[at] <= 0x4F:
-        at += 1  # REX
+    prefixes, _ = _prefixes(code)
+    at = opcode_offset(code)
     if 0xF2 in prefixes or code[at:at + 3] not in (b"\x0f\x38\xf0", b"\x0f\x38\xf1"):
         return None
     if len(code) <= at + 3 or code[at + 3] >> 6 != 3:
@@ -411,6 +410,15 @@ def _prefixes(code: bytes) -> tuple[bytes, int]:
     while i < len(code) and i < 14 and code[i] in _LEGACY_PREFIXES:
         i += 1
     return code[:i], i
+
+
+def opcode_offset(code: bytes) -> int:
+    """Where the opcode of the instruction at the start of `code` is: after its legacy
+    prefixes and a REX prefix."""
+    _, at = _prefixes(code)
+    if at < len(code) and 0x40 <= code[at] <= 0x4F:
+        at += 1
+    return at
 
 
 def _one(code: bytes, address: int) -> capstone.CsInsn | None:

@@ -33,6 +33,7 @@ from cpu.decode import (
     faulting_segment,
     invalid_encoding,
     memory_operands,
+    opcode_offset,
     state_before_branch,
 )
 from cpu.engine import GPRS
@@ -403,10 +404,13 @@ class Stops:
         m.regs.state.stale_exception = True
         rip = m.engine.read_reg("rip")
         m.engine.uncount()
-        if self.byte_at(rip) == 0xF1:
-            # INT1/ICEBP: a trap through vector 1 with no gate-DPL check (EXT=1, Bochs).
+        code = m.code_bytes(rip, min(15, 0x1000 - (rip & 0xFFF)))  # this page's part
+        at = opcode_offset(code) if code is not None else 0
+        if code is not None and at < len(code) and code[at] == 0xF1:
+            # INT1/ICEBP, prefixes ignored (kvm-unit-tests x86/debug.c runs `cs cs int1`):
+            # a trap through vector 1 with no gate-DPL check (EXT=1, Bochs).
             m.engine.recount()
-            m.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + 1, rip), why="INT1")
+            m.deliver(Event(Vector.DB, Source.PRIV_SOFTWARE, rip + at + 1, rip), why="INT1")
         else:
             m.deliver(Event.exception(Vector.UD, rip), why="invalid opcode")
 
