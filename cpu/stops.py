@@ -85,6 +85,7 @@ class Stops:
             SiteKind.CPUID: lambda a: self._defer(lambda: m.emulated.cpuid(a)),
             SiteKind.MOV_CR: lambda a: self._defer(lambda: m.emulated.mov_cr(a)),
             SiteKind.RDPMC: lambda a: self._defer(lambda: m.emulated.rdpmc(a)),
+            SiteKind.RDTSC: lambda a: self._defer(lambda: m.emulated.rdtsc(a)),
             SiteKind.UNDECLARED: lambda a: self._defer(lambda: m.emulated.undeclared(a)),
             SiteKind.XCR: m.checked.xcr,
             SiteKind.TABLE_LOAD: m.checked.table_load,
