@@ -70,7 +70,7 @@ def run(m: Machine) -> None:
     e32.code_reader = m.code_bytes
     e32.port_in = m.platform.port_in
     e32.port_out = m.platform.port_out
-    e32.cpuid = lambda leaf, subleaf: m.model.cpuid(leaf)
+    e32.cpuid = m.model.cpuid  # (leaf, subleaf)
     why: list[tuple[str, Any]] = []  # what stopped the engine, set by the callbacks
     saved: list[tuple[int, int]] = []
 
