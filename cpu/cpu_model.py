@@ -150,6 +150,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("hypervisor", L1, 0, C, 31, "cpu.apf_host.ApfHost", mirrors="kvm"),
     # CPUID.(EAX=07H,ECX=0)
     Feature("fsgsbase", L7, 0, B, 0, "cpu.canonical.check_base_write"),
+    Feature("tsc_adjust", L7, 0, B, 1, _TSC + "test_tsc_adjust_and_the_tsc_move_together"),
     Feature("bmi1", L7, 0, B, 3, _NATIVE + "test_bmi1_bmi2_and_adx_run_natively"),
     Feature("smep", L7, 0, B, 7, "cpu.mmu.walk"),
     Feature("bmi2", L7, 0, B, 8, _NATIVE + "test_bmi1_bmi2_and_adx_run_natively"),

@@ -55,3 +55,37 @@ def test_with_cr4_tsd_rdtsc_at_cpl3_is_gp0_and_at_cpl0_runs(insn: str) -> None:
     """
     assert run(src, cpl=3, cr4=1 << 2).fault() == (13, 0, run(src).sym["main"])
     assert run(src, cr4=1 << 2).result.outcome == "hlt"
+
+
+def test_tsc_adjust_and_the_tsc_move_together() -> None:
+    # SDM Vol. 3B "Time-Stamp Counter Adjustment" (kvm-unit-tests x86/tsc_adjust.c).
+    r = run(f"""
+    main:
+        mov ecx, 0x3b
+        rdmsr
+        mov r8, rax                 # IA32_TSC_ADJUST at reset
+        rdtsc
+        mov r9, rax                 # TSC before
+        mov ecx, 0x3b
+        mov eax, 1000
+        xor edx, edx
+        wrmsr                       # TSC_ADJUST = 1000: the TSC gains 1000
+        rdtsc
+        mov r10, rax
+        mov ecx, {MSR_TSC}
+        mov eax, 5
+        xor edx, edx
+        wrmsr                       # TSC = 5: TSC_ADJUST loses what the TSC lost
+        mov ecx, 0x3b
+        rdmsr
+        mov r11, rax
+        mov r12, rdx
+        hlt
+    """)
+    per = r.m.profile.cycles_per_instruction
+    assert r.reg("r8") == 0
+    assert r.reg("r10") - r.reg("r9") == 1000 + 6 * per
+    # At the TSC WRMSR the TSC was r10 + 5 instructions (the RDTSC itself and four); it
+    # became 5.
+    tsc_before_write = r.reg("r10") + 5 * per
+    assert (r.reg("r12") << 32 | r.reg("r11")) == (1000 + 5 - tsc_before_write) % 2**64
