@@ -21,6 +21,7 @@ from typing import Any
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
+from cpu.msrs import TSC_SOURCES
 from idtlab import __version__, apf_matrix, explore_html, explore_report, ref, suite
 from idtlab import diff as differ
 from idtlab import explore as ex
@@ -129,6 +130,7 @@ def _run_image(args: argparse.Namespace) -> int:
                 max_events=IMAGE_MAX_EVENTS)
     if not (args.trace or args.timeline):
         m.trace.keep = IMAGE_TRACE_TAIL
+    m.model.state.msrs.tsc_source = args.tsc
     mbt.load(m, image, cmdline=args.cmdline)
     if not args.quiet:
         m.on_serial_line.append(lambda text: print(text, flush=True))
@@ -234,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                             "for runaway kernels, far above what a test kernel needs)")
     p_run.add_argument("--timeline", action="store_true",
                        help="--image: also print the timeline after the run")
+    p_run.add_argument("--tsc", choices=TSC_SOURCES, default="cycles",
+                       help="--image: what RDTSC counts: the machine's cycles (deterministic, "
+                            "the default) or the host's clock (for benchmarks that spin until "
+                            "a TSC goal, e.g. kvm-unit-tests' vmexit; runs then differ)")
     p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_run.add_argument("-q", "--quiet", action="store_true", help="no timeline")
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")

@@ -5,8 +5,12 @@ the host's: the same run gives the same values, byte for byte."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from cpu.machine import Machine
+from cpu.msrs import HOST_TSC_HZ
 from tests.cpu_model.kit import run
 
 MSR_TSC, MSR_TSC_AUX = 0x10, 0xC0000103
@@ -89,3 +93,21 @@ def test_tsc_adjust_and_the_tsc_move_together() -> None:
     # became 5.
     tsc_before_write = r.reg("r10") + 5 * per
     assert (r.reg("r12") << 32 | r.reg("r11")) == (1000 + 5 - tsc_before_write) % 2**64
+
+
+def test_with_the_host_clock_as_source_the_tsc_follows_the_host_not_the_cycles() -> None:
+    def host(m: Machine) -> None:
+        m.model.state.msrs.tsc_source = "host"
+
+    src = """
+    main:
+        rdtsc
+        shl rdx, 32
+        or rax, rdx
+        hlt
+    """
+    before = time.monotonic_ns() * HOST_TSC_HZ // 10**9
+    r = run(src, setup=host)
+    after = time.monotonic_ns() * HOST_TSC_HZ // 10**9
+    assert before <= r.reg("rax") <= after
+    assert run(src).reg("rax") == 0  # the cycles: nothing retired before the RDTSC
