@@ -63,6 +63,7 @@ from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.devices.fwcfg import FwCfg
 from cpu.devices.hpet import HPET_BASE
 from cpu.devices.ioapic import IOAPIC_BASE
+from cpu.devices.testdev import IORAM_BASE, IORAM_SIZE
 from cpu.devices.uart import Uart16550
 from cpu.emulated import Emulated
 from cpu.engine import ERR_INSN_INVALID, Engine
@@ -129,9 +130,13 @@ class Machine:
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._costs = CostModel(self.profile)
         self.phys = PhysicalMemory(memory)
+        # pc-testdev's IORAM: plain memory at IORAM_BASE, mapped like RAM so that every
+        # instruction works on it (kvm-unit-tests' emulator.c runs string ops, BT*, SSE...).
+        self.ioram = PhysicalMemory(IORAM_SIZE)
         # Fast mode counts per translation block, timed mode per instruction (it needs
         # each instruction's cost); both give exact counts at every stop.
-        self.engine = Engine(self.phys, block_counting=mode == "fast")
+        self.engine = Engine(self.phys, block_counting=mode == "fast",
+                             windows=((IORAM_BASE, self.ioram),))
         self.trace = Trace()
         self.symbols: dict[str, int] = {}
         # VMX: the second translation stage and the #VE controls (None: no VMX).
