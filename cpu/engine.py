@@ -178,6 +178,12 @@ class Engine:
         if bits == 64:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
+        # Exits instead of `until`: after every emu_start Unicorn drops the translation
+        # of the code before its `until` address, which translates that address first (a
+        # TLB fill). With no `until` wanted (UNTIL_NEVER) that was a Python fill of the
+        # top page on every run; with an empty exit set there is nothing to drop (`_emu`
+        # sets the one exit a bounded run needs).
+        uc.ctl_exits_enabled(True)
         # The power-up values QEMU's CPU reset would set and Unicorn's does not (it leaves
         # both 0: every x87 and SIMD exception unmasked). SDM Vol. 3A "Processor State
         # After Reset": x87 FPU control word 0040H, MXCSR 1F80H.
@@ -405,10 +411,16 @@ class Engine:
         self.flush_tlb()
 
     def _emu(self, begin: int, until: int) -> int | None:
+        bounded = until != UNTIL_NEVER
+        if bounded:
+            self.uc.ctl_set_exits([until])
         try:
             self.uc.emu_start(begin, until)
         except UcError as exc:
             return int(exc.errno)
+        finally:
+            if bounded:
+                self.uc.ctl_set_exits([])
         return None
 
     def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:
