@@ -734,16 +734,30 @@ class Engine:
         if status != 0:
             raise UcError(status)  # type: ignore[no-untyped-call]
 
+    def redirect(self, rip: int, values: dict[str, int]) -> None:
+        """From a hook while the engine runs: write `values`, then RIP, and continue there.
+        Only a single-register write of RIP makes Unicorn 2.1.4 leave the current
+        translation block (its batch write sets RIP but runs on, in the old block)."""
+        self.write(values)
+        rid, buf, ref = self._single("rip")
+        buf.value = rip & 0xFFFFFFFFFFFFFFFF
+        status = self._uclib.uc_reg_write(self._uch, rid, ref)
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+
+    def _single(self, name: str) -> tuple[int, Any, Any]:
+        one = self._singles.get(name)
+        if one is None:
+            buf = ctypes.c_uint64(0)
+            one = self._singles[name] = (self._reg[name], buf, ctypes.byref(buf))
+        return one
+
     def read_reg(self, name: str) -> int:
         if self._event_version == self.version and not self._running:
             i = _EVENT_INDEX.get(name)
             if i is not None:
                 return self._event_state[i]
-        one = self._singles.get(name)
-        if one is None:
-            buf = ctypes.c_uint64(0)
-            one = self._singles[name] = (self._reg[name], buf, ctypes.byref(buf))
-        rid, buf, ref = one
+        rid, buf, ref = self._single(name)
         status = self._uclib.uc_reg_read(self._uch, rid, ref)
         if status != 0:
             raise UcError(status)  # type: ignore[no-untyped-call]

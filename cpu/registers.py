@@ -87,6 +87,11 @@ class Registers:
         cr0, cr3, cr4 = e.read(("cr0", "cr3", "cr4"))
         return self._control(cr0, cr3, cr4, e.read_msr(MSR_EFER))
 
+    def last_paging(self) -> PagingControl:
+        """The paging controls read with the last `arch_state` (the same engine call)."""
+        assert self._paging is not None
+        return self._paging
+
     def _control(self, cr0: int, cr3: int, cr4: int, efer: int) -> PagingControl:
         pkru = self.m.engine.pkru() if cr4 & CR4_PKE else 0
         pkrs = self.m.state.model.msrs.values[MSR_PKRS] if cr4 & CR4_PKS else 0
