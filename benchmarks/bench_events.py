@@ -192,12 +192,12 @@ def int3_round_trips(events: int) -> Run:
 # One batch register read, one frame write and one batch register write per delivery
 # (inside UC_HOOK_INTR for INT3, where writing RIP redirects execution; between runs for
 # an NMI), and IRETQ caught by an address-ranged code hook and emulated the same way (one
-# batch read, one frame read, one batch write). Unicorn 2.1.4 ignores a RIP written in a
-# code hook of the first instruction of a translation block (the handler's IRETQ is one),
-# so the IRET hook also stops the engine and the loop resumes at the RIP it popped: one
-# `emu_start` per round trip. No blocking rules, no privilege checks, no trace, no cycle
-# model: what any Python event layer over Unicorn pays at least, through the binding's
-# own batch calls.
+# batch read, one frame read, one batch write), inside a single `emu_start` for the whole
+# INT3 loop. In a code hook, Unicorn 2.1.4 leaves the translation block for a new RIP only
+# when RIP is written alone (`reg_write`; its batch write sets RIP but the block runs on),
+# so the IRET hook writes RSP and RFLAGS in its batch and RIP by itself. No blocking
+# rules, no privilege checks, no trace, no cycle model: what any Python event layer over
+# Unicorn pays at least, through the binding's own calls.
 
 FRAME = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS
 _FLOOR_IN = (X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS, X.UC_X86_REG_CS,
@@ -209,7 +209,6 @@ class _Floor:
     uc: Any
     deliveries: int = 0
     irets: int = 0
-    resume: int = 0  # where the IRET returned to
 
     def deliver(self, return_rip: int | None = None) -> None:
         uc = self.uc
@@ -228,11 +227,9 @@ class _Floor:
     def on_iret(self, uc: Any, address: int, size: int, _data: object) -> None:
         (rsp,) = uc.reg_read_batch((X.UC_X86_REG_RSP,))
         rip, _cs, rflags, old_rsp, _ss = FRAME.unpack(uc.mem_read(rsp, FRAME.size))
-        uc.reg_write_batch(((X.UC_X86_REG_RIP, rip), (X.UC_X86_REG_RSP, old_rsp),
-                            (X.UC_X86_REG_RFLAGS, rflags)))
-        self.resume = rip
+        uc.reg_write_batch(((X.UC_X86_REG_RSP, old_rsp), (X.UC_X86_REG_RFLAGS, rflags)))
+        uc.reg_write(X.UC_X86_REG_RIP, rip)
         self.irets += 1
-        uc.emu_stop()
 
 
 def _floor_engine(code: bytes) -> _Floor:
@@ -247,17 +244,13 @@ def _floor_engine(code: bytes) -> _Floor:
 
 
 def floor_int3_round_trips(events: int) -> Run:
-    """The floor of (e): the same loop, one `emu_start` per round trip."""
+    """The floor of (e): the same loop in one `emu_start`."""
     code = assemble(loop_source(events, body="int3\n"), CODE)
-    hlt_at = CODE + len(code) - 1
     floor = _floor_engine(code)
     uc = floor.uc
     uc.hook_add(UC_HOOK_INTR, floor.on_intr)
-    floor.resume = CODE
     start = time.perf_counter()
-    while floor.resume != hlt_at:
-        at, floor.resume = floor.resume, hlt_at
-        uc.emu_start(at, hlt_at)
+    uc.emu_start(CODE, CODE + len(code) - 1)  # up to the HLT
     seconds = time.perf_counter() - start
     if floor.deliveries != events or floor.irets != events:
         raise RuntimeError(f"floor INT3 loop: {floor.deliveries} deliveries, {floor.irets} IRETs")
@@ -273,8 +266,7 @@ def floor_nmi_round_trips(events: int) -> Run:
     start = time.perf_counter()
     for _ in range(events):
         deliver(CODE)
-        emu_start(HANDLER, 0, count=1)  # the IRETQ: its hook stops the engine
-        emu_start(floor.resume, 0, count=1)  # one `jmp l`
+        emu_start(HANDLER, 0, count=2)  # the IRETQ (emulated by its hook) and one `jmp l`
     seconds = time.perf_counter() - start
     if floor.deliveries != events or floor.irets != events:
         raise RuntimeError(f"floor NMI loop: {floor.deliveries} deliveries, {floor.irets} IRETs")

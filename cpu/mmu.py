@@ -127,8 +127,10 @@ class WalkCache:
 
     def __init__(self, mem: PhysicalMemory) -> None:
         self.mem = mem
-        # The (address, value) pairs of the entries the last successful walk read.
+        # The (address, value) pairs of the entries the last successful walk read, and
+        # its check: `last_check[0](words) == last_check[1]` while they all still hold.
         self.last_used: tuple[tuple[int, int], ...] = ()
+        self.last_check: tuple[Callable[[Any], Any] | None, Any] = (None, None)
         # Guest memory as 64-bit words: paging-structure entries are 8-byte aligned, so a
         # hit re-reads all of its entries with one `itemgetter` call (`_check`).
         self._words = (mem.view.cast("Q") if mem.size % 8 == 0 and sys.byteorder == "little"
@@ -169,6 +171,7 @@ class WalkCache:
                 if isinstance(result, ArchFault):
                     raise ArchFault(result.vector, result.error_code, cr2=linear, why=result.why)
                 self.last_used = used
+                self.last_check = (get, expected)
                 return result
         if len(self._entries) >= self.LIMIT:
             self._entries.clear()
@@ -180,9 +183,16 @@ class WalkCache:
             got = tuple(read)
             self._entries[key] = (*self._check(got), got, fault)
             raise
-        self._entries[key] = (*self._check(used), used, t)
+        check = self._check(used)
+        self._entries[key] = (*check, used, t)
         self.last_used = used
+        self.last_check = check
         return t
+
+    def holds(self, check: tuple[Callable[[Any], Any] | None, Any]) -> bool:
+        """Whether the entries behind `check` (a `last_check`) all still hold."""
+        get, expected = check
+        return get is None or get(self._words) == expected
 
 
 # A second translation stage (EPT): (guest-physical address, access, linear address,
