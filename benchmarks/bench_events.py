@@ -40,6 +40,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +56,8 @@ if str(ROOT) not in sys.path:
 
 from unicorn import (  # type: ignore[attr-defined]  # noqa: E402  # Uc is not re-exported
     UC_ARCH_X86,
+    UC_HOOK_CODE,
+    UC_HOOK_INTR,
     UC_MODE_64,
     UC_PROT_ALL,
     Uc,
@@ -76,6 +80,8 @@ TARGET_FAST_RATIO = 0.5
 TARGET_TIMED_MIPS = 4.0
 TARGET_ROUND_TRIPS = 50_000.0
 TARGET_EPT_RATIO = 0.8
+TARGET_LINE_RATIO = 0.8
+TARGET_FLOOR_RATIO = 0.5
 
 DEFAULTS = {"iterations": 10_000_000, "events": 10_000, "repeat": 3}
 QUICK = {"iterations": 1_000_000, "events": 2_000, "repeat": 1}
@@ -107,8 +113,17 @@ def best_of(repeat: int, once: Callable[[], Run]) -> Run:
     return min((once() for _ in range(repeat)), key=lambda r: r.seconds)
 
 
-def raw_unicorn(iterations: int) -> Run:
-    code = assemble(loop_source(iterations), CODE)
+# Straight-line code: 32 register additions per iteration, so translation blocks are long
+# and the per-block counter's share is what it is on ordinary code.
+STRAIGHT_BODY = "add rax, rbx\nadd rdx, rsi\n" * 16
+
+
+def body_insns(body: str) -> int:
+    return sum(1 for line in body.splitlines() if line.strip())
+
+
+def raw_unicorn(iterations: int, body: str = "") -> Run:
+    code = assemble(loop_source(iterations, body), CODE)
     hlt_at = CODE + len(code) - 1
     uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
     uc.mem_map(0, MEMORY, UC_PROT_ALL)
@@ -119,20 +134,21 @@ def raw_unicorn(iterations: int) -> Run:
     seconds = time.perf_counter() - start
     if int(uc.reg_read(X.UC_X86_REG_RCX)) != 0:
         raise RuntimeError("raw Unicorn loop did not finish")
-    return Run(2 * iterations + 1, seconds)
+    return Run((2 + body_insns(body)) * iterations + 1, seconds)
 
 
-def machine_loop(iterations: int, mode: str, *, ept: bool = False) -> Run:
-    m = Machine(MEMORY, max_insns=2 * iterations + 16, mode=mode,
+def machine_loop(iterations: int, mode: str, body: str = "", *, ept: bool = False) -> Run:
+    per = 2 + body_insns(body)
+    m = Machine(MEMORY, max_insns=per * iterations + 16, mode=mode,
                 vmx=VmxConfig() if ept else None)
-    m.load(CODE, assemble(loop_source(iterations), CODE), code=True)
+    m.load(CODE, assemble(loop_source(iterations, body), CODE), code=True)
     m.start_state(entry=CODE, rsp=STACK_TOP)
     start = time.perf_counter()
     result = m.run()
     seconds = time.perf_counter() - start
-    if result.outcome != "hlt" or result.icount != 2 * iterations + 2:
+    if result.outcome != "hlt" or result.icount != per * iterations + 2:
         raise RuntimeError(f"{mode} loop ended with {result.outcome} after {result.icount}")
-    return Run(2 * iterations + 1, seconds)
+    return Run(per * iterations + 1, seconds)
 
 
 # A loop that walks 256 pages (one 8-byte load per page per iteration), so translation
@@ -169,6 +185,97 @@ def int3_round_trips(events: int) -> Run:
     if result.outcome != "hlt" or delivered != events or irets != events:
         raise RuntimeError(f"INT3 loop: {result.outcome}, {delivered} deliveries, {irets} IRETs")
     return Run(events, seconds)
+
+
+# -- the floor: raw Unicorn with the least Python an event can cost ------------------------
+#
+# One batch register read, one frame write and one batch register write per delivery
+# (inside UC_HOOK_INTR for INT3, where writing RIP redirects execution; between runs for
+# an NMI), and IRETQ caught by an address-ranged code hook and emulated the same way (one
+# batch read, one frame read, one batch write), inside a single `emu_start` for the whole
+# INT3 loop. In a code hook, Unicorn 2.1.4 leaves the translation block for a new RIP only
+# when RIP is written alone (`reg_write`; its batch write sets RIP but the block runs on),
+# so the IRET hook writes RSP and RFLAGS in its batch and RIP by itself. No blocking
+# rules, no privilege checks, no trace, no cycle model: what any Python event layer over
+# Unicorn pays at least, through the binding's own calls.
+
+FRAME = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS
+_FLOOR_IN = (X.UC_X86_REG_RIP, X.UC_X86_REG_RSP, X.UC_X86_REG_RFLAGS, X.UC_X86_REG_CS,
+             X.UC_X86_REG_SS)
+
+
+@dataclass
+class _Floor:
+    uc: Any
+    deliveries: int = 0
+    irets: int = 0
+
+    def deliver(self, return_rip: int | None = None) -> None:
+        uc = self.uc
+        rip, rsp, rflags, cs, ss = uc.reg_read_batch(_FLOOR_IN)
+        if return_rip is not None:
+            rip = return_rip
+        new_rsp = (rsp & ~0xF) - FRAME.size
+        uc.mem_write(new_rsp, FRAME.pack(rip, cs, rflags, rsp, ss))
+        uc.reg_write_batch(((X.UC_X86_REG_RIP, HANDLER), (X.UC_X86_REG_RSP, new_rsp),
+                            (X.UC_X86_REG_RFLAGS, rflags & ~0x300)))  # IF, TF clear
+        self.deliveries += 1
+
+    def on_intr(self, uc: Any, vector: int, _data: object) -> None:
+        self.deliver()
+
+    def on_iret(self, uc: Any, address: int, size: int, _data: object) -> None:
+        (rsp,) = uc.reg_read_batch((X.UC_X86_REG_RSP,))
+        rip, _cs, rflags, old_rsp, _ss = FRAME.unpack(uc.mem_read(rsp, FRAME.size))
+        uc.reg_write_batch(((X.UC_X86_REG_RSP, old_rsp), (X.UC_X86_REG_RFLAGS, rflags)))
+        uc.reg_write(X.UC_X86_REG_RIP, rip)
+        self.irets += 1
+
+
+def _floor_engine(code: bytes) -> _Floor:
+    uc: Any = Uc(UC_ARCH_X86, UC_MODE_64)  # type: ignore[no-untyped-call]
+    uc.mem_map(0, MEMORY, UC_PROT_ALL)
+    uc.mem_write(CODE, code)
+    uc.mem_write(HANDLER, assemble("iretq\n", HANDLER))
+    uc.reg_write(X.UC_X86_REG_RSP, STACK_TOP)
+    floor = _Floor(uc)
+    uc.hook_add(UC_HOOK_CODE, floor.on_iret, None, HANDLER, HANDLER)
+    return floor
+
+
+def floor_int3_round_trips(events: int) -> Run:
+    """The floor of (e): the same loop in one `emu_start`."""
+    code = assemble(loop_source(events, body="int3\n"), CODE)
+    floor = _floor_engine(code)
+    uc = floor.uc
+    uc.hook_add(UC_HOOK_INTR, floor.on_intr)
+    start = time.perf_counter()
+    uc.emu_start(CODE, CODE + len(code) - 1)  # up to the HLT
+    seconds = time.perf_counter() - start
+    if floor.deliveries != events or floor.irets != events:
+        raise RuntimeError(f"floor INT3 loop: {floor.deliveries} deliveries, {floor.irets} IRETs")
+    return Run(events, seconds)
+
+
+def floor_nmi_round_trips(events: int) -> Run:
+    """The floor of (f): deliver between runs, then run the IRETQ and one `jmp l`."""
+    floor = _floor_engine(assemble("l:\njmp l\n", CODE))
+    uc = floor.uc
+    uc.emu_start(CODE, 0, count=1)
+    deliver, emu_start = floor.deliver, uc.emu_start
+    start = time.perf_counter()
+    for _ in range(events):
+        deliver(CODE)
+        emu_start(HANDLER, 0, count=2)  # the IRETQ (emulated by its hook) and one `jmp l`
+    seconds = time.perf_counter() - start
+    if floor.deliveries != events or floor.irets != events:
+        raise RuntimeError(f"floor NMI loop: {floor.deliveries} deliveries, {floor.irets} IRETs")
+    return Run(events, seconds)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def nmi_round_trips(events: int) -> Run:
@@ -247,6 +354,10 @@ def describe(iterations: int, events: int, repeat: int) -> dict[str, Any]:
 def measure(iterations: int, events: int, repeat: int) -> list[Figure]:
     raw = best_of(repeat, lambda: raw_unicorn(iterations))
     fast = best_of(repeat, lambda: machine_loop(iterations, "fast"))
+    raw_line = best_of(repeat, lambda: raw_unicorn(iterations // 8, STRAIGHT_BODY))
+    fast_line = best_of(repeat, lambda: machine_loop(iterations // 8, "fast", STRAIGHT_BODY))
+    floor_int3 = best_of(repeat, lambda: floor_int3_round_trips(events))
+    floor_nmi = best_of(repeat, lambda: floor_nmi_round_trips(events))
     timed = best_of(repeat, lambda: machine_loop(iterations, "timed"))
     int3 = best_of(repeat, lambda: int3_round_trips(events))
     nmi = best_of(repeat, lambda: nmi_round_trips(events))
@@ -260,14 +371,25 @@ def measure(iterations: int, events: int, repeat: int) -> list[Figure]:
                TARGET_TIMED_MIPS),
         Figure("fast_over_raw", "(d) fast / raw", fast.rate / raw.rate, "ratio",
                TARGET_FAST_RATIO),
+        Figure("raw_line_mips", "(d1) raw Unicorn, straight line", raw_line.rate / 1e6, "MIPS"),
+        Figure("fast_line_mips", "(d2) fast mode, straight line", fast_line.rate / 1e6, "MIPS"),
+        Figure("fast_line_over_raw", "(d3) fast / raw, straight line",
+               fast_line.rate / raw_line.rate, "ratio", TARGET_LINE_RATIO),
         Figure("int3_round_trips", "(e) INT3 -> IRETQ round trips", int3.rate, "per s",
                TARGET_ROUND_TRIPS),
         Figure("nmi_round_trips", "(f) NMI -> IRETQ round trips", nmi.rate, "per s",
                TARGET_ROUND_TRIPS),
+        Figure("floor_int3_round_trips", "(e1) floor: INT3 -> IRETQ", floor_int3.rate, "per s"),
+        Figure("int3_over_floor", "(e2) INT3: idtlab / floor", int3.rate / floor_int3.rate,
+               "ratio", TARGET_FLOOR_RATIO),
+        Figure("floor_nmi_round_trips", "(f1) floor: NMI -> IRETQ", floor_nmi.rate, "per s"),
+        Figure("nmi_over_floor", "(f2) NMI: idtlab / floor", nmi.rate / floor_nmi.rate,
+               "ratio", TARGET_FLOOR_RATIO),
         Figure("ept_tight_ratio", "(g) EPT / no EPT, loop (a)", ept_tight.rate / fast.rate, "ratio",
                TARGET_EPT_RATIO),
         Figure("ept_pages_ratio", "(h) EPT / no EPT, 256-page loop", with_ept.rate / no_ept.rate,
                "ratio", TARGET_EPT_RATIO),
+        Figure("peak_rss", "(i) peak RSS of the whole run", peak_rss_mib(), "MiB"),
     ]
 
 
@@ -276,6 +398,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:.3f}"
     if unit == "MIPS":
         return f"{value:.1f} MIPS"
+    if unit == "MiB":
+        return f"{value:.0f} MiB"
     return f"{value:,.0f}/s"
 
 
@@ -284,8 +408,10 @@ def print_report(info: dict[str, Any], figures: list[Figure]) -> None:
     print(f"machine:  {mach['cpu']} ({mach['cpus']} CPUs), {mach['platform']}")
     print(f"          {mach['python']}, unicorn {mach['unicorn']}")
     print(f"workload: (a)-(d) {w['loop']}")
+    print("          (d1)-(d3) the same loop with 32 `add` per iteration (straight-line code)")
     print(f"          (e) {w['int3']}")
     print(f"          (f) {w['nmi']}")
+    print("          (e1), (f1) the same on raw Unicorn with the least Python per event (the floor)")
     print(f"          best of {w['repeat']} runs each; (e) and (f) in fast mode")
     print()
     print(f"{'figure':<34}{'value':>16}{'target':>16}  status")

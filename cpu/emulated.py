@@ -9,6 +9,13 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
 * IRETQ (SDM Vol. 2 IRET; `idt.iret`): NMI blocking ends first thing, even when the
   IRET then faults ("NMI Unblocking Due to IRET"); the frame pops through guest paging
   (and EPT); a privilege change loads CS/SS and the CPL.
+  Where it changes nothing but the frame's registers (same CPL, CS and SS, no TF,
+  no data segment to null) and the boundary after it holds nothing to do (no NMI or
+  interrupt pending, no injection point, debug trap, stepping window or #AC check), it
+  is executed inside the code hook, without stopping the engine (`iret_in_hook`): the
+  new RIP redirects execution (Unicorn leaves the translation block; IRETQ ends one
+  anyway, so nothing after it was counted), and the counter sees every threshold at the
+  next block as it would at a held boundary. Timed mode stops at every IRETQ as before.
 * HLT (SDM Vol. 2 HLT): #GP(0) at CPL > 0; otherwise it retires and the CPU waits at
   the boundary after it (cpu/boundary.py), so the event that wakes it saves RIP = the
   next instruction.
@@ -153,6 +160,51 @@ class Emulated:
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(e.icount, res.rip)  # no instruction breakpoint there
         self.single_step(st.rflags)  # TF as the IRET found it, not as it loaded it
+
+    def iret_in_hook(self, address: int) -> bool:
+        """At the IRETQ site, while the engine runs: execute the IRETQ here and let the
+        engine go on (True), or leave it to `iret` at the boundary (False). Anything
+        that is not the plain case (see the module docstring) returns False before it
+        changes anything; the IRET's own reads set the same A/D bits either way."""
+        m = self.m
+        e = m.engine
+        c = e.counter
+        b = m.boundary.state
+        if (not e.block_counting or e.bits != 64 or address not in m.sites.iretq
+                or m.stops.pending is not None
+                or e.count_at(address) != int(c.count)
+                or m.intr.nmi_pending or b.step or b.halted or m.on_boundary or c.ac_check
+                or (m.apic is not None and m.apic.pending_vector() is not None)
+                or m.injections.state.deferred is not None or m.apf_host.state.wants_step):
+            return False
+        dbg = m.debug.state
+        if dbg.trap is not None or dbg.pass_at is not None or dbg.step_on_wake:
+            return False
+        st = m.regs.arch_state()
+        if st.rflags & RFLAGS_TF or m.regs.state.stale_exception:
+            return False
+        m.sysmem.ctl = m.regs.last_paging()  # read with the state: one engine call
+        try:
+            res = iret64(m.sysmem, st)
+        except (ArchFault, UnsupportedIret, EptViolation, EptMisconfig, Stop):
+            return False
+        finally:
+            m.sysmem.ctl = None
+        if (res.cpl != st.cpl or (res.cs, res.ss) != (st.cs, st.ss) or res.null_segments
+                or res.rflags & RFLAGS_TF or res.rip in m.injections.state.before):
+            return False
+        m.intr.nmi_blocked = False
+        c.last_cost = c.default_cost  # what the boundary path's count settling leaves
+        cost = m.profile.event("iret_same_cpl")
+        depth = m.frames.returned()
+        icount = int(c.count)  # the IRETQ retired, nothing after it (checked above)
+        m.trace.emit("iret", icount, int(c.cycles), rip=address, to_rip=res.rip, to_rsp=res.rsp,
+                     to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=depth)
+        e.redirect(res.rip, {"rsp": res.rsp, "rflags": res.rflags})
+        e.cycles += cost
+        if res.rflags & RFLAGS_RF:
+            m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
+        return True
 
     def _null_segments(self, names: tuple[str, ...]) -> None:
         """RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS that the new CPL may not use

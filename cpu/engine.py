@@ -142,6 +142,16 @@ class _Msr(ctypes.Structure):
     _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
 
 
+# Everything an event reads from the engine, in one `uc_reg_read_batch` call (each call
+# through the binding costs ~3 us, and delivery plus IRET used to make about twenty):
+# nine 64-bit registers, IDTR, GDTR and TR (`uc_x86_mmr`), and IA32_EFER (`uc_x86_msr`,
+# whose `rid` the call reads). `EventState` is the layout of the buffer.
+EVENT_REGS = ("rip", "rsp", "rflags", "cs", "ss", "cr2", "cr0", "cr3", "cr4")
+EVENT_TABLES = ("idtr", "gdtr", "tr")
+_EVENT_LAYOUT = struct.Struct("<9Q" + "H6xQII" * 3 + "I4xQ")
+_EVENT_INDEX = {name: i for i, name in enumerate(EVENT_REGS)}
+
+
 class Engine:
     """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
 
@@ -183,6 +193,12 @@ class Engine:
         self.windows = tuple(windows)
         for base, window in self.windows:
             uc.mem_map_ptr(base, window.size, UC_PROT_ALL, window.host_address)
+        # Exits instead of `until`: after every emu_start Unicorn drops the translation
+        # of the code before its `until` address, which translates that address first (a
+        # TLB fill). With no `until` wanted (UNTIL_NEVER) that was a Python fill of the
+        # top page on every run; with an empty exit set there is nothing to drop (`_emu`
+        # sets the one exit a bounded run needs).
+        uc.ctl_exits_enabled(True)
         # The power-up values QEMU's CPU reset would set and Unicorn's does not (it leaves
         # both 0: every x87 and SIMD exception unmasked). SDM Vol. 3A "Processor State
         # After Reset": x87 FPU control word 0040H, MXCSR 1F80H.
@@ -210,6 +226,16 @@ class Engine:
         self._mmr = _Mmr()
         self._msr = _Msr()
         self._ctx: Any = None
+        self._event_buf, self._event_ids, self._event_ptrs = self._event_batch()
+        # `version` changes with every register write and every run: between runs, the
+        # event state read at one version is the engine's state (`read_event_state`).
+        self.version = 0
+        self._running = False
+        self._event_state: tuple[int, ...] = ()
+        self._event_version = -1
+        # One reused buffer per register for `read_reg` (only that register is ever read
+        # into it, so the bytes a narrow register leaves unwritten stay 0).
+        self._singles: dict[str, tuple[int, Any, Any]] = {}
 
         # The native counter first, so it runs before any Python code hook.
         lib = native.load()
@@ -366,6 +392,7 @@ class Engine:
     def migrate_from(self, other: Engine) -> None:
         """Take over `other`'s CPU state (a 32-bit engine whose guest entered 64-bit mode)
         and its instruction and cycle counts. Both engines map the same guest memory."""
+        self.version += 1
         self.uc.context_restore(other.uc.context_save())
         self._ctx = None
         self.flush_tlb()
@@ -403,6 +430,7 @@ class Engine:
 
     def restore_state(self, state: tuple[Any, tuple[int, ...]]) -> None:
         ctx, counter = state
+        self.version += 1
         self.uc.context_restore(ctx)
         c = self.counter
         for f, v in zip(self._COUNTER_STATE, counter, strict=True):
@@ -410,10 +438,20 @@ class Engine:
         self.flush_tlb()
 
     def _emu(self, begin: int, until: int) -> int | None:
+        bounded = until != UNTIL_NEVER
+        if bounded:
+            self.uc.ctl_set_exits([until])
+        self.version += 1
+        self._running = True
         try:
             self.uc.emu_start(begin, until)
         except UcError as exc:
             return int(exc.errno)
+        finally:
+            self._running = False
+            self.version += 1
+            if bounded:
+                self.uc.ctl_set_exits([])
         return None
 
     def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:
@@ -692,6 +730,7 @@ class Engine:
         return list(vals)
 
     def write(self, values: dict[str, int]) -> None:
+        self.version += 1
         key = tuple(values)
         ids, vals, ptrs = self._batch(key)
         for i, v in enumerate(values.values()):
@@ -700,8 +739,66 @@ class Engine:
         if status != 0:
             raise UcError(status)  # type: ignore[no-untyped-call]
 
+    def redirect(self, rip: int, values: dict[str, int]) -> None:
+        """From a hook while the engine runs: write `values`, then RIP, and continue there.
+        Only a single-register write of RIP makes Unicorn 2.1.4 leave the current
+        translation block (its batch write sets RIP but runs on, in the old block)."""
+        self.write(values)
+        rid, buf, ref = self._single("rip")
+        buf.value = rip & 0xFFFFFFFFFFFFFFFF
+        status = self._uclib.uc_reg_write(self._uch, rid, ref)
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+
+    def _single(self, name: str) -> tuple[int, Any, Any]:
+        one = self._singles.get(name)
+        if one is None:
+            buf = ctypes.c_uint64(0)
+            one = self._singles[name] = (self._reg[name], buf, ctypes.byref(buf))
+        return one
+
     def read_reg(self, name: str) -> int:
-        return self.read((name,))[0]
+        if self._event_version == self.version and not self._running:
+            i = _EVENT_INDEX.get(name)
+            if i is not None:
+                return self._event_state[i]
+        rid, buf, ref = self._single(name)
+        status = self._uclib.uc_reg_read(self._uch, rid, ref)
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+        return int(buf.value)
+
+    def _event_batch(self) -> tuple[Any, Any, Any]:
+        n = len(EVENT_REGS) + len(EVENT_TABLES) + 1
+        buf = (ctypes.c_uint8 * _EVENT_LAYOUT.size)()
+        base = ctypes.addressof(buf)
+        offsets = [8 * i for i in range(len(EVENT_REGS))]
+        offsets += [8 * len(EVENT_REGS) + 24 * i for i in range(len(EVENT_TABLES))]
+        offsets.append(_EVENT_LAYOUT.size - 16)
+        ids = (ctypes.c_int * n)(*[self._reg.get(x, 0) for x in EVENT_REGS],
+                                 *[_TABLE_REGS[x] for x in EVENT_TABLES], X.UC_X86_REG_MSR)
+        ptrs = (ctypes.c_void_p * n)(*[base + o for o in offsets])
+        struct.pack_into("<I", buf, offsets[-1], MSR_EFER)  # the MSR the last slot reads
+        return buf, ids, ptrs
+
+    def read_event_state(self) -> tuple[int, ...]:
+        """RIP, RSP, RFLAGS, CS, SS, CR2, CR0, CR3, CR4; (selector, base, limit, flags) of
+        IDTR, GDTR and TR; IA32_EFER — in one call (64-bit engines only)."""
+        if self.bits != 64:
+            raise RuntimeError("read_event_state needs the 64-bit engine")
+        if self._event_version == self.version and not self._running:
+            return self._event_state
+        status = self._uclib.uc_reg_read_batch(self._uch, self._event_ids, self._event_ptrs,
+                                               len(self._event_ids))
+        if status != 0:
+            raise UcError(status)  # type: ignore[no-untyped-call]
+        v = _EVENT_LAYOUT.unpack_from(self._event_buf)
+        # CS and SS fill 2 bytes of their slots (the rest stays 0); the MSR slot's
+        # first field is the MSR number, kept for the next call.
+        state = (*v[:3], v[3] & 0xFFFF, v[4] & 0xFFFF, *v[5:21], v[22])
+        if not self._running:
+            self._event_state, self._event_version = state, self.version
+        return state
 
     def read_table(self, which: str) -> tuple[int, int, int]:
         """(selector, base, limit) of IDTR, GDTR, LDTR or TR."""
@@ -714,6 +811,7 @@ class Engine:
 
     def write_table(self, which: str, selector: int, base: int, limit: int, flags: int = 0) -> None:
         reg = _TABLE_REGS[which]
+        self.version += 1
         self.uc.reg_write(reg, (selector, base, limit, flags))
 
     def read_msr(self, msr: int) -> int:
@@ -725,6 +823,7 @@ class Engine:
         return int(m.value)
 
     def write_msr(self, msr: int, value: int) -> None:
+        self.version += 1
         self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
 
     # -- context-blob patches ------------------------------------------------------------
@@ -794,4 +893,5 @@ class Engine:
             else:
                 h |= (_HF_CS32 if cs_flags & DESC_DB else 0) | (_HF_SS32 if ss_flags & DESC_DB else 0)
             struct.pack_into("<I", b, lay.hflags, h | cpl)
+        self.version += 1
         self.uc.context_restore(ctx)

@@ -30,10 +30,13 @@ address. On top of the rights above ("Determination of Access Rights"):
 
 from __future__ import annotations
 
+import operator
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from cpu.memory import PhysicalMemory
 from idt.error_codes import PFErr
@@ -124,14 +127,34 @@ class WalkCache:
 
     def __init__(self, mem: PhysicalMemory) -> None:
         self.mem = mem
-        # The (address, value) pairs of the entries the last successful walk read.
+        # The (address, value) pairs of the entries the last successful walk read, and
+        # its check: `last_check[0](words) == last_check[1]` while they all still hold.
         self.last_used: tuple[tuple[int, int], ...] = ()
+        self.last_check: tuple[Callable[[Any], Any] | None, Any] = (None, None)
+        # Guest memory as 64-bit words: paging-structure entries are 8-byte aligned, so a
+        # hit re-reads all of its entries with one `itemgetter` call (`_check`).
+        self._words = (mem.view.cast("Q") if mem.size % 8 == 0 and sys.byteorder == "little"
+                       else None)
         self._entries: dict[tuple[int, int, int, int, int, int, int, int, bool, bool, bool,
                                   int],
-                            tuple[tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
+                            tuple[Callable[[Any], Any] | None, Any,
+                                  tuple[tuple[int, int], ...], Translation | ArchFault]] = {}
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def _check(self, used: tuple[tuple[int, int], ...]) -> tuple[Callable[[Any], Any] | None, Any]:
+        """(getter, expected): `getter(words) == expected` while every entry of `used`
+        still holds its value (getter None: nothing to re-read)."""
+        if not used:
+            return None, None
+        if self._words is None or any(a & 7 for a, _v in used):
+            view = self.mem.view
+            addrs = tuple(a for a, _v in used)
+            return (lambda _w: tuple(struct.unpack_from("<Q", view, a)[0] for a in addrs),
+                    tuple(v for _a, v in used))
+        get = operator.itemgetter(*(a >> 3 for a, _v in used))
+        return get, (used[0][1] if len(used) == 1 else tuple(v for _a, v in used))
 
     def walk(self, ctl: PagingControl, linear: int, access: Access, *, user: bool,
              stage2: Stage2 | None = None, stage2_generation: int = 0,
@@ -143,12 +166,12 @@ class WalkCache:
                -1 if stage2 is None else stage2_generation)
         hit = self._entries.get(key)
         if hit is not None:
-            used, result = hit
-            view = self.mem.view
-            if all(struct.unpack_from("<Q", view, a)[0] == v for a, v in used):
+            get, expected, used, result = hit
+            if get is None or get(self._words) == expected:
                 if isinstance(result, ArchFault):
                     raise ArchFault(result.vector, result.error_code, cr2=linear, why=result.why)
                 self.last_used = used
+                self.last_check = (get, expected)
                 return result
         if len(self._entries) >= self.LIMIT:
             self._entries.clear()
@@ -157,11 +180,19 @@ class WalkCache:
             t, used = walk_entries(self.mem, ctl, linear, access, user=user, read=read,
                                    stage2=stage2, smap_exempt=smap_exempt, keys=keys)
         except ArchFault as fault:
-            self._entries[key] = (tuple(read), fault)
+            got = tuple(read)
+            self._entries[key] = (*self._check(got), got, fault)
             raise
-        self._entries[key] = (used, t)
+        check = self._check(used)
+        self._entries[key] = (*check, used, t)
         self.last_used = used
+        self.last_check = check
         return t
+
+    def holds(self, check: tuple[Callable[[Any], Any] | None, Any]) -> bool:
+        """Whether the entries behind `check` (a `last_check`) all still hold."""
+        get, expected = check
+        return get is None or get(self._words) == expected
 
 
 # A second translation stage (EPT): (guest-physical address, access, linear address,

@@ -51,13 +51,14 @@ class Registers:
     """Cached reads of the control and table registers, CS/SS loads, `ArchState`."""
 
     # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
-    CACHES = frozenset({"_cache", "running"})
+    CACHES = frozenset({"_cache", "running", "_paging"})
 
     def __init__(self, m: Machine, state: RegisterState) -> None:
         self.m = m
         self.state = state
         self.running = False  # True while the engine runs (a hook is asking)
         self._cache: dict[str, object] = {}  # per stop: "paging", "idtr", "gdtr", "tr"
+        self._paging: PagingControl | None = None  # the last paging controls read
 
     def forget(self) -> None:
         """Drop the per-stop cache (before a run, after Python wrote a register)."""
@@ -67,9 +68,10 @@ class Registers:
         """The paging controls: once per stop between runs, fresh during a run."""
         ctl = self._cache.get("paging")
         if ctl is None:
-            ctl = self.read_paging()
-            if not self.running:
-                self._cache["paging"] = ctl
+            if self.m.engine.bits != 64:
+                return self.read_paging()
+            self._snapshot()
+            ctl = self._paging
         assert isinstance(ctl, PagingControl)
         return ctl
 
@@ -78,19 +80,52 @@ class Registers:
         by the engine) when CR4.PKE = 1, IA32_PKRS (kept by the MSR table) when
         CR4.PKS = 1."""
         e = self.m.engine
+        if e.bits == 64:
+            self._snapshot()
+            assert self._paging is not None
+            return self._paging
         cr0, cr3, cr4 = e.read(("cr0", "cr3", "cr4"))
-        pkru = e.pkru() if cr4 & CR4_PKE else 0
+        return self._control(cr0, cr3, cr4, e.read_msr(MSR_EFER))
+
+    def last_paging(self) -> PagingControl:
+        """The paging controls read with the last `arch_state` (the same engine call)."""
+        assert self._paging is not None
+        return self._paging
+
+    def _control(self, cr0: int, cr3: int, cr4: int, efer: int) -> PagingControl:
+        pkru = self.m.engine.pkru() if cr4 & CR4_PKE else 0
         pkrs = self.m.state.model.msrs.values[MSR_PKRS] if cr4 & CR4_PKS else 0
-        return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=e.read_msr(MSR_EFER), pkru=pkru,
-                             pkrs=pkrs)
+        return PagingControl(cr3=cr3, cr0=cr0, cr4=cr4, efer=efer, pkru=pkru, pkrs=pkrs)
+
+    def _snapshot(self) -> tuple[int, ...]:
+        """Everything an event reads from the engine, in one call
+        (`Engine.read_event_state`); between runs the paging controls and the table
+        registers it read are kept for the rest of the stop."""
+        v = self.m.engine.read_event_state()
+        ctl = self._paging
+        if ctl is None or (ctl.cr0, ctl.cr3, ctl.cr4, ctl.efer) != (v[6], v[7], v[8], v[21]) \
+                or v[8] & (CR4_PKE | CR4_PKS):
+            # (A new object only when something changed: walks are memoised per value.)
+            ctl = self._control(v[6], v[7], v[8], v[21])
+            self._paging = ctl
+        if not self.running:
+            cache = self._cache
+            cache["paging"] = ctl
+            cache["idtr"] = (v[9], v[10], v[11])
+            cache["gdtr"] = (v[13], v[14], v[15])
+            cache["tr"] = (v[17], v[18], v[19])
+        return v
 
     def table(self, which: str) -> tuple[int, int, int]:
         """IDTR/GDTR/TR as (selector, base, limit), cached like `paging`."""
         val = self._cache.get(which)
         if val is None:
-            val = self.m.engine.read_table(which)
-            if not self.running:
-                self._cache[which] = val
+            e = self.m.engine
+            if e.bits != 64:
+                return e.read_table(which)
+            v = self._snapshot()
+            i = (9, 13, 17)[("idtr", "gdtr", "tr").index(which)]
+            val = (v[i], v[i + 1], v[i + 2])
         assert isinstance(val, tuple)
         return val
 
@@ -98,11 +133,17 @@ class Registers:
         """The state `idt` delivers from: RIP, RSP, RFLAGS, CS, SS, CPL, the table
         registers, CR2, NMI blocking, and the descriptor caches of DS/ES/FS/GS (what an
         IRET to an outer level looks at; read only if something looks)."""
-        rip, rsp, rflags, cs, ss, cr2 = self.m.engine.read(("rip", "rsp", "rflags", "cs", "ss",
-                                                            "cr2"))
-        _, idt_base, idt_limit = self.table("idtr")
-        _, gdt_base, gdt_limit = self.table("gdtr")
-        tr_sel, tr_base, tr_limit = self.table("tr")
+        if self.m.engine.bits != 64:
+            rip, rsp, rflags, cs, ss, cr2 = self.m.engine.read(("rip", "rsp", "rflags", "cs",
+                                                                "ss", "cr2"))
+            _, idt_base, idt_limit = self.table("idtr")
+            _, gdt_base, gdt_limit = self.table("gdtr")
+            tr_sel, tr_base, tr_limit = self.table("tr")
+        else:
+            v = self._snapshot()
+            rip, rsp, rflags, cs, ss, cr2 = v[:6]
+            idt_base, idt_limit, gdt_base, gdt_limit = v[10], v[11], v[14], v[15]
+            tr_sel, tr_base, tr_limit = v[17], v[18], v[19]
         return ArchState(rip=rip, rsp=rsp, rflags=rflags, cs=cs, ss=ss, cpl=self.state.cpl,
                          idtr_base=idt_base, idtr_limit=idt_limit, gdtr_base=gdt_base,
                          gdtr_limit=gdt_limit, tr_selector=tr_sel, tr_base=tr_base,

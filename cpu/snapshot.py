@@ -19,9 +19,11 @@ What a checkpoint holds:
   the saved pages, and moving the checkpoint forward forgets them, so both cost what
   the schedule wrote, not the size of RAM;
 - the EPT's host memory the same way, and the machine's Python state — `Machine.state`
-  (cpu/state.py), every component's mutable state in one object — as a deep copy; the
-  trace and the serial log by length (records are not changed once the boundary that
-  emitted them is past).
+  (cpu/state.py), every component's mutable state in one object — as a deep copy, kept
+  pickled (the machine and its components by reference): a rollback unpickles it, which
+  costs a third of a deep copy (the race explorer rolls back once per schedule); state
+  that does not pickle is deep-copied instead. The trace and the serial log by length
+  (records are not changed once the boundary that emitted them is past).
 
 Caches that depend on memory contents (the page-walk memos, the EPT translation memo)
 are dropped at a rollback. Code is not re-decoded: a schedule must not change code
@@ -34,6 +36,8 @@ accepts only the latest.
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +65,7 @@ class Checkpoint:
     trace_counts: Counter[str]
     serial_len: int
     sites: frozenset[int]
+    pickled: bytes | None = None  # `state` pickled (None: it does not pickle)
 
 
 def _memo(machine: Machine) -> dict[int, Any]:
@@ -69,6 +74,44 @@ def _memo(machine: Machine) -> dict[int, Any]:
     keep = [machine, machine.ioram,  # memory, reverted page by page like `phys`
             *(v for v in vars(machine).values() if hasattr(v, "m") and v.m is machine)]
     return {id(o): o for o in keep}
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a state, naming the machine and its components instead of copying them."""
+
+    def __init__(self, out: io.BytesIO, keep: dict[int, int]) -> None:
+        super().__init__(out, protocol=pickle.HIGHEST_PROTOCOL)
+        self.keep = keep
+
+    def persistent_id(self, obj: Any) -> int | None:
+        return self.keep.get(id(obj))
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, objects: list[Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self.objects = objects
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.objects[pid]
+
+
+def _pickled(machine: Machine, state: MachineState) -> bytes | None:
+    keep = list(_memo(machine).values())
+    out = io.BytesIO()
+    try:
+        _Pickler(out, {id(o): i for i, o in enumerate(keep)}).dump(state)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return None  # a callback that does not pickle, say: deep copies then
+    return out.getvalue()
+
+
+def _copy_of(machine: Machine, cp: Checkpoint) -> MachineState:
+    if cp.pickled is not None:
+        state = _Unpickler(cp.pickled, list(_memo(machine).values())).load()
+        assert isinstance(state, MachineState)
+        return state
+    return copy.deepcopy(cp.state, _memo(machine))
 
 
 def take(machine: Machine) -> Checkpoint:
@@ -91,7 +134,7 @@ def take(machine: Machine) -> Checkpoint:
     cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
                     trace_len=machine.trace.emitted,
                     trace_counts=Counter(machine.trace.counts), serial_len=len(machine.serial),
-                    sites=e.site_addresses)
+                    sites=e.site_addresses, pickled=_pickled(machine, state))
     machine._checkpoint = cp
     return cp
 
@@ -109,7 +152,7 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
         e.remove_site(address)
     e.restore_state(cp.cpu)  # flushes the TLB
     e.forget_fills()
-    assign(machine.state, copy.deepcopy(cp.state, _memo(machine)))
+    assign(machine.state, _copy_of(machine, cp))
     if machine.ept is not None:
         ept = machine.ept
         assert cp.ept is not None

@@ -72,7 +72,8 @@ class Stops:
         # The action for the stop in progress (None between runs: a checkpoint checks).
         self.pending: Callable[[], None] | None = None
         self._site_actions: dict[SiteKind, Callable[[int], bool]] = {
-            SiteKind.IRET: lambda a: self._defer(lambda: m.emulated.iret(a)),
+            SiteKind.IRET: lambda a: (not m.emulated.iret_in_hook(a)
+                                      and self._defer(lambda: m.emulated.iret(a))),
             SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
             SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
             SiteKind.MOV_SS: lambda a: (m.checked.mov_ss(a)

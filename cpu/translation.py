@@ -16,7 +16,7 @@ through guest paging and — when the machine has VMX — through EPT, so they c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cpu.engine import PROT_R, PROT_W, PROT_X, REFUSE, Refuse
 from cpu.ept import EptMisconfig, EptViolation
@@ -43,7 +43,7 @@ class GuestMemory:
     """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
 
     # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
-    CACHES = frozenset({"walks", "ctl"})
+    CACHES = frozenset({"walks", "ctl", "_last"})
 
     def __init__(self, machine: Machine, *, architectural: bool = True) -> None:
         """`architectural`: the CPU's own implicit accesses (delivery, IRET), which go
@@ -56,6 +56,11 @@ class GuestMemory:
         # reading them from the engine for every 8-byte access dominated event cost.
         self.ctl: PagingControl | None = None
         self.walks = WalkCache(machine.phys)
+        # The last page translated during the current snapshot (an event pushes five or six
+        # slots and reads descriptors from one page): (ctl, page, access, user, physical
+        # page, the walk's check). Used only while the walk's entries still hold, so it
+        # gives what `walks` would; dropped with the snapshot.
+        self._last: tuple[PagingControl, int, Access, bool, int, Any] | None = None
 
     def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
         off = 0
@@ -66,6 +71,10 @@ class GuestMemory:
             off += n
 
     def _translate(self, addr: int, size: int, access: Access, user: bool, stack: bool) -> int:
+        last = self._last
+        if (last is not None and last[0] is self.ctl and last[1] == addr >> 12
+                and last[2] is access and last[3] == user and self.walks.holds(last[5])):
+            return last[4] | (addr & 0xFFF)  # (its page is in RAM: checked when it was kept)
         if not is_canonical(addr):
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                             why=f"non-canonical address {addr:#x}")
@@ -91,6 +100,8 @@ class GuestMemory:
             raise Stop(Outcome.OUTSIDE_MEMORY,
                        f"{access.name.lower()} of {addr:#x} maps to physical {paddr:#x}, "
                        "outside guest memory", m.engine.read_reg("rip"))
+        if self.ctl is not None and m.ept is None and m.phys.contains(t.paddr, 4096):
+            self._last = (self.ctl, addr >> 12, access, user, t.paddr, self.walks.last_check)
         return paddr
 
     def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TypeVar
+
+_D = TypeVar("_D")
 
 GATE_SIZE = 16
 GATE_TYPE_INTERRUPT = 0xE
@@ -76,6 +79,14 @@ class GateDescriptor:
 
     @classmethod
     def unpack(cls, raw: bytes) -> GateDescriptor:
+        key = bytes(raw[:GATE_SIZE])
+        found = _GATES.get(key)
+        if found is None:
+            found = _remember(_GATES, key, cls._decode(key))
+        return found
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> GateDescriptor:
         lo, sel, b4, b5, mid, hi, res = struct.unpack("<HHBBHII", raw[:GATE_SIZE])
         return cls(
             offset=lo | (mid << 16) | (hi << 32),
@@ -163,6 +174,14 @@ class SegmentDescriptor:
 
     @classmethod
     def unpack(cls, raw: bytes) -> SegmentDescriptor:
+        key = bytes(raw[:8])
+        found = _SEGMENTS.get(key)
+        if found is None:
+            found = _remember(_SEGMENTS, key, cls._decode(key))
+        return found
+
+    @classmethod
+    def _decode(cls, raw: bytes) -> SegmentDescriptor:
         (v,) = struct.unpack("<Q", raw[:8])
         return cls(
             base=((v >> 16) & 0xFFFFFF) | (((v >> 56) & 0xFF) << 24),
@@ -176,6 +195,20 @@ class SegmentDescriptor:
             db=(v >> 54) & 1,
             g=(v >> 55) & 1,
         )
+
+
+# Decoded descriptors by their bytes: descriptors are immutable values, and delivery and
+# IRET decode the same few (the gate, CS, SS) at every event.
+_GATES: dict[bytes, GateDescriptor] = {}
+_SEGMENTS: dict[bytes, SegmentDescriptor] = {}
+_MEMO_LIMIT = 4096
+
+
+def _remember(memo: dict[bytes, _D], key: bytes, value: _D) -> _D:
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def kernel_code64() -> SegmentDescriptor:

@@ -41,6 +41,7 @@ import importlib.util
 import multiprocessing
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -640,8 +641,38 @@ def run_chunk(plan: Plan, schedules: Sequence[Schedule]) -> list[Finding]:
     return [session.check(events, sch) for events, sch in schedules]
 
 
+# A worker's session, kept from one chunk to the next (per thread: a Dask worker may run
+# several tasks at once). Chunks are handed out in order of their first point, so the
+# chunks one worker gets come in that order too, and its session only goes forward: the
+# scenario is loaded and run up to the window once per worker, not once per chunk.
+_worker = threading.local()
+
+
+def _worker_session(plan: Plan, first: Point) -> Session:
+    session: Session | None = getattr(_worker, "session", None)
+    if session is None or session.plan != plan or session.index[first] < session.at:
+        session = Session(plan)
+        _worker.session = session
+    return session
+
+
+def _worker_init(plan: Plan) -> None:
+    """A worker process starts: load the scenario once (before its first chunk)."""
+    _worker.plan = plan
+    _worker.session = Session(plan)
+
+
+def _run_worker_chunk(schedules: Sequence[Schedule]) -> list[Finding]:
+    """A chunk of schedules for the worker process's own plan (shipped once, at start)."""
+    plan: Plan = _worker.plan
+    session = _worker_session(plan, schedules[0][1][0])
+    return [session.check(events, sch) for events, sch in schedules]
+
+
 def _run_chunk_job(job: tuple[Plan, Sequence[Schedule]]) -> list[Finding]:
-    return run_chunk(*job)
+    plan, schedules = job
+    session = _worker_session(plan, schedules[0][1][0])
+    return [session.check(events, sch) for events, sch in schedules]
 
 
 def _chunks(plan: Plan, schedules: list[Schedule], parts: int) -> list[list[int]]:
@@ -697,8 +728,12 @@ def run_schedules(plan: Plan, schedules: list[Schedule], *, jobs: int = 1,
                 if progress and (len(results) % 16 == 0 or len(results) == len(schedules)):
                     _progress(len(results), len(schedules), started, progress)
         else:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for chunk, found in zip(chunks, pool.imap(_run_chunk_job, jobs_list),
+            # Long-lived workers: each loads the scenario once (its initializer) and keeps
+            # its session; only the schedules travel. `imap` hands chunks out in order.
+            with multiprocessing.get_context("spawn").Pool(
+                    workers, initializer=_worker_init, initargs=(plan,)) as pool:
+                for chunk, found in zip(chunks, pool.imap(_run_worker_chunk,
+                                                          [j[1] for j in jobs_list]),
                                         strict=True):
                     collect(chunk, found)
     finally:
