@@ -77,6 +77,7 @@ class SiteKind(StrEnum):
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
     INVALID_UD = "invalid_ud"  # an encoding the SDM makes #UD and the engine runs anyway
     RDTSC = "rdtsc"  # emulated: the TSC is the machine's cycle count plus an offset
+    RDTSCP = "rdtscp"  # emulated, as RDTSC, with IA32_TSC_AUX in ECX
     SSE_ALIGN = "sse_align"  # checked, then native: a 16/32-byte operand that must be aligned
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
 
@@ -88,7 +89,7 @@ MAX_INSN_LENGTH = 15
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
               "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
               "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "rdpmc": SiteKind.RDPMC,
-              "rdtsc": SiteKind.RDTSC, "rdtscp": SiteKind.RDTSC,
+              "rdtsc": SiteKind.RDTSC, "rdtscp": SiteKind.RDTSCP,
               "xsetbv": SiteKind.XCR, "xgetbv": SiteKind.XCR,
               "lgdt": SiteKind.TABLE_LOAD, "lidt": SiteKind.TABLE_LOAD,
               "lldt": SiteKind.TABLE_LOAD, "ltr": SiteKind.TABLE_LOAD,

@@ -439,24 +439,29 @@ class Emulated:
         flag = UNDECLARED_INSNS.get(name, "its CPUID flag")
         m.deliver(Event.exception(Vector.UD, address), why=f"{name.upper()}: {flag} = 0")
 
-    def rdtsc(self, address: int) -> None:
-        """RDTSC (0F 31) and RDTSCP (0F 01 F9), from the machine's TSC."""
+    def rdtsc(self, address: int, *, rdtscp: bool = False) -> None:
+        """RDTSC (0F 31) and RDTSCP (0F 01 F9), from the machine's TSC. Delay loops run
+        one per iteration, so this path decodes nothing: the length is the site's."""
         m = self.m
         e = m.engine
         e.uncount()
         cpl = m.regs.state.cpl
-        code = m.code_bytes(address, 15)
-        insn = decode_one(code, address) if code is not None else None
-        if insn is None:
-            raise Stop(Outcome.UNSUPPORTED, f"RDTSC at {address:#x} could not be decoded",
-                       address)
+        name = "RDTSCP" if rdtscp else "RDTSC"
+        length = m.sites.lengths.get(address)
+        if length is None:
+            code = m.code_bytes(address, 15)
+            insn = decode_one(code, address) if code is not None else None
+            if insn is None:
+                raise Stop(Outcome.UNSUPPORTED, f"{name} at {address:#x} could not be "
+                           "decoded", address)
+            length = insn.size
         if cpl != 0 and e.read_reg("cr4") & CR4_TSD:
             m.deliver(Event.exception(Vector.GP, address, 0),
-                      why=f"{insn.mnemonic.upper()} at CPL{cpl} with CR4.TSD = 1")
+                      why=f"{name} at CPL{cpl} with CR4.TSD = 1")
             return
         tsc = m.model.msrs.read(MSR_TSC)
-        out = {"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32, "rip": address + insn.size}
-        if insn.mnemonic == "rdtscp":
+        out = {"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32, "rip": address + length}
+        if rdtscp:
             out["rcx"] = e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
         rflags = e.read_reg("rflags")
         e.write(out)
