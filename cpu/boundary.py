@@ -11,10 +11,15 @@ At every boundary the machine holds (between engine runs), in this order (Bochs'
    6.9 "Priority Among Concurrent Exceptions and Interrupts"), which is delivered; then
    again from step 3 at the handler's first instruction, until nothing can be taken.
 
-When an event is held only by a shadow or IF = 0, the next run executes one
-instruction (`state.step`), so the boundary where it becomes deliverable is seen
-exactly. HLT waits here: time jumps to the next deadline until an event is delivered,
-and a HLT nothing can wake ends the run.
+When an event is held only by a shadow, the next run executes one instruction
+(`state.step`), so the boundary where it becomes deliverable is seen exactly. An
+interrupt held by IF = 0 waits for an instruction that sets IF: IRET and SYSRET are
+emulated (a boundary follows them anyway), and STI and POPF are sites that, while an
+interrupt is pending, stop the engine before them and run them alone (`may_set_if`), so
+the code in between runs at full speed and the boundary after them is seen exactly.
+
+HLT waits here: time jumps to the next deadline until an event is delivered, and a HLT
+nothing can wake ends the run.
 
 Shadows: STI that sets IF and MOV SS open a one-instruction shadow, recorded as "in
 force at the boundary where `icount` instructions have retired and RIP is the next
@@ -45,6 +50,8 @@ class BoundaryState:
     # (icount after the shadow-opening instruction retires, the RIP after it, kind)
     shadow: tuple[int, int, Shadow] | None = None
     step: bool = False  # the next run executes one instruction
+    # (icount, RIP) of the boundary before an STI/POPF that runs alone (`may_set_if`)
+    step_through: tuple[int, int] | None = None
     halted: bool = False
 
 
@@ -66,6 +73,27 @@ class EventBoundary:
         the end of the current translation block in fast mode)."""
         e = self.m.engine
         e.set_stop_at(min(int(e.counter.stop_at), e.icount + 1))
+
+    # -- IF-setting instructions -----------------------------------------------------------
+    def may_set_if(self, address: int) -> bool:
+        """At an STI or POPF site, before it runs: while an interrupt is pending (held by
+        IF = 0, or it would have been delivered), stop before the instruction and run it
+        alone, so that the boundary right after it is held and arbitrated. True stops the
+        engine; the second time here (the run of the instruction alone) it runs."""
+        m = self.m
+        if m.apic is None or m.apic.pending_vector() is None:
+            return False
+        e = m.engine
+        here = e.count_at(address)
+        if self.state.step_through == (here - 1, address):
+            return False
+
+        def alone() -> None:
+            e.uncount()  # counted, not executed: the boundary before it
+            self.state.step_through = (e.icount, address)
+
+        m.stops.pending = alone
+        return True
 
     # -- shadows -----------------------------------------------------------------------
     def open_shadow(self, address: int, kind: SiteKind) -> bool:
@@ -206,7 +234,8 @@ class EventBoundary:
         due = m.injections.next_icount_stop()
         if due is not None:
             n = min(n, due)
-        if self.state.step:
+        through = self.state.step_through
+        if self.state.step or (through is not None and through[0] == m.engine.icount):
             n = min(n, m.engine.icount + 2)
         debug = m.debug.next_stop()
         if debug is not None:

@@ -60,6 +60,7 @@ class SiteKind(StrEnum):
     WRMSR = "wrmsr"
     CPUID = "cpuid"  # emulated for the leaves the CPU model declares
     STI = "sti"  # observed: opens an interrupt shadow when it sets IF
+    POPF = "popf"  # observed: may set IF, which an interrupt held by IF = 0 waits for
     MOV_SS = "mov_ss"  # observed: opens a MOV-SS shadow
     OUT = "out"  # checked (I/O permission), and a write to an exit port ends the run after it
     IN = "in"  # checked: the I/O permission bitmap at CPL > IOPL (cpu/io_permission.py)
@@ -90,6 +91,7 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
               "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "rdpmc": SiteKind.RDPMC,
               "rdtsc": SiteKind.RDTSC, "rdtscp": SiteKind.RDTSCP,
+              "popf": SiteKind.POPF, "popfq": SiteKind.POPF, "popfw": SiteKind.POPF,
               "xsetbv": SiteKind.XCR, "xgetbv": SiteKind.XCR,
               "lgdt": SiteKind.TABLE_LOAD, "lidt": SiteKind.TABLE_LOAD,
               "lldt": SiteKind.TABLE_LOAD, "ltr": SiteKind.TABLE_LOAD,

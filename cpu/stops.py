@@ -75,7 +75,9 @@ class Stops:
             SiteKind.IRET: lambda a: (not m.emulated.iret_in_hook(a)
                                       and self._defer(lambda: m.emulated.iret(a))),
             SiteKind.HLT: lambda a: self._defer(lambda: m.emulated.hlt(a)),
-            SiteKind.STI: lambda a: m.boundary.open_shadow(a, SiteKind.STI),
+            SiteKind.STI: lambda a: (m.boundary.may_set_if(a)
+                                     or m.boundary.open_shadow(a, SiteKind.STI)),
+            SiteKind.POPF: m.boundary.may_set_if,
             SiteKind.MOV_SS: lambda a: (m.checked.mov_ss(a)
                                         or m.boundary.open_shadow(a, SiteKind.MOV_SS)),
             SiteKind.OUT: lambda a: self.io_site(a) or m.platform.exit_write(a),

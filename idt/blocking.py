@@ -125,15 +125,21 @@ class Interruptibility:
 @dataclass(frozen=True)
 class Choice:
     """The arbiter's answer: what to deliver now ("nmi", "intr" or None), and what is
-    held back and why (the machine steps one instruction at a time only while something
-    is held by a reason that can end without an event: a shadow or IF = 0)."""
+    held back and why. A shadow ends after one instruction, whatever it is: the machine
+    runs that one instruction alone (`needs_stepping`). IF = 0 ends only at an
+    instruction that sets IF (STI, POPF, IRET, SYSRET), which the machine stops at
+    (`waits_for_if`); it does not step the code in between."""
 
     deliver: str | None
     held: tuple[tuple[str, Held], ...] = ()
 
     @property
     def needs_stepping(self) -> bool:
-        return any(h is Held.IF_CLEAR or h.lasts_one_instruction for _, h in self.held)
+        return any(h.lasts_one_instruction for _, h in self.held)
+
+    @property
+    def waits_for_if(self) -> bool:
+        return any(h is Held.IF_CLEAR for _, h in self.held)
 
 
 def arbitrate(st: Interruptibility, *, if_flag: bool, intr_pending: bool) -> Choice:

@@ -374,3 +374,47 @@ def test_the_single_step_trap_after_a_mov_ss_chain_comes_where_the_shadow_ends(
     assert frames.seen[0][0]["icount"] == icount
     assert m.engine.read_reg("dr6") == DR6_BS
     assert (r.outcome, r.rip) == ("hlt", sym["db_handler"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_code_run_with_if_0_and_an_interrupt_pending_is_not_stepped_and_sti_still_lets_it_in_exactly(
+        mode: str) -> None:
+    # The interrupt waits for IF: the 2 000-instruction loop runs in a few engine runs,
+    # not one per instruction; the STI is stopped at and run alone, its shadow holds the
+    # interrupt for the NOP, and it is taken at `after`.
+    m, sym = build("""
+    start:
+        cli
+    held:                   # the interrupt arrives here, IF = 0
+        mov ecx, 1000
+    spin:
+        dec ecx
+        jnz spin
+        sti
+    in_shadow:
+        nop
+    after:
+        nop
+        hlt
+    h30:
+        iretq
+    """, gates={VEC: gate("h30")}, mode=mode)
+    m.inject("interrupt", vector=VEC, before="held")
+    frames = Frames(m)
+    runs = 0
+    engine_run = m.engine.run
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal runs
+        runs += 1
+        return engine_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    m.engine.run = counting  # type: ignore[method-assign]
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=5000)
+
+    zf_pf = 0x44  # from the last DEC, to 0
+    expect(frames.seen[0], vector=VEC, frame=at(sym["after"], START_RFLAGS | zf_pf),
+           stack="current", stack_top=KERNEL_STACK, source="interrupt", handler=sym["h30"])
+    assert frames.seen[0][0]["icount"] == 1 + 1 + 2000 + 1 + 1  # cli, mov, loop, sti, nop
+    assert (r.outcome, r.icount) == ("hlt", 2007)  # + iretq, nop, hlt
+    assert runs <= 12

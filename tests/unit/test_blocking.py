@@ -60,7 +60,8 @@ def test_a_held_event_names_its_reason_and_stepping_is_asked_only_for_one_instru
     assert movss.held == (("nmi", Held.MOV_SS_SHADOW), ("intr", Held.MOV_SS_SHADOW))
     assert movss.needs_stepping
     if_clear = arbitrate(Interruptibility(), if_flag=False, intr_pending=True)
-    assert if_clear.held == (("intr", Held.IF_CLEAR),) and if_clear.needs_stepping
+    assert if_clear.held == (("intr", Held.IF_CLEAR),) and if_clear.waits_for_if
+    assert not if_clear.needs_stepping  # IF = 0 ends at an IF-setting instruction, a stop
 
 
 def test_an_nmi_wins_over_an_interrupt_which_stays_held_not_dropped() -> None:
