@@ -68,6 +68,7 @@ from cpu.engine import ERR_INSN_INVALID, Engine
 from cpu.ept import Ept, EptMisconfig, EptViolation
 from cpu.events import AsyncEvent, Injection, Interrupt, Nmi, Point, make_event, make_point
 from cpu.frames import Frames, FrameState
+from cpu.fred import Fred, FredConfig
 from cpu.injections import Injections, InjectionState
 from cpu.interrupts import Wires
 from cpu.layout import KERNEL_CS, KERNEL_DS, RESERVED_END, USER_CS, USER_DS, PageSpec, SystemLayout
@@ -173,6 +174,7 @@ class Machine:
         self.vmx_host = Vmx(self, st.vmx)
         self.apf_host = ApfHost(self, st.apf)
         self.debug = Debug(self, st.debug)
+        self.fred = Fred(self, st.fred)
         self.emulated = Emulated(self)
         self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)
@@ -326,7 +328,22 @@ class Machine:
 
     def build(self) -> None:
         """Write page tables and load the control registers (once, before running)."""
+        first = not self.layout.built
         self.layout.build()
+        if first and self.fred.enable_at_build:
+            self.fred.set_cr4_fred()
+
+    def enable_fred(self, options: FredConfig | None = None, *, enable: bool = True,
+                    **msrs: int) -> None:
+        """Give the CPU FRED (cpu/fred.py): CPUID reports FRED and LKGS, CR4.FRED and the
+        FRED MSRs exist. `msrs` sets them by name (config, rsp0..rsp3, stklvls,
+        ssp1..ssp3; the WRMSR checks apply); `enable` also sets CR4.FRED."""
+        self.fred.config = options or FredConfig()
+        for name, value in msrs.items():
+            self.fred.set_msr(name, value)
+        if enable and self.layout.built:
+            self.fred.set_cr4_fred()
+        self.fred.enable_at_build = enable
 
     def observe_cr2_reads(self) -> None:
         """Emit a `cr2_read` record at every `MOV reg, CR2` in decoded code: the value
@@ -422,6 +439,9 @@ class Machine:
     def deliver(self, ev: Event, why: str = "") -> None:
         """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
         self.debug.before_delivery(ev)  # a #DB trap still owed is void (cpu/debug.py)
+        if self.fred.config is not None and self.fred.active():
+            self.fred.deliver(ev, why)  # CR4.FRED = 1: no IDT (cpu/fred.py)
+            return
         st = self.regs.arch_state()
         cr2_before = st.cr2
         st.rip = ev.return_rip
