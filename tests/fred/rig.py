@@ -76,6 +76,7 @@ def build(main: str, *, user: str = "hlt", kernel: str = "hlt", extra: Mapping[i
         blocks.append(CodeBlock(at, textwrap.dedent(src), origin=f"block {at:#x}", first_line=1))
     assembled, symbols = assemble_blocks(blocks, known={"DATA": DATA})
     m = Machine(MEMORY)
+    m.symbols.update(symbols)
     for b in assembled:
         m.load(b.at, b.code, code=True)
     for spec in pages:
