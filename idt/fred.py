@@ -327,10 +327,10 @@ def deliver(mem: SystemMemory, st: ArchState, ev: FredEvent, msrs: FredMsrs, *,
         raise ArchFault(Vector.GP, 0, why=f"FRED entry point {entry:#x} non-canonical")
 
     switched = old_cpl == 3 or new_csl > old_csl
-    if switched:
-        top = msrs.rsp[new_csl]  # WRMSR keeps these 64-byte aligned
-    else:
-        top = ((st.rsp - msrs.red_zone) & ~(FRAME_ALIGN - 1)) & (2**64 - 1)
+    # A switch loads IA32_FRED_RSP[new level] (WRMSR keeps it 64-byte aligned); otherwise
+    # the frame goes below the current RSP, after the red zone, 64-byte aligned.
+    same_level_top = ((st.rsp - msrs.red_zone) & ~(FRAME_ALIGN - 1)) & (2**64 - 1)
+    top = msrs.rsp[new_csl] if switched else same_level_top
 
     rflags = st.rflags | (RFLAGS_RF if ev.set_rf else 0)
     frame = FredFrame(

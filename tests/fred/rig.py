@@ -47,7 +47,7 @@ K_GS, U_GS = 0xFFFF_8000_0000_1000, 0x7000_0000  # GS.base in ring 0 / ring 3
 
 ERETS = ".byte 0xf2, 0x0f, 0x01, 0xca"
 ERETU = ".byte 0xf3, 0x0f, 0x01, 0xca"
-HANDLERS = f"""
+HANDLERS = """
 user_entry:
     hlt
 """

@@ -213,7 +213,7 @@ def test_case12_with_the_df_stack_broken_too_the_cpu_shuts_down() -> None:
 
 
 def test_case13_a_nested_pf_from_ring3_uses_the_ring0_level_rule_and_bit_58() -> None:
-    user = f"""
+    user = """
         .byte 0xf3, 0x0f, 0x01, 0xca
     """
     m, _ = build("ud2\n", user=user, stklvls=0x0000_0020_0003_0024 | 2 << 28,

@@ -9,7 +9,7 @@ import pytest
 
 from idt.descriptors import SegmentDescriptor
 from idt.fred import EretResult, FredMsrs, erets, eretu
-from idt.state import ArchFault, ArchState
+from idt.state import ArchFault
 from tests.fred.rig import CODE, ERETS, ERETU, KERNEL_ENTRY, build, records, start
 from tests.unit.fakes import World, make_state
 
@@ -171,4 +171,4 @@ def test_case15_eretu_on_the_machine_enters_ring3_with_the_standard_cs_and_swaps
     # GS: swapped by ERETU, then back by the ring-3 event: the kernel's again.
     assert (e.read_msr(0xC0000101), e.read_msr(0xC0000102)) == (0xFFFF_8000_0000_1000,
                                                                 0x7000_0000)
-    assert KERNEL_ENTRY != d["handler"]
+    assert d["handler"] != KERNEL_ENTRY

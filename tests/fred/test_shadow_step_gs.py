@@ -110,7 +110,7 @@ def test_case18_eretu_of_a_syscall_frame_with_tf_pends_a_single_step_db_at_once(
 def test_case18_without_bit_17_the_db_comes_after_the_next_instruction() -> None:
     *delivered, syms = step_case("syscall", clear_bit17=True)
     user_code = int(syms["user_code"])
-    syscall, db = delivered
+    _syscall, db = delivered
     assert (db["vector"], db["rip"]) == (1, user_code + 3)  # after the NOP
 
 
