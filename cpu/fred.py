@@ -65,7 +65,7 @@ from idt.fred import (
     lkgs_base,
 )
 from idt.state import RFLAGS_RF, ArchFault, Event, Source, is_canonical
-from idt.vectors import Vector, vector_name
+from idt.vectors import Vector, pushes_error_code, vector_name
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -249,9 +249,12 @@ class Fred:
         m.state.boundary.shadow = None  # a delivered event ends any interrupt shadow
         f = d.frame
         source = during.source.trace_name if d.event.type is not EventType.OTHER else "software"
+        # Slot 0 is always there (0 when the event has none); the record says null for an
+        # event without an error code, as IDT delivery records do.
+        has_code = d.event.type is EventType.HWEXC and pushes_error_code(d.event.vector)
         rec = m.emit(
             "deliver", vector=d.event.vector, name=d.event.name, source=source,
-            error_code=f.error_code, rip=f.rip, cs=f.cs, rflags=f.rflags, old_rsp=f.rsp,
+            error_code=f.error_code if has_code else None, rip=f.rip, cs=f.cs, rflags=f.rflags, old_rsp=f.rsp,
             ss=f.ss, rsp=d.new_rsp, stack=d.stack, handler=d.new_rip, cpl=0,
             depth=m.state.frames.depth, fred=True, type=int(d.event.type),
             stack_level=d.new_csl, event_data=f.event_data)

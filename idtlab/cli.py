@@ -45,6 +45,7 @@ DEMOS = {
 SIDE_BY_SIDE = {
     "ve-rearm-race": ("ve/ve_rearm_race_clear_then_iret.toml", "ve/ve_rearm_race_deferred.toml"),
     "nested-nmi-both": ("nested_nmi_naive.toml", "nested_nmi_safe.toml"),
+    "fred-vs-idt": ("nested_nmi_naive.toml", "nested_nmi_fred.toml"),
 }
 # Demos that print a table computed by the race explorer (no single scenario).
 TABLES = {
