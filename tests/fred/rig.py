@@ -28,6 +28,7 @@ from typing import Any
 from cpu.fred import FredConfig
 from cpu.layout import PageSpec
 from cpu.machine import Machine
+from cpu.vmx import VmxConfig
 from idtlab.assemble import CodeBlock, assemble_blocks
 
 MEMORY = 16 << 20
@@ -64,7 +65,8 @@ def ss(sel: int, t: int, v: int, flags: int = 0, length: int = 0, *, l64: int = 
 def build(main: str, *, user: str = "hlt", kernel: str = "hlt", extra: Mapping[int, str] | None = None,
           config: int = CONFIG, stklvls: int = STKLVLS, pages: Iterable[PageSpec] = (),
           star: int = STAR, fred: FredConfig | None = None, enable: bool = True,
-          rsp: tuple[int, int, int, int] = RSP) -> tuple[Machine, dict[str, int]]:
+          rsp: tuple[int, int, int, int] = RSP,
+          vmx: VmxConfig | None = None) -> tuple[Machine, dict[str, int]]:
     """A fresh FRED machine: `main` at CODE, `user` at the ring-3 entry, `kernel` at the
     ring-0 entry, `extra` blocks at their addresses."""
     blocks = [CodeBlock(CODE, textwrap.dedent(main), origin="main", first_line=1),
@@ -75,7 +77,7 @@ def build(main: str, *, user: str = "hlt", kernel: str = "hlt", extra: Mapping[i
     for at, src in (extra or {}).items():
         blocks.append(CodeBlock(at, textwrap.dedent(src), origin=f"block {at:#x}", first_line=1))
     assembled, symbols = assemble_blocks(blocks, known={"DATA": DATA})
-    m = Machine(MEMORY)
+    m = Machine(MEMORY, vmx=vmx)
     m.symbols.update(symbols)
     for b in assembled:
         m.load(b.at, b.code, code=True)
