@@ -24,6 +24,9 @@ from tests.fred.rig import CODE, ERETS, RSP, build, records, start
 EXAMPLES = Path(__file__).resolve().parents[2] / "idtlab" / "examples" / "explore"
 IDT_NMI = EXAMPLES / "nested_nmi_naive.toml"
 FRED_NMI = EXAMPLES / "nested_nmi_fred.toml"
+IDT_CR2 = EXAMPLES / "cr2_race.toml"
+FRED_CR2 = EXAMPLES / "cr2_race_fred.toml"
+EVENT_DATA_READ = "    mov rsi, qword ptr [rsp + 168]  # the frame's event data: this #PF's address\n"
 
 
 def test_the_nested_nmi_clobber_found_under_idt_is_gone_under_fred() -> None:
@@ -52,6 +55,26 @@ def test_under_fred_a_second_nmi_in_the_bp_handler_waits_for_the_nmi_frames_eret
     second = [r for r in result.trace.records if r["kind"] == "deliver"][2]
     assert (second["name"], second["rip"], second["rsp"]) == ("NMI", sc.symbols["work"],
                                                              0x122000 - 64)
+
+
+def test_the_explored_cr2_race_remains_for_cr2_readers_and_is_gone_with_event_data(
+        tmp_path: Path) -> None:
+    # Under IDT, and under FRED for a handler that still reads CR2 late: an NMI at any
+    # boundary before the read (its handler's #PF rewrites CR2) breaks it, none after.
+    idt = explore(IDT_CR2, "nmi", "pf_handler", "pf_done", invariants=("cr2-consistent",))
+    text = FRED_CR2.read_text()
+    assert EVENT_DATA_READ in text
+    late = tmp_path / "cr2_race_fred_reads_cr2.toml"
+    late.write_text(text.replace(EVENT_DATA_READ, "    mov rsi, cr2\n"))
+    fred_cr2 = explore(late, "nmi", "pf_handler", "pf_done", invariants=("cr2-consistent",))
+    for findings in (idt, fred_cr2):
+        broken = [f for f in findings if not f.ok]
+        assert len(broken) == 16
+        assert all(f.point.label.startswith("pf_") for f in broken)
+        assert all("expected 0x400000, got 0x500000" in " ".join(f.failures) for f in broken)
+    # Under FRED, reading the frame's event data: no boundary breaks it.
+    fred = explore(FRED_CR2, "nmi", "pf_handler", "pf_done")
+    assert len(fred) == 37 and [f.name for f in fred if not f.ok] == []
 
 
 CR2_KERNEL = f"""
