@@ -41,6 +41,16 @@ def test_the_nested_nmi_clobber_found_under_idt_is_gone_under_fred() -> None:
     assert {f.outcome for f in fred} == {"exit"}
 
 
+def test_under_fred_two_more_nmis_at_every_ordered_pair_of_points_break_nothing() -> None:
+    # Three NMIs in all (the scenario's and two explorer NMIs): 27 points, 378 ordered
+    # pairs; no frame is overwritten in any of them, and every run finishes the loop.
+    fred = explore(FRED_NMI, ("nmi", "nmi"), "fred_kernel_entry", "main_done",
+                   invariants=("frames-intact",))
+    assert len(fred) == 27 * 28 // 2
+    assert [f.name for f in fred if not f.ok] == []
+    assert {f.outcome for f in fred} == {"exit"}
+
+
 def test_under_fred_a_second_nmi_in_the_bp_handler_waits_for_the_nmi_frames_erets() -> None:
     sc = scn.load(FRED_NMI)
     m = sc.machine
