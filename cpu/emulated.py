@@ -124,6 +124,14 @@ class Emulated:
             m.vmx_host.ept_misconfig(bad, address)
             return
         m.intr.nmi_blocked = False
+        if res.cpl > st.cpl and m.fred.active():
+            # FRED: only ERETU returns to ring 3; IRET to an outer level is #GP(selector)
+            # after its checks (Bochs iret.cc; NMIs are unblocked, as for any faulting IRET).
+            why = "IRET to an outer privilege level with CR4.FRED = 1"
+            m.emit("iret_fault", rip=address, vector=Vector.GP, error_code=res.cs & 0xFFFC,
+                   nmi_unblocked=was_blocked, why=why)
+            m.deliver(Event.exception(Vector.GP, address, res.cs & 0xFFFC), why=why)
+            return
         e.recount()
         cost = m.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
         m.regs.load_segments(res.cs, res.ss, res.cpl, current=(st.cs, st.ss))

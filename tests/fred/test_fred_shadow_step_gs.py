@@ -179,3 +179,41 @@ def test_case3_the_frame_from_ring3_has_the_ring3_selectors() -> None:
     start(m, CODE, cpl=3)
     assert frame(m, RSP[0] - 64) == expect_frame(
         rip=CODE, cs=UCS, rflags=0x10246, rsp=USER_RSP, ss=ss(USS, 3, 6))
+
+
+def test_iret_to_ring3_under_fred_is_gp_with_the_cs_selector() -> None:
+    main = """
+        push 0x23
+        push 0x7F0123
+        push 0x246
+        push 0x1B
+        push 0x100000
+    the_iret:
+        iretq
+    """
+    m, sym = build(main)
+    start(m, CODE)
+    (fault,) = records(m, "iret_fault")
+    (d,) = records(m, "deliver")
+    assert (fault["vector"], fault["error_code"]) == (13, 0x18)
+    assert (d["name"], d["error_code"], d["rip"], m.cpl) == ("#GP", 0x18, sym["the_iret"], 0)
+
+
+def test_a_same_ring_iret_under_fred_still_returns_and_unblocks_nmis() -> None:
+    kernel = """
+        push 0x10
+        lea rax, [rsp + 8]
+        push rax
+        push 0x2
+        push 0x08
+        lea rax, [rip + after]
+        push rax
+        iretq
+    after:
+        hlt
+    """
+    m, _ = build("nop\nhlt\n", kernel=kernel)
+    m.nmi()
+    start(m, CODE)
+    (iret,) = records(m, "iret")
+    assert iret["nmi_unblocked"] is True and not m.intr.nmi_blocked
