@@ -244,6 +244,10 @@ class Fred:
             m.regs.load_fixed_segments(kernel_cs, CS64_DPL0, (kernel_cs + 8) & 0xFFFC,
                                        SS_DPL0, 0)
             self._swap_gs()
+        else:
+            # CS and SS stay; this only resets QEMU's stale exception state when an
+            # engine-raised exception left one (cpu/registers.py), as IDT delivery does.
+            m.regs.load_segments(st.cs, st.ss, st.cpl, current=(st.cs, st.ss))
         self._set_csl(d.new_csl)
         e.write({"rip": d.new_rip, "rsp": d.new_rsp, "rflags": d.new_rflags})
         m.state.boundary.shadow = None  # a delivered event ends any interrupt shadow
@@ -296,6 +300,7 @@ class Fred:
         fev = FredEvent(EventType.OTHER, SYSENTER_VECTOR if sysenter else SYSCALL_VECTOR,
                         return_rip=address + size, insn_rip=address, insn_len=size,
                         source=Source.SOFTWARE)
+        m.debug.before_delivery(fev.as_event())  # as Machine.deliver does for every event
         self.deliver_fred(fev, f"{name} under FRED", retire=True)
 
     def undefined(self, address: int, what: str) -> None:

@@ -7,6 +7,7 @@ from cpu.fred import FredConfig
 from cpu.layout import PageSpec
 from tests.fred.rig import (
     CODE,
+    ERETS,
     K_GS,
     KCS,
     KERNEL_ENTRY,
@@ -236,3 +237,23 @@ def test_case13_a_nested_pf_from_ring3_uses_the_ring0_level_rule_and_bit_58() ->
                                                                   "current")
     assert csl(m) == 2
     assert gs_bases(m) == (K_GS, U_GS)  # swapped once, by the one delivery from ring 3
+
+
+def test_consecutive_engine_raised_faults_at_the_same_level_stay_what_they_are() -> None:
+    # Two #DE in a row, each skipped by the handler: the engine's nested-exception
+    # bookkeeping must not turn the second into #DF (IDT delivery resets it the same way).
+    main = """
+        xor ecx, ecx
+        mov eax, 1
+        div ecx
+        div ecx
+        div ecx
+        hlt
+    """
+    kernel = f"""
+        add qword ptr [rsp+8], 2
+        {ERETS}
+    """
+    m, _ = build(main, kernel=kernel)
+    start(m, CODE)
+    assert [r["name"] for r in records(m, "deliver")] == ["#DE", "#DE", "#DE"]
