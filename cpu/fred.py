@@ -91,6 +91,14 @@ class FredConfig:
     # WRMSR IA32_FRED_CONFIG with a non-canonical entry: #GP(0) (KVM), or accepted and
     # #GP(0) at delivery (Bochs).
     config_canonical_check: bool = True
+    # Which exceptions are "nested" (SS bit 58, the ring-0 stack-level rule): any raised
+    # while delivering any event (KVM; FRED 5.0 appendix B as KVM quotes it), or only one
+    # raised while delivering an exception (Bochs).
+    nested_after_any_event: bool = True
+    # SS bit 16 for an event taken in a MOV-SS shadow: the bit is named for STI and no
+    # source covers MOV SS; True counts a MOV-SS shadow too (Bochs' inhibit-mask test
+    # would, were it not cleared first).
+    mov_ss_sets_sti_bit: bool = False
 
 
 @dataclass
@@ -200,18 +208,19 @@ class Fred:
         st.rip = fev.return_rip
         if fev.type not in (EventType.NMI, EventType.EXTINT):
             st.rflags &= ~RFLAGS_RF  # see Machine.deliver: RF is stale after one instruction
-        sti = bool(m.boundary.shadow_at(fev.return_rip, e.icount) & Shadow.STI)
+        options = self.config or FredConfig()
+        shadows = Shadow.STI | (Shadow.MOV_SS if options.mov_ss_sets_sti_bit else Shadow.NONE)
+        sti = bool(m.boundary.shadow_at(fev.return_rip, e.icount) & shadows)
         if st.cpl == 3:
             m.frames.user_mode()
         live = m.frames.snapshot()
-        fmask = None
-        if self.config is not None and self.config.apply_fmask:
-            fmask = e.read_msr(MSR_FMASK_INDEX)
+        fmask = e.read_msr(MSR_FMASK_INDEX) if options.apply_fmask else None
         during = idt_event or fev.as_event()
         try:
             with m.paging_snapshot():
                 out = deliver_event(m.sysmem, st, fev, self.msrs(), sti=sti,
-                                    long_mode=e.in_64bit_mode(), fmask=fmask)
+                                    long_mode=e.in_64bit_mode(), fmask=fmask,
+                                    nested_after_any_event=options.nested_after_any_event)
         except EptViolation as violation:
             m.vmx_host.ept_violation(violation, fev.insn_rip, violation.access, during=during)
             return

@@ -365,13 +365,15 @@ class FredOutcome:
 
 
 def deliver_event(mem: SystemMemory, st: ArchState, ev: FredEvent, msrs: FredMsrs, *,
-                  sti: bool = False, long_mode: bool = True,
-                  fmask: int | None = None) -> FredOutcome:
+                  sti: bool = False, long_mode: bool = True, fmask: int | None = None,
+                  nested_after_any_event: bool = True) -> FredOutcome:
     """Deliver `ev`; a fault during delivery becomes a nested exception (SS bit 58, the
     ring-0 level rule) or #DF by the unchanged class table (idt.double_fault.combine), and
     a fault while delivering #DF shuts down. The original interrupted context is what
     every retry saves. `st.cr2` is updated by a #PF (also one raised during delivery);
-    `st.nmi_blocked` is set as an NMI's delivery starts, as in IDT delivery."""
+    `st.nmi_blocked` is set as an NMI's delivery starts, as in IDT delivery.
+    `nested_after_any_event`: an exception raised while delivering any event is nested
+    (KVM); False: only one raised while delivering an exception (Bochs)."""
     out = FredOutcome(delivery=None, nested=[])
     if ev.type is EventType.NMI:
         st.nmi_blocked = True
@@ -398,9 +400,10 @@ def deliver_event(mem: SystemMemory, st: ArchState, ev: FredEvent, msrs: FredMsr
                                     nested=False, source=Source.EXCEPTION)
             else:
                 data = fault.cr2 if fault.vector == Vector.PF and fault.cr2 is not None else 0
+                nested = nested_after_any_event or current.type is EventType.HWEXC
                 current = FredEvent(EventType.HWEXC, fault.vector, current.insn_rip,
                                     current.insn_rip, error_code=fault.error_code or 0,
-                                    event_data=data, nested=True,
+                                    event_data=data, nested=nested,
                                     set_rf=fault.vector != Vector.DB, source=Source.EXCEPTION)
 
 
@@ -486,7 +489,9 @@ def eretu(mem: SystemMemory, st: ArchState, msrs: FredMsrs, *, fred: bool, star:
         cs_flags, ss_flags, compat = CS32_DPL3, SS_DPL3, True
     else:
         cs_flags = ss_flags = None
-        compat = _gdt_return_segments(mem, st, cs_sel, ss_sel)
+        compat, limit = _gdt_return_segments(mem, st, cs_sel, ss_sel)
+        if compat and rip & 0xFFFF_FFFF > limit:
+            raise ArchFault(Vector.GP, 0, why=f"ERETU to RIP {rip:#x} beyond the CS limit")
     if compat:
         rip &= 0xFFFF_FFFF
         rsp &= 0xFFFF_FFFF
@@ -499,10 +504,10 @@ def eretu(mem: SystemMemory, st: ArchState, msrs: FredMsrs, *, fred: bool, star:
         cs_flags=cs_flags, ss_flags=ss_flags, compat=compat)
 
 
-def _gdt_return_segments(mem: SystemMemory, st: ArchState, cs: int, ss: int) -> bool:
+def _gdt_return_segments(mem: SystemMemory, st: ArchState, cs: int, ss: int) -> tuple[bool, int]:
     """ERETU's IRET-style path: CS and SS from the GDT with IRET's checks and fault codes
-    (SDM Vol. 2 IRET, PROTECTED-MODE-RETURN, to CPL 3). Returns True for a
-    compatibility-mode (L = 0, D = 1) code segment."""
+    (SDM Vol. 2 IRET, PROTECTED-MODE-RETURN, to CPL 3). Returns whether the code segment
+    is a compatibility-mode one (L = 0, D = 1), and its limit in bytes."""
     if cs & 0xFFFC == 0:
         raise ArchFault(Vector.GP, 0, why="ERETU to a null CS")
     cs_desc = read_descriptor(mem, st, cs, ext=False)
@@ -522,7 +527,8 @@ def _gdt_return_segments(mem: SystemMemory, st: ArchState, cs: int, ss: int) -> 
                         why=f"ERETU SS {ss:#x} is not a writable DPL-3 data segment")
     if not ss_desc.present:
         raise ArchFault(Vector.SS, selector_code(ss, ext=False), why=f"ERETU SS {ss:#x} not present")
-    return not cs_desc.is_64bit_code
+    limit = (cs_desc.limit << 12) | 0xFFF if cs_desc.g else cs_desc.limit
+    return not cs_desc.is_64bit_code, limit
 
 
 # -- LKGS ------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ IA32_FRED_STKLVLS from `stack_levels` (`{ <vector 0-31> = <level 0-3> }`). IA32_
 gives the selectors of ring-3 transitions: `kernel_cs` (STAR[47:32], default 0x08, the
 machine's kernel code segment) and `user_base` (STAR[63:48], ERETU's standard pair).
 The options where the sources disagree are `fmask`, `syscall_requires_sce`,
-`config_canonical_check` and `lkgs` (cpu.fred.FredConfig; docs/sdm-map.md).
+`config_canonical_check`, `nested_after_any_event`, `mov_ss_sets_sti_bit` and `lkgs`
+(cpu.fred.FredConfig; docs/sdm-map.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from idtlab.scenario.context import Build
 
 FRED_KEYS = ("entry", "rsp0", "rsp1", "rsp2", "rsp3", "stack_levels", "interrupt_level",
              "red_zone", "enabled", "kernel_cs", "user_base", "lkgs", "fmask",
-             "syscall_requires_sce", "config_canonical_check")
+             "syscall_requires_sce", "config_canonical_check", "nested_after_any_event",
+             "mov_ss_sets_sti_bit")
 
 
 def build_fred(b: Build) -> None:
@@ -57,7 +59,11 @@ def build_fred(b: Build) -> None:
         syscall_requires_sce=chk.bool_(fred.get("syscall_requires_sce", False),
                                        "[fred] syscall_requires_sce"),
         config_canonical_check=chk.bool_(fred.get("config_canonical_check", True),
-                                         "[fred] config_canonical_check"))
+                                         "[fred] config_canonical_check"),
+        nested_after_any_event=chk.bool_(fred.get("nested_after_any_event", True),
+                                         "[fred] nested_after_any_event"),
+        mov_ss_sets_sti_bit=chk.bool_(fred.get("mov_ss_sets_sti_bit", False),
+                                      "[fred] mov_ss_sets_sti_bit"))
     msrs = {f"rsp{n}": b.addr(fred.get(f"rsp{n}", 0), f"[fred] rsp{n}") for n in range(4)}
     try:
         m.enable_fred(options, enable=chk.bool_(fred.get("enabled", True), "[fred] enabled"),

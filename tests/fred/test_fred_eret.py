@@ -172,3 +172,12 @@ def test_case15_eretu_on_the_machine_enters_ring3_with_the_standard_cs_and_swaps
     assert (e.read_msr(0xC0000101), e.read_msr(0xC0000102)) == (0xFFFF_8000_0000_1000,
                                                                 0x7000_0000)
     assert d["handler"] != KERNEL_ENTRY
+
+
+def test_eretu_to_a_gdt_compatibility_segment_checks_the_cs_limit() -> None:
+    w = World()
+    w.set_descriptor(0x38, SegmentDescriptor(type=0xB, dpl=3, db=1, limit=0xFFFF, g=0,
+                                             present=True))
+    r = do_eretu(cs=0x3B, ss=0x23, rip=0xFFFF, rsp=0x1_0000_8000, world=w)
+    assert (r.rip, r.rsp, r.compat) == (0xFFFF, 0x8000, True)
+    gp0(do_eretu, cs=0x3B, ss=0x23, rip=0x1_0000, world=w)

@@ -157,3 +157,26 @@ def test_a_fault_while_delivering_df_shuts_down() -> None:
 ])
 def test_db_event_data_is_dr6_with_positive_polarity(dr6: int, data: int) -> None:
     assert debug_event_data(dr6) == data
+
+
+def nested_int_n_from_ring3(*, any_event: bool) -> tuple[list[str], object]:
+    """INT 0x80 from ring 3 whose push to RSP0 faults; #PF has stack level 2."""
+    mem = FakeMemory(1 << 20, not_present={RSPS[0] - 0x1000})
+    st = user_state(rsp=0x7_0123)
+    out = deliver_event(mem, st, fred_event(Event(0x80, Source.SOFTWARE, 0x60002, 0x60000)),
+                        msrs(stklvls=LINUX_STKLVLS | 2 << 28), nested_after_any_event=any_event)
+    return [n.action for n in out.nested], out.delivery
+
+
+def test_a_fault_while_delivering_int_n_is_nested_by_default() -> None:
+    actions, d = nested_int_n_from_ring3(any_event=True)
+    assert actions == ["serial"]
+    assert d is not None and (d.event.vector, d.event.nested, d.stack) == (14, True, "rsp2")  # type: ignore[attr-defined]
+    assert d.frame.ss & (1 << 58)  # type: ignore[attr-defined]
+
+
+def test_in_the_bochs_reading_it_is_not_nested_and_faults_again_into_df() -> None:
+    actions, d = nested_int_n_from_ring3(any_event=False)
+    # Not nested: from ring 3 the #PF takes level 0, RSP0 again, and faults again.
+    assert actions == ["serial", "double-fault"]
+    assert d is not None and (d.event.vector, d.stack) == (8, "rsp3")  # type: ignore[attr-defined]

@@ -217,3 +217,12 @@ def test_a_same_ring_iret_under_fred_still_returns_and_unblocks_nmis() -> None:
     start(m, CODE)
     (iret,) = records(m, "iret")
     assert iret["nmi_unblocked"] is True and not m.intr.nmi_blocked
+
+
+def test_an_event_in_a_mov_ss_shadow_sets_bit_16_only_with_the_option() -> None:
+    main = "mov ax, 0x10\nmov ss, ax\nud2\n"
+    for option, bit in ((False, 0), (True, 1 << 16)):
+        m, _ = build(main, fred=FredConfig(mov_ss_sets_sti_bit=option))
+        start(m, CODE)
+        (d,) = records(m, "deliver")
+        assert (d["name"], d["ss"]) == ("#UD", ss(KSS, 3, 6, bit)), option
