@@ -34,6 +34,7 @@ component's business:
     cpu/interrupts.py    the wires: ISA lines -> I/O APIC -> local APIC -> CPU
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
     cpu/apf_host.py      the KVM async-#PF host
+    cpu/fred.py          FRED: delivery without the IDT, ERETS/ERETU, the FRED MSRs
     cpu/boot32.py        a multiboot image's 32-bit entry phase
     cpu/state.py         every component's mutable state in one object (checkpoints)
 
