@@ -101,3 +101,16 @@ def test_case20_rdmsr_of_fred_config_in_the_level_2_interrupt_handler_reads_csl_
     m.interrupt(0x30)
     start(m, CODE)
     assert int.from_bytes(m.read_linear(DATA, 4), "little") == 0x400440 | 2
+
+
+def test_a_checkpoint_carries_the_fred_msrs_and_the_stack_level() -> None:
+    m, _ = build("nop\nhlt\n", config=0x0000_0000_0040_0440)
+    m.interrupt(0x30)
+    m.start_state(entry=CODE, rsp=0x70000)
+    cp = m.checkpoint()
+    m.run()
+    assert m.state.fred.config & 3 == 2  # the interrupt's level
+    m.rollback(cp)
+    assert m.state.fred.config == 0x0000_0000_0040_0440
+    m.run()
+    assert m.state.fred.config & 3 == 2
