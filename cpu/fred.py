@@ -74,7 +74,6 @@ EFER_LMA = 1 << 10
 EFER_SCE = 1 << 0
 MSR_EFER_INDEX, MSR_FMASK_INDEX = 0xC0000080, 0xC0000084
 RFLAGS_TF = 1 << 8
-FRED_MSRS = frozenset(range(MSR_FRED_RSP0, MSR_FRED_CONFIG + 1))
 
 
 @dataclass(frozen=True)
@@ -415,4 +414,4 @@ class Fred:
 _GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
-__all__ = ["FRED_MSRS", "Fred", "FredConfig", "FredState"]
+__all__ = ["Fred", "FredConfig", "FredState"]
