@@ -181,3 +181,30 @@ def test_eretu_to_a_gdt_compatibility_segment_checks_the_cs_limit() -> None:
     r = do_eretu(cs=0x3B, ss=0x23, rip=0xFFFF, rsp=0x1_0000_8000, world=w)
     assert (r.rip, r.rsp, r.compat) == (0xFFFF, 0x8000, True)
     gp0(do_eretu, cs=0x3B, ss=0x23, rip=0x1_0000, world=w)
+
+
+def test_case15_a_faulting_eretu_leaves_nmis_blocked_even_with_bit_18_in_its_frame() -> None:
+    kernel = f"""
+        cmp byte ptr [rsp+0x2e], 3       # the #GP (type 3): stop
+        je stop
+        push {0x23 | 1 << 18:#x}
+        push 0x7F0123
+        push 0x3246
+        push 0x1B
+        push 0x100000
+        push 0
+    bad_eretu:
+        {ERETU}
+    stop:
+        hlt
+    """
+    # NMI on stack level 0 (STKLVLS without Linux's NMI level), so the CSL check passes
+    # and the IOPL check is the one that fails.
+    m, sym = build("nop\nhlt\n", kernel=kernel, stklvls=0x0000_0020_0003_0004)
+    m.nmi()
+    start(m, CODE)
+    (fault,) = records(m, "eret_fault")
+    assert (fault["insn"], fault["rip"], fault["vector"], fault["error_code"]) == (
+        "eretu", sym["bad_eretu"], 13, 0)
+    assert m.intr.nmi_blocked
+    assert records(m, "eret") == []
