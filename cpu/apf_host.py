@@ -13,6 +13,31 @@ when the guest has freed the reason word.
 
 When a page-in fails, `on_fail` decides: "retry" (again, up to `APF_MAX_RETRIES`),
 "stop" (outcome `vmexit`), or "inject-pf" (a synchronous #PF for the access).
+
+The error path as the 2020 thread designed it (LKML "[RFC PATCH] kvm,x86: Exit to user
+space in case of page fault error", V. Goyal, V. Kuznetsov, S. Christopherson,
+2020-06-30) is `error_policy` instead: what the host remembers about failed page-ins,
+so that the next fault on such a gfn is handled synchronously (and, failing again,
+exits to user space with the faulting context intact) rather than sent down the async
+path again, for ever:
+
+    "none"           nothing: every fault is async again, the guest loops
+    "error-gfn"      Vivek Goyal's RFC: one error gfn per vCPU; each failure replaces
+                     it, so two failing gfns touched in turn loop
+    "error-cache:N"  "a cache of error gfns": N entries, oldest evicted first; N + 1
+                     failing gfns touched in turn overflow it and loop (Vitaly
+                     Kuznetsov: "every cache ... has a limited size ... we will follow
+                     the APF path again and this can go over and over")
+    "spte-tag"       Sean Christopherson: tag the not-present SPTE as "invalid for
+                     async #PF" (here bit 62 of the EPT entry, an ignored bit of a
+                     not-present entry): one bit per gfn, in the entry itself, never
+                     overflows; a successful page-in rewrites the entry and drops it
+    "exit-to-user"   exit to user space as soon as a page-in fails: bounded, but the
+                     faulting context is gone (the guest is wherever it got to since;
+                     Vivek: "we want to retain the real context")
+
+The memory is `ApfHostState.error_gfns` (bounded by the policy); `arrive` (the race
+explorer's async_pf host events) refuses a gfn the policy knows has failed.
 """
 
 from __future__ import annotations
@@ -47,6 +72,21 @@ if TYPE_CHECKING:
 
 APF_FAIL_ACTIONS = ("retry", "stop", "inject-pf")
 APF_MAX_RETRIES = 3  # "retry": give up (outcome vmexit) after this many failed page-ins
+APF_ERROR_POLICIES = ("none", "error-gfn", "error-cache:N", "spte-tag", "exit-to-user")
+EPT_APF_ERROR_TAG = 1 << 62  # "spte-tag": an ignored bit of a not-present EPT entry
+
+
+def parse_error_policy(text: str) -> tuple[str, int]:
+    """("error-cache", N) from "error-cache:N", (name, 0) for the others; ValueError for
+    anything else."""
+    name, _, size = text.partition(":")
+    if name == "error-cache":
+        if not size.isdigit() or not 1 <= int(size) <= 4096:
+            raise ValueError(f"error policy {text!r}: the cache size N must be 1..4096")
+        return name, int(size)
+    if size or name not in APF_ERROR_POLICIES:
+        raise ValueError(f"unknown error policy {text!r} (known: {', '.join(APF_ERROR_POLICIES)})")
+    return name, 0
 
 ApfPolicy = str | Callable[["Machine", GuestState], Decision]
 
@@ -61,6 +101,9 @@ class ApfHostState:
     notified: set[int] = field(default_factory=set)  # tokens given to the guest
     legacy_ready: list[int] = field(default_factory=list)  # legacy page-ready #PFs due
     wants_step: bool = False  # a legacy page-ready waits for a condition: step
+    error_policy: str | None = None  # None: `on_fail` decides (see the module docstring)
+    error_cache_size: int = 0
+    error_gfns: list[int] = field(default_factory=list)  # oldest first; bounded by policy
 
 
 class ApfHost:
@@ -70,10 +113,14 @@ class ApfHost:
         self.m = m
         self.state = state
 
-    def enable(self, *, policy: ApfPolicy, layout: str, on_fail: str) -> AsyncPf:
+    def enable(self, *, policy: ApfPolicy, layout: str, on_fail: str,
+               error_policy: str | None = None) -> AsyncPf:
         if on_fail not in APF_FAIL_ACTIONS:
             raise ValueError(f"unknown on_fail {on_fail!r} (known: {', '.join(APF_FAIL_ACTIONS)})")
         st = self.state
+        if error_policy is not None:
+            st.error_policy, st.error_cache_size = parse_error_policy(error_policy)
+            st.error_gfns = []
         st.device = AsyncPf(layout=layout, policy=policy if isinstance(policy, str) else "kvm")
         st.policy = policy
         st.on_fail = on_fail
@@ -130,7 +177,16 @@ class ApfHost:
         swap = apf.swap_state(page)
         assert swap is not None
         gla = getattr(v, "gla", None)
-        if swap.fail and swap.token is None and swap.failed_page_ins:
+        if st.error_policy is not None and swap.token is None and self.error_known(page):
+            # KVM handles the fault synchronously (no async #PF); the page-in fails
+            # again and the host exits to user space, the faulting access intact.
+            m.emit("apf_error_exit", gpa=page, gla=gla, policy=self._error_policy_text(),
+                   rip=rip)
+            raise Stop(Outcome.VMEXIT, f"GPA {page:#x}: a page-in failed before "
+                       f"({self._error_policy_text()}): synchronous fault, fails again: "
+                       "exit to user space", rip)
+        if st.error_policy is None and swap.fail and swap.token is None and \
+                swap.failed_page_ins:
             # A page-in of this page already failed.
             m.emit("apf_page_in_failed", gpa=page, gla=gla, failures=swap.failed_page_ins,
                    action=st.on_fail)
@@ -171,6 +227,51 @@ class ApfHost:
         if during is not None:
             m.deliver(during)
 
+    # -- the error path (error_policy) --------------------------------------------------
+    def _error_policy_text(self) -> str:
+        st = self.state
+        return (f"error-cache:{st.error_cache_size}" if st.error_policy == "error-cache"
+                else st.error_policy or "on_fail")
+
+    def error_known(self, page: int) -> bool:
+        """Whether the policy remembers a failed page-in of `page`."""
+        st = self.state
+        if st.error_policy == "spte-tag":
+            ept = self.m.ept
+            assert ept is not None
+            try:
+                return bool(ept.entry(page, 1) & EPT_APF_ERROR_TAG)
+            except ValueError:
+                return False
+        return page in st.error_gfns
+
+    def _page_in_failed(self, page: int) -> None:
+        """A page-in of `page` completed with an error: remember it as the policy says."""
+        st = self.state
+        m = self.m
+        evicted: int | None = None
+        if st.error_policy == "exit-to-user":
+            rip = int(m.engine.read_reg("rip"))
+            m.emit("apf_error_exit", gpa=page, gla=None, policy="exit-to-user", rip=rip)
+            raise Stop(Outcome.VMEXIT, f"page-in of GPA {page:#x} failed: exit to user space "
+                       "(the faulting context is gone: the guest is elsewhere now)", rip)
+        if st.error_policy == "error-gfn":
+            st.error_gfns = [page]
+        elif st.error_policy == "error-cache":
+            if page not in st.error_gfns:
+                st.error_gfns.append(page)
+                if len(st.error_gfns) > st.error_cache_size:
+                    evicted = st.error_gfns.pop(0)
+        elif st.error_policy == "spte-tag":
+            ept = m.ept
+            assert ept is not None
+            ept.set_entry(page, 1, ept.entry(page, 1) | EPT_APF_ERROR_TAG)
+        else:
+            return  # "none"
+        m.emit("apf_error_recorded", gpa=page, policy=self._error_policy_text(),
+               remembered=list(st.error_gfns) if st.error_policy != "spte-tag" else [page],
+               evicted=evicted)
+
     def _area_write(self, offset: int, value: int) -> None:
         apf = self.state.device
         assert apf is not None and apf.area_gpa is not None
@@ -207,6 +308,13 @@ class ApfHost:
         rip = m.engine.read_reg("rip")
         token, gpa = ev.token, ev.gpa
         swap = apf.swap_state(gpa) if gpa is not None else None
+        if gpa is not None and token is None and swap is not None and swap.token is None and \
+                self.state.error_policy is not None and self.error_known(gpa & ~0xFFF):
+            m.emit("host_declines", event=ev.text, status="refused",
+                   policy=self._error_policy_text(),
+                   reason=f"GPA {gpa & ~0xFFF:#x} failed to page in before: the host handles "
+                          "it synchronously, never with an async #PF", **where)
+            return
         if gpa is not None and token is None and (swap is None or swap.token is not None):
             page = gpa & ~0xFFF
             why = (f"GPA {page:#x} is resident here: there is nothing to page in"
@@ -248,6 +356,8 @@ class ApfHost:
                 m.ept.fix(page)
                 e.flush_tlb()
             m.emit("apf_page_in_done", gpa=page, token=token, ok=not apf.is_swapped(page))
+            if st.error_policy is not None and apf.is_swapped(page):
+                self._page_in_failed(page)
             if apf.layout == "legacy" and token in st.notified:
                 st.legacy_ready.append(token)
         if apf.area_gpa is None or not apf.enabled:

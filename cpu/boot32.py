@@ -63,14 +63,14 @@ def run(m: Machine) -> None:
     e64 = m.engine
     # Per-instruction counting in both modes (the phase is short): a stop requested by a
     # port write (an exit port) then lands exactly after the OUT.
-    e32 = Engine(m.phys, bits=32)
+    e32 = Engine(m.phys, bits=32, windows=e64.windows)
     e32.set_cost_mode(timed=False, default_cost=m.profile.cycles_per_instruction)
     e32.counter.count = e64.counter.count
     e32.counter.cycles = e64.counter.cycles
     e32.code_reader = m.code_bytes
     e32.port_in = m.platform.port_in
     e32.port_out = m.platform.port_out
-    e32.cpuid = lambda leaf, subleaf: m.model.cpuid(leaf)
+    e32.cpuid = m.model.cpuid  # (leaf, subleaf)
     why: list[tuple[str, Any]] = []  # what stopped the engine, set by the callbacks
     saved: list[tuple[int, int]] = []
 

@@ -131,8 +131,11 @@ class EventBoundary:
         # INTR (SDM Vol. 3A Table 6-2, "Traps on the Previous Instruction").
         m.debug.deliver_due()
         while True:
+            if m.vmx_exits.at_boundary():
+                continue  # a VM exit (window, NMI, interrupt) and the host's entry
             choice = self._arbitrate()
-            st.step = choice.needs_stepping or m.apf_host.state.wants_step
+            st.step = choice.needs_stepping or m.apf_host.state.wants_step or \
+                m.vmx_exits.wants_step()
             if choice.deliver is None:
                 if m.alignment.fault_next():
                     continue  # #AC delivered: its handler's first instruction is a boundary

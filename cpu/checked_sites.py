@@ -35,9 +35,17 @@ from cpu.control_regs import (
     check_xsetbv,
     umip_blocks,
 )
-from cpu.decode import GPR_SLOTS, Insn, MemOperand, decode_one, memory_operands
+from cpu.decode import (
+    GPR_SLOTS,
+    Insn,
+    MemOperand,
+    aligned_operand,
+    decode_one,
+    memory_operands,
+)
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access
+from cpu.translation import window_at
 from idt.state import ArchFault, Event
 from idt.vectors import Vector
 
@@ -47,6 +55,8 @@ if TYPE_CHECKING:
 MSR_FS_BASE = 0xC0000100
 MSR_GS_BASE = 0xC0000101
 _DESC_TYPE_LDT = 0x2
+CR0_EM, CR0_TS = 1 << 2, 1 << 3
+CR4_OSFXSR = 1 << 9
 _DESC_TYPE_TSS_AVAILABLE = 0x9
 
 
@@ -111,9 +121,12 @@ class CheckedSites:
             except (ArchFault, EptViolation, EptMisconfig):
                 return None
             paddr = t.paddr | (addr & 0xFFF)
-            if not m.phys.contains(paddr, n):
+            if m.phys.contains(paddr, n):
+                out += m.phys.read(paddr, n)
+            elif (window := window_at(m, paddr, n)) is not None:
+                out += window[1].read(paddr - window[0], n)  # pc-testdev's IORAM
+            else:
                 return None
-            out += m.phys.read(paddr, n)
             addr += n
         return bytes(out)
 
@@ -135,6 +148,36 @@ class CheckedSites:
                 check_xgetbv(rcx)
         except ControlFault as fault:
             return self._gp(address, 0, f"{insn.mnemonic.upper()}: {fault}")
+        return False
+
+    def mov_ss(self, address: int) -> bool:
+        """MOV SS of a null selector in 64-bit mode: allowed only at CPL < 3 with RPL =
+        CPL, #GP(0) otherwise (SDM Vol. 2 "MOV—Move", 64-bit mode: "IF segment selector
+        is NULL and (CPL = 3 or RPL ≠ CPL) THEN #GP(0)"). QEMU 7.2 TCG, like the engine,
+        checks only the CPL (`load_seg`); kvm-unit-tests x86/emulator64.c test_sreg
+        loads selector 3 at CPL 0. A non-null selector is the engine's to check (RPL ≠
+        CPL, DPL ≠ CPL: #GP(selector))."""
+        m = self.m
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        if code is None or insn is None:
+            return False
+        length, ops = memory_operands(code, address)
+        if ops:
+            ea = self.effective_address(ops[0], address, length)
+            raw = self.read_operand(ea, 2) if ea is not None else None
+            if raw is None:
+                return False  # the access faults: the engine's
+            selector = int.from_bytes(raw, "little")
+        else:
+            source = insn.op_str.partition(",")[2].strip()
+            if source not in GPR_SLOTS:
+                return False
+            selector = self.gpr(source) & 0xFFFF
+        cpl = m.regs.state.cpl
+        if selector & ~3 == 0 and cpl < 3 and selector & 3 != cpl:
+            return self._gp(address, 0, f"MOV SS of null selector {selector:#x} with RPL "
+                            f"{selector & 3} at CPL{cpl}")
         return False
 
     def table_load(self, address: int) -> bool:
@@ -202,6 +245,29 @@ class CheckedSites:
         except CanonicalFault as fault:
             return self._gp(address, 0, str(fault))
         return False
+
+    def sse_align(self, address: int) -> bool:
+        """A legacy SSE instruction's 128-bit memory operand, or an aligned VEX move's,
+        that is not aligned: #GP(0) (SDM Vol. 1 "Data Alignment for 128-Bit Data"; Vol. 2
+        MOVAPS "#GP(0) If a memory operand is not aligned on a 16-byte boundary"). #UD
+        (CR0.EM, CR4.OSFXSR = 0) and #NM (CR0.TS) come first and are the engine's."""
+        m = self.m
+        e = m.engine
+        if e.read_reg("cr0") & (CR0_EM | CR0_TS) or not e.read_reg("cr4") & CR4_OSFXSR:
+            return False
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        if code is None or insn is None:
+            return False
+        align = aligned_operand(insn)
+        length, ops = memory_operands(code, address)
+        if align is None or not ops:
+            return False
+        ea = self.effective_address(ops[0], address, length)
+        if ea is None or ea % align == 0:
+            return False
+        return self._gp(address, 0, f"{insn.mnemonic.upper()} of a memory operand at "
+                        f"{ea:#x}, not {align}-byte aligned")
 
     def umip(self, address: int) -> bool:
         """SGDT / SIDT / SLDT / SMSW / STR with CR4.UMIP = 1 at CPL > 0."""

@@ -108,6 +108,7 @@ class Feature:
 _NATIVE = "tests/cpu_model/test_native_features.py::"
 _PROT = "tests/cpu_model/test_protection.py::"
 _CR = "tests/cpu_model/test_control_registers.py::"
+_TSC = "tests/cpu_model/test_tsc.py::"
 
 E, B, C, D = Reg.EAX, Reg.EBX, Reg.ECX, Reg.EDX
 L1, L7, LX = 0x1, 0x7, 0x80000001
@@ -117,7 +118,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("fpu", L1, 0, D, 0, _NATIVE + "test_x87_arithmetic_runs_as_the_sdm_defines_it"),
     Feature("de", L1, 0, D, 2, _CR + "test_with_cr4_de_a_mov_from_dr4_is_ud"),
     Feature("pse", L1, 0, D, 3, _CR + "test_cr4_bits_of_declared_features_are_writable"),
-    Feature("tsc", L1, 0, D, 4, _NATIVE + "test_rdtsc_counts_up_and_cr4_tsd_makes_it_gp_at_cpl3"),
+    Feature("tsc", L1, 0, D, 4,
+            _TSC + "test_rdtsc_reads_the_value_written_to_the_tsc_msr_plus_the_cycles_since"),
     Feature("msr", L1, 0, D, 5, "cpu.emulated.Emulated.msr"),
     Feature("pae", L1, 0, D, 6, "cpu.mmu.walk"),
     Feature("mce", L1, 0, D, 7, _CR + "test_cr4_bits_of_declared_features_are_writable"),
@@ -148,6 +150,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("hypervisor", L1, 0, C, 31, "cpu.apf_host.ApfHost", mirrors="kvm"),
     # CPUID.(EAX=07H,ECX=0)
     Feature("fsgsbase", L7, 0, B, 0, "cpu.canonical.check_base_write"),
+    Feature("tsc_adjust", L7, 0, B, 1, _TSC + "test_tsc_adjust_and_the_tsc_move_together"),
     Feature("bmi1", L7, 0, B, 3, _NATIVE + "test_bmi1_bmi2_and_adx_run_natively"),
     Feature("smep", L7, 0, B, 7, "cpu.mmu.walk"),
     Feature("bmi2", L7, 0, B, 8, _NATIVE + "test_bmi1_bmi2_and_adx_run_natively"),
@@ -169,7 +172,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("syscall", LX, 0, D, 11, "cpu.emulated.Emulated.syscall"),
     Feature("nx", LX, 0, D, 20, "cpu.mmu.walk", mirrors="not MISC_ENABLE.XD_DISABLE"),
     Feature("pdpe1gb", LX, 0, D, 26, "cpu.mmu.walk"),
-    Feature("rdtscp", LX, 0, D, 27, _NATIVE + "test_rdtscp_returns_tsc_aux_in_ecx"),
+    Feature("rdtscp", LX, 0, D, 27, _TSC + "test_with_cr4_tsd_rdtsc_at_cpl3_is_gp0_and_at_cpl0_runs"),
     Feature("lm", LX, 0, D, 29, "cpu.control_regs.check_cr0"),
 )
 

@@ -75,6 +75,9 @@ class SiteKind(StrEnum):
     SYSENTER = "sysenter"  # emulated, as SYSCALL: the CPL change is the machine's to track
     SYSEXIT = "sysexit"
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
+    INVALID_UD = "invalid_ud"  # an encoding the SDM makes #UD and the engine runs anyway
+    RDTSC = "rdtsc"  # emulated: the TSC is the machine's cycle count plus an offset
+    SSE_ALIGN = "sse_align"  # checked, then native: a 16/32-byte operand that must be aligned
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
     ERETS = "erets"  # FRED (cpu/fred.py): F2 0F 01 CA, which capstone calls clac
     ERETU = "eretu"  # FRED: F3 0F 01 CA
@@ -89,6 +92,7 @@ MAX_INSN_LENGTH = 15
 SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.IRET,
               "hlt": SiteKind.HLT, "sti": SiteKind.STI, "rdmsr": SiteKind.RDMSR,
               "wrmsr": SiteKind.WRMSR, "cpuid": SiteKind.CPUID, "rdpmc": SiteKind.RDPMC,
+              "rdtsc": SiteKind.RDTSC, "rdtscp": SiteKind.RDTSC,
               "xsetbv": SiteKind.XCR, "xgetbv": SiteKind.XCR,
               "lgdt": SiteKind.TABLE_LOAD, "lidt": SiteKind.TABLE_LOAD,
               "lldt": SiteKind.TABLE_LOAD, "ltr": SiteKind.TABLE_LOAD,
@@ -117,7 +121,48 @@ UNDECLARED_INSNS = {"rdrand": "CPUID.01H:ECX.RDRAND", "rdseed": "CPUID.(EAX=07H,
 SITE_KINDS.update(dict.fromkeys(UNDECLARED_INSNS, SiteKind.UNDECLARED))
 
 
+# SSE alignment (SDM Vol. 1 "Data Alignment for 128-Bit Data": a legacy SSE instruction's
+# 128-bit memory operand must be 16-byte aligned, #GP(0) otherwise, except these; VEX
+# forms need no alignment except the explicitly aligned moves). The engine (QEMU 5
+# under Unicorn) checks none of them; `aligned_operand` says which the machine checks.
+UNALIGNED_SSE = frozenset({"movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm",
+                           "pcmpistri", "pcmpistrm"})
+ALIGNED_VEX = frozenset({"vmovaps", "vmovapd", "vmovdqa", "vmovntps", "vmovntpd", "vmovntdq",
+                         "vmovntdqa"})
+
+
+def aligned_operand(insn: Insn) -> int | None:
+    """The alignment (16 or 32) the memory operand of `insn` must have, or None."""
+    op = insn.op_str
+    if "xmmword ptr" in op:
+        size = 16
+    elif "ymmword ptr" in op:
+        size = 32
+    else:
+        return None
+    name = insn.mnemonic
+    if name.startswith("v"):
+        return size if name in ALIGNED_VEX else None
+    return size if name not in UNALIGNED_SSE else None
+
+
 ILLEGAL_LOCK = "(lock)"  # the mnemonic `decode_loaded` gives an illegal LOCK form
+INVALID_ENCODING = "(invalid)"  # ... and an encoding `invalid_encoding` names
+
+
+def invalid_encoding(code: bytes) -> tuple[int, str] | None:
+    """(length, what) of an encoding at the start of `code` that the SDM makes #UD but
+    the engine executes, or None. Capstone refuses these too. One so far: MOVBE with a
+    register operand (0F 38 F0/F1 with ModRM.mod = 11; SDM Vol. 2 MOVBE lists only
+    memory forms; kvm-unit-tests x86/emulator.c test_illegal_movbe). With an F2 prefix
+    the same opcode is CRC32, whose register form is valid."""
+    prefixes, _ = _prefixes(code)
+    at = opcode_offset(code)
+    if 0xF2 in prefixes or code[at:at + 3] not in (b"\x0f\x38\xf0", b"\x0f\x38\xf1"):
+        return None
+    if len(code) <= at + 3 or code[at + 3] >> 6 != 3:
+        return None
+    return at + 4, "MOVBE with a register operand"
 
 
 def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
@@ -144,10 +189,16 @@ def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
             at += lkgs
             continue
         bad = _illegal_lock_length(code[at:at + 15], address + at)
-        if bad is None:
+        if bad is not None:
+            yield Insn(address + at, bad, ILLEGAL_LOCK, "", code[at:at + bad])
+            at += bad
+            continue
+        invalid = invalid_encoding(code[at:at + 15])
+        if invalid is None:
             return  # not an instruction: the decode ends here, as capstone's does
-        yield Insn(address + at, bad, ILLEGAL_LOCK, "", code[at:at + bad])
-        at += bad
+        yield Insn(address + at, invalid[0], INVALID_ENCODING, invalid[1],
+                   code[at:at + invalid[0]])
+        at += invalid[0]
 
 
 def lkgs_length(code: bytes, address: int) -> int | None:
@@ -191,6 +242,8 @@ def site_kind(insn: Insn) -> SiteKind | None:
     registers as written); MOV from CR8 reads the local APIC's TPR."""
     if insn.mnemonic == ILLEGAL_LOCK:
         return SiteKind.LOCK_UD
+    if insn.mnemonic == INVALID_ENCODING:
+        return SiteKind.INVALID_UD
     if insn.mnemonic == "clac":
         # ERETS/ERETU share CLAC's opcode; the last F2/F3 prefix selects them (capstone
         # and Unicorn 2.1.4 both treat them as CLAC).
@@ -209,6 +262,8 @@ def site_kind(insn: Insn) -> SiteKind | None:
         kind = SiteKind.OUT  # OUT, OUTSB/OUTSW/OUTSD
     if kind is None and insn.mnemonic in ("in", "insb", "insw", "insd"):
         kind = SiteKind.IN
+    if kind is None and aligned_operand(insn) is not None:
+        kind = SiteKind.SSE_ALIGN
     return kind
 
 
@@ -393,6 +448,15 @@ def _prefixes(code: bytes) -> tuple[bytes, int]:
     while i < len(code) and i < 14 and code[i] in _LEGACY_PREFIXES:
         i += 1
     return code[:i], i
+
+
+def opcode_offset(code: bytes) -> int:
+    """Where the opcode of the instruction at the start of `code` is: after its legacy
+    prefixes and a REX prefix."""
+    _, at = _prefixes(code)
+    if at < len(code) and 0x40 <= code[at] <= 0x4F:
+        at += 1
+    return at
 
 
 def _one(code: bytes, address: int) -> capstone.CsInsn | None:

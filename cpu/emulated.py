@@ -26,6 +26,11 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
 * RDRAND, RDSEED, XSAVEOPT, XSAVEC, XSAVES/XRSTORS, RDPID, INVPCID: the engine's own
   CPU model has some of them, the declared one none: #UD, as the SDM says for each when
   its CPUID flag is 0 (and RDRAND/RDSEED never reach the host's random source).
+* RDTSC/RDTSCP (SDM Vol. 2; Vol. 3B "Time-Stamp Counter"): the TSC is the machine's
+  cycle count plus the offset a write of IA32_TIME_STAMP_COUNTER sets (cpu/msrs.py), the
+  same value RDMSR reads, so runs are deterministic (the engine's own RDTSC reads the
+  host's TSC). #GP(0) at CPL > 0 with CR4.TSD = 1; RDTSCP also loads ECX with
+  IA32_TSC_AUX[31:0].
 * RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
   (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
   with CR4.PCE = 0 too.
@@ -55,6 +60,7 @@ from typing import TYPE_CHECKING
 
 from cpu.control_regs import (
     CR4_PCE,
+    CR4_TSD,
     ControlFault,
     check_cr0,
     check_cr3,
@@ -64,7 +70,14 @@ from cpu.control_regs import (
 from cpu.cpu_model import MsrFault
 from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.msrs import MSR_EFER, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP
+from cpu.msrs import (
+    MSR_EFER,
+    MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+    MSR_TSC,
+    MSR_TSC_AUX,
+)
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
 from idt.state import RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, ArchFault, Event, is_canonical
@@ -108,6 +121,7 @@ class Emulated:
             m.intr.nmi_blocked = st.nmi_blocked  # cleared even though the IRET faulted
             m.emit("iret_fault", rip=address, vector=fault.vector, error_code=fault.error_code,
                    nmi_unblocked=was_blocked, why=fault.why)
+            m.vmx_exits.note_iret_fault(was_blocked)  # II bit 12 if the #PF/#GP exits
             m.deliver(Event.exception(fault.vector, address, fault.error_code, fault.cr2),
                       why=fault.why)
             return
@@ -392,6 +406,30 @@ class Emulated:
         name = insn.mnemonic if insn is not None else "?"
         flag = UNDECLARED_INSNS.get(name, "its CPUID flag")
         m.deliver(Event.exception(Vector.UD, address), why=f"{name.upper()}: {flag} = 0")
+
+    def rdtsc(self, address: int) -> None:
+        """RDTSC (0F 31) and RDTSCP (0F 01 F9), from the machine's TSC."""
+        m = self.m
+        e = m.engine
+        e.uncount()
+        cpl = m.regs.state.cpl
+        code = m.code_bytes(address, 15)
+        insn = decode_one(code, address) if code is not None else None
+        if insn is None:
+            raise Stop(Outcome.UNSUPPORTED, f"RDTSC at {address:#x} could not be decoded",
+                       address)
+        if cpl != 0 and e.read_reg("cr4") & CR4_TSD:
+            m.deliver(Event.exception(Vector.GP, address, 0),
+                      why=f"{insn.mnemonic.upper()} at CPL{cpl} with CR4.TSD = 1")
+            return
+        tsc = m.model.msrs.read(MSR_TSC)
+        out = {"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32, "rip": address + insn.size}
+        if insn.mnemonic == "rdtscp":
+            out["rcx"] = e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
+        rflags = e.read_reg("rflags")
+        e.write(out)
+        e.recount()
+        self.single_step(rflags)
 
     def rdpmc(self, address: int) -> None:
         m = self.m

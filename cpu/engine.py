@@ -156,12 +156,14 @@ class Engine:
     Every callback that wants the engine to stop calls `stop()`.
     """
 
-    def __init__(self, mem: PhysicalMemory, *, block_counting: bool = False, bits: int = 64) -> None:
+    def __init__(self, mem: PhysicalMemory, *, block_counting: bool = False, bits: int = 64,
+                 windows: Sequence[tuple[int, PhysicalMemory]] = ()) -> None:
         """`bits` = 32: a UC_MODE_32 engine for a multiboot image's 32-bit entry code
         QEMU's own page walk (no TLB-fill hook: nothing is modelled before
         long mode), 32-bit register names, 32-bit decoding for block counting, a block
         callback `block(address)`. Both kinds call `cpuid(leaf, subleaf)` for a CPUID they
-        execute."""
+        execute. `windows` are more physical memory, each at its base address (pc-testdev's
+        IORAM)."""
         if bits not in (32, 64):
             raise ValueError(f"bits must be 32 or 64, not {bits}")
         self.mem = mem
@@ -178,6 +180,9 @@ class Engine:
         if bits == 64:
             uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_address)
+        self.windows = tuple(windows)
+        for base, window in self.windows:
+            uc.mem_map_ptr(base, window.size, UC_PROT_ALL, window.host_address)
         # The power-up values QEMU's CPU reset would set and Unicorn's does not (it leaves
         # both 0: every x87 and SIMD exception unmasked). SDM Vol. 3A "Processor State
         # After Reset": x87 FPU control word 0040H, MXCSR 1F80H.

@@ -149,6 +149,24 @@ class Fred:
         ctl = self.m.regs.paging()
         return bool(ctl.cr4 & CR4_FRED) and bool(ctl.efer & EFER_LMA)
 
+    def enable(self, options: FredConfig | None = None, *, enable: bool = True,
+               **msrs: int) -> None:
+        """Give the CPU FRED: CPUID reports FRED and LKGS, CR4.FRED and the FRED MSRs
+        exist. `msrs` sets them by name (config, rsp0..rsp3, stklvls, ssp1..ssp3; the
+        WRMSR checks apply, `MsrFault`); `enable` also sets CR4.FRED (now, or when the
+        machine builds its registers before the first run)."""
+        self.config = options or FredConfig()
+        for name, value in msrs.items():
+            self.set_msr(name, value)
+        self.enable_at_build = enable
+        if enable and self.m.layout.built:
+            self.set_cr4_fred()
+
+    def built(self) -> None:
+        """The machine has just loaded its control registers for the first run."""
+        if self.enable_at_build:
+            self.set_cr4_fred()
+
     def set_cr4_fred(self) -> None:
         """Set CR4.FRED in the engine (the machine's registers are built)."""
         e = self.m.engine

@@ -33,6 +33,7 @@ component's business:
     cpu/mmio.py          device register pages (local APIC, I/O APIC, HPET)
     cpu/interrupts.py    the wires: ISA lines -> I/O APIC -> local APIC -> CPU
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
+    cpu/vmx_exits.py     VM exits on events, IDT-vectoring info, VM-entry injection
     cpu/apf_host.py      the KVM async-#PF host
     cpu/fred.py          FRED: delivery without the IDT, ERETS/ERETU, the FRED MSRs
     cpu/boot32.py        a multiboot image's 32-bit entry phase
@@ -63,6 +64,7 @@ from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.devices.fwcfg import FwCfg
 from cpu.devices.hpet import HPET_BASE
 from cpu.devices.ioapic import IOAPIC_BASE
+from cpu.devices.testdev import IORAM_BASE, IORAM_SIZE
 from cpu.devices.uart import Uart16550
 from cpu.emulated import Emulated
 from cpu.engine import ERR_INSN_INVALID, Engine
@@ -87,8 +89,9 @@ from cpu.timing import CostModel, Profile, load_profile
 from cpu.trace import Trace
 from cpu.translation import GuestMemory, Translator
 from cpu.vmx import HostPolicy, Vmx, VmxConfig, VmxState
+from cpu.vmx_exits import HyperState, VmExits
 from idt.blocking import Interruptibility
-from idt.double_fault import Combine, deliver_event
+from idt.double_fault import Combine, DeliveryOutcome, deliver_event
 from idt.state import RFLAGS_RF, ArchFault, ArchState, Event, Source
 from idt.vectors import Vector, vector_name
 
@@ -129,9 +132,13 @@ class Machine:
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._costs = CostModel(self.profile)
         self.phys = PhysicalMemory(memory)
+        # pc-testdev's IORAM: plain memory at IORAM_BASE, mapped like RAM so that every
+        # instruction works on it (kvm-unit-tests' emulator.c runs string ops, BT*, SSE...).
+        self.ioram = PhysicalMemory(IORAM_SIZE)
         # Fast mode counts per translation block, timed mode per instruction (it needs
         # each instruction's cost); both give exact counts at every stop.
-        self.engine = Engine(self.phys, block_counting=mode == "fast")
+        self.engine = Engine(self.phys, block_counting=mode == "fast",
+                             windows=((IORAM_BASE, self.ioram),))
         self.trace = Trace()
         self.symbols: dict[str, int] = {}
         # VMX: the second translation stage and the #VE controls (None: no VMX).
@@ -157,6 +164,7 @@ class Machine:
             platform=self.platform.state,
             vmx=VmxState(),
             apf=ApfHostState(),
+            hyper=HyperState(),
             apic=LocalApic(on_nmi=self.wires.apic_nmi, on_event=self.wires.apic_event,
                            on_eoi=self.wires.apic_eoi) if apic else None,
         )
@@ -173,6 +181,7 @@ class Machine:
         self.frames = Frames(self, st.frames)
         self.model = CpuModel(self, st.model)
         self.vmx_host = Vmx(self, st.vmx)
+        self.vmx_exits = VmExits(self, st.hyper)
         self.apf_host = ApfHost(self, st.apf)
         self.debug = Debug(self, st.debug)
         self.fred = Fred(self, st.fred)
@@ -329,22 +338,14 @@ class Machine:
 
     def build(self) -> None:
         """Write page tables and load the control registers (once, before running)."""
-        first = not self.layout.built
-        self.layout.build()
-        if first and self.fred.enable_at_build:
-            self.fred.set_cr4_fred()
+        if not self.layout.built:
+            self.layout.build()
+            self.fred.built()  # CR4.FRED, when FRED was enabled before the first run
 
     def enable_fred(self, options: FredConfig | None = None, *, enable: bool = True,
                     **msrs: int) -> None:
-        """Give the CPU FRED (cpu/fred.py): CPUID reports FRED and LKGS, CR4.FRED and the
-        FRED MSRs exist. `msrs` sets them by name (config, rsp0..rsp3, stklvls,
-        ssp1..ssp3; the WRMSR checks apply); `enable` also sets CR4.FRED."""
-        self.fred.config = options or FredConfig()
-        for name, value in msrs.items():
-            self.fred.set_msr(name, value)
-        if enable and self.layout.built:
-            self.fred.set_cr4_fred()
-        self.fred.enable_at_build = enable
+        """Give the CPU FRED and set its MSRs by name (cpu/fred.py `Fred.enable`)."""
+        self.fred.enable(options, enable=enable, **msrs)
 
     def observe_cr2_reads(self) -> None:
         """Emit a `cr2_read` record at every `MOV reg, CR2` in decoded code: the value
@@ -360,13 +361,15 @@ class Machine:
         self.engine.remember_fills(False)
 
     def enable_apf(self, *, policy: ApfPolicy = "kvm", layout: str = "2020",
-                   on_fail: str = "retry") -> AsyncPf:
+                   on_fail: str = "retry", error_policy: str | None = None) -> AsyncPf:
         """Model a KVM host with paravirtual async page faults (cpu/apf_host.py).
         Swapped-out pages (`swap_out`) are EPT-not-present with suppress-#VE set, so a
         guest access to one is a VM exit that the host answers by `policy`: inject a
         page-not-present #PF or stall the vCPU until the page is in. `on_fail`: "retry",
-        "stop" or "inject-pf", when a page-in fails."""
-        return self.apf_host.enable(policy=policy, layout=layout, on_fail=on_fail)
+        "stop" or "inject-pf", when a page-in fails; `error_policy` (cpu/apf_host.py)
+        replaces it with the 2020 thread's designs."""
+        return self.apf_host.enable(policy=policy, layout=layout, on_fail=on_fail,
+                                    error_policy=error_policy)
 
     def swap_out(self, gpa: int, size: int = 4096, *, latency: int = 5000,
                  fail: bool = False) -> None:
@@ -439,6 +442,8 @@ class Machine:
     # -- delivery --------------------------------------------------------------------------
     def deliver(self, ev: Event, why: str = "") -> None:
         """Deliver `ev` now (at the current boundary), with the #DF/shutdown rules."""
+        if self.vmx_exits.direct(ev):
+            return  # the exception bitmap made it a VM exit (cpu/vmx_exits.py)
         self.debug.before_delivery(ev)  # a #DB trap still owed is void (cpu/debug.py)
         if self.fred.config is not None and self.fred.active():
             self.fred.deliver(ev, why)  # CR4.FRED = 1: no IDT (cpu/fred.py)
@@ -458,19 +463,29 @@ class Machine:
         if st.cpl == 3:
             self.frames.user_mode()
         live = self.frames.snapshot()
+        hyper = self.vmx_exits
+        progress = DeliveryOutcome(delivery=None)
         try:
             with self.paging_snapshot():
-                out = deliver_event(self.sysmem, st, ev)
+                out = deliver_event(self.sysmem, st, ev, hyper.intercept_fn(), progress)
         except EptViolation as violation:
             # Never converted to #VE while delivering an event (SDM "EPT Violations"):
             # a VM exit with the event in the IDT-vectoring information.
-            self.vmx_host.ept_violation(violation, ev.insn_rip, violation.access, during=ev)
+            during = ev
+            if hyper.enabled:  # an indirect exit: the delivery's side effects happened
+                during = progress.vectoring or ev
+                self.intr.nmi_blocked = st.nmi_blocked
+                if st.cr2 != cr2_before:
+                    self.engine.write({"cr2": st.cr2})
+            self.vmx_host.ept_violation(violation, ev.insn_rip, violation.access, during=during)
             return
         except EptMisconfig as bad:
             self.vmx_host.ept_misconfig(bad, ev.insn_rip, during=ev)
             return
         e = self.engine
-        if out.nested and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE):
+        exited = out.intercepted is not None or out.triple_fault
+        if (out.nested or exited) and ev.source in (Source.SOFTWARE, Source.PRIV_SOFTWARE) \
+                and hyper.state.injected is None:
             # INT n / INT3 / INTO / INT1 were counted as retired when they trapped, but a
             # fault while delivering them is a fault *on* the instruction (saved RIP = the
             # INT, which restarts after the handler): it did not retire.
@@ -482,6 +497,9 @@ class Machine:
             self.emit("delivery_fault", vector=nf.during.vector, name=nf.during.name,
                       fault=nf.fault.vector, fault_name=vector_name(nf.fault.vector),
                       error_code=nf.fault.error_code, action=nf.action.value, why=nf.fault.why)
+        if exited:
+            hyper.delivery_exit(ev, out)
+            return
         if out.delivery is None:
             last = out.nested[-1]
             assert last.action is Combine.SHUTDOWN

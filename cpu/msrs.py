@@ -42,6 +42,7 @@ Special cases, each from its SDM section:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -61,6 +62,9 @@ if TYPE_CHECKING:
     from cpu.machine import Machine
 
 MSR_TSC = 0x10
+MSR_TSC_ADJUST = 0x3B
+TSC_SOURCES = ("cycles", "host")
+HOST_TSC_HZ = 2_000_000_000  # the host-clock TSC's nominal rate
 MSR_APIC_BASE = 0x1B
 MSR_SYSENTER_CS = 0x174
 MSR_SYSENTER_ESP = 0x175
@@ -149,6 +153,7 @@ class Msr:
 
 MSRS: tuple[Msr, ...] = (
     Msr(MSR_TSC, "IA32_TIME_STAMP_COUNTER", Store.SPECIAL, writable=ALL),
+    Msr(MSR_TSC_ADJUST, "IA32_TSC_ADJUST", Store.SPECIAL, writable=ALL),
     Msr(MSR_SYSENTER_CS, "IA32_SYSENTER_CS", Store.BOTH, writable=ALL),
     Msr(MSR_SYSENTER_ESP, "IA32_SYSENTER_ESP", Store.ENGINE, writable=ALL, check=canonical),
     Msr(MSR_SYSENTER_EIP, "IA32_SYSENTER_EIP", Store.ENGINE, writable=ALL, check=canonical),
@@ -216,10 +221,32 @@ class MsrState:
 
     values: dict[int, int] = field(default_factory=_reset_values)
     tsc_offset: int = 0  # IA32_TIME_STAMP_COUNTER - cycles
+    tsc_adjust: int = 0  # IA32_TSC_ADJUST: what WRMSRs have added to the TSC
+    # Where the TSC counts from: "cycles" (the machine's cycle count: deterministic, the
+    # default) or "host" (the host's monotonic clock at HOST_TSC_HZ: for guests that spin
+    # until a TSC goal, as kvm-unit-tests' vmexit benchmarks do; not deterministic).
+    tsc_source: str = "cycles"
 
 
 class MsrFile:
     """RDMSR/WRMSR against `MSRS` (see the module docstring)."""
+
+    def _clock(self) -> int:
+        """What the TSC counts: the machine's cycles, or the host's clock."""
+        if self.state.tsc_source == "host":
+            return time.monotonic_ns() * HOST_TSC_HZ // 1_000_000_000
+        return int(self.m.engine.cycles)
+
+    def _write_tsc(self, index: int, value: int) -> None:
+        """A WRMSR of the TSC or of IA32_TSC_ADJUST: whatever one adds to the TSC, it
+        adds to the other (SDM Vol. 3B "Time-Stamp Counter Adjustment": "If an execution
+        of WRMSR to the IA32_TIME_STAMP_COUNTER MSR adds (or subtracts) value X from the
+        TSC, the logical processor also adds (or subtracts) value X from the
+        IA32_TSC_ADJUST MSR", and a write of IA32_TSC_ADJUST changes the TSC alike)."""
+        st = self.state
+        delta = (value - (self.read(MSR_TSC) if index == MSR_TSC else st.tsc_adjust)) & ALL
+        st.tsc_offset = (st.tsc_offset + delta) & ALL
+        st.tsc_adjust = (st.tsc_adjust + delta) & ALL
 
     def __init__(self, m: Machine, state: MsrState) -> None:
         self.m = m
@@ -231,7 +258,9 @@ class MsrFile:
             raise MsrFault(f"MSR {index:#x} is not implemented by this machine")
         e = self.m.engine
         if index == MSR_TSC:
-            return (e.cycles + self.state.tsc_offset) & ALL
+            return (self._clock() + self.state.tsc_offset) & ALL
+        if index == MSR_TSC_ADJUST:
+            return self.state.tsc_adjust
         if msr.store is Store.FRED:
             return self.m.fred.read_msr(index)
         if msr.store in (Store.MODEL, Store.BOTH):
@@ -244,8 +273,8 @@ class MsrFile:
             raise MsrFault(f"MSR {index:#x} is not implemented by this machine")
         m = self.m
         e = m.engine
-        if index == MSR_TSC:
-            self.state.tsc_offset = (value - e.cycles) & ALL
+        if index in (MSR_TSC, MSR_TSC_ADJUST):
+            self._write_tsc(index, value)
             return
         current = self.read(index)
         new = checked_value(msr, value, current)

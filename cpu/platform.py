@@ -71,7 +71,7 @@ class Platform:
         w = m.wires
         self.state = PlatformState(
             uart=Uart16550(SERIAL_PORT, on_byte=self.serial_byte), fwcfg=FwCfg(ram_size=memory),
-            testdev=PcTestdev(on_irq_line=w.isa_line),
+            testdev=PcTestdev(on_irq_line=w.isa_line, iomem=m.ioram),
             ioapic=Ioapic(on_message=w.ioapic_message) if apic else None,
             hpet=Hpet(cpu_mhz=m.profile.frequency_mhz, on_irq=w.ioapic_input) if apic else None)
         self.serial = bytearray()  # what the UART transmitted (checkpointed by length)

@@ -34,6 +34,7 @@ accepts only the latest.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,8 @@ class Checkpoint:
     state: MachineState
     ept: dict[str, Any] | None
     ept_mem: Any
-    trace_len: int
+    trace_len: int  # records emitted by then (Trace.emitted)
+    trace_counts: Counter[str]
     serial_len: int
     sites: frozenset[int]
 
@@ -64,7 +66,8 @@ class Checkpoint:
 def _memo(machine: Machine) -> dict[int, Any]:
     """Deep copies of the state keep pointing at the machine and its components (device
     callbacks are bound methods of components), not at copies of them."""
-    keep = [machine, *(v for v in vars(machine).values() if hasattr(v, "m") and v.m is machine)]
+    keep = [machine, machine.ioram,  # memory, reverted page by page like `phys`
+            *(v for v in vars(machine).values() if hasattr(v, "m") and v.m is machine)]
     return {id(o): o for o in keep}
 
 
@@ -82,10 +85,12 @@ def take(machine: Machine) -> Checkpoint:
         ept_mem = ept.mem
         ept.mem.commit()
     machine.phys.commit()
+    machine.ioram.commit()
     e.flush_tlb()  # entries filled before tracking may grant write access
     e.forget_fills()  # and so may the translations the native fill front remembers
     cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
-                    trace_len=len(machine.trace.records), serial_len=len(machine.serial),
+                    trace_len=machine.trace.emitted,
+                    trace_counts=Counter(machine.trace.counts), serial_len=len(machine.serial),
                     sites=e.site_addresses)
     machine._checkpoint = cp
     return cp
@@ -99,6 +104,7 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
     if e is not cp.engine:
         raise CheckpointError("the machine changed engines since the checkpoint (a mode switch)")
     machine.phys.revert()
+    machine.ioram.revert()
     for address in e.site_addresses - cp.sites:
         e.remove_site(address)
     e.restore_state(cp.cpu)  # flushes the TLB
@@ -112,7 +118,7 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
         for k, v in copy.deepcopy(cp.ept).items():
             setattr(ept, k, v)
         ept._memo.clear()
-    del machine.trace.records[cp.trace_len:]
+    machine.trace.truncate(cp.trace_len, cp.trace_counts)
     del machine.serial[cp.serial_len:]
     machine.regs.forget()
     machine.stops.pending = None
@@ -127,6 +133,7 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
 def release(machine: Machine) -> None:
     """Stop tracking writes (the checkpoint is gone)."""
     machine.phys.untrack()
+    machine.ioram.untrack()
     if machine.ept is not None:
         machine.ept.mem.untrack()
     machine._checkpoint = None

@@ -29,6 +29,7 @@ from cpu.platform import PlatformState
 from cpu.registers import RegisterState
 from cpu.stops import StopState
 from cpu.vmx import VmxState
+from cpu.vmx_exits import HyperState
 
 if TYPE_CHECKING:
     from cpu.multiboot import Boot
@@ -57,6 +58,7 @@ class MachineState:
     platform: PlatformState
     vmx: VmxState
     apf: ApfHostState
+    hyper: HyperState
     apic: LocalApic | None
     debug: DebugState = field(default_factory=DebugState)
     fred: FredState = field(default_factory=FredState)

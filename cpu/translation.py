@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from cpu.engine import PROT_R, PROT_W, PROT_X, REFUSE, Refuse
 from cpu.ept import EptMisconfig, EptViolation
+from cpu.memory import PhysicalMemory
 from cpu.mmu import CR4_PKE, CR4_SMAP, Access, PagingControl, Translation, WalkCache
 from cpu.outcomes import Outcome, Stop
 from idt.state import RFLAGS_AC, ArchFault, is_canonical
@@ -27,6 +28,15 @@ from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
+
+
+def window_at(m: Machine, paddr: int, size: int) -> tuple[int, PhysicalMemory] | None:
+    """The memory window (base, memory) beyond RAM that holds [paddr, paddr + size)
+    (pc-testdev's IORAM), if any."""
+    for base, window in m.engine.windows:
+        if base <= paddr and paddr + size <= base + window.size:
+            return base, window
+    return None
 
 
 class GuestMemory:
@@ -71,7 +81,7 @@ class GuestMemory:
             # An inspection by the emulator: no SMAP, no protection keys.
             t = self.walks.walk(ctl, addr, access, user=user, smap_exempt=True, keys=False)
         paddr = t.paddr | (addr & 0xFFF)
-        if not m.phys.contains(paddr, size):
+        if not m.phys.contains(paddr, size) and window_at(m, paddr, size) is None:
             # A present translation to no RAM: a 2-MiB identity page over the end of a
             # memory size that is not a multiple of 2 MiB, a PageSpec, or tables the guest
             # rewrote. The guest's own accesses end the run as "outside_memory"
@@ -84,26 +94,48 @@ class GuestMemory:
         return paddr
 
     def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:
+        phys = self.m.phys
         if (linear & 0xFFF) + size <= 0x1000:  # one page: the common case, no splitting
             paddr = self._translate(linear, size, Access.READ, user, stack)
-            return bytes(self.m.phys.view[paddr : paddr + size])
+            if paddr < phys.size:
+                return bytes(phys.view[paddr : paddr + size])
+            return self._window_read(paddr, size)
         out = bytearray(size)
         for addr, off, n in self._pieces(linear, size):
             paddr = self._translate(addr, n, Access.READ, user, stack)
-            out[off : off + n] = self.m.phys.read(paddr, n)
+            out[off : off + n] = phys.read(paddr, n) if paddr < phys.size else \
+                self._window_read(paddr, n)
         return bytes(out)
 
     def write(self, linear: int, data: bytes, *, user: bool = False, stack: bool = False) -> None:
+        phys = self.m.phys
         if (linear & 0xFFF) + len(data) <= 0x1000:
             paddr = self._translate(linear, len(data), Access.WRITE, user, stack)
-            phys = self.m.phys
+            if paddr >= phys.size:
+                self._window_write(paddr, data)
+                return
             if phys.dirty is not None:
                 phys.mark(paddr, len(data))
             phys.view[paddr : paddr + len(data)] = data
             return
         for addr, off, n in self._pieces(linear, len(data)):
             paddr = self._translate(addr, n, Access.WRITE, user, stack)
-            self.m.phys.write(paddr, data[off : off + n])
+            if paddr < phys.size:
+                phys.write(paddr, data[off : off + n])
+            else:
+                self._window_write(paddr, data[off : off + n])
+
+    def _window_read(self, paddr: int, size: int) -> bytes:
+        found = window_at(self.m, paddr, size)
+        assert found is not None  # _translate checked
+        base, mem = found
+        return mem.read(paddr - base, size)
+
+    def _window_write(self, paddr: int, data: bytes) -> None:
+        found = window_at(self.m, paddr, len(data))
+        assert found is not None  # _translate checked
+        base, mem = found
+        mem.write(paddr - base, data)
 
 
 class Translator:
@@ -134,6 +166,9 @@ class Translator:
             # The access stops at its instruction (cpu/stops.py).
             return REFUSE if access is Access.WRITE else None
         if not m.phys.contains(t.paddr, 4096):
+            window = window_at(m, t.paddr, 4096)
+            if window is not None:
+                return self._window_fill(window, t, access)
             # Also the local APIC page: every access to it stops the engine at the
             # accessing instruction, which the machine emulates (cpu/mmio.py); so are
             # the other device pages.
@@ -143,18 +178,7 @@ class Translator:
             # A data breakpoint's page: every data access stops at its instruction
             # (cpu/debug.py `Debug.data_access`); a store is refused, as above.
             return REFUSE if access is Access.WRITE else None
-        prot = PROT_R if t.readable else 0
-        if t.writable and (t.dirty or access is Access.WRITE):
-            prot |= PROT_W  # a clean page is filled read-only so the first write sets D
-        if m.phys.dirty is not None:
-            # Checkpoint tracking (cpu.snapshot): the engine may write a page only through
-            # an entry filled for a write, which is where the page is marked.
-            if access is Access.WRITE:
-                m.phys.mark(t.paddr, 4096)
-            else:
-                prot &= ~PROT_W
-        if t.executable:
-            prot |= PROT_X
+        prot = self._rights(t, access, m.phys, t.paddr)
         if watched:
             prot &= PROT_X  # fetches only: data accesses must miss and come back here
         if m.ept is not None:
@@ -171,6 +195,31 @@ class Translator:
             m.engine.remember_fill(vpage, access, m.regs.state.cpl == 3,
                                    m.sysmem.walks.last_used, t.paddr, prot)
         return t.paddr, prot
+
+    def _window_fill(self, window: tuple[int, PhysicalMemory], t: Translation,
+                     access: Access) -> tuple[int, int]:
+        """A fill into a memory window (pc-testdev's IORAM): the rights of the page walk,
+        and the same checkpoint rule as RAM. Not remembered by the native front, which
+        knows RAM only; the engine's own TLB keeps the entry until the next flush."""
+        base, mem = window
+        return t.paddr, self._rights(t, access, mem, t.paddr - base)
+
+    @staticmethod
+    def _rights(t: Translation, access: Access, mem: PhysicalMemory, offset: int) -> int:
+        """The PROT_* rights of a fill of walk `t` for `access`, to `offset` in `mem`."""
+        prot = PROT_R if t.readable else 0
+        if t.writable and (t.dirty or access is Access.WRITE):
+            prot |= PROT_W  # a clean page is filled read-only so the first write sets D
+        if mem.dirty is not None:
+            # Checkpoint tracking (cpu.snapshot): the engine may write a page only through
+            # an entry filled for a write, which is where the page is marked.
+            if access is Access.WRITE:
+                mem.mark(offset, 4096)
+            else:
+                prot &= ~PROT_W
+        if t.executable:
+            prot |= PROT_X
+        return prot
 
     def _ept_allows(self, hpa: int, access: Access) -> bool:
         assert self.m.ept is not None

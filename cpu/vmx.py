@@ -15,6 +15,9 @@ unblocked NMIs re-blocks them, since the IRET re-executes (SDM "NMI Unblocking D
 IRET"; KVM `vmx_recover_nmi_blocking`). An EPT misconfiguration (SDM "EPT
 Misconfigurations") is always a VM exit (basic reason 49).
 
+With a hypervisor model (`[hypervisor]`, cpu/vmx_exits.py) an EPT violation that is a
+VM exit goes to that model instead: full exit fields, and the host object decides.
+
 A guest access to a page the async-#PF host swapped out is that host's business
 (cpu/apf_host.py).
 """
@@ -135,6 +138,11 @@ class Vmx:
             # #VE: a fault with no error code; saved RIP = the faulting instruction.
             m.deliver(Event.exception(VE_VECTOR, rip), why=f"EPT violation at GPA {v.gpa:#x}")
             return
+        if m.vmx_exits.enabled:
+            # The hypervisor model owns exits (cpu/vmx_exits.py): full exit fields.
+            m.vmx_exits.ept_exit(reason=EXIT_REASON_EPT_VIOLATION, qualification=qual,
+                                 gpa=v.gpa, gla=gla, rip=rip, during=during, why=why)
+            return
         exit_ = VmExit(reason=EXIT_REASON_EPT_VIOLATION, qualification=qual, gpa=v.gpa, gla=gla,
                        rip=rip, during_delivery=during, nmi_unblocked_by_iret=nmi_unblocked, why=why)
         m.count_event(rip, "events (VM exits that never resolve?)")
@@ -167,6 +175,10 @@ class Vmx:
         delivery, if any, re-executes)."""
         m = self.m
         assert m.ept is not None
+        if m.vmx_exits.enabled:
+            m.vmx_exits.ept_exit(reason=EXIT_REASON_EPT_MISCONFIG, qualification=0, gpa=bad.gpa,
+                                 gla=None, rip=rip, during=during, why=bad.why)
+            return
         policy = self.state.on_ept_violation
         action = "stop" if callable(policy) else policy
         m.emit("vmexit", reason=EXIT_REASON_EPT_MISCONFIG, qualification=0, gpa=bad.gpa,

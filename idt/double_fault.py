@@ -19,10 +19,20 @@ delivering #DF is a triple fault: the processor shuts down. The 2016 SDM narrows
 to contributory or page-fault exceptions; like QEMU (target/i386/tcg/excp_helper.c
 `check_exception`) and KVM (arch/x86/kvm/x86.c `kvm_multiple_exception`) we shut down on
 any exception.
+
+Under VMX (SDM Vol. 3C "Other Causes of VM Exits", "VM Exits During Event Injection")
+the exception bitmap is asked first, with the *second* exception's vector: if it
+exits, nothing is combined (the first event goes to the host in the IDT-vectoring
+information). Only a second exception the bitmap lets through meets Table 6-5; a #DF
+made from it is asked again with vector 8 (an exit then has no IDT-vectoring
+information), and an exception during #DF delivery that the bitmap does not take is a
+triple-fault VM exit. `deliver_event(..., intercept=...)` takes that question as a
+function (cpu/vmx_exits.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -68,26 +78,48 @@ class DeliveryOutcome:
     nested: list[NestedFault] = field(default_factory=list)
     double_fault_of: tuple[int, int] | None = None
     shutdown_reason: str | None = None
+    # VMX: the event being delivered right now (for an exit the caller sees as a Python
+    # exception, e.g. an EPT violation), an intercepted exception and the event whose
+    # delivery it interrupted (None: the exit is due to #DF itself), a triple fault.
+    vectoring: Event | None = None
+    intercepted: ArchFault | None = None
+    intercepted_during: Event | None = None
+    triple_fault: bool = False
 
 
-def deliver_event(mem: SystemMemory, st: ArchState, ev: Event) -> DeliveryOutcome:
+# (vector, error code) -> whether the exception bitmap makes it a VM exit.
+Intercept = Callable[[int, int | None], bool]
+
+
+def deliver_event(mem: SystemMemory, st: ArchState, ev: Event, intercept: Intercept | None = None,
+                  out: DeliveryOutcome | None = None) -> DeliveryOutcome:
     """Deliver `ev`, applying the #DF rules to faults raised during delivery.
 
     `st` is not modified except `cr2` (a #PF during delivery loads CR2 when it is
     detected, even if it then becomes #DF) and `nmi_blocked` (an NMI blocks further NMIs
     as its delivery *starts*, so a failed NMI delivery leaves NMIs blocked).
+
+    `intercept` (VMX) is the exception bitmap; `out` lets the caller read `vectoring`
+    after an exception other than `ArchFault` escaped.
     """
-    out = DeliveryOutcome(delivery=None)
+    out = out if out is not None else DeliveryOutcome(delivery=None)
     current = ev
     if ev.source is Source.NMI:
         st.nmi_blocked = True
     if ev.cr2 is not None:
         st.cr2 = ev.cr2
     while True:
+        out.vectoring = current
         try:
             out.delivery = deliver(mem, st, current)
             return out
         except ArchFault as fault:
+            if intercept is not None and intercept(fault.vector, fault.error_code):
+                # The bitmap sees the second exception before any #DF conversion; it
+                # exits directly, so a #PF does not load CR2 (SDM Vol. 3C "Architectural
+                # State Before a VM Exit").
+                out.intercepted, out.intercepted_during = fault, current
+                return out
             if fault.cr2 is not None:
                 st.cr2 = fault.cr2
             action = combine(current, fault.vector)
@@ -96,6 +128,7 @@ def deliver_event(mem: SystemMemory, st: ArchState, ev: Event) -> DeliveryOutcom
                 out.shutdown_reason = (
                     f"triple fault: {fault} while delivering #DF"
                 )
+                out.triple_fault = intercept is not None  # a VM exit, reason 2
                 return out
             # The nested fault is a fault on the instruction that caused `current`
             # (for an INT n: the INT itself), or at the interrupted boundary.
@@ -113,5 +146,10 @@ def deliver_event(mem: SystemMemory, st: ArchState, ev: Event) -> DeliveryOutcom
                 # by the SDM; we push the first event's instruction address as Bochs does.
                 current = Event(Vector.DF, Source.EXCEPTION, current.insn_rip,
                                 current.insn_rip, 0)
+                if intercept is not None and intercept(Vector.DF, 0):
+                    # An exit *due to* #DF: no IDT-vectoring information.
+                    out.intercepted = ArchFault(Vector.DF, 0, why=f"double fault: {fault}")
+                    out.intercepted_during = None
+                    return out
             else:
                 current = nested

@@ -21,6 +21,7 @@ from typing import Any
 
 from cpu import multiboot as mbt
 from cpu.machine import Machine
+from cpu.msrs import TSC_SOURCES
 from idtlab import __version__, apf_matrix, explore_html, explore_report, ref, suite
 from idtlab import diff as differ
 from idtlab import explore as ex
@@ -33,6 +34,11 @@ from idtlab.trace import HINT, LEGEND, Symbolizer, stuck, timeline, write_jsonl
 # `run --image`: a test kernel runs to its exit port; the limit only catches a runaway one
 # (kvm-unit-tests' sieve retires tens of billions of instructions).
 IMAGE_MAX_INSNS = 10**12
+# ...and deliveries: access.flat takes millions of page faults on purpose.
+IMAGE_MAX_EVENTS = 10**9
+# Without --trace or --timeline an image run keeps only the trace's tail (memory stays flat
+# however many events a long suite delivers; the summary counts them all).
+IMAGE_TRACE_TAIL = 10_000
 SYSTEM_SYMBOLS = ("gdt", "tss", "idt", "pml4", "apic")
 # Built-in demos (idtlab/examples/): the default shows the nested-NMI IST race.
 DEMOS = {
@@ -45,6 +51,9 @@ DEMOS = {
 SIDE_BY_SIDE = {
     "ve-rearm-race": ("ve/ve_rearm_race_clear_then_iret.toml", "ve/ve_rearm_race_deferred.toml"),
     "nested-nmi-both": ("nested_nmi_naive.toml", "nested_nmi_safe.toml"),
+    "apf-error-gfn": ("apf/apf_error_gfn_loop.toml", "apf/apf_error_spte_tag.toml"),
+    "nested-injection": ("hyper/nested_injection_sdm.toml",
+                         "hyper/nested_injection_kvm_pre61.toml"),
     "fred-vs-idt": ("nested_nmi_naive.toml", "nested_nmi_fred.toml"),
 }
 # Demos that print a table computed by the race explorer (no single scenario).
@@ -121,7 +130,11 @@ def _run_image(args: argparse.Namespace) -> int:
                        "1M and the local APIC at 0xfee00000")
     args.image = ref.resolve_image(args.image)  # a file, or one of guest_images/mb/ by name
     image = mbt.read_image(args.image)
-    m = Machine(memory, mode=args.mode or "fast", max_insns=max(1, args.max_insns))
+    m = Machine(memory, mode=args.mode or "fast", max_insns=max(1, args.max_insns),
+                max_events=IMAGE_MAX_EVENTS)
+    if not (args.trace or args.timeline):
+        m.trace.keep = IMAGE_TRACE_TAIL
+    m.model.state.msrs.tsc_source = args.tsc
     mbt.load(m, image, cmdline=args.cmdline)
     if not args.quiet:
         m.on_serial_line.append(lambda text: print(text, flush=True))
@@ -137,7 +150,7 @@ def _run_image(args: argparse.Namespace) -> int:
     detail = f" ({result.reason})" if result.reason else ""
     print(f"idtlab: {args.image.name}: {result.outcome}{detail} at {sym(result.rip)}; "
           f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode), "
-          f"{len(result.deliveries)} events delivered"
+          f"{result.trace.counts['deliver']} events delivered"
           + (f"; trace written to {args.trace}" if args.trace else ""))
     return 0 if result.outcome == "exit" and result.exit_code in (0, None) else 1
 
@@ -227,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                             "for runaway kernels, far above what a test kernel needs)")
     p_run.add_argument("--timeline", action="store_true",
                        help="--image: also print the timeline after the run")
+    p_run.add_argument("--tsc", choices=TSC_SOURCES, default="cycles",
+                       help="--image: what RDTSC counts: the machine's cycles (deterministic, "
+                            "the default) or the host's clock (for benchmarks that spin until "
+                            "a TSC goal, e.g. kvm-unit-tests' vmexit; runs then differ)")
     p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_run.add_argument("-q", "--quiet", action="store_true", help="no timeline")
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")

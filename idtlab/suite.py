@@ -97,6 +97,7 @@ from pathlib import Path
 from typing import Any
 
 from cpu.devices.apic import APIC_BASE
+from cpu.msrs import TSC_SOURCES
 from idtlab import ref
 from idtlab.errors import BadInput
 
@@ -295,9 +296,10 @@ class Plan:
     idtlab_skip: str | None
     reference_skip: str | None
 
-    def idtlab_argv(self, max_insns: int) -> list[str]:
-        return ["idtlab", "run", "--image", str(self.image), "--cmdline", self.cmdline,
+    def idtlab_argv(self, max_insns: int, tsc: str = "cycles") -> list[str]:
+        argv = ["idtlab", "run", "--image", str(self.image), "--cmdline", self.cmdline,
                 "--memory", f"{self.memory_mib}M", "--max-insns", str(max_insns)]
+        return argv + (["--tsc", tsc] if tsc != "cycles" else [])
 
     def qemu_argv(self) -> list[str]:
         argv = [ref.QEMU_BINARY, *QEMU_BASE, "-smp", "1", *self.config.qemu_params,
@@ -649,6 +651,7 @@ class Options:
     jobs: int = 1
     max_insns: int = DEFAULT_MAX_INSNS
     max_rss_mib: int | None = DEFAULT_MAX_RSS_MIB
+    tsc: str = "cycles"
 
 
 def _shell(argv: list[str]) -> str:
@@ -662,7 +665,7 @@ def run_suite(plans: list[Plan], options: Options,
     children = _Children()
 
     def on_idtlab(p: Plan) -> SideResult:
-        argv = p.idtlab_argv(options.max_insns)
+        argv = p.idtlab_argv(options.max_insns, options.tsc)
         run = spawn([sys.executable, "-m", "idtlab.cli", *argv[1:]], p.cwd, p.timeout,
                     options.max_rss_mib, children)
         return replace(interpret_idtlab(run, options.max_rss_mib, p), command=_shell(argv))
@@ -896,6 +899,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-insns", type=int, default=DEFAULT_MAX_INSNS, metavar="N",
                    help="idtlab's instruction limit per config (default: none to speak of; "
                         "the time limit ends long runs)")
+    p.add_argument("--tsc", choices=TSC_SOURCES, default="cycles",
+                   help="what idtlab's RDTSC counts (`idtlab run --tsc`): cycles "
+                        "(deterministic, the default) or host (vmexit's benchmarks spin until "
+                        "a TSC goal: with cycles they take hours)")
     p.add_argument("--max-rss", type=int, default=DEFAULT_MAX_RSS_MIB, metavar="MIB",
                    help=f"stop an idtlab run whose resident memory passes this "
                         f"({DEFAULT_MAX_RSS_MIB}; 0: no limit)")
@@ -920,7 +927,7 @@ def run_cli(args: Any) -> int:
             raise BadInput(f"suite: --html {args.html}: no directory {html_path.parent}")
     configs = parse_config(args.config)
     plans = plan(args.config, configs, args.only, args.timeout, args.reference)
-    options = Options(args.reference, args.jobs, args.max_insns, args.max_rss or None)
+    options = Options(args.reference, args.jobs, args.max_insns, args.max_rss or None, args.tsc)
     to_run = sum(p.idtlab_skip is None for p in plans)
     ref_runs = sum(p.reference_skip is None for p in plans) if args.reference else 0
     print(f"idtlab suite: {args.config}: {len(plans)} configs, {to_run} to run on idtlab"

@@ -500,12 +500,81 @@ def _ve_info_written(r: Record, sym: Symbolizer) -> str:
 
 @renders("vmexit")
 def _vmexit(r: Record, sym: Symbolizer) -> str:
+    if "exit_reason" in r:
+        return _hyper_exit(r, sym)
     gla = "-" if r["gla"] is None else f"{r['gla']:#x}"
     during = f", during delivery of {r['during_delivery']}" if r["during_delivery"] else ""
     nmi = ", NMI unblocked by IRET" if r["nmi_unblocked_by_iret"] else ""
     return (f"VM EXIT (EPT violation, reason {r['reason']}) at {sym(r['rip'])}: "
             f"GPA {r['gpa']:#x} GLA {gla} qualification {r['qualification']:#x}{during}"
             f"{nmi} [not #VE: {r['why']}] -> host: {r['action']}")
+
+
+def _hyper_exit(r: Record, sym: Symbolizer) -> str:
+    """A hypervisor-model exit (cpu/vmx_exits.py): raw fields, then their decoding."""
+    d = r["decoded"]
+    parts = [f"VM EXIT {d['exit']} (reason {r['exit_reason']:#x}) at {sym(r['rip'])}:"]
+    if r["interruption_info"] >> 31:
+        parts.append(f"II {r['interruption_info']:#010x} [{d['interruption']}]"
+                     + (f" error {r['interruption_error_code']:#x}"
+                        if r["interruption_info"] & (1 << 11) else ""))
+    if r["idt_vectoring_info"] >> 31:
+        parts.append(f"IDTV {r['idt_vectoring_info']:#010x} [{d['idt_vectoring']}]"
+                     + (f" error {r['idt_vectoring_error_code']:#x}"
+                        if r["idt_vectoring_info"] & (1 << 11) else ""))
+    else:
+        parts.append("IDTV invalid")
+    if r["qualification"]:
+        parts.append(f"qual {r['qualification']:#x}")
+    if r.get("gpa") is not None:
+        parts.append(f"GPA {r['gpa']:#x}")
+    if r["instruction_length"]:
+        parts.append(f"len {r['instruction_length']}")
+    parts.append(f"IS {r['interruptibility']:#x}")
+    return " ".join(parts) + f" -> host: {r.get('action', '?')}"
+
+
+@renders("apf_error_recorded")
+def _apf_error_recorded(r: Record, sym: Symbolizer) -> str:
+    gone = f", evicts {r['evicted']:#x}" if r.get("evicted") is not None else ""
+    held = ", ".join(f"{g:#x}" for g in r["remembered"])
+    return f"host ({r['policy']}) remembers failed GPA {r['gpa']:#x}: [{held}]{gone}"
+
+
+@renders("apf_error_exit")
+def _apf_error_exit(r: Record, sym: Symbolizer) -> str:
+    return (f"host ({r['policy']}): GPA {r['gpa']:#x} failed to page in: exit to user space "
+            f"at {sym(r['rip'])}")
+
+
+@renders("vmentry")
+def _vmentry(r: Record, sym: Symbolizer) -> str:
+    if r["injected"] is None:
+        return "VM ENTRY: resume, nothing injected"
+    ec = f" error {r['error_code']:#x}" if r["injected"] & (1 << 11) else ""
+    if "failed" in r:
+        how = (f"VMfailValid, VM-instruction error {r['vm_instruction_error']}"
+               if r.get("vm_instruction_error") is not None
+               else f"VM-entry failure, exit reason {r['exit_reason']:#x}")
+        return f"VM ENTRY injecting {r['injected']:#010x}{ec} FAILED: {how} ({r['failed']})"
+    cr2 = f", CR2 := {r['cr2']:#x}" if r.get("cr2") is not None else ""
+    return f"VM ENTRY injecting {r['injected']:#010x} [{r['decoded']}]{ec}{cr2}"
+
+
+@renders("host_fix")
+def _host_fix(r: Record, sym: Symbolizer) -> str:
+    if r["what"] == "ept":
+        return f"~ host restores the EPT entry of GPA {r['gpa']:#x}"
+    return f"~ host maps the guest page {r['gla']:#x} (its shadow page)"
+
+
+@renders("nested_vmexit")
+def _nested_vmexit(r: Record, sym: Symbolizer) -> str:
+    d = r["decoded"]
+    idtv = (f"IDTV {r['idt_vectoring_info']:#010x} [{d['idt_vectoring']}]"
+            if r["idt_vectoring_info"] >> 31 else "IDTV invalid")
+    return (f"EXIT TO L1 (vmcs12): II {r['interruption_info']:#010x} [{d['interruption']}] "
+            f"error {r['interruption_error_code']:#x} {idtv} ({r['why']})")
 
 
 # -- the local APIC (SDM Vol. 3A, "Advanced Programmable Interrupt Controller") -----------

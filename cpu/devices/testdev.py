@@ -31,17 +31,20 @@ Not modelled, raising `PcTestdevUnsupported`: IORAM accesses that run past the e
 the window, and interrupt-line accesses wider than a byte (QEMU's test_irq_ops accept
 only bytes).
 
-All mutable state is in one `PcTestdevState` (checkpoints copy it whole). Because IORAM has
-no side effects, a machine may map `state.iomem` into the engine as ordinary memory
-instead of emulating each access; `restore` therefore copies into the same buffer.
+All mutable state is in one `PcTestdevState` (checkpoints copy it whole), except IORAM's
+contents: IORAM has no side effects, so the machine maps it into the engine as ordinary
+memory (`cpu.memory.PhysicalMemory`, given as `iomem`) instead of emulating each access, and
+checkpoints revert it page by page as they do RAM. `save`/`restore` copy it for a device
+used on its own, into the same buffer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from cpu.errors import Unsupported
+from cpu.memory import PhysicalMemory
 
 IORAM_BASE = 0xFF000000
 IORAM_SIZE = 0x10000
@@ -61,8 +64,15 @@ class PcTestdevState:
     """Everything about the test device that changes."""
 
     ioport_data: int = 0                      # the 32-bit data register
-    iomem: bytearray = field(default_factory=lambda: bytearray(IORAM_SIZE))
     irq_lines: int = 0                        # bit n: ISA line n asserted (last written)
+
+
+@dataclass(frozen=True)
+class PcTestdevSaved:
+    """`PcTestdev.save`: the state and a copy of IORAM."""
+
+    state: PcTestdevState
+    iomem: bytes
 
 
 def _no_line(line: int, asserted: bool) -> None:
@@ -73,20 +83,22 @@ class PcTestdev:
     """pc-testdev. `read`/`write` are IORAM (offset from IORAM_BASE); `port_read`,
     `port_write` and `handles_port` are its I/O ports; `on_irq_line` receives the lines."""
 
-    def __init__(self, *, on_irq_line: Callable[[int, bool], None] = _no_line) -> None:
+    def __init__(self, *, on_irq_line: Callable[[int, bool], None] = _no_line,
+                 iomem: PhysicalMemory | None = None) -> None:
+        if iomem is not None and iomem.size != IORAM_SIZE:
+            raise ValueError(f"pc-testdev: IORAM is {IORAM_SIZE:#x} bytes, not {iomem.size:#x}")
         self.state = PcTestdevState()
+        self.iomem = iomem if iomem is not None else PhysicalMemory(IORAM_SIZE)
         self.on_irq_line = on_irq_line
 
     # ----- checkpoints -------------------------------------------------------------------
 
-    def save(self) -> PcTestdevState:
-        s = self.state
-        return PcTestdevState(s.ioport_data, bytearray(s.iomem), s.irq_lines)
+    def save(self) -> PcTestdevSaved:
+        return PcTestdevSaved(replace(self.state), self.iomem.read(0, IORAM_SIZE))
 
-    def restore(self, saved: PcTestdevState) -> None:
-        s = self.state
-        s.ioport_data, s.irq_lines = saved.ioport_data, saved.irq_lines
-        s.iomem[:] = saved.iomem  # in place: the buffer may be mapped into the engine
+    def restore(self, saved: PcTestdevSaved) -> None:
+        self.state = replace(saved.state)
+        self.iomem.write(0, saved.iomem)  # in place: the buffer is mapped into the engine
 
     # ----- IORAM -------------------------------------------------------------------------
 
@@ -94,14 +106,13 @@ class PcTestdev:
         """A load of `size` bytes at `offset` in IORAM, little-endian. `now` is unused."""
         del now
         self._check(offset, size, "read")
-        return int.from_bytes(self.state.iomem[offset:offset + size], "little")
+        return self.iomem.read_uint(offset, size)
 
     def write(self, offset: int, size: int, value: int, now: int = 0) -> None:
         """A store of `size` bytes at `offset` in IORAM."""
         del now
         self._check(offset, size, "write")
-        self.state.iomem[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
-            size, "little")
+        self.iomem.write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     @staticmethod
     def _check(offset: int, size: int, what: str) -> None:

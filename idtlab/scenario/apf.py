@@ -9,12 +9,12 @@ guest's first access to one starts its page-in, with the latency given.
 
 from __future__ import annotations
 
-from cpu.apf_host import APF_FAIL_ACTIONS
+from cpu.apf_host import APF_FAIL_ACTIONS, parse_error_policy
 from cpu.devices.apf import HOST_POLICIES, LAYOUTS
 from idtlab.scenario.checker import did_you_mean
 from idtlab.scenario.context import Build
 
-APF_KEYS = ("policy", "layout", "on_fail")
+APF_KEYS = ("policy", "layout", "on_fail", "error_policy")
 SWAPPED_KEYS = ("gpa", "size", "latency", "fail")
 
 
@@ -29,8 +29,17 @@ def build_apf(b: Build) -> None:
         if key in apf_t and apf_t[key] not in known:
             raise chk.fail(f"[apf] {key}", f"{apf_t[key]!r} is not one of {', '.join(known)}"
                            + did_you_mean(str(apf_t[key]), known))
+    error_policy = apf_t.get("error_policy")
+    if error_policy is not None:
+        if "on_fail" in apf_t:
+            raise chk.fail("[apf] error_policy", "give either on_fail or error_policy, not both")
+        try:
+            parse_error_policy(str(error_policy))
+        except ValueError as exc:
+            raise chk.fail("[apf] error_policy", str(exc)) from None
     b.machine.enable_apf(policy=apf_t.get("policy", "kvm"), layout=apf_t.get("layout", "2020"),
-                         on_fail=apf_t.get("on_fail", "retry"))
+                         on_fail=apf_t.get("on_fail", "retry"),
+                         error_policy=None if error_policy is None else str(error_policy))
 
 
 def build_swapped(b: Build) -> None:

@@ -3,7 +3,7 @@
 The order is fixed by what each table needs from the ones before it: the machine
 (`[machine]`, `[vmx]`) first; then what fills guest memory and defines symbols
 (`[[data]]`, `[[image]]`, `[[code]]`); then what names those symbols (`[idt]`, `[tss]`,
-`[[pages]]`, `[[ept]]`, `[host]`, `[apf]`, `[[swapped]]`, `[run]`, `[[inject]]`,
+`[[pages]]`, `[[ept]]`, `[host]`, `[hypervisor]`, `[apf]`, `[[swapped]]`, `[run]`, `[[inject]]`,
 `[[expect]]`). A problem stops the build at the first table that has one.
 """
 
@@ -24,6 +24,7 @@ from idtlab.scenario.context import Build
 from idtlab.scenario.data import build_data
 from idtlab.scenario.expect import Expectation, Failure, check_expectations, parse_expectations
 from idtlab.scenario.fred import build_fred
+from idtlab.scenario.hypervisor import build_hypervisor
 from idtlab.scenario.images import build_images, check_multiboot
 from idtlab.scenario.inject import build_injections
 from idtlab.scenario.machine import build_machine
@@ -33,7 +34,7 @@ from idtlab.scenario.vmx import build_ept, build_host
 
 # Every top-level table a scenario may have (docs/scenario-format.md).
 TABLES = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "inject", "vmx",
-          "ept", "host", "apf", "swapped", "expect", "fred")
+          "ept", "host", "hypervisor", "apf", "swapped", "expect", "fred")
 
 
 @dataclass
@@ -106,6 +107,7 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
     build_fred(b)
     build_ept(b)
     build_host(b)
+    build_hypervisor(b)
     build_apf(b)
     build_swapped(b)
     sc = Scenario(path=path, data=data, machine=m, symbols=b.symbols)

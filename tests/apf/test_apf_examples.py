@@ -27,6 +27,8 @@ EXAMPLES = [
     "apf_pf_nmi_db_pf",
     "apf_legacy_layout",
     "apf_wake_all_and_halt",
+    "apf_error_gfn_loop",
+    "apf_error_spte_tag",
 ]
 PF, NMI, DB = 14, 2, 1
 

@@ -58,9 +58,9 @@ def test_cpuid_1_ecx_osxsave_mirrors_cr4_osxsave() -> None:
 
 
 def test_leaf_7_reports_smep_smap_pku_pks_umip_and_ospke_mirrors_cr4_pke() -> None:
-    # EBX: FSGSBASE 0, BMI1 3, SMEP 7, BMI2 8, ERMS 9, ADX 19, SMAP 20, CLFLUSHOPT 23,
+    # EBX: FSGSBASE 0, TSC_ADJUST 1, BMI1 3, SMEP 7, BMI2 8, ERMS 9, ADX 19, SMAP 20, CLFLUSHOPT 23,
     # CLWB 24. ECX: UMIP 2, PKU 3, PKS 31. EAX: the highest subleaf, 0.
-    assert cpuid(7, 0, RESET) == (0, 0x01980389, 0x8000000C, 0)
+    assert cpuid(7, 0, RESET) == (0, 0x0198038B, 0x8000000C, 0)
     assert cpuid(7, 0, CpuidInputs(cr4=CR4_PKE))[Reg.ECX] == 0x8000001C  # OSPKE 4
     assert cpuid(7, 1, RESET) == (0, 0, 0, 0)
 

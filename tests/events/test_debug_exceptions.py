@@ -29,6 +29,7 @@ from tests.delivery.rig import (
     USER_STACK,
     Frame,
     gate,
+    handler_rsp,
 )
 from tests.events.kit import Frames, build, expect
 
@@ -250,6 +251,93 @@ sel:
     db_at(ran, ran.sym["after_next"])
     assert ran.drs[0][0] == DR6_INIT | 0x1
     assert ran.frames.seen[0][0]["icount"] == 6  # lea, mov dr0, mov eax, mov dr7, MOV SS, nop
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_instruction_breakpoint_right_after_mov_ss_is_not_reported_and_is_gone(mode: str) -> None:
+    # Intel (the declared vendor): the breakpoint on `target` is inhibited by the MOV-SS
+    # shadow; `target` runs; nothing is owed after it (kvm-unit-tests x86/emulator.c
+    # test_mov_pop_ss_code_db).
+    ran = run(arm(0, "target", 0x2) + """
+    mov ss, word ptr [rip + sel]
+target:
+    mov r9, 7
+    hlt
+sel:
+    .word 0x10""", mode=mode)
+    assert ran.frames.seen == []
+    assert ran.r.rip == ran.sym["target"] + 7 + 1 and ran.r.icount == 7
+    assert ran.m.engine.read_reg("r9") == 7
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_instruction_breakpoint_two_instructions_after_mov_ss_is_reported(mode: str) -> None:
+    ran = run(arm(0, "target", 0x2) + """
+    mov ss, word ptr [rip + sel]
+    nop
+target:
+    mov r9, 7
+    hlt
+sel:
+    .word 0x10""", mode=mode)
+    db_at(ran, ran.sym["target"])
+    assert ran.drs[0][0] == DR6_INIT | 0x1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_icebp_with_prefixes_is_a_db_trap_after_all_its_bytes(mode: str) -> None:
+    ran = run("""
+    clc
+the_icebp:
+    .byte 0x2e, 0x2e, 0xf1                 # cs cs int1 (kvm-unit-tests x86/debug.c)
+after:
+    hlt""", mode=mode)
+    (seen,) = ran.frames.seen
+    expect(seen, vector=DB, stack="current", stack_top=KERNEL_STACK, source="software",
+           handler=ran.sym["db_handler"],
+           frame=Frame(rip=ran.sym["after"], cs=KERNEL_CS, rflags=START_RFLAGS,
+                       rsp=KERNEL_STACK, ss=KERNEL_DS))
+
+
+BP = 3
+
+
+@pytest.mark.parametrize(("insn", "vector", "length"), [("int3", BP, 1), ("int 3", BP, 2),
+                                                        ("int 1", DB, 2)])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_data_breakpoint_held_by_mov_ss_traps_at_the_handler_of_the_software_interrupt_after_it(
+        insn: str, vector: int, length: int, mode: str) -> None:
+    # MOV SS hits the watchpoint; the #DB is held until the next instruction completes:
+    # here a software interrupt, which completes by delivering itself. The #DB trap comes
+    # at the next boundary, the software interrupt handler's first instruction
+    # (kvm-unit-tests x86/debug.c "MOV SS + watchpoint + int $1" / "+ INT3").
+    m, sym = build("start:\n" + arm(0, "sel", 0x1 | 0x3 << 16 | 0x1 << 18) + f"""
+    mov ss, word ptr [rip + sel]
+the_int:
+    {insn}
+after:
+    hlt
+sel:
+    .word 0x10
+""" + HANDLERS + """
+bp_handler:
+    iretq
+""", gates={DB: gate("db_handler", dpl=3), BP: gate("bp_handler", dpl=3),
+            GP: gate("fault_handler")}, mode=mode)
+    frames = Frames(m)
+    r = m.run(entry=CODE, rsp=KERNEL_STACK, rflags=START_RFLAGS, max_insns=500)
+    assert (r.outcome, r.rip) == ("hlt", sym["after"] + 1)
+    first, second = frames.seen
+    handler = sym["bp_handler"] if vector == BP else sym["db_handler"]
+    expect(first, vector=vector, stack="current", stack_top=KERNEL_STACK, source="software",
+           handler=handler,
+           frame=Frame(rip=sym["the_int"] + length, cs=KERNEL_CS, rflags=START_RFLAGS,
+                       rsp=KERNEL_STACK, ss=KERNEL_DS))
+    expect(second, vector=DB, stack="current", stack_top=handler_rsp(KERNEL_STACK, error_code=False),
+           source="exception", handler=sym["db_handler"],
+           frame=Frame(rip=handler, cs=KERNEL_CS, rflags=START_RFLAGS & ~0x200,
+                       rsp=handler_rsp(KERNEL_STACK, error_code=False), ss=KERNEL_DS))
+    assert second[0]["icount"] == first[0]["icount"]  # the same boundary: no instruction between
 
 
 # -- I/O breakpoints ------------------------------------------------------------------------

@@ -16,35 +16,15 @@ from typing import Any
 import pytest
 
 from idtlab.cli import main
-from tests.labs.test_lab_show_browser import HOW, _binary, _size
+from tests.browser import open_browser, size
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "idtlab" / "examples" / "explore"
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.options import Options
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip(f"the explore report browser test {HOW}")
-    chromium = _binary("chromium", "chromium-browser")
-    driver_bin = _binary("chromedriver")
-    if chromium is None or driver_bin is None:
-        pytest.skip(f"the explore report browser test {HOW}")
-    opts = Options()
-    opts.binary_location = chromium
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=Service(driver_bin))
-    try:
+    with open_browser("the explore report browser test", tmp_path_factory.mktemp("chromium-profile")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +39,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _visible(el: Any) -> bool:
-    w, h = _size(el)
+    w, h = size(el)
     return bool(el.is_displayed()) and w > 0 and h > 0
 
 
@@ -123,7 +103,7 @@ def test_a_row_opens_onto_its_schedules_and_a_timeline_expands_with_its_pictures
     link.click()
     assert timeline.get_attribute("open") is not None
     lines = timeline.find_element(By.CSS_SELECTOR, "ol.lines")
-    assert _visible(lines) and _size(lines)[1] > 100
+    assert _visible(lines) and size(lines)[1] > 100
     texts = [li.text for li in lines.find_elements(By.TAG_NAME, "li")]
     assert any("overwrites the live NMI frame" in t for t in texts)
     assert any("\u00d7 iret at nmi_iret -> nmi_after_int3" in t for t in texts)  # collapsed
@@ -133,11 +113,11 @@ def test_a_row_opens_onto_its_schedules_and_a_timeline_expands_with_its_pictures
     # new values, the stack it landed on.
     svg = timeline.find_element(By.CSS_SELECTOR, "details.frame[open] svg.stack-picture")
     browser.execute_script("arguments[0].scrollIntoView()", svg)
-    w, h = _size(svg)
+    w, h = size(svg)
     assert svg.is_displayed() and w > 300 and h > 150, (w, h)
     assert "IST1" in svg.get_attribute("aria-label") or "ist1" in lines.text
     slots = svg.find_elements(By.CSS_SELECTOR, "rect.slot")
-    assert len(slots) == 5 and all(_size(s)[0] > 0 for s in slots)
+    assert len(slots) == 5 and all(size(s)[0] > 0 for s in slots)
     shot = os.environ.get("IDTLAB_EXPLORE_SCREENSHOT")
     if shot:
         browser.execute_script("arguments[0].scrollIntoView()", timeline)

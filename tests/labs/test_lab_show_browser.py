@@ -14,44 +14,13 @@ from typing import Any
 import pytest
 
 from idtlab.cli import main
+from tests.browser import open_browser, size
 
 SOLUTIONS = Path(__file__).resolve().parent / "solutions"
-HOW = ("needs Debian's chromium and chromium-driver (apt-get install chromium "
-       "chromium-driver) and selenium (pip install -e '.[test]')")
-
-
-def _binary(*names: str) -> str | None:
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.options import Options
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip(f"the lab show browser test {HOW}")
-    chromium = _binary("chromium", "chromium-browser")
-    driver_bin = _binary("chromedriver")
-    if chromium is None or driver_bin is None:
-        pytest.skip(f"the lab show browser test {HOW}")
-    opts = Options()
-    opts.binary_location = chromium
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=Service(driver_bin))
-    try:
+    with open_browser("the lab show browser test", tmp_path_factory.mktemp("chromium-profile")) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +31,6 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["lab", "check", str(d)]) == 1
     assert main(["lab", "show", str(d)]) == 0
     return d / "lab.html"
-
-
-def _size(el: Any) -> tuple[float, float]:
-    rect = el.rect
-    return float(rect["width"]), float(rect["height"])
 
 
 def test_the_lab_page_renders_its_stack_pictures_and_timeline_in_chromium(
@@ -81,13 +45,13 @@ def test_the_lab_page_renders_its_stack_pictures_and_timeline_in_chromium(
     assert len(svgs) >= 3
     for svg in svgs:
         assert svg.is_displayed()
-        w, h = _size(svg)
+        w, h = size(svg)
         assert w > 300 and h > 150, (w, h)
     slots = failing.find_elements(By.CSS_SELECTOR, "svg.stack-picture rect.slot")
-    assert slots and all(_size(s)[0] > 0 and _size(s)[1] > 0 for s in slots)
+    assert slots and all(size(s)[0] > 0 and size(s)[1] > 0 for s in slots)
     assert failing.find_elements(By.CSS_SELECTOR, "rect.gate-field")
     timeline = failing.find_element(By.CSS_SELECTOR, "ol.timeline")
-    assert timeline.is_displayed() and _size(timeline)[1] > 50
+    assert timeline.is_displayed() and size(timeline)[1] > 50
     rows = timeline.find_elements(By.TAG_NAME, "li")
     assert len(rows) > 5 and any("overwrites the live NMI frame" in r.text for r in rows)
     lesson = browser.find_element(By.ID, "surviving-the-nested-nmi")

@@ -211,6 +211,31 @@ edx_ext: .long 0
         assert m.phys.read_uint(image.symbols["edx_ext"], 4) & (1 << 29)  # long mode
 
 
+def test_cpuid_in_the_32_bit_phase_passes_ecx_as_the_subleaf() -> None:
+    src = inline("""
+    movl $0xd, %eax
+    xorl %ecx, %ecx
+    cpuid
+    movl %eax, d0
+    movl $0xd, %eax
+    movl $1, %ecx
+    cpuid
+    movl %eax, d1
+    movb $0, %al
+    outb %al, $0xf4
+""", """
+    .data
+    .globl d0, d1
+d0: .long 0
+d1: .long 0
+""")
+    m, image, _info, r = boot(src)
+    assert r.outcome == "exit"
+    assert m.phys.read_uint(image.symbols["d0"], 4) == m.model.cpuid(0xD, 0)[0]
+    assert m.phys.read_uint(image.symbols["d1"], 4) == m.model.cpuid(0xD, 1)[0]
+    assert m.model.cpuid(0xD, 0)[0] != m.model.cpuid(0xD, 1)[0]
+
+
 def test_the_shutdown_string_ends_the_boot64_run_when_the_exit_port_does_not(tmp_path: Path) -> None:
     # boot64 writes 0xF4 then "Shutdown": with the 0xF4 write turned into a write to an
     # unknown port, the Bochs port ends the run.

@@ -191,6 +191,7 @@ def test_both_sides_boot_the_kernel_as_kvm_unit_tests_names_it_with_the_same_ram
     assert p.idtlab_argv(1000) == ["idtlab", "run", "--image", str((tmp_path / "x86/t.flat").resolve()),
                                    "--cmdline", "x86/t.flat x  y z", "--memory", "256M",
                                    "--max-insns", "1000"]
+    assert p.idtlab_argv(1000, "host")[-2:] == ["--tsc", "host"]  # suite --tsc host
     # kvm-unit-tests' x86/run, then -smp, the config's own options, -kernel, -append.
     assert p.qemu_argv() == [
         "qemu-system-x86_64", "--no-reboot", "-nodefaults", "-global",

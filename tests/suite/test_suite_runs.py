@@ -118,8 +118,16 @@ def test_the_default_policy_skips_the_configs_it_should_and_runs_the_rest(
                         "(docs/kvm-unit-tests.md)",
     }
     hang = by_name(report)["mini_hang"]["idtlab"]
+    assert (hang["status"], hang["how"]) == ("TIMEOUT", "after 1 s")
+    assert hang["stop"].startswith("no end within 1 s")  # the last line, if it came in time
+
+
+def test_a_config_that_never_ends_is_stopped_at_its_timeout_with_its_last_line(
+        cfg: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, report = suite_json(cfg, capsys, "--only", "mini_hang", "--timeout", "8")
+    hang = by_name(report)["mini_hang"]["idtlab"]
     assert (hang["status"], hang["how"], hang["stop"]) == (
-        "TIMEOUT", "after 1 s", "no end within 1 s; last line: INFO: mini: spinning forever")
+        "TIMEOUT", "after 8 s", "no end within 8 s; last line: INFO: mini: spinning forever")
 
 
 def test_a_run_over_the_resident_memory_limit_is_stopped_as_an_error(

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import capstone
+import keystone
 import pytest
 from capstone import x86_const as CX
 
@@ -417,16 +417,27 @@ def test_non_ascii_source_is_a_bad_input_not_an_encoding_crash() -> None:
     assert "non-ASCII" in bad_input("  .ascii \"é\"\n")
 
 
-def test_a_200_line_block_assembles_in_well_under_a_second() -> None:
+def test_a_200_line_block_is_encoded_a_bounded_number_of_times(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Relaxation re-encodes each statement once per pass, and a pass is needed only while
+    # some jump changes size: a few passes, never a search per statement. (Counted, not
+    # timed: a timing assertion fails on a loaded machine.)
+    calls = 0
+    encode = keystone.Ks.asm
+
+    def counting(self: keystone.Ks, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(keystone.Ks, "asm", counting)
     lines = []
     for i in range(100):
         lines.append(f"l{i}: mov rax, [data + {i * 8}]")
         lines.append(f"  jne l{(i * 37) % 100}")
-    start = time.perf_counter()
     block = asm("\n".join(lines), {"data": 0x5000})
-    elapsed = time.perf_counter() - start
     assert len(block.line_addrs) == 200
-    assert elapsed < 0.5, f"took {elapsed:.3f}s"
+    assert 200 <= calls <= 5 * 200
 
 
 # --------------------------------------------------------------------------- resolve_address

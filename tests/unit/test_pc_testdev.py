@@ -16,6 +16,7 @@ from cpu.devices.testdev import (
     PcTestdevUnsupported,
 )
 from cpu.errors import Unsupported
+from cpu.memory import PhysicalMemory
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_ioram_reads_back_what_was_written_little_endian_at_any_size(dev: PcTest
     assert dev.read(0x13, 4) == 0x77665544  # unaligned
     dev.write(0x20, 16, (1 << 128) - 2)      # an SSE store
     assert dev.read(0x20, 16) == (1 << 128) - 2
-    assert bytes(dev.state.iomem[0x20:0x22]) == b"\xfe\xff"
+    assert dev.iomem.read(0x20, 2) == b"\xfe\xff"
 
 
 def test_a_store_keeps_only_its_own_bytes(dev: PcTestdev) -> None:
@@ -108,19 +109,24 @@ def test_a_wide_interrupt_line_access_is_not_modelled(dev: PcTestdev) -> None:
     assert issubclass(PcTestdevUnsupported, Unsupported)
 
 
-def test_all_mutable_state_is_one_dataclass_and_restore_copies_into_the_same_buffer(dev: PcTestdev) -> None:
+def test_all_mutable_state_is_one_dataclass_plus_ioram_and_restore_copies_into_the_same_buffer(
+        dev: PcTestdev) -> None:
     dev.write(0x100, 4, 0xCAFEF00D)
     dev.port_write(0xE0, 4, 0x12345678)
     dev.port_write(0x2005, 1, 1)
     saved = dev.save()
-    buffer = dev.state.iomem
+    buffer = dev.iomem
     dev.write(0x100, 4, 0)
     dev.port_write(0xE0, 4, 0)
     dev.port_write(0x2005, 1, 0)
     dev.restore(saved)
-    assert dev.state == saved
-    assert dev.state.iomem is buffer and saved.iomem is not buffer
+    assert dev.state == saved.state == PcTestdevState(ioport_data=0x12345678, irq_lines=1 << 5)
+    assert dev.iomem is buffer
     assert dev.read(0x100, 4) == 0xCAFEF00D
-    assert {f.name for f in dataclasses.fields(PcTestdevState)} == {"ioport_data", "iomem",
-                                                                    "irq_lines"}
-    assert set(vars(dev)) == {"state", "on_irq_line"}
+    assert {f.name for f in dataclasses.fields(PcTestdevState)} == {"ioport_data", "irq_lines"}
+    assert set(vars(dev)) == {"state", "iomem", "on_irq_line"}
+
+
+def test_ioram_given_to_the_device_must_be_the_64_kib_window() -> None:
+    with pytest.raises(ValueError, match="IORAM is 0x10000 bytes, not 0x1000"):
+        PcTestdev(iomem=PhysicalMemory(0x1000))
