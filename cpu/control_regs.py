@@ -76,6 +76,7 @@ CR4_SMAP = 1 << 21
 CR4_PKE = 1 << 22
 CR4_CET = 1 << 23
 CR4_PKS = 1 << 24
+CR4_FRED = 1 << 32  # writable only on a machine with FRED (cpu/fred.py)
 
 # Bits that exist on every processor with long mode (PCE: RDPMC at CPL > 0 is allowed; the
 # model has no counters, so RDPMC is #GP(0) either way).
@@ -130,9 +131,13 @@ def check_cr3(value: int) -> int:
     return value
 
 
-def check_cr4(value: int, *, efer: int) -> int:
-    """The CR4 a MOV to CR4 of `value` leaves, or raise `ControlFault`."""
-    reserved = value & ~CR4_WRITABLE & (2**64 - 1)
+def check_cr4(value: int, *, efer: int, fred: bool = False) -> int:
+    """The CR4 a MOV to CR4 of `value` leaves, or raise `ControlFault`. `fred`: the CPU
+    has FRED, so bit 32 exists; setting it outside IA-32e mode is #GP(0) (SDM Vol. 3A
+    "Control Registers": CR4.FRED "can be set only if IA32_EFER.LMA = 1")."""
+    reserved = value & ~(CR4_WRITABLE | (CR4_FRED if fred else 0)) & (2**64 - 1)
+    if fred and value & CR4_FRED and not efer & EFER_LMA:
+        raise ControlFault("setting CR4.FRED while IA32_EFER.LMA = 0")
     if reserved:
         raise ControlFault(f"CR4 bits {reserved:#x} are reserved or belong to features "
                            "this CPU model does not report")

@@ -163,6 +163,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("pku", L7, 0, C, 3, "cpu.mmu.walk"),
     Feature("ospke", L7, 0, C, 4, "cpu.control_regs.CR4_PKE", mirrors="CR4.PKE"),
     Feature("pks", L7, 0, C, 31, "cpu.mmu.walk"),
+    # CPUID.(EAX=07H,ECX=1):EAX, only on a machine given FRED (Machine.enable_fred)
+    Feature("fred", L7, 1, E, 17, "cpu.fred.Fred", mirrors="fred"),
+    Feature("lkgs", L7, 1, E, 18, "cpu.fred.Fred.lkgs", mirrors="lkgs"),
     # CPUID.80000001H
     Feature("lahf_lm", LX, 0, C, 0, _NATIVE + "test_cmov_and_lahf_run_natively"),
     Feature("abm", LX, 0, C, 5, _NATIVE + "test_movbe_and_popcnt_run_natively"),
@@ -203,6 +206,8 @@ class CpuidInputs:
     apic_id: int | None = None  # None: no local APIC
     kvm: bool = False  # KVM's paravirtual interface (the hypervisor bit and leaves)
     misc_enable: int = 0
+    fred: bool = False  # the machine has FRED (cpu/fred.py)
+    lkgs: bool = False
 
 
 def _mirrored(f: Feature, s: CpuidInputs) -> bool:
@@ -216,6 +221,10 @@ def _mirrored(f: Feature, s: CpuidInputs) -> bool:
         return s.apic_id is not None
     if f.mirrors == "kvm":
         return s.kvm
+    if f.mirrors == "fred":
+        return s.fred
+    if f.mirrors == "lkgs":
+        return s.lkgs
     if f.mirrors == "not MISC_ENABLE.XD_DISABLE":
         return not s.misc_enable & MISC_ENABLE_XD_DISABLE
     raise AssertionError(f"unknown mirror {f.mirrors!r}")
@@ -264,7 +273,9 @@ def cpuid(leaf: int, subleaf: int, s: CpuidInputs) -> tuple[int, int, int, int]:
             ebx |= (s.apic_id & 0xFF) << 24
         return SIGNATURE, ebx, ecx, edx
     if leaf == 7:
-        return (0 if subleaf == 0 else eax), ebx, ecx, edx  # EAX: the highest subleaf, 0
+        if subleaf == 0:  # EAX: the highest subleaf (1 only when subleaf 1 has a bit)
+            return (1 if s.fred or s.lkgs else 0), ebx, ecx, edx
+        return eax, ebx, ecx, edx
     if leaf == 0xD:
         if subleaf == 0:
             return (XCR0_SUPPORTED & 0xFFFFFFFF, _xsave_size(s.xcr0),
@@ -315,7 +326,8 @@ class CpuModel:
         apic_id = m.apic.apic_id if m.apic is not None and m.apic.enabled else None
         return CpuidInputs(cr4=e.read_reg("cr4"), xcr0=e.xcr0(), apic_id=apic_id,
                            kvm=m.apf is not None,
-                           misc_enable=self.state.msrs.values.get(MSR_MISC_ENABLE, 0))
+                           misc_enable=self.state.msrs.values.get(MSR_MISC_ENABLE, 0),
+                           fred=m.fred.supported, lkgs=m.fred.lkgs_supported)
 
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         return cpuid(leaf, subleaf, self.inputs())

@@ -81,6 +81,10 @@ class SiteKind(StrEnum):
     RDTSCP = "rdtscp"  # emulated, as RDTSC, with IA32_TSC_AUX in ECX
     SSE_ALIGN = "sse_align"  # checked, then native: a 16/32-byte operand that must be aligned
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
+    ERETS = "erets"  # FRED (cpu/fred.py): F2 0F 01 CA, which capstone calls clac
+    ERETU = "eretu"  # FRED: F3 0F 01 CA
+    LKGS = "lkgs"  # FRED: F2 0F 00 /6, which capstone does not decode
+    SWAPGS = "swapgs"  # observed: #UD while CR4.FRED = 1, else native
 
 
 # The longest x86 instruction (SDM Vol. 2A, "Instruction Format": an instruction of more
@@ -100,7 +104,7 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
               "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET,
               "sysenter": SiteKind.SYSENTER, "sysexit": SiteKind.SYSEXIT,
-              "sysexitq": SiteKind.SYSEXIT}
+              "sysexitq": SiteKind.SYSEXIT, "swapgs": SiteKind.SWAPGS, "lkgs": SiteKind.LKGS}
 
 
 # Instructions the engine's own CPU model executes but the declared one does not report
@@ -182,6 +186,11 @@ def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
         at = last
         if at >= len(code):
             return
+        lkgs = lkgs_length(code[at:at + 15], address + at)
+        if lkgs is not None:
+            yield Insn(address + at, lkgs, "lkgs", "", code[at:at + lkgs])
+            at += lkgs
+            continue
         bad = _illegal_lock_length(code[at:at + 15], address + at)
         if bad is not None:
             yield Insn(address + at, bad, ILLEGAL_LOCK, "", code[at:at + bad])
@@ -193,6 +202,27 @@ def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
         yield Insn(address + at, invalid[0], INVALID_ENCODING, invalid[1],
                    code[at:at + invalid[0]])
         at += invalid[0]
+
+
+def lkgs_length(code: bytes, address: int) -> int | None:
+    """The length of an LKGS (F2 [REX] 0F 00 /6, SDM Vol. 2 LKGS) at the start of `code`,
+    or None. Capstone 5 does not know LKGS; its ModRM/SIB/displacement are those of
+    LLDT (0F 00 /2), so LLDT with the same operand gives the length."""
+    prefixes, rest = _prefixes(code)
+    if 0xF2 not in prefixes:
+        return None
+    rex = rest
+    while rex < len(code) and 0x40 <= code[rex] <= 0x4F:
+        rex += 1
+    if code[rex:rex + 2] != b"\x0f\x00" or rex + 2 >= len(code):
+        return None
+    modrm = code[rex + 2]
+    if (modrm >> 3) & 7 != 6:
+        return None
+    lldt = bytes(b for b in prefixes if b != 0xF2) + code[rest:rex + 2] + \
+        bytes([modrm & ~0x38 | 0x10]) + code[rex + 3:]
+    insn = _one(lldt, address)
+    return None if insn is None else int(insn.size) + 1
 
 
 def _illegal_lock_length(code: bytes, address: int) -> int | None:
@@ -217,6 +247,12 @@ def site_kind(insn: Insn) -> SiteKind | None:
         return SiteKind.LOCK_UD
     if insn.mnemonic == INVALID_ENCODING:
         return SiteKind.INVALID_UD
+    if insn.mnemonic == "clac":
+        # ERETS/ERETU share CLAC's opcode; the last F2/F3 prefix selects them (capstone
+        # and Unicorn 2.1.4 both treat them as CLAC).
+        rep = [b for b in _prefixes(insn.raw)[0] if b in (0xF2, 0xF3)]
+        if rep:
+            return SiteKind.ERETS if rep[-1] == 0xF2 else SiteKind.ERETU
     kind = SITE_KINDS.get(insn.mnemonic)
     if kind is None and insn.mnemonic == "mov":
         if insn.op_str.startswith("ss,"):

@@ -145,6 +145,14 @@ class Emulated:
             m.vmx_host.ept_misconfig(bad, address)
             return
         m.intr.nmi_blocked = False
+        if res.cpl > st.cpl and m.fred.active():
+            # FRED: only ERETU returns to ring 3; IRET to an outer level is #GP(selector)
+            # after its checks (Bochs iret.cc; NMIs are unblocked, as for any faulting IRET).
+            why = "IRET to an outer privilege level with CR4.FRED = 1"
+            m.emit("iret_fault", rip=address, vector=Vector.GP, error_code=res.cs & 0xFFFC,
+                   nmi_unblocked=was_blocked, why=why)
+            m.deliver(Event.exception(Vector.GP, address, res.cs & 0xFFFC), why=why)
+            return
         e.recount()
         cost = m.profile.event("iret_to_user" if res.cpl > st.cpl else "iret_same_cpl")
         m.regs.load_segments(res.cs, res.ss, res.cpl, current=(st.cs, st.ss))
@@ -229,6 +237,9 @@ class Emulated:
         m = self.m
         e = m.engine
         e.uncount()
+        if m.fred.active():
+            m.fred.syscall(address)  # an event of type 7 (cpu/fred.py)
+            return
         if not e.read_msr(0xC0000080) & EFER_SCE:
             m.deliver(Event.exception(Vector.UD, address), why="SYSCALL with EFER.SCE = 0")
             return
@@ -251,6 +262,9 @@ class Emulated:
         e.uncount()
         size = m.sites.lengths.get(address, 2)
         to64 = size == 3  # REX.W: back to 64-bit mode
+        if m.fred.active():
+            m.fred.undefined(address, "SYSRET")
+            return
         if not e.read_msr(0xC0000080) & EFER_SCE:
             m.deliver(Event.exception(Vector.UD, address), why="SYSRET with EFER.SCE = 0")
             return
@@ -282,6 +296,9 @@ class Emulated:
         m = self.m
         e = m.engine
         e.uncount()
+        if m.fred.active():
+            m.fred.syscall(address, sysenter=True)
+            return
         cs = m.model.rdmsr(MSR_SYSENTER_CS) & 0xFFFC
         if cs == 0:
             m.deliver(Event.exception(Vector.GP, address, 0),
@@ -304,6 +321,9 @@ class Emulated:
         e = m.engine
         e.uncount()
         to64 = m.sites.lengths.get(address, 2) == 3  # REX.W
+        if m.fred.active():
+            m.fred.undefined(address, "SYSEXIT")
+            return
         base = m.model.rdmsr(MSR_SYSENTER_CS) & 0xFFFF
         rcx, rdx, rflags = e.read(("rcx", "rdx", "rflags"))
         why = ("SYSEXIT with IA32_SYSENTER_CS[15:2] = 0" if base & 0xFFFC == 0 else
@@ -409,7 +429,7 @@ class Emulated:
             elif move.cr == 3:
                 written = check_cr3(value)
             elif move.cr == 4:
-                written = check_cr4(value, efer=efer)
+                written = check_cr4(value, efer=efer, fred=m.fred.supported)
             elif move.cr == 8:
                 written = check_cr8(value)
             else:

@@ -35,6 +35,7 @@ component's business:
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
     cpu/vmx_exits.py     VM exits on events, IDT-vectoring info, VM-entry injection
     cpu/apf_host.py      the KVM async-#PF host
+    cpu/fred.py          FRED: delivery without the IDT, ERETS/ERETU, the FRED MSRs
     cpu/boot32.py        a multiboot image's 32-bit entry phase
     cpu/state.py         every component's mutable state in one object (checkpoints)
 
@@ -70,6 +71,7 @@ from cpu.engine import ERR_INSN_INVALID, Engine
 from cpu.ept import Ept, EptMisconfig, EptViolation
 from cpu.events import AsyncEvent, Injection, Interrupt, Nmi, Point, make_event, make_point
 from cpu.frames import Frames, FrameState
+from cpu.fred import Fred, FredConfig
 from cpu.injections import Injections, InjectionState
 from cpu.interrupts import Wires
 from cpu.layout import KERNEL_CS, KERNEL_DS, RESERVED_END, USER_CS, USER_DS, PageSpec, SystemLayout
@@ -182,6 +184,7 @@ class Machine:
         self.vmx_exits = VmExits(self, st.hyper)
         self.apf_host = ApfHost(self, st.apf)
         self.debug = Debug(self, st.debug)
+        self.fred = Fred(self, st.fred)
         self.emulated = Emulated(self)
         self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)
@@ -335,7 +338,14 @@ class Machine:
 
     def build(self) -> None:
         """Write page tables and load the control registers (once, before running)."""
-        self.layout.build()
+        if not self.layout.built:
+            self.layout.build()
+            self.fred.built()  # CR4.FRED, when FRED was enabled before the first run
+
+    def enable_fred(self, options: FredConfig | None = None, *, enable: bool = True,
+                    **msrs: int) -> None:
+        """Give the CPU FRED and set its MSRs by name (cpu/fred.py `Fred.enable`)."""
+        self.fred.enable(options, enable=enable, **msrs)
 
     def observe_cr2_reads(self) -> None:
         """Emit a `cr2_read` record at every `MOV reg, CR2` in decoded code: the value
@@ -435,6 +445,9 @@ class Machine:
         if self.vmx_exits.direct(ev):
             return  # the exception bitmap made it a VM exit (cpu/vmx_exits.py)
         self.debug.before_delivery(ev)  # a #DB trap still owed is void (cpu/debug.py)
+        if self.fred.config is not None and self.fred.active():
+            self.fred.deliver(ev, why)  # CR4.FRED = 1: no IDT (cpu/fred.py)
+            return
         st = self.regs.arch_state()
         cr2_before = st.cr2
         st.rip = ev.return_rip

@@ -49,6 +49,13 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from cpu.mmu import CR0_PG, EFER_LMA, EFER_LME, EFER_NXE
+from idt.fred import (
+    CONFIG_RESERVED,
+    MSR_FRED_CONFIG,
+    MSR_FRED_RSP0,
+    MSR_FRED_SSP1,
+    MSR_FRED_STKLVLS,
+)
 from idt.state import is_canonical
 
 if TYPE_CHECKING:
@@ -100,6 +107,7 @@ class Store(Enum):
     ENGINE = "engine"  # kept by the engine, which uses it natively
     BOTH = "both"  # kept here whole, copied to the engine (which keeps part of it)
     SPECIAL = "special"  # computed (TSC) or kept by the engine with its own rules (EFER)
+    FRED = "fred"  # kept by the FRED mechanism (cpu/fred.py), which exists only with FRED
 
 
 def canonical(value: int) -> str | None:
@@ -114,6 +122,20 @@ def check_pat(value: int) -> str | None:
         if t not in PAT_VALID_TYPES:
             return f"PA{i} holds the reserved memory type {t}"
     return None
+
+
+def fred_stack_pointer(value: int) -> str | None:
+    """IA32_FRED_RSP0-3: canonical and 64-byte aligned (bits 5:0 reserved)."""
+    if value & 0x3F:
+        return f"{value:#x} is not 64-byte aligned"
+    return canonical(value)
+
+
+def fred_shadow_stack_pointer(value: int) -> str | None:
+    """IA32_FRED_SSP1-3: canonical and 8-byte aligned (bits 2:0 reserved)."""
+    if value & 0x7:
+        return f"{value:#x} is not 8-byte aligned"
+    return canonical(value)
 
 
 @dataclass(frozen=True)
@@ -158,6 +180,13 @@ MSRS: tuple[Msr, ...] = (
     Msr(MSR_KERNEL_GS_BASE, "IA32_KERNEL_GS_BASE", Store.ENGINE, writable=ALL,
         check=canonical),
     Msr(MSR_TSC_AUX, "IA32_TSC_AUX", Store.ENGINE, writable=LOW32),
+    # FRED (SDM Vol. 4 "Model-Specific Registers"; the WRMSR checks of KVM and Bochs).
+    *(Msr(MSR_FRED_RSP0 + n, f"IA32_FRED_RSP{n}", Store.FRED, writable=ALL,
+          check=fred_stack_pointer) for n in range(4)),
+    Msr(MSR_FRED_STKLVLS, "IA32_FRED_STKLVLS", Store.FRED, writable=ALL),
+    *(Msr(MSR_FRED_SSP1 + n - 1, f"IA32_FRED_SSP{n}", Store.FRED, writable=ALL,
+          check=fred_shadow_stack_pointer) for n in range(1, 4)),
+    Msr(MSR_FRED_CONFIG, "IA32_FRED_CONFIG", Store.FRED, writable=ALL & ~CONFIG_RESERVED),
 )
 BY_INDEX: dict[int, Msr] = {msr.index: msr for msr in MSRS}
 
@@ -232,6 +261,8 @@ class MsrFile:
             return (self._clock() + self.state.tsc_offset) & ALL
         if index == MSR_TSC_ADJUST:
             return self.state.tsc_adjust
+        if msr.store is Store.FRED:
+            return self.m.fred.read_msr(index)
         if msr.store in (Store.MODEL, Store.BOTH):
             return self.state.values[index]
         return e.read_msr(index)
@@ -249,6 +280,9 @@ class MsrFile:
         new = checked_value(msr, value, current)
         if index == MSR_EFER and (new ^ current) & EFER_LME and e.read_reg("cr0") & CR0_PG:
             raise MsrFault("IA32_EFER.LME changed while paging is on")
+        if msr.store is Store.FRED:
+            self.m.fred.write_msr(index, new)
+            return
         if msr.store in (Store.MODEL, Store.BOTH):
             self.state.values[index] = new
         if msr.store is not Store.MODEL:

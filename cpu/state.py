@@ -23,6 +23,7 @@ from cpu.cpu_model import ModelState
 from cpu.debug import DebugState
 from cpu.devices.apic import LocalApic
 from cpu.frames import FrameState
+from cpu.fred import FredState
 from cpu.injections import InjectionState
 from cpu.platform import PlatformState
 from cpu.registers import RegisterState
@@ -60,6 +61,7 @@ class MachineState:
     hyper: HyperState
     apic: LocalApic | None
     debug: DebugState = field(default_factory=DebugState)
+    fred: FredState = field(default_factory=FredState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
 
 

@@ -102,6 +102,11 @@ class Stops:
             SiteKind.SYSEXIT: lambda a: self._defer(lambda: m.emulated.sysexit(a)),
             SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
             SiteKind.INVALID_UD: lambda a: self._defer(lambda: self.invalid_ud(a)),
+            SiteKind.ERETS: lambda a: self._defer(lambda: m.fred.eret(a, user=False)),
+            SiteKind.ERETU: lambda a: self._defer(lambda: m.fred.eret(a, user=True)),
+            SiteKind.LKGS: lambda a: self._defer(lambda: m.fred.lkgs(a)),
+            SiteKind.SWAPGS: lambda a: m.fred.active() and self._defer(
+                lambda: self.fault_at(a, ArchFault(Vector.UD, why="SWAPGS with CR4.FRED = 1"))),
         }
 
     def io_site(self, address: int) -> bool:

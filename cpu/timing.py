@@ -68,6 +68,7 @@ INSTRUCTION_CLASSES: tuple[str, ...] = (
 EVENTS: tuple[str, ...] = (
     "deliver_same_cpl", "deliver_cpl_change", "nmi_extra", "iret_same_cpl", "iret_to_user",
     "hlt_wake", "apic_access", "ve_extra", "fetch_decode_penalty",
+    "fred_deliver_same_level", "fred_deliver_switch", "erets", "eretu",
 )
 """Every event the machine charges; a profile must cost each of them."""
 

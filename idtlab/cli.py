@@ -54,6 +54,7 @@ SIDE_BY_SIDE = {
     "apf-error-gfn": ("apf/apf_error_gfn_loop.toml", "apf/apf_error_spte_tag.toml"),
     "nested-injection": ("hyper/nested_injection_sdm.toml",
                          "hyper/nested_injection_kvm_pre61.toml"),
+    "fred-vs-idt": ("nested_nmi_naive.toml", "nested_nmi_fred.toml"),
 }
 # Demos that print a table computed by the race explorer (no single scenario).
 TABLES = {

@@ -344,6 +344,11 @@ def _deliver(r: Record, sym: Symbolizer) -> str:
     if "double_fault_of" in r:
         a, b = r["double_fault_of"]
         extra += f" [double fault: {vector_name(a)} then {vector_name(b)}]"
+    if r.get("fred"):
+        # FRED (cpu/fred.py): the stack level and the event data of slot 6.
+        extra += f" fred sl={r['stack_level']} data={r['event_data']:#x}"
+        if r.get("nested"):
+            extra += " nested"
     return (f"{r['name']}{ec} {_where(r, sym)} -> {sym(r['handler'])}  stack={r['stack']} "
             f"rsp={r['rsp']:#x} cpl {r['cs'] & 3}->{r['cpl']}{extra}")
 
@@ -378,6 +383,26 @@ def _delivery_fault(r: Record, sym: Symbolizer) -> str:
 def _iret(r: Record, sym: Symbolizer) -> str:
     nmi = "  (NMIs unblocked)" if r["nmi_unblocked"] else ""
     return f"iret at {sym(r['rip'])} -> {sym(r['to_rip'])} rsp={r['to_rsp']:#x} cpl {r['to_cpl']}{nmi}"
+
+
+@renders("eret")
+def _eret(r: Record, sym: Symbolizer) -> str:
+    nmi = "  (NMIs unblocked: SS bit 18)" if r["nmi_unblocked"] else ""
+    return (f"{r['insn']} at {sym(r['rip'])} -> {sym(r['to_rip'])} rsp={r['to_rsp']:#x} "
+            f"cpl {r['to_cpl']} sl={r['stack_level']}{nmi}")
+
+
+@renders("eret_fault")
+def _eret_fault(r: Record, sym: Symbolizer) -> str:
+    ec = "" if r["error_code"] is None else f"({r['error_code']:#x})"
+    return (f"{r['insn']} at {sym(r['rip'])} faults: {vector_name(r['vector'])}{ec} {r['why']}"
+            "  (nothing committed: NMI blocking unchanged)")
+
+
+@renders("lkgs")
+def _lkgs(r: Record, sym: Symbolizer) -> str:
+    return (f"lkgs at {sym(r['rip'])}: GS = {r['selector']:#x}, "
+            f"IA32_KERNEL_GS_BASE = {r['kernel_gs_base']:#x}")
 
 
 @renders("iret_fault")

@@ -23,6 +23,7 @@ from idtlab.scenario.code import build_code
 from idtlab.scenario.context import Build
 from idtlab.scenario.data import build_data
 from idtlab.scenario.expect import Expectation, Failure, check_expectations, parse_expectations
+from idtlab.scenario.fred import build_fred
 from idtlab.scenario.hypervisor import build_hypervisor
 from idtlab.scenario.images import build_images, check_multiboot
 from idtlab.scenario.inject import build_injections
@@ -33,7 +34,7 @@ from idtlab.scenario.vmx import build_ept, build_host
 
 # Every top-level table a scenario may have (docs/scenario-format.md).
 TABLES = ("machine", "code", "data", "image", "idt", "tss", "pages", "run", "inject", "vmx",
-          "ept", "host", "hypervisor", "apf", "swapped", "expect")
+          "ept", "host", "hypervisor", "apf", "swapped", "expect", "fred")
 
 
 @dataclass
@@ -103,6 +104,7 @@ def build(path: Path, data: dict[str, Any], text: str = "", *, mode: str | None 
     build_idt(b)
     build_tss(b)
     build_pages(b)
+    build_fred(b)
     build_ept(b)
     build_host(b)
     build_hypervisor(b)
