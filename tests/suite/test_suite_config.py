@@ -333,3 +333,13 @@ def test_a_reset_after_fail_lines_names_the_first_of_them(a_plan: suite.Plan) ->
     assert (r.how, r.stop) == ("no exit", "QEMU exited with status 0: the kernel did not exit "
                                           "through the test device (a triple fault or a reset, under "
                                           "-no-reboot); first of 1 FAIL lines: FAIL: Expected #GP")
+
+
+def test_the_tsc_is_the_host_clock_only_for_the_vmexit_benchmarks_unless_chosen(
+        tmp_path: Path) -> None:
+    bench = one_plan(tmp_path, "[v]\nfile = vmexit.flat\ntest_args = 'cpuid'\ngroups = vmexit\n")
+    other = one_plan(tmp_path, "[e]\nfile = eventinj.flat\n")
+    assert suite.tsc_for(bench.config, "auto") == "host"
+    assert suite.tsc_for(other.config, "auto") == "cycles"
+    assert suite.tsc_for(bench.config, "cycles") == "cycles"
+    assert suite.tsc_for(other.config, "host") == "host"
