@@ -177,16 +177,8 @@ class Emulated:
         m = self.m
         e = m.engine
         c = e.counter
-        b = m.boundary.state
-        if (not e.block_counting or e.bits != 64 or address not in m.sites.iretq
-                or m.stops.pending is not None
-                or e.count_at(address) != int(c.count)
-                or m.intr.nmi_pending or b.step or b.halted or m.on_boundary or c.ac_check
-                or (m.apic is not None and m.apic.pending_vector() is not None)
-                or m.injections.state.deferred is not None or m.apf_host.state.wants_step):
-            return False
-        dbg = m.debug.state
-        if dbg.trap is not None or dbg.pass_at is not None or dbg.step_on_wake:
+        if (not e.block_counting or address not in m.sites.iretq
+                or e.count_at(address) != int(c.count) or not self.quiet_boundary()):
             return False
         st = m.regs.arch_state()
         if st.rflags & RFLAGS_TF or m.regs.state.stale_exception:
@@ -213,6 +205,27 @@ class Emulated:
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
         return True
+
+    def quiet_boundary(self) -> bool:
+        """From a code hook while the engine runs: the boundary after the instruction
+        holds nothing the run loop would do there (no event pending or deferred, no
+        stepping window, debug trap or breakpoint pass, no #AC check, nothing listening
+        to boundaries), so an instruction executed inside its hook may let the engine go
+        on (`iret_in_hook`, `rdtsc_in_hook`)."""
+        m = self.m
+        e = m.engine
+        c = e.counter
+        b = m.boundary.state
+        # stop_at = 2**64 - 1: the engine runs a split block up to its threshold
+        # (`Engine._split`), with the thresholds off.
+        if (e.bits != 64 or m.stops.pending is not None or c.stopped
+                or int(c.stop_at) == 2**64 - 1
+                or m.intr.nmi_pending or b.step or b.halted or m.on_boundary or c.ac_check
+                or (m.apic is not None and m.apic.pending_vector() is not None)
+                or m.injections.state.deferred is not None or m.apf_host.state.wants_step):
+            return False
+        dbg = m.debug.state
+        return dbg.trap is None and dbg.pass_at is None and not dbg.step_on_wake
 
     def _null_segments(self, names: tuple[str, ...]) -> None:
         """RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS that the new CPL may not use
@@ -487,6 +500,39 @@ class Emulated:
         e.write(out)
         e.recount()
         self.single_step(rflags)
+
+    def rdtsc_in_hook(self, address: int, *, rdtscp: bool = False) -> bool:
+        """At the RDTSC/RDTSCP site, while the engine runs: execute it here and let the
+        engine go on (True), or leave it to `rdtsc` at the boundary (False). The plain
+        case: `quiet_boundary`, TF = 0, CR4.TSD = 0 or CPL 0, and no injection point at
+        the next instruction (its arrival counts at a held boundary). The TSC read is
+        the one `rdtsc` reads: the cycles of the instructions before this one, plus the
+        offset. In fast mode the block's count was added when the block started, so the
+        counter is settled to just after this instruction before RIP moves on (the rest
+        of the block runs as a new block, counted when it starts), as the engine's stop
+        would settle it (`Engine.hook_stamp`)."""
+        m = self.m
+        e = m.engine
+        length = m.sites.lengths.get(address)
+        if (length is None or address + length in m.injections.state.before
+                or not self.quiet_boundary()):
+            return False
+        if e.block_counting and e.count_at(address) > int(e.counter.count):
+            return False  # the block was not counted (the counter stopped it)
+        rflags, cr4 = e.read(("rflags", "cr4"))
+        if rflags & RFLAGS_TF or (m.regs.state.cpl != 0 and cr4 & CR4_TSD):
+            return False
+        c = e.counter
+        icount, cycles = e.hook_stamp(address)
+        cost = int(c.default_cost) if e.block_counting else int(c.last_cost)
+        tsc = m.model.msrs.tsc_at(cycles - cost)
+        out = {"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32}
+        if rdtscp:
+            out["rcx"] = e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
+        if e.block_counting:
+            c.count, c.cycles, c.last_cost = icount, cycles, c.default_cost
+        e.redirect(address + length, out)
+        return True
 
     def rdpmc(self, address: int) -> None:
         m = self.m

@@ -1,0 +1,180 @@
+"""An RDTSC or RDTSCP executed inside its code hook (cpu/emulated.py `rdtsc_in_hook`, the
+engine keeps running) gives exactly the trace, counts, cycles and registers of the same
+instruction executed at a held boundary (`rdtsc`, the engine stopped), in fast mode
+(where the native counter counted the whole block at its start and is settled to just
+after the RDTSC) and in timed mode: every case runs both ways and is compared, and each
+test checks how often the in-hook path was really taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cpu.machine import Machine
+from idtlab.assemble import CodeBlock, assemble_blocks
+from tests.cpu_model import kit
+
+CODE, HANDLER, STACK = 0x100000, 0x101000, 0x70000
+MSR_TSC, MSR_TSC_AUX = 0x10, 0xC0000103
+CHECKED = ("rip", "rsp", "rflags", "rax", "rcx", "rdx", "rbx", "rsi", "rdi", "r8", "r9", "r10",
+           "r11", "r12")
+
+# kvm-unit-tests' delay(): `pause; rdtsc` in a loop, the RDTSC in the middle of its block;
+# every value read is folded into R8-R10 so that one wrong TSC shows in the registers.
+DELAY = """
+    mov esi, {n}
+l:
+    pause
+    {insn}
+    mov r8, rax
+    add r9, rdx
+    xor r10, rax
+    add r10, rcx
+    dec esi
+    jnz l
+    hlt
+"""
+
+
+def asm(source: str, at: int) -> bytes:
+    blocks, _ = assemble_blocks([CodeBlock(at, source, origin="test", first_line=1)], known={})
+    return blocks[0].code
+
+
+def forbid_in_hook(m: Machine) -> None:
+    m.emulated.rdtsc_in_hook = lambda address, rdtscp=False: False  # type: ignore[method-assign]
+
+
+def count_in_hook(m: Machine) -> list[int]:
+    taken: list[int] = []
+    inner = m.emulated.rdtsc_in_hook
+
+    def spy(address: int, rdtscp: bool = False) -> bool:
+        done = inner(address, rdtscp=rdtscp)
+        if done:
+            taken.append(address)
+        return done
+    m.emulated.rdtsc_in_hook = spy  # type: ignore[method-assign]
+    return taken
+
+
+def outcome(m: Machine, **run: Any) -> tuple[Any, ...]:
+    r = m.run(**run)
+    return r.outcome, r.icount, r.cycles, m.engine.read(CHECKED), m.trace.records
+
+
+def both(build: Any, mode: str, **run: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], list[int]]:
+    """(in-hook outcome, held outcome, the RDTSC addresses run in the hook)."""
+    fast, held = build(mode), build(mode)
+    taken = count_in_hook(fast)
+    forbid_in_hook(held)
+    return outcome(fast, **run), outcome(held, **run), taken
+
+
+def delay_machine(insn: str, n: int, mode: str, prologue: str = "") -> Machine:
+    m = Machine(2 << 20, mode=mode, max_insns=100_000)
+    m.load(CODE, asm(prologue + DELAY.format(n=n, insn=insn), CODE), code=True)
+    return m
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+@pytest.mark.parametrize("insn", ["rdtsc", "rdtscp"])
+def test_a_delay_loop_reads_the_same_tsc_in_the_hook_as_at_a_held_boundary(
+        insn: str, mode: str) -> None:
+    got, want, taken = both(lambda md: delay_machine(insn, 50, md), mode, entry=CODE, rsp=STACK)
+    assert got == want
+    assert got[0] == "hlt" and len(taken) == 50
+    # The last TSC read: the cycles of the 1 + 49 * 8 + 2 instructions before it.
+    per = delay_machine(insn, 1, mode).profile.cycles_per_instruction
+    if mode == "fast":
+        assert got[3][CHECKED.index("r8")] == (1 + 49 * 8 + 1) * per
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+def test_rdtscp_after_writes_of_the_tsc_and_tsc_aux_reads_the_same_in_the_hook(mode: str) -> None:
+    prologue = f"""
+    mov ecx, {MSR_TSC}
+    mov eax, 0xFFFFFF00
+    mov edx, 7
+    wrmsr
+    mov ecx, {MSR_TSC_AUX}
+    mov eax, 0xABCD
+    xor edx, edx
+    wrmsr
+    """
+    got, want, taken = both(lambda md: delay_machine("rdtscp", 40, md, prologue), mode,
+                            entry=CODE, rsp=STACK)
+    assert got == want
+    assert len(taken) == 40
+    assert got[3][CHECKED.index("rcx")] == 0xABCD
+    if mode == "fast":
+        # The i-th RDTSCP: 7 instructions from the TSC's WRMSR (itself included), then 8
+        # per iteration; EDX goes from 7 to 8 inside the loop.
+        per = delay_machine("rdtscp", 1, mode).profile.cycles_per_instruction
+        edx = [(0x7FFFFFF00 + (7 + 8 * i) * per) >> 32 for i in range(40)]
+        assert 7 in edx and 8 in edx
+        assert got[3][CHECKED.index("r9")] == sum(edx)
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+def test_nmis_arriving_by_cycle_inside_a_delay_loop_trace_the_same(mode: str) -> None:
+    """NMIs due at cycles inside the loop's blocks (the counter splits the block there)
+    whose handler reads the TSC too: the RDTSCs around them run in the hook or not, and
+    the deliveries come at the same boundaries either way."""
+    def build(md: str) -> Machine:
+        m = delay_machine("rdtsc", 400, md)
+        m.load(HANDLER, asm("rdtsc\nmov r11, rax\nadd r12, rax\niretq\n", HANDLER), code=True)
+        m.set_gate(2, HANDLER)
+        for cycle in (37, 901, 1702, 2503, 3304):
+            m.inject("nmi", cycle=cycle)
+        return m
+    got, want, taken = both(build, mode, entry=CODE, rsp=STACK)
+    assert got == want
+    assert sum(r["kind"] == "deliver" for r in got[4]) == 5
+    assert 350 < len(taken) <= 405
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+def test_an_injection_point_after_the_rdtsc_holds_it_at_the_boundary(mode: str) -> None:
+    def build(md: str) -> Machine:
+        m = delay_machine("rdtsc", 10, md)
+        m.load(HANDLER, asm("iretq\n", HANDLER), code=True)
+        m.set_gate(2, HANDLER)
+        # The MOV after the RDTSC: `mov esi, n` 5 bytes, PAUSE 2, RDTSC 2.
+        m.inject("nmi", before=CODE + 9, hit=4)
+        return m
+    got, want, taken = both(build, mode, entry=CODE, rsp=STACK)
+    assert got == want
+    assert [r["kind"] for r in got[4]].count("deliver") == 1
+    assert len(taken) == 0  # every RDTSC of the loop has the point after it
+
+
+def test_an_instruction_limit_inside_the_delay_loop_stops_at_the_same_instruction() -> None:
+    for limit in (3, 50, 51, 52, 53, 200):
+        got, want, _ = both(lambda md: delay_machine("rdtsc", 50, md), "fast", entry=CODE,
+                            rsp=STACK, max_insns=limit)
+        assert got == want, limit
+        assert got[0] == "max_insns" and got[1] == limit
+
+
+def test_rdtsc_at_cpl3_with_cr4_tsd_is_held_and_faults() -> None:
+    src = "main:\n    pause\n    rdtsc\n    hlt\n"
+    taken: list[list[int]] = []
+    got = kit.run(src, cpl=3, cr4=1 << 2, setup=lambda m: taken.append(count_in_hook(m)))
+    want = kit.run(src, cpl=3, cr4=1 << 2, setup=forbid_in_hook)
+    assert got.result.trace.records == want.result.trace.records
+    assert got.fault() == want.fault() == (13, 0, got.sym["main"] + 2)
+    assert taken == [[]]
+
+
+def test_single_stepping_an_rdtsc_holds_it_and_traps_after_it() -> None:
+    def build(md: str) -> Machine:
+        m = delay_machine("rdtsc", 2, md, prologue="pushfq\nor qword ptr [rsp], 0x100\npopfq\n")
+        m.load(HANDLER, asm("iretq\n", HANDLER), code=True)
+        m.set_gate(1, HANDLER)
+        return m
+    got, want, taken = both(build, "fast", entry=CODE, rsp=STACK)
+    assert got == want
+    assert taken == []
+    assert sum(r["kind"] == "deliver" and r["vector"] == 1 for r in got[4]) > 10
