@@ -532,6 +532,13 @@ class Emulated:
         if e.block_counting:
             c.count, c.cycles, c.last_cost = icount, cycles, c.default_cost
         e.redirect(address + length, out)
+        if (m.model.msrs.state.tsc_source == "cycles" and address not in m.injections.state.before
+                and address not in m.debug.state.exec_breakpoints):
+            # The native site hook may repeat this in the same block (cpu/native_paths.py).
+            block = ((int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1)
+                     if e.block_counting else (0, 0, 0))
+            aux = out.get("rcx", 0) if rdtscp else e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
+            e.paths.learn(address, block, tsc_offset=m.model.msrs.state.tsc_offset, tsc_aux=aux)
         return True
 
     def rdpmc(self, address: int) -> None:

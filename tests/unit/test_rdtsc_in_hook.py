@@ -1,9 +1,10 @@
 """An RDTSC or RDTSCP executed inside its code hook (cpu/emulated.py `rdtsc_in_hook`, the
-engine keeps running) gives exactly the trace, counts, cycles and registers of the same
+engine keeps running), or natively in its site hook once Python vouched for it
+(cpu/native_paths.py), gives exactly the trace, counts, cycles and registers of the same
 instruction executed at a held boundary (`rdtsc`, the engine stopped), in fast mode
 (where the native counter counted the whole block at its start and is settled to just
-after the RDTSC) and in timed mode: every case runs both ways and is compared, and each
-test checks how often the in-hook path was really taken."""
+after the RDTSC) and in timed mode: every case runs three ways (native, Python in the
+hook, held) and is compared, and each test checks how often the paths were taken."""
 
 from __future__ import annotations
 
@@ -43,10 +44,19 @@ def asm(source: str, at: int) -> bytes:
 
 
 def forbid_in_hook(m: Machine) -> None:
-    m.emulated.rdtsc_in_hook = lambda address, rdtscp=False: False  # type: ignore[method-assign]
+    def never(address: int, rdtscp: bool = False) -> bool:
+        return False
+    m.emulated.rdtsc_in_hook = never  # type: ignore[method-assign]
+
+
+def forbid_native(m: Machine) -> None:
+    def never(address: int, block: tuple[int, int, int], **_: int) -> None:
+        return None
+    m.engine.paths.learn = never  # type: ignore[method-assign]
 
 
 def count_in_hook(m: Machine) -> list[int]:
+    """The addresses of the RDTSCs Python executed in the hook (see `ran_in_hook`)."""
     taken: list[int] = []
     inner = m.emulated.rdtsc_in_hook
 
@@ -64,12 +74,20 @@ def outcome(m: Machine, **run: Any) -> tuple[Any, ...]:
     return r.outcome, r.icount, r.cycles, m.engine.read(CHECKED), m.trace.records
 
 
-def both(build: Any, mode: str, **run: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], list[int]]:
-    """(in-hook outcome, held outcome, the RDTSC addresses run in the hook)."""
-    fast, held = build(mode), build(mode)
-    taken = count_in_hook(fast)
+def both(build: Any, mode: str, **run: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], int]:
+    """(outcome with the native path, outcome held at the boundary, how many RDTSCs ran
+    without stopping the engine), after checking that Python's in-hook path alone gives
+    the same outcome too."""
+    native, python, held = build(mode), build(mode), build(mode)
+    taken = count_in_hook(native)
+    python_taken = count_in_hook(python)
+    forbid_native(python)
     forbid_in_hook(held)
-    return outcome(fast, **run), outcome(held, **run), taken
+    got, want = outcome(native, **run), outcome(held, **run)
+    assert outcome(python, **run) == want
+    in_hook = len(taken) + native.engine.paths.hits
+    assert len(python_taken) == in_hook and python.engine.paths.hits == 0
+    return got, want, in_hook
 
 
 def delay_machine(insn: str, n: int, mode: str, prologue: str = "") -> Machine:
@@ -84,7 +102,7 @@ def test_a_delay_loop_reads_the_same_tsc_in_the_hook_as_at_a_held_boundary(
         insn: str, mode: str) -> None:
     got, want, taken = both(lambda md: delay_machine(insn, 50, md), mode, entry=CODE, rsp=STACK)
     assert got == want
-    assert got[0] == "hlt" and len(taken) == 50
+    assert got[0] == "hlt" and taken == 50
     # The last TSC read: the cycles of the 1 + 49 * 8 + 2 instructions before it.
     per = delay_machine(insn, 1, mode).profile.cycles_per_instruction
     if mode == "fast":
@@ -106,7 +124,7 @@ def test_rdtscp_after_writes_of_the_tsc_and_tsc_aux_reads_the_same_in_the_hook(m
     got, want, taken = both(lambda md: delay_machine("rdtscp", 40, md, prologue), mode,
                             entry=CODE, rsp=STACK)
     assert got == want
-    assert len(taken) == 40
+    assert taken == 40
     assert got[3][CHECKED.index("rcx")] == 0xABCD
     if mode == "fast":
         # The i-th RDTSCP: 7 instructions from the TSC's WRMSR (itself included), then 8
@@ -132,7 +150,7 @@ def test_nmis_arriving_by_cycle_inside_a_delay_loop_trace_the_same(mode: str) ->
     got, want, taken = both(build, mode, entry=CODE, rsp=STACK)
     assert got == want
     assert sum(r["kind"] == "deliver" for r in got[4]) == 5
-    assert 350 < len(taken) <= 405
+    assert 350 < taken <= 405
 
 
 @pytest.mark.parametrize("mode", ["fast", "timed"])
@@ -147,7 +165,7 @@ def test_an_injection_point_after_the_rdtsc_holds_it_at_the_boundary(mode: str) 
     got, want, taken = both(build, mode, entry=CODE, rsp=STACK)
     assert got == want
     assert [r["kind"] for r in got[4]].count("deliver") == 1
-    assert len(taken) == 0  # every RDTSC of the loop has the point after it
+    assert taken == 0  # every RDTSC of the loop has the point after it
 
 
 def test_an_instruction_limit_inside_the_delay_loop_stops_at_the_same_instruction() -> None:
@@ -176,5 +194,18 @@ def test_single_stepping_an_rdtsc_holds_it_and_traps_after_it() -> None:
         return m
     got, want, taken = both(build, "fast", entry=CODE, rsp=STACK)
     assert got == want
-    assert taken == []
+    assert taken == 0
     assert sum(r["kind"] == "deliver" and r["vector"] == 1 for r in got[4]) > 10
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+def test_a_delay_loop_runs_every_rdtsc_after_the_first_natively(mode: str) -> None:
+    m = delay_machine("rdtsc", 200, mode)
+    taken = count_in_hook(m)
+    assert m.run(entry=CODE, rsp=STACK).outcome == "hlt"
+    assert (len(taken), m.engine.paths.hits) == (1, 199)
+    # A new run vouches again: the first RDTSC of it runs in Python.
+    assert m.run(entry=CODE, rsp=STACK, max_insns=m.engine.icount + 20).outcome == "max_insns"
+    # Three RDTSCs in 20 instructions: Python, native, and (in fast mode) the last one
+    # held, as it falls in the block the instruction limit splits.
+    assert len(taken) == 2 and m.engine.paths.hits in (200, 201)
