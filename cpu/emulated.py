@@ -206,12 +206,13 @@ class Emulated:
             m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
         return True
 
-    def quiet_boundary(self) -> bool:
+    def quiet_boundary(self, if_after: bool = True) -> bool:
         """From a code hook while the engine runs: the boundary after the instruction
         holds nothing the run loop would do there (no event pending or deferred, no
         stepping window, debug trap or breakpoint pass, no #AC check, nothing listening
         to boundaries), so an instruction executed inside its hook may let the engine go
-        on (`iret_in_hook`, `rdtsc_in_hook`)."""
+        on (`iret_in_hook`, `rdtsc_in_hook`). `if_after` = False: RFLAGS.IF is 0 after
+        the instruction, so a pending interrupt stays held there."""
         m = self.m
         e = m.engine
         c = e.counter
@@ -221,7 +222,7 @@ class Emulated:
         if (e.bits != 64 or m.stops.pending is not None or c.stopped
                 or int(c.stop_at) == 2**64 - 1
                 or m.intr.nmi_pending or b.step or b.halted or m.on_boundary or c.ac_check
-                or (m.apic is not None and m.apic.pending_vector() is not None)
+                or (if_after and m.apic is not None and m.apic.pending_vector() is not None)
                 or m.injections.state.deferred is not None or m.apf_host.state.wants_step):
             return False
         dbg = m.debug.state
@@ -514,14 +515,14 @@ class Emulated:
         m = self.m
         e = m.engine
         length = m.sites.lengths.get(address)
-        if (length is None or address + length in m.injections.state.before
-                or not self.quiet_boundary()):
+        if length is None or address + length in m.injections.state.before:
+            return False
+        rflags, cr4 = e.read(("rflags", "cr4"))
+        if (rflags & RFLAGS_TF or (m.regs.state.cpl != 0 and cr4 & CR4_TSD)
+                or not self.quiet_boundary(if_after=bool(rflags & RFLAGS_IF))):
             return False
         if e.block_counting and e.count_at(address) > int(e.counter.count):
             return False  # the block was not counted (the counter stopped it)
-        rflags, cr4 = e.read(("rflags", "cr4"))
-        if rflags & RFLAGS_TF or (m.regs.state.cpl != 0 and cr4 & CR4_TSD):
-            return False
         c = e.counter
         icount, cycles = e.hook_stamp(address)
         cost = int(c.default_cost) if e.block_counting else int(c.last_cost)
@@ -538,7 +539,8 @@ class Emulated:
             block = ((int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1)
                      if e.block_counting else (0, 0, 0))
             aux = out.get("rcx", 0) if rdtscp else e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
-            e.paths.learn(address, block, tsc_offset=m.model.msrs.state.tsc_offset, tsc_aux=aux)
+            e.paths.learn(address, block, tsc_offset=m.model.msrs.state.tsc_offset, tsc_aux=aux,
+                          if_clear=not rflags & RFLAGS_IF)
         return True
 
     def rdpmc(self, address: int) -> None:

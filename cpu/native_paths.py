@@ -11,7 +11,8 @@ the native hook replaces the Python site hook (`hook`); it calls the Python site
 (`fallback`) unless Python has vouched for the plain case in this run (`learn`, called by
 `rdtsc_in_hook` after it executed the same instruction itself): the boundary after it
 holds nothing, no injection point or breakpoint is at it or after it, and the TSC counts
-the machine's cycles. Python withdraws that (`disarm`) whenever any Python hook of the
+the machine's cycles (or an interrupt is pending and IF = 0, which the C code checks
+too). Python withdraws that (`disarm`) whenever any Python hook of the
 engine runs, and at the start of every run (`new_run`: every site must be vouched for
 again); what changes natively (RFLAGS.TF, the counter's thresholds and split runs, the
 block being run) the C code checks itself. See paths.c for the count settling in fast
@@ -44,6 +45,7 @@ class PathsStruct(ctypes.Structure):
         ("tsc_offset", ctypes.c_uint64),
         ("tsc_aux", ctypes.c_uint64),
         ("hits", ctypes.c_uint64),
+        ("if_clear", ctypes.c_uint64),
         ("rid_rax", ctypes.c_int32),
         ("rid_rcx", ctypes.c_int32),
         ("rid_rdx", ctypes.c_int32),
@@ -128,10 +130,12 @@ class NativePaths:
         p.generation += 1
 
     def learn(self, address: int, block: tuple[int, int, int], *, tsc_offset: int,
-              tsc_aux: int) -> None:
+              tsc_aux: int, if_clear: bool) -> None:
         """From `rdtsc_in_hook`, which just executed the RDTSC at `address` in its hook
         (the plain case held): the native hook may execute it from now on in this run,
-        in the translation block (address, size) at position `index` of `block`."""
+        in the translation block (address, size) at position `index` of `block`.
+        `if_clear`: the case was plain only because IF = 0 (an interrupt is pending):
+        the native hook requires IF = 0 too."""
         entry = self._sites.get(address)
         if entry is None:
             return
@@ -141,6 +145,7 @@ class NativePaths:
         s.generation = p.generation
         p.tsc_offset = tsc_offset & 0xFFFFFFFFFFFFFFFF
         p.tsc_aux = tsc_aux
+        p.if_clear = int(if_clear)
         p.armed = 1
 
     @property

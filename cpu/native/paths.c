@@ -9,7 +9,8 @@
  *
  *   - `armed`: Python found the boundary after an RDTSC quiet (nothing pending, no
  *     stepping, no debug trap, no #AC check, no injection point there), CPL 0 or
- *     CR4.TSD = 0, and the TSC counting the machine's cycles. Python clears it at the
+ *     CR4.TSD = 0, and the TSC counting the machine's cycles; `if_clear`: that held only
+ *     because IF = 0 kept a pending interrupt waiting, so IF = 0 is required here too. Python clears it at the
  *     start of every run and whenever a Python hook runs (anything may have changed),
  *     and sets it again only from `rdtsc_in_hook`, after checking all of it.
  *   - the site's `generation` equals the shared one: Python checked this site in this
@@ -70,6 +71,7 @@ struct idtlab_paths {
     uint64_t tsc_offset;
     uint64_t tsc_aux;
     uint64_t hits;
+    uint64_t if_clear; /* plain only while IF = 0 (an interrupt is pending) */
     int32_t rid_rax, rid_rcx, rid_rdx, rid_rip, rid_rflags;
 };
 
@@ -84,6 +86,7 @@ struct idtlab_rdtsc_site {
 };
 
 #define RFLAGS_TF (1u << 8)
+#define RFLAGS_IF (1u << 9)
 
 void idtlab_rdtsc_site(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
@@ -105,7 +108,8 @@ void idtlab_rdtsc_site(void *uc, uint64_t address, uint32_t size, void *user_dat
         count = at;
         cost = c->default_cost;
     }
-    if (p->reg_read(uc, p->rid_rflags, &rflags) != 0 || (rflags & RFLAGS_TF))
+    if (p->reg_read(uc, p->rid_rflags, &rflags) != 0 || (rflags & RFLAGS_TF)
+            || (p->if_clear && (rflags & RFLAGS_IF)))
         goto slow;
     c->count = count;
     c->cycles = cycles;
