@@ -15,6 +15,8 @@ import pytest
 from cpu.machine import Machine
 from idtlab.assemble import CodeBlock, assemble_blocks
 from tests.cpu_model import kit
+from tests.delivery import rig
+from tests.events import kit as kit_events
 
 CODE, HANDLER, STACK = 0x100000, 0x101000, 0x70000
 MSR_TSC, MSR_TSC_AUX = 0x10, 0xC0000103
@@ -209,3 +211,45 @@ def test_a_delay_loop_runs_every_rdtsc_after_the_first_natively(mode: str) -> No
     # Three RDTSCs in 20 instructions: Python, native, and (in fast mode) the last one
     # held, as it falls in the block the instruction limit splits.
     assert len(taken) == 2 and m.engine.paths.hits in (200, 201)
+
+
+IPI_THEN_DELAY = f"""
+start:
+    mov rbx, {kit_events.APIC_BASE:#x}
+    mov dword ptr [rbx+{kit_events.SVR:#x}], {kit_events.SVR_ENABLED:#x}
+    cli
+    mov dword ptr [rbx+{kit_events.ICR_LOW:#x}], {kit_events.ICR_SELF | 0x40:#x}
+    mov esi, 300
+spin:
+    pause
+    rdtsc
+    add r8, rax
+    dec esi
+    jnz spin
+{{ending}}
+h40:
+    add r9, 1
+    mov dword ptr [rbx+{kit_events.EOI:#x}], 0
+    iretq
+"""
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+@pytest.mark.parametrize("ending", ["sti\n    nop\n    hlt", "push 0x202\n    popfq\n    nop\n    hlt",
+                                    "hlt"], ids=["sti", "popfq", "never"])
+def test_a_delay_loop_with_an_interrupt_held_by_if_0_reads_the_tsc_in_the_hook(
+        ending: str, mode: str) -> None:
+    """kvm-unit-tests' eventinj: self-IPIs sent with IF = 0, then `io_delay()`. The
+    boundary after each RDTSC holds the interrupt still (IF = 0), so the RDTSCs run
+    without stopping the engine, and the interrupt comes after the STI/POPFQ either way."""
+    def build(md: str) -> Machine:
+        m, _ = kit_events.build(IPI_THEN_DELAY.format(ending=ending),
+                                gates={0x40: rig.gate("h40")}, mode=md)
+        return m
+    got, want, taken = both(build, mode, entry=kit_events.CODE, rsp=rig.KERNEL_STACK,
+                            rflags=rig.START_RFLAGS, max_insns=20_000)
+    assert got == want
+    assert taken == 300
+    delivered = [r["vector"] for r in got[4] if r["kind"] == "deliver"]
+    assert delivered == ([] if ending == "hlt" else [0x40])
+    assert got[3][CHECKED.index("r8")] != 0
