@@ -37,7 +37,12 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   cycle count plus the offset a write of IA32_TIME_STAMP_COUNTER sets (cpu/msrs.py), the
   same value RDMSR reads, so runs are deterministic (the engine's own RDTSC reads the
   host's TSC). #GP(0) at CPL > 0 with CR4.TSD = 1; RDTSCP also loads ECX with
-  IA32_TSC_AUX[31:0].
+  IA32_TSC_AUX[31:0]. Delay loops execute one every few instructions, so the plain case
+  (TF = 0, no #GP, the boundary after it holds nothing; a pending interrupt held by
+  IF = 0 counts as nothing, as IF stays 0) runs inside the code hook (`rdtsc_in_hook`:
+  the TSC is the cycles before the instruction plus the offset, the fast-mode counter
+  settled to just after it, RIP redirected past it), and from then on in the same run
+  natively at that site (cpu/native_paths.py), each one checked the same way.
 * RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
   (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
   with CR4.PCE = 0 too.
