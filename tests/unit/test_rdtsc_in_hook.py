@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cpu.layout import PageSpec
 from cpu.machine import Machine
 from idtlab.assemble import CodeBlock, assemble_blocks
 from tests.cpu_model import kit
@@ -253,3 +254,26 @@ def test_a_delay_loop_with_an_interrupt_held_by_if_0_reads_the_tsc_in_the_hook(
     delivered = [r["vector"] for r in got[4] if r["kind"] == "deliver"]
     assert delivered == ([] if ending == "hlt" else [0x40])
     assert got[3][CHECKED.index("r8")] != 0
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+def test_an_rdtsc_right_before_an_instruction_whose_fetch_faults_counts_once(mode: str) -> None:
+    """The next instruction crosses into a page that is not present: the engine first
+    runs up to it (`Stops.fetch_boundary_before`, a run whose last block ends with the
+    RDTSC), so that run ends right where the RDTSC redirected RIP; the #PF then comes
+    at the MOV with the RDTSC counted once."""
+    start = 0x101FF8  # pause (2 bytes), rdtsc (2), then a 10-byte MOV across 0x102000
+
+    def build(md: str) -> Machine:
+        m = Machine(2 << 20, mode=md, max_insns=1_000)
+        m.load(start, asm("pause\nrdtsc\nmovabs rax, 0x1122334455667788\nhlt\n", start),
+               code=True)
+        m.load(HANDLER, asm("hlt\n", HANDLER), code=True)
+        m.set_gate(14, HANDLER)
+        m.set_page(PageSpec(0x102000, 0x102000, present=False))
+        return m
+    got, want, taken = both(build, mode, entry=start, rsp=STACK)
+    assert got == want
+    assert taken == 1
+    pf = [r for r in got[4] if r["kind"] == "deliver"]
+    assert [(r["vector"], r["rip"], r["icount"]) for r in pf] == [(14, 0x101FFC, 2)]
