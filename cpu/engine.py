@@ -302,12 +302,12 @@ class Engine:
         # RDTSC/RDTSCP sites executed natively when Python vouched for them (native_paths).
         self.paths = NativePaths(uc, _ucpy.uclib, self.counter, block_counting=block_counting,
                                  rids=self._reg, site=lambda a: self._on_site(uc, a, 0, None))
-        self._disarm = self.paths.disarm
+        self._paths_state = self.paths.state
 
     # -- hooks -------------------------------------------------------------------------
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
         """The TLB fill the native front could not answer (called from tlb.c)."""
-        self._disarm()
+        self._paths_state.armed = 0  # a Python hook: native paths vouched for again
         entry = _TlbEntry.from_address(entry_ptr)
         kind = _FILL_ACCESS.get(access, Access.READ)
         result = self.fill(vaddr, kind)
@@ -355,7 +355,7 @@ class Engine:
 
     def _on_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
                      _data: object) -> bool:
-        self._disarm()
+        self._paths_state.armed = 0
         kind = _UNMAPPED_ACCESS.get(access, Access.READ)
         if addr >= POISON_BASE:
             slot = (addr - POISON_BASE) >> 12
@@ -366,26 +366,26 @@ class Engine:
         return False
 
     def _on_intr(self, uc: Any, vector: int, _data: object) -> None:
-        self._disarm()
+        self._paths_state.armed = 0
         self.interrupt(vector)
 
     def _on_site(self, uc: Any, address: int, size: int, _data: object) -> None:
-        self._disarm()
+        self._paths_state.armed = 0
         self.site(address)
 
     def _on_in(self, uc: Any, port: int, size: int, _data: object) -> int:
-        self._disarm()
+        self._paths_state.armed = 0
         return self.port_in(port, size)
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, _data: object) -> None:
-        self._disarm()
+        self._paths_state.armed = 0
         self.port_out(port, size, value)
 
     def _on_block(self, uc: Any, address: int, size: int, _data: object) -> None:
         self.block(address)
 
     def _on_cpuid(self, uc: Any, _data: object) -> int:
-        self._disarm()
+        self._paths_state.armed = 0
         leaf, subleaf = self.read(("rax", "rcx"))
         regs = self.cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF)
         if regs is None:

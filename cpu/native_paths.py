@@ -12,9 +12,9 @@ the native hook replaces the Python site hook (`hook`); it calls the Python site
 `rdtsc_in_hook` after it executed the same instruction itself): the boundary after it
 holds nothing, no injection point or breakpoint is at it or after it, and the TSC counts
 the machine's cycles (or an interrupt is pending and IF = 0, which the C code checks
-too). Python withdraws that (`disarm`) whenever any Python hook of the
-engine runs, and at the start of every run (`new_run`: every site must be vouched for
-again); what changes natively (RFLAGS.TF, the counter's thresholds and split runs, the
+too). Python withdraws that (the engine clears `state.armed`) whenever any Python
+hook of the engine runs, and at the start of every run (`new_run`: every site must be
+vouched for again); what changes natively (RFLAGS.TF, the counter's thresholds and split runs, the
 block being run) the C code checks itself. See paths.c for the count settling in fast
 mode, which is `Engine.hook_stamp`'s.
 """
@@ -118,10 +118,6 @@ class NativePaths:
             return False
         self._uclib.uc_hook_del(self._uch, ctypes.c_size_t(entry[1]))
         return True
-
-    def disarm(self) -> None:
-        """A Python hook runs: the plain case must be vouched for again."""
-        self.state.armed = 0
 
     def new_run(self) -> None:
         """A run starts: every site must be vouched for again."""

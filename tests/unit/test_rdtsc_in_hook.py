@@ -247,7 +247,7 @@ def test_a_delay_loop_with_an_interrupt_held_by_if_0_reads_the_tsc_in_the_hook(
         m, _ = kit_events.build(IPI_THEN_DELAY.format(ending=ending),
                                 gates={0x40: rig.gate("h40")}, mode=md)
         return m
-    got, want, taken = both(build, mode, entry=kit_events.CODE, rsp=rig.KERNEL_STACK,
+    got, want, taken = both(build, mode, entry=rig.CODE, rsp=rig.KERNEL_STACK,
                             rflags=rig.START_RFLAGS, max_insns=20_000)
     assert got == want
     assert taken == 300
