@@ -37,7 +37,12 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   cycle count plus the offset a write of IA32_TIME_STAMP_COUNTER sets (cpu/msrs.py), the
   same value RDMSR reads, so runs are deterministic (the engine's own RDTSC reads the
   host's TSC). #GP(0) at CPL > 0 with CR4.TSD = 1; RDTSCP also loads ECX with
-  IA32_TSC_AUX[31:0].
+  IA32_TSC_AUX[31:0]. Delay loops execute one every few instructions, so the plain case
+  (TF = 0, no #GP, the boundary after it holds nothing; a pending interrupt held by
+  IF = 0 counts as nothing, as IF stays 0) runs inside the code hook (`rdtsc_in_hook`:
+  the TSC is the cycles before the instruction plus the offset, the fast-mode counter
+  settled to just after it, RIP redirected past it), and from then on in the same run
+  natively at that site (cpu/native_paths.py), each one checked the same way.
 * RDPMC (SDM Vol. 2): the model reports no performance-monitoring counters
   (CPUID.0AH:EAX = 0), so every counter index is invalid: #GP(0), and #GP(0) at CPL > 0
   with CR4.PCE = 0 too.
@@ -177,16 +182,8 @@ class Emulated:
         m = self.m
         e = m.engine
         c = e.counter
-        b = m.boundary.state
-        if (not e.block_counting or e.bits != 64 or address not in m.sites.iretq
-                or m.stops.pending is not None
-                or e.count_at(address) != int(c.count)
-                or m.intr.nmi_pending or b.step or b.halted or m.on_boundary or c.ac_check
-                or (m.apic is not None and m.apic.pending_vector() is not None)
-                or m.injections.state.deferred is not None or m.apf_host.state.wants_step):
-            return False
-        dbg = m.debug.state
-        if dbg.trap is not None or dbg.pass_at is not None or dbg.step_on_wake:
+        if (not e.block_counting or address not in m.sites.iretq
+                or e.count_at(address) != int(c.count) or not self.quiet_boundary()):
             return False
         st = m.regs.arch_state()
         if st.rflags & RFLAGS_TF or m.regs.state.stale_exception:
@@ -213,6 +210,28 @@ class Emulated:
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
         return True
+
+    def quiet_boundary(self, if_after: bool = True) -> bool:
+        """From a code hook while the engine runs: the boundary after the instruction
+        holds nothing the run loop would do there (no event pending or deferred, no
+        stepping window, debug trap or breakpoint pass, no #AC check, nothing listening
+        to boundaries), so an instruction executed inside its hook may let the engine go
+        on (`iret_in_hook`, `rdtsc_in_hook`). `if_after` = False: RFLAGS.IF is 0 after
+        the instruction, so a pending interrupt stays held there."""
+        m = self.m
+        e = m.engine
+        c = e.counter
+        b = m.boundary.state
+        # stop_at = 2**64 - 1: the engine runs a split block up to its threshold
+        # (`Engine._split`), with the thresholds off.
+        if (e.bits != 64 or m.stops.pending is not None or c.stopped
+                or int(c.stop_at) == 2**64 - 1
+                or m.intr.nmi_pending or b.step or b.halted or m.on_boundary or c.ac_check
+                or (if_after and m.apic is not None and m.apic.pending_vector() is not None)
+                or m.injections.state.deferred is not None or m.apf_host.state.wants_step):
+            return False
+        dbg = m.debug.state
+        return dbg.trap is None and dbg.pass_at is None and not dbg.step_on_wake
 
     def _null_segments(self, names: tuple[str, ...]) -> None:
         """RETURN-TO-OUTER-PRIVILEGE-LEVEL: DS/ES/FS/GS that the new CPL may not use
@@ -487,6 +506,47 @@ class Emulated:
         e.write(out)
         e.recount()
         self.single_step(rflags)
+
+    def rdtsc_in_hook(self, address: int, *, rdtscp: bool = False) -> bool:
+        """At the RDTSC/RDTSCP site, while the engine runs: execute it here and let the
+        engine go on (True), or leave it to `rdtsc` at the boundary (False). The plain
+        case: `quiet_boundary`, TF = 0, CR4.TSD = 0 or CPL 0, and no injection point at
+        the next instruction (its arrival counts at a held boundary). The TSC read is
+        the one `rdtsc` reads: the cycles of the instructions before this one, plus the
+        offset. In fast mode the block's count was added when the block started, so the
+        counter is settled to just after this instruction before RIP moves on (the rest
+        of the block runs as a new block, counted when it starts), as the engine's stop
+        would settle it (`Engine.hook_stamp`)."""
+        m = self.m
+        e = m.engine
+        length = m.sites.lengths.get(address)
+        if length is None or address + length in m.injections.state.before:
+            return False
+        rflags, cr4 = e.read(("rflags", "cr4"))
+        if (rflags & RFLAGS_TF or (m.regs.state.cpl != 0 and cr4 & CR4_TSD)
+                or not self.quiet_boundary(if_after=bool(rflags & RFLAGS_IF))):
+            return False
+        if e.block_counting and e.count_at(address) > int(e.counter.count):
+            return False  # the block was not counted (the counter stopped it)
+        c = e.counter
+        icount, cycles = e.hook_stamp(address)
+        cost = int(c.default_cost) if e.block_counting else int(c.last_cost)
+        tsc = m.model.msrs.tsc_at(cycles - cost)
+        out = {"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32}
+        if rdtscp:
+            out["rcx"] = e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
+        if e.block_counting:
+            c.count, c.cycles, c.last_cost = icount, cycles, c.default_cost
+        e.redirect(address + length, out)
+        if (m.model.msrs.state.tsc_source == "cycles" and address not in m.injections.state.before
+                and address not in m.debug.state.exec_breakpoints):
+            # The native site hook may repeat this in the same block (cpu/native_paths.py).
+            block = ((int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1)
+                     if e.block_counting else (0, 0, 0))
+            aux = out.get("rcx", 0) if rdtscp else e.read_msr(MSR_TSC_AUX) & 0xFFFFFFFF
+            e.paths.learn(address, block, tsc_offset=m.model.msrs.state.tsc_offset, tsc_aux=aux,
+                          if_clear=not rflags & RFLAGS_IF)
+        return True
 
     def rdpmc(self, address: int) -> None:
         m = self.m

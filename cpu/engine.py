@@ -65,6 +65,7 @@ from cpu.decode import decode
 from cpu.engine_blob import blob, blob_layout, new_uc
 from cpu.memory import PhysicalMemory
 from cpu.mmu import Access
+from cpu.native_paths import NativePaths
 
 ERR_INSN_INVALID = UC_ERR_INSN_INVALID
 PROT_R, PROT_W, PROT_X = UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
@@ -298,10 +299,15 @@ class Engine:
         if bits == 32:
             # After the counter: a stop here comes after the block was counted.
             uc.hook_add(UC_HOOK_BLOCK, self._on_block)
+        # RDTSC/RDTSCP sites executed natively when Python vouched for them (native_paths).
+        self.paths = NativePaths(uc, _ucpy.uclib, self.counter, block_counting=block_counting,
+                                 rids=self._reg, site=lambda a: self._on_site(uc, a, 0, None))
+        self._paths_state = self.paths.state
 
     # -- hooks -------------------------------------------------------------------------
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
         """The TLB fill the native front could not answer (called from tlb.c)."""
+        self._paths_state.armed = 0  # a Python hook: native paths vouched for again
         entry = _TlbEntry.from_address(entry_ptr)
         kind = _FILL_ACCESS.get(access, Access.READ)
         result = self.fill(vaddr, kind)
@@ -349,6 +355,7 @@ class Engine:
 
     def _on_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
                      _data: object) -> bool:
+        self._paths_state.armed = 0
         kind = _UNMAPPED_ACCESS.get(access, Access.READ)
         if addr >= POISON_BASE:
             slot = (addr - POISON_BASE) >> 12
@@ -359,21 +366,26 @@ class Engine:
         return False
 
     def _on_intr(self, uc: Any, vector: int, _data: object) -> None:
+        self._paths_state.armed = 0
         self.interrupt(vector)
 
     def _on_site(self, uc: Any, address: int, size: int, _data: object) -> None:
+        self._paths_state.armed = 0
         self.site(address)
 
     def _on_in(self, uc: Any, port: int, size: int, _data: object) -> int:
+        self._paths_state.armed = 0
         return self.port_in(port, size)
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, _data: object) -> None:
+        self._paths_state.armed = 0
         self.port_out(port, size, value)
 
     def _on_block(self, uc: Any, address: int, size: int, _data: object) -> None:
         self.block(address)
 
     def _on_cpuid(self, uc: Any, _data: object) -> int:
+        self._paths_state.armed = 0
         leaf, subleaf = self.read(("rax", "rcx"))
         regs = self.cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF)
         if regs is None:
@@ -400,18 +412,25 @@ class Engine:
         self.counter.cycles = other.counter.cycles
 
     # -- control -----------------------------------------------------------------------
-    def add_site(self, address: int) -> None:
-        """Call `site(address)` before the instruction at `address` executes."""
+    def add_site(self, address: int, rdtsc: tuple[int, bool] | None = None) -> None:
+        """Call `site(address)` before the instruction at `address` executes. `rdtsc` =
+        (length, is RDTSCP): an RDTSC/RDTSCP site, hooked natively (cpu/native_paths.py),
+        which calls `site` for all but the plain case."""
         if address not in self._sites:
-            self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None, address,
-                                                    address)
+            if rdtsc is not None and self.bits == 64:
+                self.paths.hook(address, rdtsc[0], rdtscp=rdtsc[1], hook_code=UC_HOOK_CODE)
+                self._sites[address] = -1
+            else:
+                self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None,
+                                                        address, address)
             # A block translated before the hook existed would not call it.
             self.uc.ctl_remove_cache(address, address + 1)
 
     def remove_site(self, address: int) -> None:
         handle = self._sites.pop(address, None)
         if handle is not None:
-            self.uc.hook_del(handle)
+            if not self.paths.unhook(address):
+                self.uc.hook_del(handle)
             self.uc.ctl_remove_cache(address, address + 1)
 
     @property
@@ -467,6 +486,7 @@ class Engine:
         c.stopped = 0
         c.ac_stopped = 0
         c.split = native.NO_SPLIT
+        self.paths.new_run()
         if until != UNTIL_NEVER:
             # `until` only takes effect in code translated after it is set: drop the
             # translation of the block that holds it.

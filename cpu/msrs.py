@@ -237,6 +237,13 @@ class MsrFile:
             return time.monotonic_ns() * HOST_TSC_HZ // 1_000_000_000
         return int(self.m.engine.cycles)
 
+    def tsc_at(self, cycles: int) -> int:
+        """The TSC when the machine's cycle count is `cycles` (an instruction inside a
+        running block, whose cycles the engine's counter is ahead of)."""
+        if self.state.tsc_source == "host":
+            return self.read(MSR_TSC)
+        return (cycles + self.state.tsc_offset) & ALL
+
     def _write_tsc(self, index: int, value: int) -> None:
         """A WRMSR of the TSC or of IA32_TSC_ADJUST: whatever one adds to the TSC, it
         adds to the other (SDM Vol. 3B "Time-Stamp Counter Adjustment": "If an execution

@@ -11,7 +11,8 @@ instruction must fault (cpu/checked_sites.py), and otherwise it runs natively. S
 MOV SS sites are observed (they open an interrupt shadow; cpu/boundary.py) and OUT
 sites are looked at for the exit ports (cpu/platform.py); those then run natively. An instruction with a
 LOCK prefix the SDM forbids is a site that raises #UD (the engine, like QEMU, runs some
-of them).
+of them). RDTSC/RDTSCP sites are hooked natively (cpu/native_paths.py): the plain case
+runs without Python.
 
 The table is configuration: written when code is loaded, never changed by a run.
 """
@@ -24,6 +25,8 @@ from cpu.decode import SiteKind, decode_loaded, site_kind
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
+
+_RDTSC = frozenset({SiteKind.RDTSC, SiteKind.RDTSCP})
 
 
 class SiteTable:
@@ -46,7 +49,8 @@ class SiteTable:
                 self.lengths[insn.address] = insn.size
                 if insn.mnemonic == "iretq":
                     iretq.add(insn.address)
-                self.m.engine.add_site(insn.address)
+                native = (insn.size, kind is SiteKind.RDTSCP) if kind in _RDTSC else None
+                self.m.engine.add_site(insn.address, native)
             elif insn.mnemonic == "mov" and insn.op_str.endswith(", cr2"):
                 cr2_reads.add(insn.address)
         self.iretq, self.cr2_reads = frozenset(iretq), frozenset(cr2_reads)

@@ -88,8 +88,10 @@ class Stops:
             SiteKind.CPUID: lambda a: self._defer(lambda: m.emulated.cpuid(a)),
             SiteKind.MOV_CR: lambda a: self._defer(lambda: m.emulated.mov_cr(a)),
             SiteKind.RDPMC: lambda a: self._defer(lambda: m.emulated.rdpmc(a)),
-            SiteKind.RDTSC: lambda a: self._defer(lambda: m.emulated.rdtsc(a)),
-            SiteKind.RDTSCP: lambda a: self._defer(lambda: m.emulated.rdtsc(a, rdtscp=True)),
+            SiteKind.RDTSC: lambda a: (not m.emulated.rdtsc_in_hook(a)
+                                       and self._defer(lambda: m.emulated.rdtsc(a))),
+            SiteKind.RDTSCP: lambda a: (not m.emulated.rdtsc_in_hook(a, rdtscp=True)
+                                        and self._defer(lambda: m.emulated.rdtsc(a, rdtscp=True))),
             SiteKind.UNDECLARED: lambda a: self._defer(lambda: m.emulated.undeclared(a)),
             SiteKind.XCR: m.checked.xcr,
             SiteKind.TABLE_LOAD: m.checked.table_load,

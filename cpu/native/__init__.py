@@ -1,6 +1,7 @@
 """The native parts of the engine adapter, built on first use with the system C compiler into
 one library cached under `$IDTLAB_CACHE` (default `~/.cache/idtlab`): the instruction and
-cycle counter (`counter.c`) and the validated TLB-fill front (`tlb.c`)."""
+cycle counter (`counter.c`), the validated TLB-fill front (`tlb.c`) and the native
+RDTSC/RDTSCP site hooks (`paths.c`, cpu/native_paths.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from cpu.errors import Unsupported
 
-_SOURCES = (Path(__file__).with_name("counter.c"), Path(__file__).with_name("tlb.c"))
+_SOURCES = (Path(__file__).with_name("counter.c"), Path(__file__).with_name("tlb.c"),
+            Path(__file__).with_name("paths.c"))
 
 
 class CounterStruct(ctypes.Structure):
