@@ -200,6 +200,7 @@ class Machine:
         e.port_in = self.platform.port_in
         e.port_out = self.platform.port_out
         e.code_reader = self.code_bytes
+        e.translated = self.sites.translated
         e.cpuid = self.model.cpuid
         if self.mode == "timed":
             e.set_cost_mode(timed=True, default_cost=self.profile.cycles_per_instruction,
