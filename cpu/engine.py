@@ -829,6 +829,10 @@ class Engine:
         if status != 0:
             raise UcError(status)  # type: ignore[no-untyped-call]
 
+    def has_register(self, name: str) -> bool:
+        """`read_reg(name)` works on this engine (the 32-bit one has no R8-R15)."""
+        return name in self._reg
+
     def read_reg(self, name: str) -> int:
         return self.read((name,))[0]
 

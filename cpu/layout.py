@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cpu.devices.apic import APIC_BASE
+from cpu.devices.ioapic import IOAPIC_BASE
 from cpu.mmu import CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, PTE_P, PTE_U, PTE_W, PTE_XD, build_identity_map
 from idt.descriptors import (
     GATE_TYPE_INTERRUPT,
@@ -48,6 +49,18 @@ TSS_BASE = 0x1100
 IDT_BASE = 0x2000
 PT_BASE = 0x3000
 RESERVED_END = 0x20000
+MIN_MEMORY = RESERVED_END + 0x1000
+
+
+def memory_size_problem(size: int) -> str | None:
+    """Why `size` bytes cannot be a machine's guest RAM (None if it can): a multiple of
+    4 KiB, at least the system area plus a page, and ending below the I/O APIC's MMIO
+    page (RAM is one range from 0; the device pages above it are not RAM). The one
+    check `Machine`, the scenario loader and the command line share."""
+    if size % 4096 or not MIN_MEMORY <= size <= IOAPIC_BASE:
+        return (f"{size:#x} must be a multiple of 4 KiB between {MIN_MEMORY:#x} and the "
+                f"I/O APIC at {IOAPIC_BASE:#x}")
+    return None
 KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, TSS_SEL = 0x08, 0x10, 0x1B, 0x23, 0x28
 GDT_ENTRIES: list[bytes] = [
     bytes(8),
@@ -126,6 +139,9 @@ class SystemLayout:
     def set_page(self, spec: PageSpec) -> None:
         if self.built:
             raise RuntimeError("page overrides must be set before the first run")
+        if spec.va & ~0xFFF == GDT_BASE:
+            raise ValueError(f"{GDT_BASE:#x} is the machine's GDT and TSS page: the CPU reads "
+                             "it at start and at every privilege change")
         self.pages[spec.va & ~0xFFF] = spec
 
     def build(self) -> None:

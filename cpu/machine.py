@@ -70,7 +70,7 @@ from cpu.events import AsyncEvent, Injection, Interrupt, Nmi, Point, make_event,
 from cpu.frames import Frames, FrameState
 from cpu.injections import Injections, InjectionState
 from cpu.interrupts import Wires
-from cpu.layout import KERNEL_CS, KERNEL_DS, RESERVED_END, USER_CS, USER_DS, PageSpec, SystemLayout
+from cpu.layout import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, PageSpec, SystemLayout, memory_size_problem
 from cpu.memory import PhysicalMemory
 from cpu.mmio import Mmio
 from cpu.mmu import PagingControl
@@ -117,12 +117,11 @@ class Machine:
                  max_events: int = 100_000, mode: str = "fast",
                  profile: Profile | str = "default", sti_blocks_nmi: bool = True,
                  apic: bool = True, vmx: VmxConfig | None = None) -> None:
-        if memory < RESERVED_END + 0x1000:
-            raise ValueError(f"guest memory must be at least {RESERVED_END + 0x1000:#x} bytes")
+        problem = memory_size_problem(memory)
+        if problem is not None:
+            raise ValueError(f"guest memory {problem}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-        if memory > IOAPIC_BASE:
-            raise ValueError(f"guest memory must end below the I/O APIC at {IOAPIC_BASE:#x}")
         self.mode = mode
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._costs = CostModel(self.profile)

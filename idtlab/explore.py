@@ -718,6 +718,8 @@ def dask_client(address: str, timeout: float = 10.0) -> Any:
     except (OSError, TimeoutError) as exc:
         raise BadInput(f"--dask: cannot reach the Dask scheduler at {address} within "
                        f"{timeout:g} s ({type(exc).__name__})") from None
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"--dask {address!r}: not a scheduler address ({exc})") from None
 
 
 def _dask_map(dask: str | Any, jobs_list: list[tuple[Plan, list[Schedule]]]) -> Iterator[
