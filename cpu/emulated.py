@@ -136,6 +136,7 @@ class Emulated:
         if res.null_segments:
             rec["null_segments"] = list(res.null_segments)
         e.cycles += cost
+        m.progress.after_iret(address, res.rip, res.rsp, res.rflags)
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(e.icount, res.rip)  # no instruction breakpoint there
         self.single_step(st.rflags)  # TF as the IRET found it, not as it loaded it

@@ -30,6 +30,7 @@ component's business:
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
     cpu/platform.py      ports, UART, fw_cfg, exit devices
+    cpu/progress.py      an IRET loop that makes no progress ends the run
     cpu/mmio.py          device register pages (local APIC, I/O APIC, HPET)
     cpu/interrupts.py    the wires: ISA lines -> I/O APIC -> local APIC -> CPU
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
@@ -76,6 +77,7 @@ from cpu.mmio import Mmio
 from cpu.mmu import PagingControl
 from cpu.outcomes import Outcome, RunResult, Stop
 from cpu.platform import Platform
+from cpu.progress import Progress
 from cpu.registers import Registers, RegisterState
 from cpu.sites import SiteTable
 from cpu.snapshot import Checkpoint
@@ -172,6 +174,7 @@ class Machine:
         self.vmx_host = Vmx(self, st.vmx)
         self.apf_host = ApfHost(self, st.apf)
         self.debug = Debug(self, st.debug)
+        self.progress = Progress(self, st.progress)
         self.emulated = Emulated(self)
         self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)

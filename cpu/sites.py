@@ -62,6 +62,11 @@ class SiteTable:
     """Sites by address: from the translation blocks the engine runs, and from a linear
     decode of code loaded before the run."""
 
+    # Derived from the guest's code bytes, not from a run's state: a rollback keeps them
+    # and re-checks what a schedule changed (`recheck`); see the module docstring.
+    CACHES = frozenset({"kinds", "lengths", "iretq", "cr2_reads", "blocks", "pages", "fresh",
+                        "changed"})
+
     def __init__(self, m: Machine) -> None:
         self.m = m
         self.kinds: dict[int, SiteKind] = {}

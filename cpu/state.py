@@ -25,6 +25,7 @@ from cpu.devices.apic import LocalApic
 from cpu.frames import FrameState
 from cpu.injections import InjectionState
 from cpu.platform import PlatformState
+from cpu.progress import ProgressState
 from cpu.registers import RegisterState
 from cpu.stops import StopState
 from cpu.vmx import VmxState
@@ -58,6 +59,7 @@ class MachineState:
     apf: ApfHostState
     apic: LocalApic | None
     debug: DebugState = field(default_factory=DebugState)
+    progress: ProgressState = field(default_factory=ProgressState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
 
 

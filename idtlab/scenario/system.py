@@ -76,7 +76,7 @@ def build_pages(b: Build) -> None:
             # (In a VMX guest a guest-physical page outside RAM is legitimate: EPT decides
             # what an access to it does, e.g. a violation at a not-present PML4 entry.)
             raise chk.fail(f"{where} pa", f"{pa:#x} is outside guest memory (0..{b.memory:#x})")
-        if va < SYSTEM_PAGE_END and SYSTEM_PAGE < va + 4096 * count:
+        if va < SYSTEM_PAGE_END and va + 4096 * count > SYSTEM_PAGE:
             raise chk.fail(f"{where} va", f"{va:#x}..{va + 4096 * count:#x} covers the machine's "
                            f"GDT and TSS page at {SYSTEM_PAGE:#x} (the CPU reads it at start and "
                            "at every privilege change): remap other pages")
