@@ -76,6 +76,7 @@ class SiteKind(StrEnum):
     SYSEXIT = "sysexit"
     LOCK_UD = "lock_ud"  # a LOCK prefix the SDM forbids here: #UD (the engine may run it)
     MOV_DR = "mov_dr"  # emulated: the debug registers are the machine's (cpu/debug.py)
+    RDTSC = "rdtsc"  # emulated: the TSC is the machine's cycle count, not the host's clock
 
 
 # The longest x86 instruction (SDM Vol. 2A, "Instruction Format": an instruction of more
@@ -93,7 +94,7 @@ SITE_KINDS = {"iretq": SiteKind.IRET, "iretd": SiteKind.IRET, "iret": SiteKind.I
               "smsw": SiteKind.UMIP, "str": SiteKind.UMIP, "syscall": SiteKind.SYSCALL,
               "sysret": SiteKind.SYSRET, "sysretq": SiteKind.SYSRET,
               "sysenter": SiteKind.SYSENTER, "sysexit": SiteKind.SYSEXIT,
-              "sysexitq": SiteKind.SYSEXIT}
+              "sysexitq": SiteKind.SYSEXIT, "rdtsc": SiteKind.RDTSC, "rdtscp": SiteKind.RDTSC}
 
 
 # Instructions the engine's own CPU model executes but the declared one does not report

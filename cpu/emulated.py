@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 
 from cpu.control_regs import (
     CR4_PCE,
+    CR4_TSD,
     ControlFault,
     check_cr0,
     check_cr3,
@@ -64,7 +65,14 @@ from cpu.control_regs import (
 from cpu.cpu_model import MsrFault
 from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.msrs import MSR_EFER, MSR_SYSENTER_CS, MSR_SYSENTER_EIP, MSR_SYSENTER_ESP
+from cpu.msrs import (
+    MSR_EFER,
+    MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+    MSR_TSC,
+    MSR_TSC_AUX,
+)
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
 from idt.state import RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, ArchFault, Event, is_canonical
@@ -300,6 +308,32 @@ class Emulated:
         regs = {"rip": address + 2}
         if not write:
             regs.update(rax=value & 0xFFFFFFFF, rdx=value >> 32)
+        e.write(regs)
+        e.recount()
+        self.single_step(rflags)
+
+    def rdtsc(self, address: int) -> None:
+        """RDTSC/RDTSCP (SDM Vol. 2B): EDX:EAX = the time-stamp counter — the machine's
+        cycle count plus the offset a write to IA32_TIME_STAMP_COUNTER set, never the
+        host's clock, which the engine would read and which would make two runs differ —
+        and, for RDTSCP, ECX = IA32_TSC_AUX. #GP(0) when CR4.TSD = 1 at CPL > 0."""
+        m = self.m
+        e = m.engine
+        e.uncount()
+        insn = decode_one(m.stops.insn_bytes(address) or b"", address)
+        aux = insn is not None and insn.mnemonic == "rdtscp"
+        name = "RDTSCP" if aux else "RDTSC"
+        cpl = m.regs.state.cpl
+        if cpl != 0 and e.read_reg("cr4") & CR4_TSD:
+            m.deliver(Event.exception(Vector.GP, address, 0), why=f"{name} at CPL{cpl} with "
+                      "CR4.TSD = 1")
+            return
+        tsc = m.model.rdmsr(MSR_TSC)
+        size = insn.size if insn is not None else 2
+        regs = {"rax": tsc & 0xFFFFFFFF, "rdx": tsc >> 32, "rip": address + size}
+        if aux:
+            regs["rcx"] = m.model.rdmsr(MSR_TSC_AUX) & 0xFFFFFFFF
+        rflags = e.read_reg("rflags")
         e.write(regs)
         e.recount()
         self.single_step(rflags)

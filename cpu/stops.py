@@ -92,6 +92,7 @@ class Stops:
             SiteKind.SYSENTER: lambda a: self._defer(lambda: m.emulated.sysenter(a)),
             SiteKind.SYSEXIT: lambda a: self._defer(lambda: m.emulated.sysexit(a)),
             SiteKind.LOCK_UD: lambda a: self._defer(lambda: self.lock_ud(a)),
+            SiteKind.RDTSC: lambda a: self._defer(lambda: m.emulated.rdtsc(a)),
         }
 
     def io_site(self, address: int) -> bool:
