@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from cpu.machine import Machine
 
 PAGE = 0x1000
+LOAD_DECODE_PIECE = 0x10000
 
 
 class SiteTable:
@@ -85,8 +86,24 @@ class SiteTable:
     # -- load time ----------------------------------------------------------------------
     def add_code(self, addr: int, data: bytes) -> None:
         """Decode `data` (guest code at linear `addr`) and hook its sites now."""
-        fresh = [insn.address for insn in decode_loaded(data, addr) if self._note(insn)]
-        self._hook(fresh)
+        # In pieces, each picking up where the last instruction of the one before ended:
+        # Capstone decodes a whole buffer at once, with details, which for megabytes of
+        # code is gigabytes of memory.
+        at = 0
+        while at < len(data):
+            end = at
+            fresh: list[int] = []
+            piece = data[at:at + LOAD_DECODE_PIECE + MAX_INSN_LENGTH]
+            for insn in decode_loaded(piece, addr + at):
+                if insn.address - addr >= at + LOAD_DECODE_PIECE:
+                    break
+                end = insn.address + insn.size - addr
+                if self._note(insn):
+                    fresh.append(insn.address)
+            self._hook(fresh)
+            if end == at or end < min(at + LOAD_DECODE_PIECE, len(data)):
+                break  # not an instruction: the linear decode ends here
+            at = end
         if data:
             # Code loaded over code the engine may have translated (a machine reused
             # between runs): its blocks are generated, and decoded, again.
