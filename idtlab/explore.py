@@ -43,6 +43,8 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -644,6 +646,49 @@ def _run_chunk_job(job: tuple[Plan, Sequence[Schedule]]) -> list[Finding]:
     return run_chunk(*job)
 
 
+# A worker process runs this many chunks, then a fresh one takes its place: Unicorn's
+# translation cache and the machine's caches grow with every schedule (about 1 GB per
+# process over a long exploration), and a new process gives that memory back.
+CHUNKS_PER_WORKER = 4
+# A chunk whose worker died (the OOM killer, a kill) is run once more in a new pool.
+CHUNK_RETRIES = 1
+
+
+def _in_workers(jobs_list: list[Any], workers: int,
+                run: Callable[[Any], list[Any]] = _run_chunk_job) -> Iterator[list[Any]]:
+    """Each job's findings, in order, from `workers` processes, as they come. A worker
+    that dies breaks its pool: the chunks that did not come back are run again in a fresh
+    pool, and if one loses its worker again the exploration stops with a one-line error;
+    it never waits for a dead worker, and leaves no process behind."""
+    results: dict[int, list[Any]] = {}
+    next_out = 0
+    pending = list(range(len(jobs_list)))
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(CHUNK_RETRIES + 1):
+        lost: list[int] = []
+        executor = ProcessPoolExecutor(workers, mp_context=context,
+                                       max_tasks_per_child=CHUNKS_PER_WORKER)
+        try:
+            futures = [(i, executor.submit(run, jobs_list[i])) for i in pending]
+            for i, future in futures:
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    lost.append(i)
+                while next_out in results:
+                    yield results.pop(next_out)
+                    next_out += 1
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if not lost:
+            return
+        if attempt == CHUNK_RETRIES:
+            raise BadInput(f"explore: a worker process died twice running the same schedules "
+                           f"(killed, or out of memory?): {len(lost)} of {len(jobs_list)} "
+                           "chunks lost; --jobs 1 runs them in this process")
+        pending = lost
+
+
 def _chunks(plan: Plan, schedules: list[Schedule], parts: int) -> list[list[int]]:
     """Indices of `schedules` cut into about `parts` chunks of consecutive checkpoints,
     each sorted by first point (a session only goes forward)."""
@@ -697,10 +742,8 @@ def run_schedules(plan: Plan, schedules: list[Schedule], *, jobs: int = 1,
                 if progress and (len(results) % 16 == 0 or len(results) == len(schedules)):
                     _progress(len(results), len(schedules), started, progress)
         else:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for chunk, found in zip(chunks, pool.imap(_run_chunk_job, jobs_list),
-                                        strict=True):
-                    collect(chunk, found)
+            for chunk, found in zip(chunks, _in_workers(jobs_list, workers), strict=True):
+                collect(chunk, found)
     finally:
         if progress:
             print(file=sys.stderr)

@@ -117,7 +117,7 @@ def test_a_segment_with_memsz_below_filesz_is_bad_input(tmp_path: Path) -> None:
     filesz = struct.unpack_from("<Q", raw, phoff + 32)[0]
     struct.pack_into("<Q", raw, phoff + 40, filesz - 1)
     (tmp_path / "x.elf").write_bytes(raw)
-    with pytest.raises(BadInput, match="p_memsz .* < p_filesz"):
+    with pytest.raises(BadInput, match=r"p_memsz .* < p_filesz"):
         load_elf(tmp_path / "x.elf")
 
 
