@@ -43,7 +43,7 @@ def test_a_narrow_store_to_an_apic_register_ends_the_run_cleanly(store: str) -> 
 @pytest.mark.parametrize("mode", ["fast", "timed"])
 def test_self_modifying_code_over_an_out_runs_what_is_there_now(mode: str) -> None:
     # `out 0xf4, al` (e6 f4: the exit port) becomes `nop; hlt` before it runs.
-    m, s, result = run("""
+    _m, s, result = run("""
         start:
             mov word ptr [spot], 0xf490
             mov al, 3
@@ -80,8 +80,8 @@ def test_rdtsc_reads_the_machines_cycle_count_so_two_runs_agree() -> None:
             rdtscp
             hlt
     """
-    first, _s, r1 = run(source)
-    second, _s, r2 = run(source)
+    first, _s, _r1 = run(source)
+    second, _s, _r2 = run(source)
     regs = ("rax", "rbx", "rcx", "rdx")
     assert first.engine.read(regs) == second.engine.read(regs)
     # Fast mode: one cycle per instruction; the TSC is the cycles retired before it.
