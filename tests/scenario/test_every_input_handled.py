@@ -5,6 +5,8 @@ assembly Keystone would hang on."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -156,3 +158,14 @@ def test_a_host_event_for_a_guest_without_that_host_is_rejected(
     line = fails_cleanly(capsys, "explore", str(scenario(tmp_path)), "--window", "main..",
                          "--event", event)
     assert event in line
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "idtlab.cli", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 1)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
