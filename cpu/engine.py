@@ -283,7 +283,8 @@ class Engine:
         if bits == 32:
             # After the counter: a stop here comes after the block was counted.
             uc.hook_add(UC_HOOK_BLOCK, self._on_block)
-        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_translated)
+        if bits == 64:
+            uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_translated)
 
     def _prime(self) -> None:
         """Run one block to its end on a private page, before any hook exists: Unicorn
@@ -380,8 +381,11 @@ class Engine:
 
     def _on_translated(self, uc: Any, cur: Any, _prev: Any, _data: object) -> None:
         pc = int(cur.pc)
-        restarted = int(cur.icount) == 1 and self._restarted(pc)
-        asked = self.translated(pc, int(cur.size))
+        try:
+            restarted = int(cur.icount) == 1 and self._restarted(pc)
+            asked = self.translated(pc, int(cur.size))
+        except Exception:  # never let an exception cross the C boundary: the block is
+            return  # run as generated (a site in it is found when it is generated again)
         if restarted or asked:
             # Stopped before the block runs: nothing of it was counted, so to the
             # block-counting settle this is a stop between blocks.

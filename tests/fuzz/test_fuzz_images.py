@@ -135,3 +135,23 @@ def test_a_huge_code_section_is_decoded_only_as_far_as_its_segment(tmp_path: Pat
     executable = [(s.vaddr, s.vaddr + s.memsz) for s in image.segments if s.executable]
     assert image.code_ranges
     assert all(any(lo <= a < b <= hi for lo, hi in executable) for a, b in image.code_ranges)
+
+
+def test_a_program_header_offset_beyond_any_file_is_bad_input(tmp_path: Path) -> None:
+    # pyelftools seeks there and Python raises OverflowError, not an ELFError.
+    raw = bytearray(BP_IST)
+    struct.pack_into("<Q", raw, 0x20, 2**63 + 5)
+    (tmp_path / "x.elf").write_bytes(raw)
+    with pytest.raises(BadInput, match=r"malformed ELF file \(OverflowError"):
+        load_elf(tmp_path / "x.elf")
+
+
+def test_a_segment_outside_guest_memory_is_bad_input(tmp_path: Path) -> None:
+    raw = bytearray(BP_IST)
+    phoff = struct.unpack_from("<Q", raw, 0x20)[0]
+    struct.pack_into("<Q", raw, phoff + 24, 0x7_0000_0000)  # p_paddr
+    (tmp_path / "x.elf").write_bytes(raw)
+    toml = (ROOT / "guest_images" / "bp_ist.toml").read_text().replace("build/bp_ist.elf", "x.elf")
+    (tmp_path / "s.toml").write_text(toml)
+    with pytest.raises(BadInput, match="outside guest memory"):
+        scn.load(tmp_path / "s.toml")
