@@ -139,9 +139,10 @@ class SystemLayout:
     def set_page(self, spec: PageSpec) -> None:
         if self.built:
             raise RuntimeError("page overrides must be set before the first run")
-        if spec.va & ~0xFFF == GDT_BASE:
-            raise ValueError(f"{GDT_BASE:#x} is the machine's GDT and TSS page: the CPU reads "
-                             "it at start and at every privilege change")
+        if spec.va & ~0xFFF == GDT_BASE and (not spec.present or spec.pa & ~0xFFF != GDT_BASE):
+            raise ValueError(f"{GDT_BASE:#x} is the machine's GDT and TSS page: it must stay "
+                             "present and identity-mapped (the CPU reads it at start and at "
+                             "every privilege change); its rights may change")
         self.pages[spec.va & ~0xFFF] = spec
 
     def build(self) -> None:

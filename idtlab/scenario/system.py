@@ -20,7 +20,6 @@ TSS_KEYS = ("rsp0", "rsp1", "rsp2", "ist1", "ist2", "ist3", "ist4", "ist5", "ist
 PAGE_KEYS = ("va", "pa", "count", "present", "writable", "user", "nx")
 PAGE_FLAGS = ("present", "writable", "user", "nx")
 SYSTEM_PAGE = GDT_BASE  # the GDT and the TSS share this page (cpu/layout.py)
-SYSTEM_PAGE_END = SYSTEM_PAGE + 0x1000
 
 
 def build_idt(b: Build) -> None:
@@ -76,10 +75,11 @@ def build_pages(b: Build) -> None:
             # (In a VMX guest a guest-physical page outside RAM is legitimate: EPT decides
             # what an access to it does, e.g. a violation at a not-present PML4 entry.)
             raise chk.fail(f"{where} pa", f"{pa:#x} is outside guest memory (0..{b.memory:#x})")
-        if va < SYSTEM_PAGE_END and va + 4096 * count > SYSTEM_PAGE:
-            raise chk.fail(f"{where} va", f"{va:#x}..{va + 4096 * count:#x} covers the machine's "
-                           f"GDT and TSS page at {SYSTEM_PAGE:#x} (the CPU reads it at start and "
-                           "at every privilege change): remap other pages")
         flags = {k: chk.bool_(p[k], f"{where} {k}") for k in PAGE_FLAGS if k in p}
+        if va <= SYSTEM_PAGE < va + 4096 * count and (
+                not flags.get("present", True) or pa + (SYSTEM_PAGE - va) != SYSTEM_PAGE):
+            raise chk.fail(f"{where} va", f"{va:#x}..{va + 4096 * count:#x} unmaps or moves the "
+                           f"machine's GDT and TSS page at {SYSTEM_PAGE:#x} (the CPU reads it at "
+                           "start and at every privilege change); its rights may change")
         for n in range(count):
             m.set_page(PageSpec(va=va + 4096 * n, pa=pa + 4096 * n, **flags))

@@ -81,7 +81,7 @@ def test_run_image_memory_is_checked_by_the_same_rule(capsys: pytest.CaptureFixt
 def test_a_page_override_over_the_machines_gdt_page_is_rejected(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = scenario(tmp_path, GOOD + "[[pages]]\nva = 0x1000\npresent = false\n")
-    assert "GDT and TSS page" in fails_cleanly(capsys, "run", str(p))
+    assert "unmaps or moves the machine's GDT and TSS page" in fails_cleanly(capsys, "run", str(p))
 
 
 def test_an_ept_range_beyond_the_machines_physical_space_is_rejected_at_once(
