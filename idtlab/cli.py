@@ -333,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which demo (default: nested-nmi)")
     args = parser.parse_args(argv)
     try:
-        check_numbers(args)
-        check_writable(getattr(args, "trace", None), "--trace")
-        check_writable(getattr(args, "html", None), "--html")
+        if args.command in ("run", "compare", "explore", "demo"):  # the others check their own
+            check_numbers(args)
+            check_writable(getattr(args, "trace", None), "--trace")
+            check_writable(getattr(args, "html", None), "--html")
         if args.command == "ref":
             return ref.run_cli(args)
         if args.command == "diff":
