@@ -187,3 +187,24 @@ def test_a_rollback_puts_back_code_a_schedule_changed() -> None:
     # only if the guest's write did not happen: the rollback restored the HLT byte.
     m.rollback(cp)
     assert m.phys.read(s["spot"], 1) == b"\xf4"
+
+
+def test_an_iretq_hidden_inside_another_instructions_bytes_is_found_when_run() -> None:
+    # `mov rax, imm64` whose immediate holds 48 cf (IRETQ): a linear decode sees one
+    # MOV; the #BP handler jumps into the immediate and runs the IRETQ there.
+    m, s = build("""
+        start:
+            int3
+            hlt
+        bp_handler:
+            jmp inner
+        outer:
+            .byte 0x48, 0xb8
+        inner:
+            .byte 0x48, 0xcf, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90
+    """, {BP: "bp_handler"})
+    assert s["inner"] not in m.sites.kinds  # the load-time decode did not see it
+    result = m.run(entry=s["start"], rsp=STACK)
+    iret = next(r for r in result.trace.records if r["kind"] == "iret")
+    assert (iret["rip"], iret["to_rip"]) == (s["inner"], s["start"] + 1)
+    assert (result.outcome, result.rip) == ("hlt", s["start"] + 2)
