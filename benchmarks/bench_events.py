@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -318,19 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
     info = describe(iterations, events, repeat)
     figures = measure(iterations, events, repeat)
-    peak = peak_rss_mib()
     if args.json:
-        print(json.dumps({**info, "figures": {f.key: f.as_json() for f in figures},
-                          "peak_rss_mib": peak}, indent=2))
+        print(json.dumps({**info, "figures": {f.key: f.as_json() for f in figures}}, indent=2))
     else:
         print_report(info, figures)
-        print(f"peak RSS: {peak:.0f} MiB")
     return 0
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -82,12 +81,9 @@ def main() -> int:
                          "fresh_per_s": len(fresh) / tf, "speedup": (n / t1) / (len(fresh) / tf)}
     host = {"python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count() or 0}
-    # Peak resident set sizes (Linux reports KiB): this process, and the largest worker.
-    peak = {"process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "largest_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     if args.json:
         print(json.dumps({"example": str(EXAMPLE.relative_to(ROOT)), "window_points": len(points),
-                          "host": host, "figures": figures, "peak_rss": peak}, indent=1))
+                          "host": host, "figures": figures}, indent=1))
         return 0
     print(f"race explorer, {EXAMPLE.relative_to(ROOT)}: window pf_handler..pf_done, "
           f"{len(points)} boundaries; best of {repeat}; {host['cpus']} CPUs")
@@ -100,8 +96,6 @@ def main() -> int:
         print(f"    (b) checkpointed, --jobs 2  : {f['jobs2_per_s']:8.0f} schedules/s")
         print(f"    (c) fresh run per schedule  : {f['fresh_per_s']:8.0f} schedules/s")
         print(f"    (d) (a) / (c)               : {f['speedup']:8.1f}x  (target >= 5: {met_d})")
-    print(f"  peak RSS: {peak['process_mib']:.0f} MiB in this process, "
-          f"{peak['largest_worker_mib']:.0f} MiB in the largest --jobs worker")
     return 0
 
 
