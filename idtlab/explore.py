@@ -655,7 +655,9 @@ CHUNK_RETRIES = 1
 
 
 def _in_workers(jobs_list: list[Any], workers: int,
-                run: Callable[[Any], list[Any]] = _run_chunk_job) -> Iterator[list[Any]]:
+                run: Callable[[Any], list[Any]] = _run_chunk_job,
+                initializer: Callable[..., None] | None = None,
+                initargs: tuple[Any, ...] = ()) -> Iterator[list[Any]]:
     """Each job's findings, in order, from `workers` processes, as they come. A worker
     that dies breaks its pool: the chunks that did not come back are run again in a fresh
     pool, and if one loses its worker again the exploration stops with a one-line error;
@@ -667,7 +669,8 @@ def _in_workers(jobs_list: list[Any], workers: int,
     for attempt in range(CHUNK_RETRIES + 1):
         lost: list[int] = []
         executor = ProcessPoolExecutor(workers, mp_context=context,
-                                       max_tasks_per_child=CHUNKS_PER_WORKER)
+                                       max_tasks_per_child=CHUNKS_PER_WORKER,
+                                       initializer=initializer, initargs=initargs)
         try:
             futures = [(i, executor.submit(run, jobs_list[i])) for i in pending]
             for i, future in futures:
