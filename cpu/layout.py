@@ -24,7 +24,18 @@ from typing import TYPE_CHECKING
 
 from cpu.devices.apic import APIC_BASE
 from cpu.devices.ioapic import IOAPIC_BASE
-from cpu.mmu import CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, PTE_P, PTE_U, PTE_W, PTE_XD, build_identity_map
+from cpu.mmu import (
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PTE_P,
+    PTE_U,
+    PTE_W,
+    PTE_XD,
+    build_identity_map,
+    identity_map_size,
+)
 from idt.descriptors import (
     GATE_TYPE_INTERRUPT,
     GATE_TYPE_TRAP,
@@ -145,6 +156,20 @@ class SystemLayout:
                              "every privilege change); its rights may change")
         self.pages[spec.va & ~0xFFF] = spec
 
+    def tables_problem(self) -> str | None:
+        """Why the page overrides set so far cannot be built (None if they can): every
+        2-MiB region they touch needs a page table, and the tables live in the system
+        area below RESERVED_END."""
+        pages = set(self.pages)
+        if self.m.apic is not None:
+            pages.add(APIC_BASE)
+        size = identity_map_size(self.m.phys.size, pages)
+        if PT_BASE + size > RESERVED_END:
+            return (f"the page tables would take {size:#x} bytes, more than the system area "
+                    f"{PT_BASE:#x}..{RESERVED_END:#x} holds: override pages in fewer 2-MiB "
+                    "regions")
+        return None
+
     def build(self) -> None:
         """Write the page tables and load the control registers and descriptor-table
         registers (once, before the first run)."""
@@ -154,6 +179,9 @@ class SystemLayout:
         m = self.m
         m.phys.write_u64(TSS_BASE + TSS_IOMAP_BASE_OFFSET - 2, 0)
         m.phys.write(TSS_BASE + TSS_IOMAP_BASE_OFFSET, struct.pack("<H", TSS_SIZE))
+        problem = self.tables_problem()
+        if problem is not None:
+            raise ValueError(problem)
         overrides = {va: p.pte for va, p in self.pages.items()}
         if m.apic is not None:
             # The APIC page: supervisor, writable, not executable (as Linux maps it).

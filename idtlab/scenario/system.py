@@ -83,3 +83,6 @@ def build_pages(b: Build) -> None:
                            "start and at every privilege change); its rights may change")
         for n in range(count):
             m.set_page(PageSpec(va=va + 4096 * n, pa=pa + 4096 * n, **flags))
+        problem = m.layout.tables_problem()
+        if problem is not None:
+            raise chk.fail(where, problem)

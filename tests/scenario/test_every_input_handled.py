@@ -169,3 +169,13 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) in (0, 1)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize(("table", "needle"), [
+    ("[[data]]\nat = 0x200000\nsize = 0x100000000000\n", "outside guest memory"),
+    ("[[pages]]\nva = 0x400000\ncount = 0x3f000\nwritable = false\n", "page tables would take"),
+])
+def test_sizes_beyond_what_the_machine_holds_are_rejected_before_allocating(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, needle: str) -> None:
+    p = scenario(tmp_path, GOOD.replace('"16M"', '"1G"') + table)
+    assert needle in fails_cleanly(capsys, "run", str(p))
