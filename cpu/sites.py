@@ -125,10 +125,9 @@ class SiteTable:
             return False  # decoded before, unchanged
         if self._differs(pc, code):
             self._code_changed(pc, size)
-        if old is None or len(code) >= len(old) or old[:size] != code:
-            self.blocks[pc] = code
-            for page in range(pc & ~(PAGE - 1), pc + size, PAGE):
-                self.pages.setdefault(page, set()).add(pc)
+        self.blocks[pc] = code  # new, longer than before, or changed
+        for page in range(pc & ~(PAGE - 1), pc + size, PAGE):
+            self.pages.setdefault(page, set()).add(pc)
         fresh = self._scan(pc, code)
         if not fresh:
             return False
