@@ -28,13 +28,20 @@ class Unsupported(NotImplementedError):
 
 
 class BadInput(Exception):
-    """Invalid user input. `str(exc)` is a complete one-line message naming where.
+    """Invalid user input. `str(exc)` is a complete one-line message naming where; a
+    line break in it (a user's value quoted back: a register name with a newline in
+    it) is shown as `\\n`, so the message stays one line.
 
         >>> read_input("/no/such/file.toml", "a scenario")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         ...
         cpu.errors.BadInput: /no/such/file.toml: no such file
+        >>> str(BadInput("unknown register 'rcx\\nhlt'"))
+        "unknown register 'rcx\\\\nhlt'"
     """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def read_input(path: str | Path, what: str) -> bytes:

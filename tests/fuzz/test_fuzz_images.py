@@ -68,7 +68,7 @@ def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
             value = draw(st.sampled_from([0, 1, 2**(8 * width) - 1, 2**(8 * width - 1), 0x1000,
                                           len(raw), len(raw) + 1, 0x7FFFFFFF]) |
                          st.integers(0, 2**(8 * width) - 1))
-            data[offset:offset + width] = value.to_bytes(width, "little")
+            data[offset:offset + width] = (value % 2**(8 * width)).to_bytes(width, "little")
         else:
             offset = draw(st.integers(0, len(raw) - 1))
             data[offset] = draw(st.integers(0, 255))
