@@ -79,6 +79,7 @@ PROT_R, PROT_W, PROT_X = UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
 POISON_BASE = 1 << 44  # far above any guest RAM; never mapped
 PRIME_PAGE = 1 << 38  # far above any guest RAM; mapped only while `_prime` runs
 UNTIL_NEVER = 2**64 - 1
+MAX_RESTARTS = 64  # self-modifying-code restarts handled in one `run` before it returns
 
 _LEGACY_PREFIX_BYTES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
@@ -209,6 +210,7 @@ class Engine:
         self._sites: dict[int, int] = {}
         self._run_count = 0  # the instruction count when `run` started
         self._restart: tuple[int, bool] | None = None  # (pc, machine asked to stop too)
+        self._stepping: int | None = None  # the store `_step_restarted` runs alone
         self._uclib: Any = _ucpy.uclib
         self._uch: Any = uc._uch
         self._batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
@@ -386,6 +388,10 @@ class Engine:
             asked = self.translated(pc, int(cur.size))
         except Exception:  # never let an exception cross the C boundary: the block is
             return  # run as generated (a site in it is found when it is generated again)
+        if restarted and pc == self._stepping:
+            # The store rewrites its own bytes, so running it alone restarted it too. QEMU
+            # never restarts a one-instruction block: this one completes it, counted once.
+            restarted = False
         if restarted or asked:
             # Stopped before the block runs: nothing of it was counted, so to the
             # block-counting settle this is a stop between blocks.
@@ -769,7 +775,9 @@ class Engine:
         bytes it writes, so it completes once — and go on to `until`. Returns the
         engine's error code. Left to the machine when something else stopped the run."""
         c = self.counter
-        while self._restart is not None:
+        for _ in range(MAX_RESTARTS):
+            if self._restart is None:
+                return err
             pc, asked = self._restart
             self._restart = None
             self.uc.ctl_remove_cache(pc, pc + 1)
@@ -778,12 +786,19 @@ class Engine:
             code = self.code_reader(pc, 15)
             insn = decode_one(code, pc, bits=self.bits) if code else None
             step_end = pc + (insn.size if insn is not None else 1)
-            err = self._emu(pc, step_end)
+            self._stepping = pc
+            try:
+                err = self._emu(pc, step_end)
+            finally:
+                self._stepping = None
+            # Neither the one-instruction blocks of the step nor `until`'s stop may stay.
+            self.uc.ctl_remove_cache(pc, pc + 1)
             self.uc.ctl_remove_cache(step_end, step_end + 1)
             if err is not None or c.stopped or self._restart is not None \
                     or self.read_reg("rip") != step_end:
                 continue
             err = self._emu(step_end, until)
+        self._restart = None  # a guest rewriting its code at every step: the machine's stop
         return err
 
     def remove_cache(self, begin: int, end: int) -> None:

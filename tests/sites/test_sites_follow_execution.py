@@ -208,3 +208,18 @@ def test_an_iretq_hidden_inside_another_instructions_bytes_is_found_when_run() -
     iret = next(r for r in result.trace.records if r["kind"] == "iret")
     assert (iret["rip"], iret["to_rip"]) == (s["inner"], s["start"] + 1)
     assert (result.outcome, result.rip) == ("hlt", s["start"] + 2)
+
+
+@pytest.mark.parametrize("mode", ["fast", "timed"])
+def test_a_store_that_rewrites_its_own_bytes_runs_once(mode: str) -> None:
+    # c6 05 disp32 imm8 writes 0xc6 over its own first byte (the same value): QEMU drops
+    # the block and runs the store again in a block of its own (found by the fuzzer: it
+    # looped for ever).
+    m, s = build("""
+        start:
+            mov byte ptr [start], 0xc6
+            mov byte ptr [start], 0xc6
+            hlt
+    """, {}, mode=mode)
+    result = m.run(entry=s["start"], rsp=STACK, max_insns=100)
+    assert (result.outcome, result.rip, result.icount) == ("hlt", s["start"] + 15, 3)
