@@ -2,9 +2,9 @@
 
 IRET and HLT must never run natively (Unicorn has no visible NMI-blocking state, so IRET's
 NMI-unblocking side effect is lost, and HLT just stops emulation: unicorn-engine/unicorn
-issue #1082), so every loaded code range is decoded linearly when it is loaded and each
-IRET/HLT gets an address-ranged code hook, which costs nothing elsewhere. Code the guest
-writes at run time is not decoded: an IRET there would run natively (documented limitation).
+issue #1082), so each one gets an address-ranged code hook, which costs nothing elsewhere.
+cpu/sites.py finds them in every translation block the engine runs (and, up front, in a
+linear decode of loaded code); this module decodes and classifies.
 """
 
 from __future__ import annotations

@@ -66,10 +66,42 @@ def load_elf(path: str | Path) -> ElfImage:
         _check_header(name, elf)
         segments = _load_segments(name, elf)
         symbols, code_ranges = read_symbols(elf)
-    except ELFError as e:
-        raise BadInput(f"{name}: malformed ELF file ({e})") from None
-    return ElfImage(path=name, entry=int(elf.header["e_entry"]), segments=segments,
-                    symbols=symbols, code_ranges=code_ranges)
+        entry = int(elf.header["e_entry"])
+    except BadInput:
+        raise
+    except Exception as exc:  # pyelftools raises whatever a corrupt field leads it to
+        raise malformed(name, exc) from None
+    return ElfImage(path=name, entry=entry, segments=segments, symbols=symbols,
+                    code_ranges=inside_segments(code_ranges,
+                                                [(s.vaddr, s.vaddr + s.memsz) for s in segments
+                                                 if s.executable]))
+
+
+def malformed(name: str, exc: Exception) -> BadInput:
+    """The one-line error for an ELF file pyelftools could not read: a corrupt offset or
+    size makes it raise ELFError, but also OverflowError, ValueError, struct.error and
+    others; none of them is a crash of idtlab."""
+    detail = str(exc) if isinstance(exc, ELFError) else f"{type(exc).__name__}: {exc}"
+    return BadInput(f"{name}: malformed ELF file ({detail.splitlines()[0] if detail else ''})")
+
+
+# Code is decoded for sites up front only this far per range: sites are found where
+# execution goes anyway (cpu/sites.py), and a corrupt section size must not make the
+# loader decode megabytes.
+MAX_CODE_RANGE = 1 << 20
+
+
+def inside_segments(ranges: list[tuple[int, int]],
+                    segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The code ranges (from symbols and section headers, which a corrupt or odd image
+    may put anywhere) clipped to the loaded segments' [lo, hi) and to MAX_CODE_RANGE."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        for slo, shi in segments:
+            a, b = max(lo, slo), min(hi, shi, max(lo, slo) + MAX_CODE_RANGE)
+            if a < b:
+                out.append((a, b))
+    return sorted(set(out))
 
 
 def _check_header(name: str, elf: Any) -> None:
@@ -89,6 +121,12 @@ def _load_segments(name: str, elf: Any) -> list[ElfSegment]:
         if seg["p_type"] != "PT_LOAD":
             continue
         flags = int(seg["p_flags"])
+        if seg["p_memsz"] < seg["p_filesz"]:
+            raise BadInput(f"{name}: PT_LOAD at {seg['p_vaddr']:#x} has p_memsz "
+                           f"{seg['p_memsz']:#x} < p_filesz {seg['p_filesz']:#x}")
+        if seg["p_filesz"] > len(elf.stream.getbuffer()):
+            raise BadInput(f"{name}: PT_LOAD at {seg['p_vaddr']:#x} runs past the end of "
+                           "the file")
         data = bytes(seg.data())
         if len(data) != seg["p_filesz"]:
             raise BadInput(f"{name}: PT_LOAD at {seg['p_vaddr']:#x} runs past the end of "

@@ -170,6 +170,7 @@ class Emulated:
         if res.null_segments:
             rec["null_segments"] = list(res.null_segments)
         e.cycles += cost
+        m.progress.after_iret(address, res.rip, res.rsp, res.rflags)
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(e.icount, res.rip)  # no instruction breakpoint there
         self.single_step(st.rflags)  # TF as the IRET found it, not as it loaded it
@@ -198,11 +199,14 @@ class Emulated:
         if (res.cpl != st.cpl or (res.cs, res.ss) != (st.cs, st.ss) or res.null_segments
                 or res.rflags & RFLAGS_TF or res.rip in m.injections.state.before):
             return False
+        icount = int(c.count)  # the IRETQ retired, nothing after it (checked above)
+        if m.progress.ends_loop(address, res.rip, res.rsp, res.rflags, icount):
+            return False  # the stopped-engine path ends the run (`Progress.after_iret`)
+        m.progress.observe(address, res.rip, res.rsp, res.rflags, icount)
         m.intr.nmi_blocked = False
         c.last_cost = c.default_cost  # what the boundary path's count settling leaves
         cost = m.profile.event("iret_same_cpl")
         depth = m.frames.returned()
-        icount = int(c.count)  # the IRETQ retired, nothing after it (checked above)
         m.trace.emit("iret", icount, int(c.cycles), rip=address, to_rip=res.rip, to_rsp=res.rsp,
                      to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=depth)
         e.redirect(res.rip, {"rsp": res.rsp, "rflags": res.rflags})

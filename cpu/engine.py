@@ -25,6 +25,13 @@ the version is pinned):
   (`migrate_from`).
 * Instructions are counted by a native UC_HOOK_CODE callback (`cpu/native/counter.c`),
   registered first so it runs before any Python code hook on the same instruction.
+* Every translation block the engine generates is reported before it first runs
+  (`translated(pc, size)`, from `UC_HOOK_EDGE_GENERATED`, which Unicorn calls right after
+  `tb_gen_code` in `tb_find`, and before the block runs: a stop requested there is seen
+  by `cpu_exec`'s exit-request check, and the block does not run). This includes a
+  block generated again because the guest wrote its code (QEMU invalidates the blocks of
+  a written range). Unicorn calls the hook only once some block has run to its end
+  (`uc->last_tb`), so each engine first runs a two-byte `jmp` on a private page (`_prime`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exp
     UC_ERR_INSN_INVALID,
     UC_HOOK_BLOCK,
     UC_HOOK_CODE,
+    UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_UNMAPPED,
@@ -61,7 +69,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucpy
 
 from cpu import native
-from cpu.decode import decode
+from cpu.decode import decode, decode_one, has_write_intent
 from cpu.engine_blob import blob, blob_layout, new_uc
 from cpu.memory import PhysicalMemory
 from cpu.mmu import Access
@@ -70,8 +78,11 @@ from cpu.native_paths import NativePaths
 ERR_INSN_INVALID = UC_ERR_INSN_INVALID
 PROT_R, PROT_W, PROT_X = UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
 POISON_BASE = 1 << 44  # far above any guest RAM; never mapped
+PRIME_PAGE = 1 << 38  # far above any guest RAM; mapped only while `_prime` runs
 UNTIL_NEVER = 2**64 - 1
+MAX_RESTARTS = 64  # self-modifying-code restarts handled in one `run` before it returns
 
+_LEGACY_PREFIX_BYTES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 _ACCESS_FILL = {v: k for k, v in _FILL_ACCESS.items()}
 
@@ -206,6 +217,7 @@ class Engine:
         uc.reg_write(X.UC_X86_REG_FPCW, 0x0040)
         uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
         self.uc: Any = uc
+        self._prime()
         self.fill: Callable[[int, Access], tuple[int, int] | Refuse | None] = \
             lambda v, a: (v, UC_PROT_ALL)
         self.poison: Callable[[int, Access], None] = lambda v, a: None
@@ -218,11 +230,17 @@ class Engine:
         self._poison_slots: dict[int, int] = {}
         self._poison_pages: list[int] = []
         self._sites: dict[int, int] = {}
+        self._run_count = 0  # the instruction count when `run` started
+        self._restart: tuple[int, bool] | None = None  # (pc, machine asked to stop too)
+        self._stepping: int | None = None  # the store `_step_restarted` runs alone
         self._uclib: Any = _ucpy.uclib
         self._uch: Any = uc._uch
         self._batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
         self._reg = REG if bits == 64 else REG32
         self.block: Callable[[int], None] = lambda a: None
+        # A new translation block (pc, size) is about to run for the first time; True stops
+        # the engine before it runs (cpu/sites.py decodes it for sites).
+        self.translated: Callable[[int, int], bool] = lambda pc, size: False
         self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
         self._mmr = _Mmr()
         self._msr = _Msr()
@@ -303,6 +321,29 @@ class Engine:
         self.paths = NativePaths(uc, _ucpy.uclib, self.counter, block_counting=block_counting,
                                  rids=self._reg, site=lambda a: self._on_site(uc, a, 0, None))
         self._paths_state = self.paths.state
+        if bits == 64:
+            uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_translated)
+
+    def _prime(self) -> None:
+        """Run one block to its end on a private page, before any hook exists: Unicorn
+        reports generated blocks (`UC_HOOK_EDGE_GENERATED`) only once `uc->last_tb` is set,
+        which happens when a block returns normally to `cpu_exec` (a block stopped by a
+        fault or a hook does not). Without this, the first blocks a machine runs — an
+        entry that raises #UD, then its handler — would never be reported. (The 32-bit
+        engine of a multiboot image's entry phase has no sites to find.)"""
+        if self.bits != 64:
+            return
+        uc = self.uc
+        code = b"\xeb\x00"  # jmp to the next instruction: a block that ends normally
+        uc.mem_map(PRIME_PAGE, 0x1000, UC_PROT_ALL)
+        uc.mem_write(PRIME_PAGE, code)
+        before = uc.reg_read(X.UC_X86_REG_RIP)
+        uc.ctl_set_exits([PRIME_PAGE + len(code)])  # exits are enabled: `until` is one
+        uc.emu_start(PRIME_PAGE, PRIME_PAGE + len(code))
+        uc.ctl_set_exits([])
+        uc.mem_unmap(PRIME_PAGE, 0x1000)
+        uc.reg_write(X.UC_X86_REG_RIP, before)
+        uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # -- hooks -------------------------------------------------------------------------
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
@@ -384,6 +425,26 @@ class Engine:
     def _on_block(self, uc: Any, address: int, size: int, _data: object) -> None:
         self.block(address)
 
+    def _on_translated(self, uc: Any, cur: Any, _prev: Any, _data: object) -> None:
+        pc = int(cur.pc)
+        try:
+            restarted = int(cur.icount) == 1 and self._restarted(pc)
+            asked = self.translated(pc, int(cur.size))
+        except Exception:  # never let an exception cross the C boundary: the block is
+            return  # run as generated (a site in it is found when it is generated again)
+        if restarted and pc == self._stepping:
+            # The store rewrites its own bytes, so running it alone restarted it too. QEMU
+            # never restarts a one-instruction block: this one completes it, counted once.
+            restarted = False
+        if restarted or asked:
+            # Stopped before the block runs: nothing of it was counted, so to the
+            # block-counting settle this is a stop between blocks.
+            self.counter.block_size = 0
+            self.counter.split = native.NO_SPLIT
+            uc.emu_stop()
+        if restarted:
+            self._restart = (pc, asked)
+
     def _on_cpuid(self, uc: Any, _data: object) -> int:
         self._paths_state.armed = 0
         leaf, subleaf = self.read(("rax", "rcx"))
@@ -432,6 +493,9 @@ class Engine:
             if not self.paths.unhook(address):
                 self.uc.hook_del(handle)
             self.uc.ctl_remove_cache(address, address + 1)
+
+    def has_site(self, address: int) -> bool:
+        return address in self._sites
 
     @property
     def site_addresses(self) -> frozenset[int]:
@@ -487,11 +551,14 @@ class Engine:
         c.ac_stopped = 0
         c.split = native.NO_SPLIT
         self.paths.new_run()
+        self._run_count = int(c.count)
         if until != UNTIL_NEVER:
             # `until` only takes effect in code translated after it is set: drop the
             # translation of the block that holds it.
             self.uc.ctl_remove_cache(until, until + 1)
         err = self._emu(begin, until)
+        if self._restart is not None:
+            err = self._step_restarted(err, until)
         if until != UNTIL_NEVER:
             self.uc.ctl_remove_cache(until, until + 1)
         if not self.block_counting:
@@ -716,6 +783,94 @@ class Engine:
     def clear_cost_cache(self) -> None:
         self._lib.idtlab_table_clear(ctypes.byref(self.counter))
 
+    def code_changed(self) -> None:
+        """Guest code changed under addresses already run: forget everything cached by
+        address (the counter's costs and block sizes, the decoded block starts)."""
+        self.clear_cost_cache()
+        self._block_starts.clear()
+        self._block_decodes.clear()
+
+    def _restarted(self, pc: int) -> bool:
+        """A block generated at `pc` while instructions counted in this run did not
+        retire: QEMU's precise self-modifying-code path. A store into the block that is
+        running drops that block and restarts at the storing instruction, in a block
+        generated afresh (`tb_invalidate_phys_page_range`, "current TB modified"), so
+        the instructions counted from there on did not retire yet: take them back, and
+        stop (`_step_restarted` runs the store alone). True if it was a restart.
+
+        The restart block is told apart by its shape: QEMU generates it with a count of
+        one instruction (`cflags_next_tb = 1`), that instruction is a store, and it
+        starts inside the block that was running (timed mode: at the instruction just
+        counted). A block of one storing instruction does not otherwise start there: a
+        loop back into a block starts with a branch target whose block runs to the next
+        branch, a REP string instruction (one iteration per block) is excluded. (A store
+        whose own bytes are in the same block as a branch, a PUSH or CALL that writes
+        its own block, would be counted twice: not modelled.)"""
+        c = self.counter
+        if int(c.count) <= self._run_count:
+            return False
+        if self.block_counting:
+            k = self._index(pc)
+            if k is None or int(c.count) <= int(c.block_before) + k or not self._stores(pc):
+                return False
+            c.count = int(c.block_before) + k
+            c.cycles = int(c.block_cycles_before) + k * int(c.default_cost)
+            return True
+        if pc != int(c.last_addr) or not self._stores(pc):
+            return False
+        c.count -= 1
+        c.cycles -= c.last_cost
+        c.last_addr = 2**64 - 1
+        return True
+
+    def _stores(self, pc: int) -> bool:
+        """The instruction at `pc` stores to memory and is not a REP string instruction
+        (which QEMU runs one iteration per block, jumping back to itself)."""
+        code = self.code_reader(pc, 15)
+        if not code:
+            return False
+        prefixes = code[:next((i for i, b in enumerate(code) if b not in _LEGACY_PREFIX_BYTES),
+                              len(code))]
+        return has_write_intent(code, pc) and not (set(prefixes) & {0xF2, 0xF3})
+
+    def _step_restarted(self, err: int | None, until: int) -> int | None:
+        """After `_restarted` stopped the engine: drop QEMU's one-instruction restart
+        block (kept, it would run uncounted-for the next time the same store restarts),
+        then run the storing instruction alone — in a block that does not hold the
+        bytes it writes, so it completes once — and go on to `until`. Returns the
+        engine's error code. Left to the machine when something else stopped the run."""
+        c = self.counter
+        for _ in range(MAX_RESTARTS):
+            if self._restart is None:
+                return err
+            pc, asked = self._restart
+            self._restart = None
+            self.uc.ctl_remove_cache(pc, pc + 1)
+            if asked or err is not None or c.stopped:
+                return err
+            code = self.code_reader(pc, 15)
+            insn = decode_one(code, pc, bits=self.bits) if code else None
+            step_end = pc + (insn.size if insn is not None else 1)
+            self._stepping = pc
+            try:
+                err = self._emu(pc, step_end)
+            finally:
+                self._stepping = None
+            # Neither the one-instruction blocks of the step nor `until`'s stop may stay.
+            self.uc.ctl_remove_cache(pc, pc + 1)
+            self.uc.ctl_remove_cache(step_end, step_end + 1)
+            if err is not None or c.stopped or self._restart is not None \
+                    or self.read_reg("rip") != step_end:
+                continue
+            err = self._emu(step_end, until)
+        self._restart = None  # a guest rewriting its code at every step: the machine's stop
+        return err
+
+    def remove_cache(self, begin: int, end: int) -> None:
+        """Drop the translations of [begin, end): they are generated (and reported to
+        `translated`) again before they next run."""
+        self.uc.ctl_remove_cache(begin, end)
+
     def __del__(self) -> None:
         lib = getattr(self, "_lib", None)
         if lib is not None:
@@ -776,6 +931,10 @@ class Engine:
             buf = ctypes.c_uint64(0)
             one = self._singles[name] = (self._reg[name], buf, ctypes.byref(buf))
         return one
+
+    def has_register(self, name: str) -> bool:
+        """`read_reg(name)` works on this engine (the 32-bit one has no R8-R15)."""
+        return name in self._reg
 
     def read_reg(self, name: str) -> int:
         if self._event_version == self.version and not self._running:

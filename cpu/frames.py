@@ -119,7 +119,14 @@ class Frames:
 
     def pf_delivered(self, rsp: int, cr2: int) -> None:
         if self.observe_cr2:
-            self.state.pf_cr2[(rsp, self.m.engine.icount)] = cr2
+            st = self.state
+            st.pf_cr2[(rsp, self.m.engine.icount)] = cr2
+            if len(st.pf_cr2) > 2 * MAX_LIVE_FRAMES:
+                # Only a live #PF frame's CR2 is ever looked up: forget the others, so a
+                # long run of page faults keeps this as small as the live frames.
+                live = {(at, pushed) for at, _slots, _name, pushed in st.live}
+                live.add((rsp, self.m.engine.icount))  # pushed() has not listed it yet
+                st.pf_cr2 = {k: v for k, v in st.pf_cr2.items() if k in live}
 
     def cr2_read_site(self, address: int) -> bool:
         """At a code hook: a `MOV reg, CR2` under observation is recorded (True)."""

@@ -23,7 +23,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cpu.devices.apic import APIC_BASE
-from cpu.mmu import CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, PTE_P, PTE_U, PTE_W, PTE_XD, build_identity_map
+from cpu.devices.ioapic import IOAPIC_BASE
+from cpu.mmu import (
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PTE_P,
+    PTE_U,
+    PTE_W,
+    PTE_XD,
+    build_identity_map,
+    identity_map_size,
+)
 from idt.descriptors import (
     GATE_TYPE_INTERRUPT,
     GATE_TYPE_TRAP,
@@ -48,6 +60,18 @@ TSS_BASE = 0x1100
 IDT_BASE = 0x2000
 PT_BASE = 0x3000
 RESERVED_END = 0x20000
+MIN_MEMORY = RESERVED_END + 0x1000
+
+
+def memory_size_problem(size: int) -> str | None:
+    """Why `size` bytes cannot be a machine's guest RAM (None if it can): a multiple of
+    4 KiB, at least the system area plus a page, and ending below the I/O APIC's MMIO
+    page (RAM is one range from 0; the device pages above it are not RAM). The one
+    check `Machine`, the scenario loader and the command line share."""
+    if size % 4096 or not MIN_MEMORY <= size <= IOAPIC_BASE:
+        return (f"{size:#x} must be a multiple of 4 KiB between {MIN_MEMORY:#x} and the "
+                f"I/O APIC at {IOAPIC_BASE:#x}")
+    return None
 KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, TSS_SEL = 0x08, 0x10, 0x1B, 0x23, 0x28
 GDT_ENTRIES: list[bytes] = [
     bytes(8),
@@ -126,7 +150,25 @@ class SystemLayout:
     def set_page(self, spec: PageSpec) -> None:
         if self.built:
             raise RuntimeError("page overrides must be set before the first run")
+        if spec.va & ~0xFFF == GDT_BASE and (not spec.present or spec.pa & ~0xFFF != GDT_BASE):
+            raise ValueError(f"{GDT_BASE:#x} is the machine's GDT and TSS page: it must stay "
+                             "present and identity-mapped (the CPU reads it at start and at "
+                             "every privilege change); its rights may change")
         self.pages[spec.va & ~0xFFF] = spec
+
+    def tables_problem(self) -> str | None:
+        """Why the page overrides set so far cannot be built (None if they can): every
+        2-MiB region they touch needs a page table, and the tables live in the system
+        area below RESERVED_END."""
+        pages = set(self.pages)
+        if self.m.apic is not None:
+            pages.add(APIC_BASE)
+        size = identity_map_size(self.m.phys.size, pages)
+        if PT_BASE + size > RESERVED_END:
+            return (f"the page tables would take {size:#x} bytes, more than the system area "
+                    f"{PT_BASE:#x}..{RESERVED_END:#x} holds: override pages in fewer 2-MiB "
+                    "regions")
+        return None
 
     def build(self) -> None:
         """Write the page tables and load the control registers and descriptor-table
@@ -137,6 +179,9 @@ class SystemLayout:
         m = self.m
         m.phys.write_u64(TSS_BASE + TSS_IOMAP_BASE_OFFSET - 2, 0)
         m.phys.write(TSS_BASE + TSS_IOMAP_BASE_OFFSET, struct.pack("<H", TSS_SIZE))
+        problem = self.tables_problem()
+        if problem is not None:
+            raise ValueError(problem)
         overrides = {va: p.pte for va, p in self.pages.items()}
         if m.apic is not None:
             # The APIC page: supervisor, writable, not executable (as Linux maps it).

@@ -30,6 +30,7 @@ component's business:
     cpu/injections.py    scheduled events and arrival counting
     cpu/frames.py        live frames, overwrite reports, CR2 observation
     cpu/platform.py      ports, UART, fw_cfg, exit devices
+    cpu/progress.py      an IRET loop that makes no progress ends the run
     cpu/mmio.py          device register pages (local APIC, I/O APIC, HPET)
     cpu/interrupts.py    the wires: ISA lines -> I/O APIC -> local APIC -> CPU
     cpu/vmx.py           EPT violations: #VE or VM exit and the host's answer
@@ -74,12 +75,13 @@ from cpu.frames import Frames, FrameState
 from cpu.fred import Fred, FredConfig
 from cpu.injections import Injections, InjectionState
 from cpu.interrupts import Wires
-from cpu.layout import KERNEL_CS, KERNEL_DS, RESERVED_END, USER_CS, USER_DS, PageSpec, SystemLayout
+from cpu.layout import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, PageSpec, SystemLayout, memory_size_problem
 from cpu.memory import PhysicalMemory
 from cpu.mmio import Mmio
 from cpu.mmu import PagingControl
 from cpu.outcomes import Outcome, RunResult, Stop
 from cpu.platform import Platform
+from cpu.progress import Progress
 from cpu.registers import Registers, RegisterState
 from cpu.sites import SiteTable
 from cpu.snapshot import Checkpoint
@@ -122,12 +124,11 @@ class Machine:
                  max_events: int = 100_000, mode: str = "fast",
                  profile: Profile | str = "default", sti_blocks_nmi: bool = True,
                  apic: bool = True, vmx: VmxConfig | None = None) -> None:
-        if memory < RESERVED_END + 0x1000:
-            raise ValueError(f"guest memory must be at least {RESERVED_END + 0x1000:#x} bytes")
+        problem = memory_size_problem(memory)
+        if problem is not None:
+            raise ValueError(f"guest memory {problem}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-        if memory > IOAPIC_BASE:
-            raise ValueError(f"guest memory must end below the I/O APIC at {IOAPIC_BASE:#x}")
         self.mode = mode
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
         self._costs = CostModel(self.profile)
@@ -185,6 +186,7 @@ class Machine:
         self.apf_host = ApfHost(self, st.apf)
         self.debug = Debug(self, st.debug)
         self.fred = Fred(self, st.fred)
+        self.progress = Progress(self, st.progress)
         self.emulated = Emulated(self)
         self.checked = CheckedSites(self)
         self.stops = Stops(self, st.stops)
@@ -212,6 +214,7 @@ class Machine:
         e.port_in = self.platform.port_in
         e.port_out = self.platform.port_out
         e.code_reader = self.code_bytes
+        e.translated = self.sites.translated
         e.cpuid = self.model.cpuid
         if self.mode == "timed":
             e.set_cost_mode(timed=True, default_cost=self.profile.cycles_per_instruction,

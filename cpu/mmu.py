@@ -33,7 +33,7 @@ from __future__ import annotations
 import operator
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -311,6 +311,17 @@ def walk_entries(mem: PhysicalMemory, ctl: PagingControl, linear: int, access: A
         page_paddr = stage2(page_paddr | (linear & 0xFFF), access, linear, True) & ~0xFFF
     return Translation(page_paddr, may_write, not nx and not smep, bool(leaf & PTE_D),
                        readable), tuple(after)
+
+
+def identity_map_size(memsize: int, override_pages: Iterable[int]) -> int:
+    """Bytes of tables `build_identity_map` writes for these overrides (known before
+    writing any: a caller can refuse a configuration that does not fit)."""
+    two_mb = 1 << 21
+    split = {page & ~(two_mb - 1) for page in override_pages}
+    regions = set(range(0, memsize, two_mb)) | split
+    pds = {r >> 30 for r in regions}
+    pdpts = {r >> 39 for r in regions}
+    return 4096 * (1 + len(pdpts) + len(pds) + len(split))
 
 
 def build_identity_map(mem: PhysicalMemory, base: int, memsize: int,

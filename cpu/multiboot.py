@@ -81,7 +81,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from cpu.devices import acpi
@@ -89,7 +88,7 @@ from cpu.devices.acpi import BIOS_AREA as ACPI_BIOS_AREA
 from cpu.devices.apic import APIC_BASE
 from cpu.devices.hpet import HPET_BASE
 from cpu.devices.ioapic import IOAPIC_BASE
-from cpu.elf import read_symbols  # the same code ranges as any ELF image
+from cpu.elf import inside_segments, malformed, read_symbols  # as for any ELF image
 from cpu.errors import BadInput, read_input
 from cpu.layout import RESERVED_END
 
@@ -306,6 +305,12 @@ def parse(raw: bytes, name: str) -> MultibootImage:
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
                 continue
+            if seg["p_memsz"] < seg["p_filesz"]:
+                raise BadInput(f"{name}: PT_LOAD at {seg['p_paddr']:#x} has p_memsz "
+                               f"{seg['p_memsz']:#x} < p_filesz {seg['p_filesz']:#x}")
+            if seg["p_filesz"] > len(raw):
+                raise BadInput(f"{name}: PT_LOAD at {seg['p_paddr']:#x} runs past the end of "
+                               "the file")
             data = bytes(seg.data())
             if len(data) != seg["p_filesz"]:
                 raise BadInput(f"{name}: PT_LOAD at {seg['p_paddr']:#x} runs past the end of "
@@ -314,8 +319,11 @@ def parse(raw: bytes, name: str) -> MultibootImage:
                                     int(seg["p_memsz"])))
         symbols, ranges = read_symbols(elf)
         entry = int(elf.header["e_entry"])
-    except ELFError as exc:
-        raise BadInput(f"{name}: malformed ELF file ({exc})") from None
+    except BadInput:
+        raise
+    except Exception as exc:  # pyelftools raises whatever a corrupt field leads it to
+        raise malformed(name, exc) from None
+    ranges = inside_segments(ranges, [(s.vaddr, s.vaddr + s.memsz) for s in segments])
     if not segments:
         raise BadInput(f"{name}: no PT_LOAD segments")
     for s in segments:

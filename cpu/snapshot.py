@@ -26,8 +26,9 @@ What a checkpoint holds:
   (records are not changed once the boundary that emitted them is past).
 
 Caches that depend on memory contents (the page-walk memos, the EPT translation memo)
-are dropped at a rollback. Code is not re-decoded: a schedule must not change code
-(idtlab does not model self-modifying code anyway).
+are dropped at a rollback. Sites found since the checkpoint stay (they belong to the code,
+cpu/sites.py); when the schedule changed code, the engine's blocks of it are dropped
+(`SiteTable.recheck`): the rollback put the old bytes back behind the engine's back.
 
 One checkpoint is live per machine: `take` again moves it forward, and `restore`
 accepts only the latest.
@@ -129,6 +130,7 @@ def take(machine: Machine) -> Checkpoint:
         ept.mem.commit()
     machine.phys.commit()
     machine.ioram.commit()
+    machine.sites.changed = False  # code changes from here on are the schedule's (restore)
     e.flush_tlb()  # entries filled before tracking may grant write access
     e.forget_fills()  # and so may the translations the native fill front remembers
     cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
@@ -149,7 +151,8 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
     machine.phys.revert()
     machine.ioram.revert()
     for address in e.site_addresses - cp.sites:
-        e.remove_site(address)
+        if not machine.sites.keeps(address):  # sites found since are the code's, not the run's
+            e.remove_site(address)
     e.restore_state(cp.cpu)  # flushes the TLB
     e.forget_fills()
     assign(machine.state, _copy_of(machine, cp))
@@ -165,6 +168,8 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
     del machine.serial[cp.serial_len:]
     machine.regs.forget()
     machine.stops.pending = None
+    machine.sites.fresh.clear()
+    machine.sites.recheck()  # blocks of code the schedule changed and the rollback put back
     for mem in (machine.sysmem, machine.inspect):
         mem.ctl = None
         if machine.ept is not None:

@@ -26,6 +26,7 @@ from cpu.frames import FrameState
 from cpu.fred import FredState
 from cpu.injections import InjectionState
 from cpu.platform import PlatformState
+from cpu.progress import ProgressState
 from cpu.registers import RegisterState
 from cpu.stops import StopState
 from cpu.vmx import VmxState
@@ -62,6 +63,7 @@ class MachineState:
     apic: LocalApic | None
     debug: DebugState = field(default_factory=DebugState)
     fred: FredState = field(default_factory=FredState)
+    progress: ProgressState = field(default_factory=ProgressState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
 
 

@@ -454,8 +454,9 @@ class Stops:
                   why=found[1] if found is not None else "invalid encoding")
 
     def native_stop(self) -> None:
-        """The engine stopped without a hook: a HLT in code that was never decoded."""
+        """The engine stopped without a hook: a HLT no site caught (every block is decoded
+        before it runs, cpu/sites.py, so this is a safety net)."""
         rip = self.m.engine.read_reg("rip")
         if self.byte_at(rip - 1) == 0xF4:
-            raise Stop(Outcome.HLT, "HLT (in code not decoded at load time)", rip)
+            raise Stop(Outcome.HLT, "HLT (not intercepted)", rip)
         raise Stop(Outcome.UNSUPPORTED, f"engine stopped unexpectedly at {rip:#x}", rip)

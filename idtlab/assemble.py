@@ -305,9 +305,37 @@ def _parse_block(block: CodeBlock) -> _ParsedBlock:
                 elif directive not in _DATA_DIRECTIVES:
                     fail(f"unsupported directive '{directive}' (idtlab accepts instructions, "
                          "data, alignment and .set/.equ)")
+            problem = _quoting_problem(text)
+            if problem is not None:
+                fail(problem)
             if text or labels or equate:
                 statements.append(_Statement(line_no, text, tuple(labels), source_line, equate))
     return _ParsedBlock(block, statements)
+
+
+def _quoting_problem(text: str) -> str | None:
+    """What Keystone would not survive in a statement: a backslash outside a quoted
+    string, or a string left open (Keystone 0.9.2 loops for ever on a statement that
+    starts with a backslash, e.g. a literal `\\n` in single-quoted TOML, and on an
+    unterminated string that ends in one)."""
+    quote: str | None = None
+    escaped = False
+    for ch in text:
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "\\":
+            return ("a backslash outside a string (a literal \\n in single-quoted TOML? use a "
+                    "triple-quoted \"\"\"...\"\"\" string, or separate statements with ';')")
+    if quote is not None:
+        return f"a string opened with {quote} is not closed"
+    return None
 
 
 # --------------------------------------------------------------------------- encoding

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cpu import multiboot as mbt
+from cpu.layout import memory_size_problem
 from cpu.machine import Machine
 from cpu.msrs import TSC_SOURCES
 from idtlab import __version__, apf_matrix, explore_html, explore_report, ref, suite
@@ -125,12 +126,12 @@ def _run_image(args: argparse.Namespace) -> int:
     line as it comes, then a summary. Exit status 0 when the image ended through an exit
     port with code 0 (isa-debug-exit 0xF4 value 0, or Bochs' "Shutdown"), 1 otherwise."""
     memory = scn.parse_size(args.memory, "--memory", scn.Checker("run"))
-    if memory % 4096 or not 1 << 20 <= memory <= 0xFEE00000:
-        raise BadInput(f"run: --memory {args.memory}: must be a multiple of 4 KiB between "
-                       "1M and the local APIC at 0xfee00000")
+    problem = memory_size_problem(memory) if memory >= 1 << 20 else "must be at least 1M"
+    if problem is not None:
+        raise BadInput(f"run: --memory {args.memory}: {problem}")
     args.image = ref.resolve_image(args.image)  # a file, or one of guest_images/mb/ by name
     image = mbt.read_image(args.image)
-    m = Machine(memory, mode=args.mode or "fast", max_insns=max(1, args.max_insns),
+    m = Machine(memory, mode=args.mode or "fast", max_insns=args.max_insns,
                 max_events=IMAGE_MAX_EVENTS)
     if not (args.trace or args.timeline):
         m.trace.keep = IMAGE_TRACE_TAIL
@@ -200,7 +201,7 @@ def _explore(args: argparse.Namespace, command: str) -> int:
     if args.dask:
         args.dask = ex.dask_client(args.dask, args.dask_timeout)
     try:
-        result = ex.run_exploration(settings, jobs=max(1, args.jobs), dask=args.dask,
+        result = ex.run_exploration(settings, jobs=args.jobs, dask=args.dask,
                                     progress=progress)
     finally:
         if args.dask:
@@ -217,6 +218,42 @@ def _explore(args: argparse.Namespace, command: str) -> int:
         if args.html:
             print(f"report written to {args.html}")
     return 1 if result.breaking else 0
+
+
+# The numeric options and the least value each takes (checked in one place, before any
+# work: a CI gate must not pass on an argument that silently did nothing).
+NUMERIC_LIMITS: dict[str, tuple[int | float, str]] = {
+    "jobs": (1, "worker processes"),
+    "max_insns": (1, "instructions"),
+    "budget": (0, "instructions"),
+    "random": (1, "random schedules"),
+    "max_events": (1, "events per schedule"),
+    "width": (8, "columns"),
+    "dask_timeout": (0.001, "seconds"),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """`BadInput` for a numeric option below its least value (NUMERIC_LIMITS)."""
+    for dest, (least, unit) in NUMERIC_LIMITS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < least:
+            raise BadInput(f"--{dest.replace('_', '-')} {value}: give at least {least:g} {unit}")
+
+
+def check_writable(path: str | None, option: str) -> None:
+    """`BadInput` unless `path` (an output file the run will write at its end) can be
+    written: checked before the run, not after it."""
+    if path is None:
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise BadInput(f"{option} {path}: is a directory")
+    if not parent.is_dir():
+        raise BadInput(f"{option} {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise BadInput(f"{option} {path}: not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="which demo (default: nested-nmi)")
     args = parser.parse_args(argv)
     try:
+        if args.command in ("run", "compare", "explore", "demo"):  # the others check their own
+            check_numbers(args)
+            check_writable(getattr(args, "trace", None), "--trace")
+            check_writable(getattr(args, "html", None), "--html")
         if args.command == "ref":
             return ref.run_cli(args)
         if args.command == "diff":

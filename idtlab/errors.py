@@ -3,6 +3,6 @@ the bottom of the import order, so every layer that reads user input can raise t
 
 from __future__ import annotations
 
-from cpu.errors import BadInput, Unsupported, read_input
+from cpu.errors import BadInput, Unsupported, read_input, read_text_input
 
-__all__ = ["BadInput", "Unsupported", "read_input"]
+__all__ = ["BadInput", "Unsupported", "read_input", "read_text_input"]

@@ -44,6 +44,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -675,6 +677,52 @@ def _run_chunk_job(job: tuple[Plan, Sequence[Schedule]]) -> list[Finding]:
     return [session.check(events, sch) for events, sch in schedules]
 
 
+# A worker process runs this many chunks, then a fresh one takes its place: Unicorn's
+# translation cache and the machine's caches grow with every schedule (about 1 GB per
+# process over a long exploration), and a new process gives that memory back.
+CHUNKS_PER_WORKER = 4
+# A chunk whose worker died (the OOM killer, a kill) is run once more in a new pool.
+CHUNK_RETRIES = 1
+
+
+def _in_workers(jobs_list: list[Any], workers: int,
+                run: Callable[[Any], list[Any]] = _run_chunk_job,
+                initializer: Callable[..., None] | None = None,
+                initargs: tuple[Any, ...] = ()) -> Iterator[list[Any]]:
+    """Each job's findings, in order, from `workers` processes, as they come. A worker
+    that dies breaks its pool: the chunks that did not come back are run again in a fresh
+    pool, and if one loses its worker again the exploration stops with a one-line error;
+    it never waits for a dead worker, and leaves no process behind."""
+    results: dict[int, list[Any]] = {}
+    next_out = 0
+    pending = list(range(len(jobs_list)))
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(CHUNK_RETRIES + 1):
+        lost: list[int] = []
+        executor = ProcessPoolExecutor(workers, mp_context=context,
+                                       max_tasks_per_child=CHUNKS_PER_WORKER,
+                                       initializer=initializer, initargs=initargs)
+        try:
+            futures = [(i, executor.submit(run, jobs_list[i])) for i in pending]
+            for i, future in futures:
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool:
+                    lost.append(i)
+                while next_out in results:
+                    yield results.pop(next_out)
+                    next_out += 1
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if not lost:
+            return
+        if attempt == CHUNK_RETRIES:
+            raise BadInput(f"explore: a worker process died twice running the same schedules "
+                           f"(killed, or out of memory?): {len(lost)} of {len(jobs_list)} "
+                           "chunks lost; --jobs 1 runs them in this process")
+        pending = lost
+
+
 def _chunks(plan: Plan, schedules: list[Schedule], parts: int) -> list[list[int]]:
     """Indices of `schedules` cut into about `parts` chunks of consecutive checkpoints,
     each sorted by first point (a session only goes forward)."""
@@ -729,13 +777,12 @@ def run_schedules(plan: Plan, schedules: list[Schedule], *, jobs: int = 1,
                     _progress(len(results), len(schedules), started, progress)
         else:
             # Long-lived workers: each loads the scenario once (its initializer) and keeps
-            # its session; only the schedules travel. `imap` hands chunks out in order.
-            with multiprocessing.get_context("spawn").Pool(
-                    workers, initializer=_worker_init, initargs=(plan,)) as pool:
-                for chunk, found in zip(chunks, pool.imap(_run_worker_chunk,
-                                                          [j[1] for j in jobs_list]),
-                                        strict=True):
-                    collect(chunk, found)
+            # its session; only the schedules travel. A dead worker's chunks run again
+            # (`_in_workers`).
+            for chunk, found in zip(chunks, _in_workers(
+                    [j[1] for j in jobs_list], workers, run=_run_worker_chunk,
+                    initializer=_worker_init, initargs=(plan,)), strict=True):
+                collect(chunk, found)
     finally:
         if progress:
             print(file=sys.stderr)
@@ -753,6 +800,8 @@ def dask_client(address: str, timeout: float = 10.0) -> Any:
     except (OSError, TimeoutError) as exc:
         raise BadInput(f"--dask: cannot reach the Dask scheduler at {address} within "
                        f"{timeout:g} s ({type(exc).__name__})") from None
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"--dask {address!r}: not a scheduler address ({exc})") from None
 
 
 def _dask_map(dask: str | Any, jobs_list: list[tuple[Plan, list[Schedule]]]) -> Iterator[

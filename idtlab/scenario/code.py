@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from idtlab.assemble import CodeBlock, assemble_blocks
+from idtlab.errors import BadInput, read_text_input
 from idtlab.scenario.context import Build
 
 CODE_KEYS = ("at", "asm", "file")
@@ -36,9 +37,10 @@ def build_code(b: Build) -> None:
         else:
             src = path.parent / str(c["file"])
             try:
-                blocks.append(CodeBlock(at, src.read_text(), src.name, 1))
-            except OSError as exc:
-                raise chk.fail(f"{where} file", f"cannot read {src}: {exc.strerror}") from None
+                source = read_text_input(src, "an assembly source")
+            except BadInput as exc:
+                raise chk.fail(f"{where} file", str(exc)) from None
+            blocks.append(CodeBlock(at, source, src.name, 1))
     if blocks:
         assembled, code_symbols = assemble_blocks(blocks, b.symbols)
         for blk in assembled:

@@ -36,8 +36,8 @@ def build_data(b: Build) -> None:
         size = chk.int_(d.get("size", len(blob) or 8), f"{where} size", 1)
         if len(blob) > size:
             raise chk.fail(where, f"{len(blob)} initialised bytes exceed size {size}")
+        b.region(at, size, where)  # before the zero fill: a size beyond RAM is an error here
         blob += bytes(size - len(blob))
-        b.region(at, size, where)
         b.machine.load(at, bytes(blob))
         if "symbol" in d:
             sym = d["symbol"]

@@ -154,9 +154,12 @@ def parse_expectations(b: Build) -> list[Expectation]:
                 raise chk.fail(f"{where} deliveries", "expected a list of vector names or numbers")
             vecs = []
             for n in names:
-                v = n if isinstance(n, int) else parse_vector_name(str(n))
+                v = n if isinstance(n, int) and not isinstance(n, bool) else \
+                    parse_vector_name(str(n))
                 if v is None:
                     raise chk.fail(f"{where} deliveries", f"unknown vector name {n!r}")
+                if not 0 <= v <= 255:
+                    raise chk.fail(f"{where} deliveries", f"vector {v} outside 0..255")
                 vecs.append(v)
             spec["deliveries"] = vecs
         out.append(Expectation(where, spec, scope, events))
@@ -236,8 +239,12 @@ def check_expectations(expects: list[Expectation], m: Machine, result: RunResult
             if got_kinds != s["kinds"]:
                 out.append(Failure(exp.where, "trace kinds", str(s["kinds"]), str(got_kinds)))
         elif "reg" in s:
-            actual = m.engine.read_reg(s["reg"])
             want, shown = _expected_hex(s["equals"], result)
+            if not m.engine.has_register(s["reg"]):
+                out.append(Failure(exp.where, s["reg"], shown, "no such register in the mode the "
+                                   "run ended in (a multiboot image's 32-bit phase)"))
+                continue
+            actual = m.engine.read_reg(s["reg"])
             if actual != want:
                 out.append(Failure(exp.where, s["reg"], shown, f"{actual:#x}"))
         elif "mem" in s:

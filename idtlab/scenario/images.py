@@ -77,7 +77,8 @@ def build_images(b: Build) -> None:
             b.region(seg.paddr, seg.memsz, f"{where} segment at {seg.paddr:#x}")
             m.load(seg.paddr, seg.data + bytes(seg.memsz - len(seg.data)))
         for lo, hi in image.code_ranges:
-            m.add_code(lo, m.phys.read(lo, hi - lo))
+            if m.phys.contains(lo, hi - lo):  # a segment linked where it is not loaded: found
+                m.add_code(lo, m.phys.read(lo, hi - lo))  # when it runs (cpu/sites.py)
         for name, value in image.symbols.items():
             if name in b.symbols and b.symbols[name] != value:
                 raise chk.fail(where, f"symbol '{name}' from {im['elf']} is already defined")

@@ -16,7 +16,7 @@ from typing import Any
 
 from cpu.machine import Machine
 from cpu.outcomes import RunResult
-from idtlab.errors import BadInput
+from idtlab.errors import BadInput, read_text_input
 from idtlab.scenario.apf import build_apf, build_swapped
 from idtlab.scenario.checker import Checker, did_you_mean
 from idtlab.scenario.code import build_code
@@ -68,10 +68,9 @@ def load(path: str | Path, *, mode: str | None = None) -> Scenario:
         cpu.errors.BadInput: no/such.toml: cannot read scenario: No such file or directory
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read scenario: {exc.strerror}") from None
+    if not path.exists() and not path.is_symlink():
+        raise BadInput(f"{path}: cannot read scenario: No such file or directory")
+    text = read_text_input(path, "a scenario")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cpu.layout import RESERVED_END
+from cpu.layout import memory_size_problem
 from cpu.machine import MODES, Machine
 from cpu.timing import ProfileError, load_profile
 from idtlab.scenario.checker import Checker, parse_size
@@ -27,9 +27,9 @@ def build_machine(path: Path, data: dict[str, Any], chk: Checker,
     mach = chk.table(data.get("machine", {}), "[machine]")
     chk.keys(mach, MACHINE_KEYS, "[machine]")
     memory = parse_size(mach.get("memory", "16M"), "[machine] memory", chk)
-    if memory % 4096 or memory < RESERVED_END + 0x1000 or memory > 4 << 30:
-        raise chk.fail("[machine] memory", f"{memory:#x} must be a multiple of 4 KiB between "
-                       f"{RESERVED_END + 0x1000:#x} and 4 GiB")
+    problem = memory_size_problem(memory)
+    if problem is not None:
+        raise chk.fail("[machine] memory", problem)
     max_events = chk.int_(mach.get("max_events", 100_000), "[machine] max_events", 1)
     if mode is None:
         mode = mach.get("mode", "fast")

@@ -11,7 +11,7 @@ overrides 4-KiB pages of the identity map with their own frame and rights (SDM V
 
 from __future__ import annotations
 
-from cpu.layout import PageSpec
+from cpu.layout import GDT_BASE, PageSpec
 from idtlab.scenario.context import Build
 
 GATE_KEYS = ("handler", "ist", "type", "dpl", "present", "selector")
@@ -19,6 +19,7 @@ GATE_TYPES = ("interrupt", "trap")
 TSS_KEYS = ("rsp0", "rsp1", "rsp2", "ist1", "ist2", "ist3", "ist4", "ist5", "ist6", "ist7")
 PAGE_KEYS = ("va", "pa", "count", "present", "writable", "user", "nx")
 PAGE_FLAGS = ("present", "writable", "user", "nx")
+SYSTEM_PAGE = GDT_BASE  # the GDT and the TSS share this page (cpu/layout.py)
 
 
 def build_idt(b: Build) -> None:
@@ -75,5 +76,13 @@ def build_pages(b: Build) -> None:
             # what an access to it does, e.g. a violation at a not-present PML4 entry.)
             raise chk.fail(f"{where} pa", f"{pa:#x} is outside guest memory (0..{b.memory:#x})")
         flags = {k: chk.bool_(p[k], f"{where} {k}") for k in PAGE_FLAGS if k in p}
+        if va <= SYSTEM_PAGE < va + 4096 * count and (
+                not flags.get("present", True) or pa + (SYSTEM_PAGE - va) != SYSTEM_PAGE):
+            raise chk.fail(f"{where} va", f"{va:#x}..{va + 4096 * count:#x} unmaps or moves the "
+                           f"machine's GDT and TSS page at {SYSTEM_PAGE:#x} (the CPU reads it at "
+                           "start and at every privilege change); its rights may change")
         for n in range(count):
             m.set_page(PageSpec(va=va + 4096 * n, pa=pa + 4096 * n, **flags))
+        problem = m.layout.tables_problem()
+        if problem is not None:
+            raise chk.fail(where, problem)

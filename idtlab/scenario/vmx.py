@@ -18,6 +18,9 @@ from idtlab.scenario.checker import Checker
 from idtlab.scenario.context import Build
 
 VMX_KEYS = ("ept_violation_ve", "ve_info", "eptp_index")
+# Where [[ept]] ranges end: every guest-physical page the machine has (RAM and the
+# local APIC, I/O APIC and HPET pages) is below 4 GiB, and a range is set page by page.
+EPT_RANGE_END = 1 << 32
 EPT_KEYS = ("gpa", "size", "read", "write", "exec", "suppress_ve", "not_present_level")
 HOST_KEYS = ("on_ept_violation",)
 EPT_LEVELS = {"pml4": 4, "pdpt": 3, "pd": 2, "pt": 1}
@@ -70,6 +73,10 @@ def build_ept(b: Build) -> None:
                 size = chk.int_(ep.get("size", 4096), f"{where} size", 4096)
                 if size % 4096:
                     raise chk.fail(f"{where} size", f"{size:#x} must be a multiple of 4 KiB")
+                if gpa + size > EPT_RANGE_END:
+                    raise chk.fail(f"{where} size", f"{gpa:#x}..{gpa + size:#x} must end by "
+                                   f"{EPT_RANGE_END:#x} (guest RAM and the device pages "
+                                   "below 4 GiB)")
                 m.ept.set_range(gpa, size, read=rights["read"], write=rights["write"],
                                 execute=rights["exec"], suppress_ve=suppress)
         except (ValueError, EptMisconfig) as exc:
