@@ -65,7 +65,7 @@ from idt.fred import (
     lkgs_base,
 )
 from idt.state import RFLAGS_RF, ArchFault, Event, Source, is_canonical
-from idt.vectors import Vector, pushes_error_code, vector_name
+from idt.vectors import Vector, pushes_error_code
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
@@ -249,13 +249,9 @@ class Fred:
             e.uncount()  # as in Machine.deliver: the INT did not retire
         elif retire and not out.nested:
             e.recount()
-        m.intr.nmi_blocked = st.nmi_blocked
-        if st.cr2 != cr2_before:
-            e.write({"cr2": st.cr2})
-        for nf in out.nested:
-            m.emit("delivery_fault", vector=nf.during.vector, name=nf.during.name,
-                   fault=nf.fault.vector, fault_name=vector_name(nf.fault.vector),
-                   error_code=nf.fault.error_code, action=nf.action, why=nf.fault.why)
+        m.after_delivery(st.nmi_blocked, st.cr2, cr2_before,
+                         ((nf.during.vector, nf.during.name, nf.fault, nf.action)
+                          for nf in out.nested))
         d = out.delivery
         if d is None:
             m.emit("shutdown", reason=out.shutdown_reason)

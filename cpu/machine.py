@@ -48,7 +48,7 @@ or HLT then counts as retired. `icount` in the trace is always "instructions ret
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -477,9 +477,7 @@ class Machine:
             during = ev
             if hyper.enabled:  # an indirect exit: the delivery's side effects happened
                 during = progress.vectoring or ev
-                self.intr.nmi_blocked = st.nmi_blocked
-                if st.cr2 != cr2_before:
-                    self.engine.write({"cr2": st.cr2})
+                self.after_delivery(st.nmi_blocked, st.cr2, cr2_before, ())
             self.vmx_host.ept_violation(violation, ev.insn_rip, violation.access, during=during)
             return
         except EptMisconfig as bad:
@@ -493,13 +491,9 @@ class Machine:
             # fault while delivering them is a fault *on* the instruction (saved RIP = the
             # INT, which restarts after the handler): it did not retire.
             e.uncount()
-        self.intr.nmi_blocked = st.nmi_blocked
-        if st.cr2 != cr2_before:
-            e.write({"cr2": st.cr2})
-        for nf in out.nested:
-            self.emit("delivery_fault", vector=nf.during.vector, name=nf.during.name,
-                      fault=nf.fault.vector, fault_name=vector_name(nf.fault.vector),
-                      error_code=nf.fault.error_code, action=nf.action.value, why=nf.fault.why)
+        self.after_delivery(st.nmi_blocked, st.cr2, cr2_before,
+                            ((nf.during.vector, nf.during.name, nf.fault, nf.action.value)
+                             for nf in out.nested))
         if exited:
             hyper.delivery_exit(ev, out)
             return
@@ -539,6 +533,20 @@ class Machine:
             cb(rec)
 
     # -- asynchronous events ---------------------------------------------------------------
+    def after_delivery(self, nmi_blocked: bool, cr2: int, cr2_before: int,
+                       faults: Iterable[tuple[int, str, ArchFault, str]]) -> None:
+        """What an IDT or FRED delivery leaves besides its frame: NMI blocking, CR2 (a
+        #PF during it), and a `delivery_fault` record per exception raised while
+        delivering (vector and name of the event being delivered, the fault, the
+        Table 6-5 action)."""
+        self.intr.nmi_blocked = nmi_blocked
+        if cr2 != cr2_before:
+            self.engine.write({"cr2": cr2})
+        for vector, name, fault, action in faults:
+            self.emit("delivery_fault", vector=vector, name=name, fault=fault.vector,
+                      fault_name=vector_name(fault.vector), error_code=fault.error_code,
+                      action=action, why=fault.why)
+
     def inject(self, event: str | AsyncEvent, point: Point | None = None, *,
                vector: int | None = None, before: int | str | None = None,
                hit: int = 1, icount: int | None = None, cycle: int | None = None,
