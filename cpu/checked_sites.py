@@ -130,6 +130,20 @@ class CheckedSites:
             addr += n
         return bytes(out)
 
+    def _selector(self, address: int, length: int, ops: list[MemOperand],
+                  register: str) -> int | None:
+        """The 16-bit selector a segment load at `address` loads: from its memory operand
+        (`ops`, as `memory_operands` gives them), else from `register` (the operand's
+        text). None when Python cannot read it (the read would fault, or the operand is
+        not a general-purpose register): the engine then decides."""
+        if ops:
+            ea = self.effective_address(ops[0], address, length)
+            raw = self.read_operand(ea, 2) if ea is not None else None
+            return None if raw is None else int.from_bytes(raw, "little")
+        if register not in GPR_SLOTS:
+            return None
+        return self.gpr(register) & 0xFFFF
+
     # -- site actions ----------------------------------------------------------------------
     def xcr(self, address: int) -> bool:
         """XSETBV / XGETBV (cpu/control_regs.py)."""
@@ -163,17 +177,9 @@ class CheckedSites:
         if code is None or insn is None:
             return False
         length, ops = memory_operands(code, address)
-        if ops:
-            ea = self.effective_address(ops[0], address, length)
-            raw = self.read_operand(ea, 2) if ea is not None else None
-            if raw is None:
-                return False  # the access faults: the engine's
-            selector = int.from_bytes(raw, "little")
-        else:
-            source = insn.op_str.partition(",")[2].strip()
-            if source not in GPR_SLOTS:
-                return False
-            selector = self.gpr(source) & 0xFFFF
+        selector = self._selector(address, length, ops, insn.op_str.partition(",")[2].strip())
+        if selector is None:
+            return False  # the access faults, or an operand Python does not read: the engine's
         cpl = m.regs.state.cpl
         if selector & ~3 == 0 and cpl < 3 and selector & 3 != cpl:
             return self._gp(address, 0, f"MOV SS of null selector {selector:#x} with RPL "
@@ -198,16 +204,9 @@ class CheckedSites:
                 if operand is not None:
                     check_table_base(operand, what)
                 return False
-            if ops:
-                ea = self.effective_address(ops[0], address, length)
-                raw = self.read_operand(ea, 2) if ea is not None else None
-                if raw is None:
-                    return False
-                selector = int.from_bytes(raw, "little")
-            else:
-                if insn.op_str not in GPR_SLOTS:
-                    return False
-                selector = self.gpr(insn.op_str) & 0xFFFF
+            selector = self._selector(address, length, ops, insn.op_str)
+            if selector is None:
+                return False
             desc = self._system_descriptor(selector)
             wanted = _DESC_TYPE_LDT if insn.mnemonic == "lldt" else _DESC_TYPE_TSS_AVAILABLE
             if desc is None or (desc[5] & 0x9F) != (0x80 | wanted):

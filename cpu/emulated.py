@@ -200,9 +200,8 @@ class Emulated:
                 or res.rflags & RFLAGS_TF or res.rip in m.injections.state.before):
             return False
         icount = int(c.count)  # the IRETQ retired, nothing after it (checked above)
-        if m.progress.ends_loop(address, res.rip, res.rsp, res.rflags, icount):
+        if m.progress.observe(address, res.rip, res.rsp, res.rflags, icount, final=False):
             return False  # the stopped-engine path ends the run (`Progress.after_iret`)
-        m.progress.observe(address, res.rip, res.rsp, res.rflags, icount)
         m.intr.nmi_blocked = False
         c.last_cost = c.default_cost  # what the boundary path's count settling leaves
         cost = m.profile.event("iret_same_cpl")
@@ -490,14 +489,7 @@ class Emulated:
         e.uncount()
         cpl = m.regs.state.cpl
         name = "RDTSCP" if rdtscp else "RDTSC"
-        length = m.sites.lengths.get(address)
-        if length is None:
-            code = m.code_bytes(address, 15)
-            insn = decode_one(code, address) if code is not None else None
-            if insn is None:
-                raise Stop(Outcome.UNSUPPORTED, f"{name} at {address:#x} could not be "
-                           "decoded", address)
-            length = insn.size
+        length = m.sites.lengths[address]  # a site's kind and length are noted together
         if cpl != 0 and e.read_reg("cr4") & CR4_TSD:
             m.deliver(Event.exception(Vector.GP, address, 0),
                       why=f"{name} at CPL{cpl} with CR4.TSD = 1")

@@ -63,29 +63,27 @@ class Progress:
                        f"{st.repeats} times with the same registers and no event in between",
                        rip)
 
-    def ends_loop(self, address: int, rip: int, rsp: int, rflags: int, icount: int) -> bool:
-        """Whether this IRET would be the NO_PROGRESS_IRETS-th identical one in a row
-        (nothing noted). An IRET run inside its code hook (cpu/emulated.py `iret_in_hook`)
-        asks first and leaves that one to the stopped-engine path and `after_iret`."""
-        st = self.state
-        sig = (address, rip, rsp, rflags, icount - st.icount, self.m.state.run.events)
-        return (sig == st.last and st.repeats + 1 >= NO_PROGRESS_IRETS
-                and tuple(self.m.engine.read(_COMPARED)) == st.registers)
-
-    def observe(self, address: int, rip: int, rsp: int, rflags: int, icount: int) -> bool:
+    def observe(self, address: int, rip: int, rsp: int, rflags: int, icount: int, *,
+                final: bool = True) -> bool:
         """Note an IRET (`icount` instructions retired with it); True when it is the
-        NO_PROGRESS_IRETS-th identical one in a row."""
+        NO_PROGRESS_IRETS-th identical one in a row. `final` = False (an IRET run inside
+        its code hook, cpu/emulated.py `iret_in_hook`): that last one is not noted, so the
+        stopped-engine path notes it again and ends the run (`after_iret`)."""
         m = self.m
         st = self.state
         sig = (address, rip, rsp, rflags, icount - st.icount, m.state.run.events)
-        st.icount = icount
         if sig != st.last:
+            st.icount = icount
             st.last, st.registers, st.repeats = sig, None, 0
             return False
         # `events` in the signature moves on with every delivery: equal means none.
         regs = tuple(m.engine.read(_COMPARED))
         if regs != st.registers:
+            st.icount = icount
             st.registers, st.repeats = regs, 1
             return False
+        if not final and st.repeats + 1 >= NO_PROGRESS_IRETS:
+            return True
+        st.icount = icount
         st.repeats += 1
         return st.repeats >= NO_PROGRESS_IRETS

@@ -438,20 +438,16 @@ class Stops:
         """A LOCK prefix on an instruction or form that cannot be locked (SDM Vol. 2
         LOCK: #UD unless the instruction is lockable and its destination is memory): a
         fault on the instruction, before it does anything."""
-        m = self.m
-        m.engine.uncount()
-        m.deliver(Event.exception(Vector.UD, address), why="LOCK prefix on an instruction "
-                  "that cannot be locked")
+        self.fault_at(address, ArchFault(Vector.UD, why="LOCK prefix on an instruction that "
+                                         "cannot be locked"))
 
     def invalid_ud(self, address: int) -> None:
         """An encoding the SDM makes #UD and the engine would run (cpu/decode.py
         `invalid_encoding`): a fault on the instruction."""
-        m = self.m
-        m.engine.uncount()
-        code = m.code_bytes(address, 15)
+        code = self.m.code_bytes(address, 15)
         found = invalid_encoding(code) if code is not None else None
-        m.deliver(Event.exception(Vector.UD, address),
-                  why=found[1] if found is not None else "invalid encoding")
+        self.fault_at(address, ArchFault(Vector.UD, why=found[1] if found is not None
+                                         else "invalid encoding"))
 
     def native_stop(self) -> None:
         """The engine stopped without a hook: a HLT no site caught (every block is decoded
