@@ -45,7 +45,7 @@ from cpu.decode import (
 )
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access
-from cpu.translation import window_at
+from cpu.translation import physical_read
 from idt.state import ArchFault, Event
 from idt.vectors import Vector
 
@@ -120,13 +120,10 @@ class CheckedSites:
                 t = m.translator.guest_walk(m.regs.paging(), addr, Access.READ)
             except (ArchFault, EptViolation, EptMisconfig):
                 return None
-            paddr = t.paddr | (addr & 0xFFF)
-            if m.phys.contains(paddr, n):
-                out += m.phys.read(paddr, n)
-            elif (window := window_at(m, paddr, n)) is not None:
-                out += window[1].read(paddr - window[0], n)  # pc-testdev's IORAM
-            else:
+            data = physical_read(m, t.paddr | (addr & 0xFFF), n)  # RAM, or pc-testdev's IORAM
+            if data is None:
                 return None
+            out += data
             addr += n
         return bytes(out)
 

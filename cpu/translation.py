@@ -39,6 +39,14 @@ def window_at(m: Machine, paddr: int, size: int) -> tuple[int, PhysicalMemory] |
     return None
 
 
+def physical_read(m: Machine, paddr: int, size: int) -> bytes | None:
+    """`size` bytes at physical `paddr`, in RAM or a memory window; None outside both."""
+    if m.phys.contains(paddr, size):
+        return m.phys.read(paddr, size)
+    found = window_at(m, paddr, size)
+    return None if found is None else found[1].read(paddr - found[0], size)
+
+
 class GuestMemory:
     """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
 
@@ -137,10 +145,9 @@ class GuestMemory:
                 self._window_write(paddr, data[off : off + n])
 
     def _window_read(self, paddr: int, size: int) -> bytes:
-        found = window_at(self.m, paddr, size)
-        assert found is not None  # _translate checked
-        base, mem = found
-        return mem.read(paddr - base, size)
+        data = physical_read(self.m, paddr, size)
+        assert data is not None  # _translate checked
+        return data
 
     def _window_write(self, paddr: int, data: bytes) -> None:
         found = window_at(self.m, paddr, len(data))
