@@ -1,5 +1,8 @@
-"""The engine adapter: with cpu/engine_blob.py, the only code in idtlab that imports
-`unicorn`.
+"""The engine adapter: with its parts — cpu/engine_registers.py (register access and
+the context blob), cpu/engine_counting.py (runs and instruction counting) and
+cpu/engine_blob.py (the blob's probed layout) — the only code in idtlab that imports
+`unicorn`. This module creates the Unicorn instance and its hooks, answers TLB fills,
+keeps the site hooks, and moves a 32-bit phase's state to a 64-bit engine.
 
 Contract (each point a behaviour of Unicorn 2.1.4 that idtlab depends on, which is why
 the version is pinned):
@@ -41,7 +44,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exported
+from unicorn import (
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
     UC_ERR_INSN_INVALID,
@@ -63,26 +66,31 @@ from unicorn import (  # type: ignore[attr-defined]  # Uc/UcError are not re-exp
     UC_PROT_READ,
     UC_PROT_WRITE,
     UC_TLB_VIRTUAL,
-    UcError,
 )
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucpy
 
 from cpu import native
-from cpu.decode import decode, decode_one, has_write_intent
 from cpu.engine_blob import blob, blob_layout, new_uc
+from cpu.engine_counting import UNTIL_NEVER, InstructionCounting
+from cpu.engine_registers import (
+    CR0_PG,
+    DESC_L,
+    EFER_LMA,
+    GPRS,
+    MSR_EFER,
+)
 from cpu.memory import PhysicalMemory
 from cpu.mmu import Access
 from cpu.native_paths import NativePaths
+
+__all__ = ["ERR_INSN_INVALID", "GPRS", "PROT_R", "PROT_W", "PROT_X", "REFUSE", "UNTIL_NEVER",
+           "Engine", "Refuse"]
 
 ERR_INSN_INVALID = UC_ERR_INSN_INVALID
 PROT_R, PROT_W, PROT_X = UC_PROT_READ, UC_PROT_WRITE, UC_PROT_EXEC
 POISON_BASE = 1 << 44  # far above any guest RAM; never mapped
 PRIME_PAGE = 1 << 38  # far above any guest RAM; mapped only while `_prime` runs
-UNTIL_NEVER = 2**64 - 1
-MAX_RESTARTS = 64  # self-modifying-code restarts handled in one `run` before it returns
-
-_LEGACY_PREFIX_BYTES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _FILL_ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 _ACCESS_FILL = {v: k for k, v in _FILL_ACCESS.items()}
 
@@ -105,66 +113,8 @@ class _TlbEntry(ctypes.Structure):
 _UNMAPPED_ACCESS = {UC_MEM_READ_UNMAPPED: Access.READ, UC_MEM_WRITE_UNMAPPED: Access.WRITE,
                     UC_MEM_FETCH_UNMAPPED: Access.FETCH}
 
-REG = {
-    "rax": X.UC_X86_REG_RAX, "rbx": X.UC_X86_REG_RBX, "rcx": X.UC_X86_REG_RCX,
-    "rdx": X.UC_X86_REG_RDX, "rsi": X.UC_X86_REG_RSI, "rdi": X.UC_X86_REG_RDI,
-    "rbp": X.UC_X86_REG_RBP, "rsp": X.UC_X86_REG_RSP, "r8": X.UC_X86_REG_R8,
-    "r9": X.UC_X86_REG_R9, "r10": X.UC_X86_REG_R10, "r11": X.UC_X86_REG_R11,
-    "r12": X.UC_X86_REG_R12, "r13": X.UC_X86_REG_R13, "r14": X.UC_X86_REG_R14,
-    "r15": X.UC_X86_REG_R15, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS,
-    "cs": X.UC_X86_REG_CS, "ss": X.UC_X86_REG_SS, "ds": X.UC_X86_REG_DS,
-    "es": X.UC_X86_REG_ES, "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS,
-    "cr0": X.UC_X86_REG_CR0, "cr2": X.UC_X86_REG_CR2, "cr3": X.UC_X86_REG_CR3,
-    "cr4": X.UC_X86_REG_CR4, "cr8": X.UC_X86_REG_CR8,
-    "dr0": X.UC_X86_REG_DR0, "dr1": X.UC_X86_REG_DR1, "dr2": X.UC_X86_REG_DR2,
-    "dr3": X.UC_X86_REG_DR3, "dr6": X.UC_X86_REG_DR6, "dr7": X.UC_X86_REG_DR7,
-}
-_TABLE_REGS = {"idtr": X.UC_X86_REG_IDTR, "gdtr": X.UC_X86_REG_GDTR, "tr": X.UC_X86_REG_TR,
-               "ldtr": X.UC_X86_REG_LDTR}
-_SEGMENT_ORDER = ("es", "cs", "ss", "ds", "fs", "gs")  # QEMU's R_ES .. R_GS
-GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-        "r12", "r13", "r14", "r15")
-MSR_EFER = 0xC0000080
-EFER_LMA = 1 << 10
-CR0_PG = 1 << 31
-DESC_L = 1 << 21  # the L (64-bit code) bit of a code descriptor's high dword
-DESC_DB = 1 << 22  # D/B: 32-bit code (CS) or a 32-bit stack (SS)
-# QEMU's hflags bits (target/i386/cpu.h): HF_CS32 4, HF_SS32 5, HF_CS64 15.
-_HF_CS32, _HF_SS32, _HF_CS64 = 1 << 4, 1 << 5, 1 << 15
-_HF_CODE_SIZE = _HF_CS32 | _HF_SS32 | _HF_CS64
-# A UC_MODE_32 engine refuses the 64-bit registers (see `migrate_from`): its names
-# map the 64-bit ones to their 32-bit halves (R8-R15 do not exist there).
-REG32 = {**{k: REG[k] for k in ("cs", "ss", "ds", "es", "fs", "gs", "cr0", "cr2", "cr3", "cr4")},
-         "rax": X.UC_X86_REG_EAX, "rbx": X.UC_X86_REG_EBX, "rcx": X.UC_X86_REG_ECX,
-         "rdx": X.UC_X86_REG_EDX, "rsi": X.UC_X86_REG_ESI, "rdi": X.UC_X86_REG_EDI,
-         "rbp": X.UC_X86_REG_EBP, "rsp": X.UC_X86_REG_ESP, "rip": X.UC_X86_REG_EIP,
-         "rflags": X.UC_X86_REG_EFLAGS}
 
-
-class _Mmr(ctypes.Structure):
-    """uc_x86_mmr: a descriptor-table register (IDTR, GDTR, LDTR, TR)."""
-
-    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
-                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
-
-
-class _Msr(ctypes.Structure):
-    """uc_x86_msr."""
-
-    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
-
-
-# Everything an event reads from the engine, in one `uc_reg_read_batch` call (each call
-# through the binding costs ~3 us, and delivery plus IRET used to make about twenty):
-# nine 64-bit registers, IDTR, GDTR and TR (`uc_x86_mmr`), and IA32_EFER (`uc_x86_msr`,
-# whose `rid` the call reads). `EventState` is the layout of the buffer.
-EVENT_REGS = ("rip", "rsp", "rflags", "cs", "ss", "cr2", "cr0", "cr3", "cr4")
-EVENT_TABLES = ("idtr", "gdtr", "tr")
-_EVENT_LAYOUT = struct.Struct("<9Q" + "H6xQII" * 3 + "I4xQ")
-_EVENT_INDEX = {name: i for i, name in enumerate(EVENT_REGS)}
-
-
-class Engine:
+class Engine(InstructionCounting):
     """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
 
     Callbacks (set by the machine before `run`):
@@ -216,7 +166,8 @@ class Engine:
         # After Reset": x87 FPU control word 0040H, MXCSR 1F80H.
         uc.reg_write(X.UC_X86_REG_FPCW, 0x0040)
         uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
-        self.uc: Any = uc
+        self.uc = uc
+        self._init_registers()
         self._prime()
         self.fill: Callable[[int, Access], tuple[int, int] | Refuse | None] = \
             lambda v, a: (v, UC_PROT_ALL)
@@ -233,28 +184,11 @@ class Engine:
         self._run_count = 0  # the instruction count when `run` started
         self._restart: tuple[int, bool] | None = None  # (pc, machine asked to stop too)
         self._stepping: int | None = None  # the store `_step_restarted` runs alone
-        self._uclib: Any = _ucpy.uclib
-        self._uch: Any = uc._uch
-        self._batches: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
-        self._reg = REG if bits == 64 else REG32
         self.block: Callable[[int], None] = lambda a: None
         # A new translation block (pc, size) is about to run for the first time; True stops
         # the engine before it runs (cpu/sites.py decodes it for sites).
         self.translated: Callable[[int, int], bool] = lambda pc, size: False
         self.cpuid: Callable[[int, int], tuple[int, int, int, int] | None] = lambda leaf, sub: None
-        self._mmr = _Mmr()
-        self._msr = _Msr()
-        self._ctx: Any = None
-        self._event_buf, self._event_ids, self._event_ptrs = self._event_batch()
-        # `version` changes with every register write and every run: between runs, the
-        # event state read at one version is the engine's state (`read_event_state`).
-        self.version = 0
-        self._running = False
-        self._event_state: tuple[int, ...] = ()
-        self._event_version = -1
-        # One reused buffer per register for `read_reg` (only that register is ever read
-        # into it, so the bytes a narrow register leaves unwritten stay 0).
-        self._singles: dict[str, tuple[int, Any, Any]] = {}
 
         # The native counter first, so it runs before any Python code hook.
         lib = native.load()
@@ -520,351 +454,8 @@ class Engine:
             setattr(c, f, v)
         self.flush_tlb()
 
-    def _emu(self, begin: int, until: int) -> int | None:
-        bounded = until != UNTIL_NEVER
-        if bounded:
-            self.uc.ctl_set_exits([until])
-        self.version += 1
-        self._running = True
-        try:
-            self.uc.emu_start(begin, until)
-        except UcError as exc:
-            return int(exc.errno)
-        finally:
-            self._running = False
-            self.version += 1
-            if bounded:
-                self.uc.ctl_set_exits([])
-        return None
-
-    def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:
-        """Run from `begin` until a callback stops the engine, or until execution reaches
-        `until` (nothing at or after `until` runs); return Unicorn's error code.
-
-        Counting contract, the same in both counting modes: when this returns, `icount`
-        counts the instructions retired, plus the instruction at RIP if the engine
-        stopped *at* it (a fault in it, a code hook before it, the counter's threshold
-        before it — `stopped_by_counter`), which the machine takes back (`uncount`).
-        """
-        c = self.counter
-        c.stopped = 0
-        c.ac_stopped = 0
-        c.split = native.NO_SPLIT
-        self.paths.new_run()
-        self._run_count = int(c.count)
-        if until != UNTIL_NEVER:
-            # `until` only takes effect in code translated after it is set: drop the
-            # translation of the block that holds it.
-            self.uc.ctl_remove_cache(until, until + 1)
-        err = self._emu(begin, until)
-        if self._restart is not None:
-            err = self._step_restarted(err, until)
-        if until != UNTIL_NEVER:
-            self.uc.ctl_remove_cache(until, until + 1)
-        if not self.block_counting:
-            return err
-        if err is None and c.split != native.NO_SPLIT:
-            err = self._split(int(c.split), until)
-        else:
-            self._settle()
-        return err
-
-    # -- block counting (fast mode) -------------------------------------------------------
-    def _block_miss(self, address: int, size: int) -> int:
-        try:
-            return len(self._starts(address, size)) or 1
-        except Exception:  # never let an exception cross the C boundary
-            return 1
-
-    def _starts(self, address: int, size: int) -> tuple[int, ...]:
-        """Start addresses of the instructions of the translation block [address, +size)."""
-        key = (address, size)
-        starts = self._block_starts.get(key)
-        if starts is None:
-            # Blocks at one address differ in size (a threshold or a breakpoint splits
-            # them): a longer block's decode serves the shorter ones.
-            # A shorter block ends where one of the longer block's instructions starts.
-            longest = self._block_decodes.get(address)
-            if longest is not None and size < longest[0] and address + size in longest[1]:
-                starts = tuple(a for a in longest[1] if a < address + size)
-            else:
-                starts = self._decode_starts(address, size)
-            self._block_starts[key] = starts
-        return starts
-
-    def _decode_starts(self, address: int, size: int) -> tuple[int, ...]:
-        code = self.code_reader(address, size)
-        found: list[int] = []
-        if code is not None:
-            end = address
-            for insn in decode(code, address, bits=self.bits):
-                found.append(insn.address)
-                end = insn.address + insn.size
-            if end != address + size:  # undecodable tail: count what QEMU ran anyway
-                found.extend(range(end, address + size))
-            longest = self._block_decodes.get(address)
-            if longest is None or longest[0] < size:
-                self._block_decodes[address] = (size, tuple(found))
-        return tuple(found)
-
-    def _index(self, rip: int) -> int | None:
-        """Instructions of the current block before `rip`, if `rip` starts one of them."""
-        c = self.counter
-        addr, size = int(c.block_addr), int(c.block_size)
-        if not size or not addr <= rip < addr + size:
-            return None
-        starts = self._starts(addr, size)
-        lo, hi = 0, len(starts)
-        while lo < hi:  # bisect: starts are sorted
-            mid = (lo + hi) // 2
-            if starts[mid] < rip:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo if lo < len(starts) and starts[lo] == rip else None
-
-    def _settle(self) -> None:
-        """Turn the block count into the counting contract of `run`: a stop inside the
-        current block (a fault, a code hook) retired only the instructions before RIP,
-        and the one at RIP counts as stopped-at."""
-        c = self.counter
-        k = self._index(self.read_reg("rip"))
-        if k is None:
-            return  # stopped between blocks: every counted instruction retired
-        ran = int(c.count) - int(c.block_before)  # the block's count, or 0 if its hook stopped it
-        extra = int(c.cycles) - int(c.block_cycles_before) - ran * int(c.default_cost)
-        c.count = int(c.block_before) + k + 1
-        c.cycles = int(c.block_cycles_before) + (k + 1) * int(c.default_cost) + extra
-        c.last_cost = c.default_cost
-
-    def last_instruction(self) -> int | None:
-        """The address of the last instruction counted: the last one of the last
-        translation block in fast mode (a block ends at its first branch), the last one
-        the per-instruction counter saw in timed mode. None before any."""
-        c = self.counter
-        if not self.block_counting:
-            return int(c.last_addr) if int(c.count) else None
-        if not int(c.block_size):
-            return None
-        starts = self._starts(int(c.block_addr), int(c.block_size))
-        return starts[-1] if starts else None
-
-    def count_at(self, address: int) -> int:
-        """In a code hook for `address`: the count with that instruction counted (the
-        per-instruction counter's value there)."""
-        if not self.block_counting:
-            return int(self.counter.count)
-        k = self._index(address)
-        return int(self.counter.block_before) + (k if k is not None else 0) + 1
-
-    def hook_stamp(self, address: int) -> tuple[int, int]:
-        """In a hook of the instruction at `address`, while the engine runs: the instruction
-        count and the cycle counter with that instruction counted and none after it. Fast
-        mode counts a translation block when it starts, so its raw counters are ahead
-        inside the block; timed mode counts per instruction, and they are exact."""
-        c = self.counter
-        if not self.block_counting:
-            return int(c.count), int(c.cycles)
-        exact = self.count_at(address)
-        ahead = max(0, int(c.count) - exact)
-        return exact, int(c.cycles) - ahead * int(c.default_cost)
-
-    def _split(self, k: int, until: int) -> int | None:
-        """The threshold falls before instruction `k` of the block at RIP: run exactly
-        that far (Unicorn's `until`, after dropping the block's translation)."""
-        c = self.counter
-        rip = self.read_reg("rip")
-        starts = self._starts(int(c.block_addr), int(c.block_size))
-        if k == 0 or k >= len(starts):
-            c.count += 1  # stopped before the block's first instruction: "counted"
-            c.cycles += c.default_cost
-            c.last_cost = c.default_cost
-            c.stopped = 1
-            return None
-        target = starts[k]
-        stop_at, stop_cycle = int(c.stop_at), int(c.stop_cycle)
-        c.stop_at, c.stop_cycle = 2**64 - 1, 2**64 - 1
-        c.split = native.NO_SPLIT
-        c.stopped = 0
-        if until != UNTIL_NEVER and rip <= until < target:
-            target = until
-        self.uc.ctl_remove_cache(int(c.block_addr), int(c.block_addr) + int(c.block_size))
-        full = (int(c.block_addr), int(c.block_addr) + int(c.block_size))
-        err = self._emu(rip, target)
-        self.uc.ctl_remove_cache(*full)  # the next pass translates the whole block again
-        c.stop_at, c.stop_cycle = stop_at, stop_cycle
-        if err is None and self.read_reg("rip") == target and not c.stopped and target != until:
-            # Reached the threshold boundary: report it as the counter's stop.
-            c.count += 1
-            c.cycles += c.default_cost
-            c.last_cost = c.default_cost
-            c.stopped = 1
-            return None
-        self._settle()
-        return err
-
     def stop(self) -> None:
         self.uc.emu_stop()
-
-    # -- alignment checking (cpu/alignment.py; counter.c `ac_stop`) -------------------------
-    def set_alignment_check(self, armed: bool) -> None:
-        """Arm (CPL = 3 and CR0.AM = 1) or disarm the counter's look at RFLAGS.AC."""
-        self.counter.ac_check = int(armed)
-
-    @property
-    def alignment_stopped(self) -> bool:
-        """The last run stopped before an instruction because RFLAGS.AC = 1."""
-        return bool(self.counter.ac_stopped)
-
-    def pass_alignment_check(self) -> None:
-        """Let the next instruction run without the AC stop (the machine checked it)."""
-        self.counter.ac_stopped = 0
-        self.counter.ac_pass = self.counter.count
-
-    @property
-    def icount(self) -> int:
-        return int(self.counter.count)
-
-    @icount.setter
-    def icount(self, value: int) -> None:
-        self.counter.count = value
-
-    def set_stop_at(self, count: int) -> None:
-        """Stop before executing the instruction that would be number `count` (1-based)."""
-        self.counter.stop_at = count
-
-    @property
-    def stopped_by_counter(self) -> bool:
-        return bool(self.counter.stopped)
-
-    @property
-    def cycles(self) -> int:
-        return int(self.counter.cycles)
-
-    @cycles.setter
-    def cycles(self, value: int) -> None:
-        self.counter.cycles = value
-
-    def set_stop_cycle(self, cycle: int) -> None:
-        """Stop at the first boundary where the retired instructions' cycles reach `cycle`."""
-        self.counter.stop_cycle = min(max(cycle, 0), 2**64 - 1)
-
-    def uncount(self) -> None:
-        """Take back the last counted instruction (it was stopped before it retired)."""
-        self.counter.count -= 1
-        self.counter.cycles -= self.counter.last_cost
-
-    def recount(self) -> None:
-        """Count the last taken-back instruction again (an emulated IRET/HLT retired)."""
-        self.counter.count += 1
-        self.counter.cycles += self.counter.last_cost
-
-    def set_cost_mode(self, *, timed: bool, default_cost: int,
-                      miss: Callable[[int, int], int] | None = None) -> None:
-        """Fast mode: every instruction costs `default_cost`. Timed mode: `miss(address,
-        size)` gives an instruction's cost once; the native table caches it by address."""
-        self._lib.idtlab_table_clear(ctypes.byref(self.counter))
-        self.counter.default_cost = default_cost
-        self.counter.timed = int(timed)
-        if miss is None:
-            self._miss_fn = None
-            self.counter.miss = None
-            return
-
-        def safe(address: int, size: int) -> int:
-            try:
-                return max(0, min(int(miss(address, size)), 2**32 - 1))
-            except Exception:  # never let an exception cross the C boundary
-                return default_cost
-
-        self._miss_fn = native.MissCallback(safe)
-        self.counter.miss = ctypes.cast(self._miss_fn, ctypes.c_void_p)
-
-    def clear_cost_cache(self) -> None:
-        self._lib.idtlab_table_clear(ctypes.byref(self.counter))
-
-    def code_changed(self) -> None:
-        """Guest code changed under addresses already run: forget everything cached by
-        address (the counter's costs and block sizes, the decoded block starts)."""
-        self.clear_cost_cache()
-        self._block_starts.clear()
-        self._block_decodes.clear()
-
-    def _restarted(self, pc: int) -> bool:
-        """A block generated at `pc` while instructions counted in this run did not
-        retire: QEMU's precise self-modifying-code path. A store into the block that is
-        running drops that block and restarts at the storing instruction, in a block
-        generated afresh (`tb_invalidate_phys_page_range`, "current TB modified"), so
-        the instructions counted from there on did not retire yet: take them back, and
-        stop (`_step_restarted` runs the store alone). True if it was a restart.
-
-        The restart block is told apart by its shape: QEMU generates it with a count of
-        one instruction (`cflags_next_tb = 1`), that instruction is a store, and it
-        starts inside the block that was running (timed mode: at the instruction just
-        counted). A block of one storing instruction does not otherwise start there: a
-        loop back into a block starts with a branch target whose block runs to the next
-        branch, a REP string instruction (one iteration per block) is excluded. (A store
-        whose own bytes are in the same block as a branch, a PUSH or CALL that writes
-        its own block, would be counted twice: not modelled.)"""
-        c = self.counter
-        if int(c.count) <= self._run_count:
-            return False
-        if self.block_counting:
-            k = self._index(pc)
-            if k is None or int(c.count) <= int(c.block_before) + k or not self._stores(pc):
-                return False
-            c.count = int(c.block_before) + k
-            c.cycles = int(c.block_cycles_before) + k * int(c.default_cost)
-            return True
-        if pc != int(c.last_addr) or not self._stores(pc):
-            return False
-        c.count -= 1
-        c.cycles -= c.last_cost
-        c.last_addr = 2**64 - 1
-        return True
-
-    def _stores(self, pc: int) -> bool:
-        """The instruction at `pc` stores to memory and is not a REP string instruction
-        (which QEMU runs one iteration per block, jumping back to itself)."""
-        code = self.code_reader(pc, 15)
-        if not code:
-            return False
-        prefixes = code[:next((i for i, b in enumerate(code) if b not in _LEGACY_PREFIX_BYTES),
-                              len(code))]
-        return has_write_intent(code, pc) and not (set(prefixes) & {0xF2, 0xF3})
-
-    def _step_restarted(self, err: int | None, until: int) -> int | None:
-        """After `_restarted` stopped the engine: drop QEMU's one-instruction restart
-        block (kept, it would run uncounted-for the next time the same store restarts),
-        then run the storing instruction alone — in a block that does not hold the
-        bytes it writes, so it completes once — and go on to `until`. Returns the
-        engine's error code. Left to the machine when something else stopped the run."""
-        c = self.counter
-        for _ in range(MAX_RESTARTS):
-            if self._restart is None:
-                return err
-            pc, asked = self._restart
-            self._restart = None
-            self.uc.ctl_remove_cache(pc, pc + 1)
-            if asked or err is not None or c.stopped:
-                return err
-            code = self.code_reader(pc, 15)
-            insn = decode_one(code, pc, bits=self.bits) if code else None
-            step_end = pc + (insn.size if insn is not None else 1)
-            self._stepping = pc
-            try:
-                err = self._emu(pc, step_end)
-            finally:
-                self._stepping = None
-            # Neither the one-instruction blocks of the step nor `until`'s stop may stay.
-            self.uc.ctl_remove_cache(pc, pc + 1)
-            self.uc.ctl_remove_cache(step_end, step_end + 1)
-            if err is not None or c.stopped or self._restart is not None \
-                    or self.read_reg("rip") != step_end:
-                continue
-            err = self._emu(step_end, until)
-        self._restart = None  # a guest rewriting its code at every step: the machine's stop
-        return err
 
     def remove_cache(self, begin: int, end: int) -> None:
         """Drop the translations of [begin, end): they are generated (and reported to
@@ -879,198 +470,3 @@ class Engine:
     def flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
-    # -- registers ---------------------------------------------------------------------
-    # The binding's reg_read/reg_read_batch cost ~3 us per register (most of it
-    # in its register-class lookup). Delivery and IRET read and write a handful of
-    # registers per event, so these call the library directly through ctypes with
-    # buffers prepared once per register list.
-    def _batch(self, names: tuple[str, ...]) -> tuple[Any, Any, Any]:
-        b = self._batches.get(names)
-        if b is None:
-            n = len(names)
-            ids = (ctypes.c_int * n)(*[self._reg[x] for x in names])
-            vals = (ctypes.c_uint64 * n)()
-            base = ctypes.addressof(vals)
-            ptrs = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
-            b = self._batches[names] = (ids, vals, ptrs)
-        return b
-
-    def read(self, names: Sequence[str]) -> list[int]:
-        key = tuple(names)
-        ids, vals, ptrs = self._batch(key)
-        ctypes.memset(vals, 0, 8 * len(key))  # segment registers fill only 2 bytes
-        status = self._uclib.uc_reg_read_batch(self._uch, ids, ptrs, len(key))
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-        return list(vals)
-
-    def write(self, values: dict[str, int]) -> None:
-        self.version += 1
-        key = tuple(values)
-        ids, vals, ptrs = self._batch(key)
-        for i, v in enumerate(values.values()):
-            vals[i] = v & 0xFFFFFFFFFFFFFFFF
-        status = self._uclib.uc_reg_write_batch(self._uch, ids, ptrs, len(key))
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-
-    def redirect(self, rip: int, values: dict[str, int]) -> None:
-        """From a hook while the engine runs: write `values`, then RIP, and continue there.
-        Only a single-register write of RIP makes Unicorn 2.1.4 leave the current
-        translation block (its batch write sets RIP but runs on, in the old block)."""
-        self.write(values)
-        rid, buf, ref = self._single("rip")
-        buf.value = rip & 0xFFFFFFFFFFFFFFFF
-        status = self._uclib.uc_reg_write(self._uch, rid, ref)
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-
-    def _single(self, name: str) -> tuple[int, Any, Any]:
-        one = self._singles.get(name)
-        if one is None:
-            buf = ctypes.c_uint64(0)
-            one = self._singles[name] = (self._reg[name], buf, ctypes.byref(buf))
-        return one
-
-    def has_register(self, name: str) -> bool:
-        """`read_reg(name)` works on this engine (the 32-bit one has no R8-R15)."""
-        return name in self._reg
-
-    def read_reg(self, name: str) -> int:
-        if self._event_version == self.version and not self._running:
-            i = _EVENT_INDEX.get(name)
-            if i is not None:
-                return self._event_state[i]
-        rid, buf, ref = self._single(name)
-        status = self._uclib.uc_reg_read(self._uch, rid, ref)
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-        return int(buf.value)
-
-    def _event_batch(self) -> tuple[Any, Any, Any]:
-        n = len(EVENT_REGS) + len(EVENT_TABLES) + 1
-        buf = (ctypes.c_uint8 * _EVENT_LAYOUT.size)()
-        base = ctypes.addressof(buf)
-        offsets = [8 * i for i in range(len(EVENT_REGS))]
-        offsets += [8 * len(EVENT_REGS) + 24 * i for i in range(len(EVENT_TABLES))]
-        offsets.append(_EVENT_LAYOUT.size - 16)
-        ids = (ctypes.c_int * n)(*[self._reg.get(x, 0) for x in EVENT_REGS],
-                                 *[_TABLE_REGS[x] for x in EVENT_TABLES], X.UC_X86_REG_MSR)
-        ptrs = (ctypes.c_void_p * n)(*[base + o for o in offsets])
-        struct.pack_into("<I", buf, offsets[-1], MSR_EFER)  # the MSR the last slot reads
-        return buf, ids, ptrs
-
-    def read_event_state(self) -> tuple[int, ...]:
-        """RIP, RSP, RFLAGS, CS, SS, CR2, CR0, CR3, CR4; (selector, base, limit, flags) of
-        IDTR, GDTR and TR; IA32_EFER — in one call (64-bit engines only)."""
-        if self.bits != 64:
-            raise RuntimeError("read_event_state needs the 64-bit engine")
-        if self._event_version == self.version and not self._running:
-            return self._event_state
-        status = self._uclib.uc_reg_read_batch(self._uch, self._event_ids, self._event_ptrs,
-                                               len(self._event_ids))
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-        v = _EVENT_LAYOUT.unpack_from(self._event_buf)
-        # CS and SS fill 2 bytes of their slots (the rest stays 0); the MSR slot's
-        # first field is the MSR number, kept for the next call.
-        state = (*v[:3], v[3] & 0xFFFF, v[4] & 0xFFFF, *v[5:21], v[22])
-        if not self._running:
-            self._event_state, self._event_version = state, self.version
-        return state
-
-    def read_table(self, which: str) -> tuple[int, int, int]:
-        """(selector, base, limit) of IDTR, GDTR, LDTR or TR."""
-        reg = _TABLE_REGS[which]
-        mmr = self._mmr
-        status = self._uclib.uc_reg_read(self._uch, reg, ctypes.byref(mmr))
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-        return int(mmr.selector), int(mmr.base), int(mmr.limit)
-
-    def write_table(self, which: str, selector: int, base: int, limit: int, flags: int = 0) -> None:
-        reg = _TABLE_REGS[which]
-        self.version += 1
-        self.uc.reg_write(reg, (selector, base, limit, flags))
-
-    def read_msr(self, msr: int) -> int:
-        m = self._msr
-        m.rid = msr
-        status = self._uclib.uc_reg_read(self._uch, X.UC_X86_REG_MSR, ctypes.byref(m))
-        if status != 0:
-            raise UcError(status)  # type: ignore[no-untyped-call]
-        return int(m.value)
-
-    def write_msr(self, msr: int, value: int) -> None:
-        self.version += 1
-        self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
-
-    # -- context-blob patches ------------------------------------------------------------
-    def _saved_context(self) -> Any:
-        """The engine's CPU state in one reused context object (saving into an existing
-        context avoids allocating one per event)."""
-        if self._ctx is None:
-            self._ctx = self.uc.context_save()
-        else:
-            self.uc.context_update(self._ctx)
-        return self._ctx
-
-    def pkru(self) -> int:
-        """PKRU (protection keys for user-mode pages): RDPKRU, WRPKRU and XRSTOR change
-        it natively, and the engine's API has no register for it."""
-        return int(struct.unpack_from("<I", blob(self._saved_context()), self.layout.pkru)[0])
-
-    def xcr0(self) -> int:
-        """XCR0 (XSETBV changes it natively; the engine's API has no register for it)."""
-        return int(struct.unpack_from("<Q", blob(self._saved_context()), self.layout.xcr0)[0])
-
-    def segment_caches(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
-        """(selector, descriptor flags) of segment registers ("es", "cs", "ss", "ds",
-        "fs", "gs") as QEMU caches them: the flags are the descriptor's high dword
-        (DPL in bits 13-14, S in bit 12, the type in bits 8-11). QEMU's `segs[]` array
-        holds ES, CS, SS, DS, FS, GS in that order, one `SegmentCache` apart."""
-        b = blob(self._saved_context())
-        lay = self.layout
-        stride = lay.ss - lay.cs
-        out: dict[str, tuple[int, int]] = {}
-        for name in names:
-            off = lay.cs + (_SEGMENT_ORDER.index(name) - 1) * stride
-            selector, flags = struct.unpack_from("<I", b, off)[0], struct.unpack_from("<I", b, off + 20)[0]
-            out[name] = (int(selector) & 0xFFFF, int(flags))
-        return out
-
-    def exception_info(self) -> tuple[int, bool]:
-        """QEMU's error code and INT-instruction flag for the exception just hooked."""
-        view = memoryview(blob(self._saved_context())).cast("B")
-        error_code, is_int = struct.unpack_from("<Ii", view, self.layout.error_code)
-        assert self.layout.is_int == self.layout.error_code + 4
-        return int(error_code), bool(is_int)
-
-    def patch_context(self, *, segments: tuple[int, int, int, int, int] | None = None,
-                      clear_stale_exception: bool = False) -> None:
-        """Apply privilege/segment state and/or reset QEMU's stale exception state.
-
-        `segments` = (cs_selector, cs_flags, ss_selector, ss_flags, cpl), where *_flags is
-        the descriptor's high dword as QEMU caches it (0 for a null SS).
-        """
-        ctx = self._saved_context()
-        b = blob(ctx)
-        lay = self.layout
-        if clear_stale_exception:
-            struct.pack_into("<i", b, lay.old_exception, -1)
-        if segments is not None:
-            cs, cs_flags, ss, ss_flags, cpl = segments
-            struct.pack_into("<IIQII", b, lay.cs, cs, 0, 0, 0xFFFFFFFF, cs_flags)
-            struct.pack_into("<IIQII", b, lay.ss, ss, 0, 0, 0xFFFFFFFF if ss & 0xFFFC else 0,
-                             ss_flags)
-            h = struct.unpack_from("<I", b, lay.hflags)[0] & ~(3 | _HF_CODE_SIZE)
-            # QEMU's cached code/stack size (cpu_x86_load_seg_cache): 64-bit code sets
-            # CS64, CS32 and SS32; compatibility-mode code takes CS32 from CS.D and SS32
-            # from SS.B.
-            if cs_flags & DESC_L:
-                h |= _HF_CODE_SIZE
-            else:
-                h |= (_HF_CS32 if cs_flags & DESC_DB else 0) | (_HF_SS32 if ss_flags & DESC_DB else 0)
-            struct.pack_into("<I", b, lay.hflags, h | cpl)
-        self.version += 1
-        self.uc.context_restore(ctx)
