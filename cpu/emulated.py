@@ -82,6 +82,7 @@ from cpu.control_regs import (
 from cpu.cpu_model import MsrFault
 from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
+from cpu.mmu import CR4_PKE, Access
 from cpu.msrs import (
     MSR_EFER,
     MSR_SYSENTER_CS,
@@ -90,9 +91,18 @@ from cpu.msrs import (
     MSR_TSC,
     MSR_TSC_AUX,
 )
+from cpu.native_paths import IretVouch, ProgressView
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
-from idt.state import RFLAGS_IF, RFLAGS_RF, RFLAGS_VM, ArchFault, Event, is_canonical
+from idt.state import (
+    RFLAGS_IF,
+    RFLAGS_RF,
+    RFLAGS_VM,
+    ArchFault,
+    ArchState,
+    Event,
+    is_canonical,
+)
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
@@ -212,7 +222,69 @@ class Emulated:
         e.cycles += cost
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
+        self._vouch_native_iret(address, st, icount, cost)
         return True
+
+    def _vouch_native_iret(self, address: int, st: ArchState, icount: int, cost: int) -> None:
+        """After `iret_in_hook` executed the IRETQ at `address`: let the native hook
+        execute the IRETQs that follow in this run the same way (cpu/native_paths.py),
+        vouching for what it cannot see. Only the memory this IRET read is vouched for
+        (its frame's page, the CS and SS descriptors): re-walking it sets no A/D bit."""
+        m = self.m
+        e = m.engine
+        before = m.injections.state.before
+        ctl = m.regs.last_paging()
+        if (m.ept is not None or ctl.cr4 & CR4_PKE or address in before or len(before) > 8
+                or address in m.debug.state.exec_breakpoints or m.progress.state.last is None):
+            return
+        user = st.cpl == 3
+        words: dict[int, int] = {}
+        walks = m.sysmem.walks
+        try:
+            t = walks.walk(ctl, st.rsp, Access.READ, user=user)
+            words.update(walks.last_used)
+            for sel in (st.cs, st.ss):
+                if sel & 0xFFFC == 0:
+                    continue
+                linear = st.gdtr_base + (sel >> 3) * 8
+                d = walks.walk(ctl, linear, Access.READ, user=False)
+                words.update(walks.last_used)
+                paddr = d.paddr | (linear & 0xFFF)
+                if not m.phys.contains(paddr, 8):
+                    return
+                words[paddr] = int.from_bytes(m.phys.read(paddr, 8), "little")
+        except ArchFault:
+            return
+        if not m.phys.contains(t.paddr, 4096):
+            return
+        c = e.counter
+        p = m.progress.state
+        last = p.last
+        assert last is not None
+        e.paths.learn_iret(address, IretVouch(
+            block=(int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1),
+            cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=t.paddr,
+            words=tuple(words.items()), before=tuple(before), cost=cost,
+            progress=ProgressView(last=(last[0], last[1], last[2], last[3], last[4]),
+                                  icount=p.icount, registers=p.registers, repeats=p.repeats,
+                                  limit=m.progress.limit())))
+
+    def native_irets(self, records: list[tuple[int, int, int, int, int, int]]) -> None:
+        """IRETQs the native hook executed, in order (`Engine.irets_done`): the records
+        and bookkeeping `iret_in_hook` makes for each."""
+        m = self.m
+        cpl = m.regs.state.cpl
+        for address, icount, cycles, rip, rsp, rflags in records:
+            depth = m.frames.returned()
+            m.trace.emit("iret", icount, cycles, rip=address, to_rip=rip, to_rsp=rsp,
+                         to_cpl=cpl, nmi_unblocked=False, depth=depth)
+            if rflags & RFLAGS_RF:
+                m.debug.iret_loaded_rf(icount, rip)
+        # The no-progress check ran natively (the same rule): take its state back.
+        pv = m.engine.paths.progress()
+        p = m.progress.state
+        p.last = (*pv.last, m.state.run.events)
+        p.icount, p.registers, p.repeats = pv.icount, pv.registers, pv.repeats
 
     def quiet_boundary(self, if_after: bool = True) -> bool:
         """From a code hook while the engine runs: the boundary after the instruction

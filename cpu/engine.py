@@ -251,10 +251,16 @@ class Engine(InstructionCounting):
         if bits == 32:
             # After the counter: a stop here comes after the block was counted.
             uc.hook_add(UC_HOOK_BLOCK, self._on_block)
-        # RDTSC/RDTSCP sites executed natively when Python vouched for them (native_paths).
+        # RDTSC/RDTSCP and plain IRETQ sites executed natively when Python vouched for them
+        # (native_paths); the IRETQs done natively reach `irets_done` in order.
         self.paths = NativePaths(uc, _ucpy.uclib, self.counter, block_counting=block_counting,
-                                 rids=self._reg, site=lambda a: self._on_site(uc, a, 0, None))
+                                 rids=self._reg, site=lambda a: self._on_site(uc, a, 0, None),
+                                 mem=mem.host_address, mem_size=mem.size,
+                                 gprs=tuple(r for r in GPRS if r != "rsp") if bits == 64 else ())
         self._paths_state = self.paths.state
+        self._iret_state = self.paths.iret
+        self.irets_done: Callable[[list[tuple[int, int, int, int, int, int]]], None] = \
+            lambda records: None
         if bits == 64:
             uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_translated)
 
@@ -280,9 +286,22 @@ class Engine(InstructionCounting):
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # -- hooks -------------------------------------------------------------------------
+    def _python_hook(self) -> None:
+        """A Python hook runs: native paths must be vouched for again (anything may
+        change now), and the IRETQs they executed are handed over first."""
+        self._paths_state.armed = 0
+        self._iret_state.armed = 0
+        if self._iret_state.logged:
+            self.irets_done(self.paths.drain_irets())
+
+    def drain_native(self) -> None:
+        """Hand the natively executed IRETQs over (the engine stopped)."""
+        if self._iret_state.logged:
+            self.irets_done(self.paths.drain_irets())
+
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
         """The TLB fill the native front could not answer (called from tlb.c)."""
-        self._paths_state.armed = 0  # a Python hook: native paths vouched for again
+        self._python_hook()
         entry = _TlbEntry.from_address(entry_ptr)
         kind = _FILL_ACCESS.get(access, Access.READ)
         result = self.fill(vaddr, kind)
@@ -330,7 +349,7 @@ class Engine(InstructionCounting):
 
     def _on_unmapped(self, uc: Any, access: int, addr: int, size: int, value: int,
                      _data: object) -> bool:
-        self._paths_state.armed = 0
+        self._python_hook()
         kind = _UNMAPPED_ACCESS.get(access, Access.READ)
         if addr >= POISON_BASE:
             slot = (addr - POISON_BASE) >> 12
@@ -341,19 +360,19 @@ class Engine(InstructionCounting):
         return False
 
     def _on_intr(self, uc: Any, vector: int, _data: object) -> None:
-        self._paths_state.armed = 0
+        self._python_hook()
         self.interrupt(vector)
 
     def _on_site(self, uc: Any, address: int, size: int, _data: object) -> None:
-        self._paths_state.armed = 0
+        self._python_hook()
         self.site(address)
 
     def _on_in(self, uc: Any, port: int, size: int, _data: object) -> int:
-        self._paths_state.armed = 0
+        self._python_hook()
         return self.port_in(port, size)
 
     def _on_out(self, uc: Any, port: int, size: int, value: int, _data: object) -> None:
-        self._paths_state.armed = 0
+        self._python_hook()
         self.port_out(port, size, value)
 
     def _on_block(self, uc: Any, address: int, size: int, _data: object) -> None:
@@ -380,7 +399,7 @@ class Engine(InstructionCounting):
             self._restart = (pc, asked)
 
     def _on_cpuid(self, uc: Any, _data: object) -> int:
-        self._paths_state.armed = 0
+        self._python_hook()
         leaf, subleaf = self.read(("rax", "rcx"))
         regs = self.cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF)
         if regs is None:
@@ -407,13 +426,17 @@ class Engine(InstructionCounting):
         self.counter.cycles = other.counter.cycles
 
     # -- control -----------------------------------------------------------------------
-    def add_site(self, address: int, rdtsc: tuple[int, bool] | None = None) -> None:
+    def add_site(self, address: int, rdtsc: tuple[int, bool] | None = None, *,
+                 iret: bool = False) -> None:
         """Call `site(address)` before the instruction at `address` executes. `rdtsc` =
-        (length, is RDTSCP): an RDTSC/RDTSCP site, hooked natively (cpu/native_paths.py),
-        which calls `site` for all but the plain case."""
+        (length, is RDTSCP): an RDTSC/RDTSCP site, `iret`: an IRETQ site, hooked natively
+        (cpu/native_paths.py), which calls `site` for all but the plain case."""
         if address not in self._sites:
             if rdtsc is not None and self.bits == 64:
                 self.paths.hook(address, rdtsc[0], rdtscp=rdtsc[1], hook_code=UC_HOOK_CODE)
+                self._sites[address] = -1
+            elif iret and self.bits == 64:
+                self.paths.hook_iret(address, hook_code=UC_HOOK_CODE)
                 self._sites[address] = -1
             else:
                 self._sites[address] = self.uc.hook_add(UC_HOOK_CODE, self._on_site, None,

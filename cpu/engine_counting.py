@@ -52,6 +52,9 @@ class InstructionCounting(RegisterAccess):
     _stepping: int | None
     _miss_fn: Any
 
+    def drain_native(self) -> None:
+        """Hand over what native paths did that Python keeps track of (cpu/engine.py)."""
+
     def _emu(self, begin: int, until: int) -> int | None:
         bounded = until != UNTIL_NEVER
         if bounded:
@@ -67,6 +70,7 @@ class InstructionCounting(RegisterAccess):
             self.version += 1
             if bounded:
                 self.uc.ctl_set_exits([])
+            self.drain_native()
         return None
 
     def run(self, begin: int, until: int = UNTIL_NEVER) -> int | None:

@@ -1,5 +1,5 @@
-"""Native fast paths for emulated instructions (`cpu/native/paths.c`): RDTSC and RDTSCP
-executed in a native code hook at their sites, without a Python call.
+"""Native fast paths for emulated instructions (`cpu/native/paths.c`): RDTSC, RDTSCP and
+the plain IRETQ executed in a native code hook at their sites, without a Python call.
 
 Why: kvm-unit-tests' `delay()` spins on `pause; rdtsc` until a million TSC cycles have
 passed, about 166 000 RDTSCs per call. Stopping the engine at each one costs ~40 us, and
@@ -17,12 +17,22 @@ hook of the engine runs, and at the start of every run (`new_run`: every site mu
 vouched for again); what changes natively (RFLAGS.TF, the counter's thresholds and split runs, the
 block being run) the C code checks itself. See paths.c for the count settling in fast
 mode, which is `Engine.hook_stamp`'s.
+
+IRETQ follows the same pattern (`hook_iret`, `learn_iret` from `iret_in_hook`), with one
+addition: an IRET leaves trace records and bookkeeping (frame depth, the no-progress
+signature) that only Python keeps, so the C code logs each IRET it executes and the
+engine hands the log to the machine (`drain_irets`) at every Python hook and when it
+stops — before anything else is recorded — which makes exactly what `iret_in_hook`
+would have made, in the same order. An IRET chain (a frame clobbered by a nested NMI,
+returning into a return) then costs a native call per IRET and a few Python operations
+per record.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cpu import native
@@ -68,11 +78,109 @@ class RdtscSiteStruct(ctypes.Structure):
     ]
 
 
+IRET_LOG = 64
+IRET_WORDS = 16
+IRET_BEFORE = 8
+
+
+class IretRecord(ctypes.Structure):
+    """`struct idtlab_iret_record` of paths.c: one IRETQ executed natively."""
+
+    _fields_ = [(name, ctypes.c_uint64)
+                for name in ("address", "icount", "cycles", "rip", "rsp", "rflags")]
+
+
+class IretStruct(ctypes.Structure):
+    """`struct idtlab_iret` of paths.c."""
+
+    _fields_ = [
+        ("counter", ctypes.c_void_p),
+        ("reg_read", ctypes.c_void_p),
+        ("reg_write", ctypes.c_void_p),
+        ("fallback", ctypes.c_void_p),
+        ("mem", ctypes.c_void_p),
+        ("mem_size", ctypes.c_uint64),
+        ("armed", ctypes.c_uint64),
+        ("generation", ctypes.c_uint64),
+        ("block_counting", ctypes.c_uint64),
+        ("cs", ctypes.c_uint64),
+        ("ss", ctypes.c_uint64),
+        ("cpl", ctypes.c_uint64),
+        ("stack_page", ctypes.c_uint64),
+        ("stack_paddr", ctypes.c_uint64),
+        ("nwords", ctypes.c_uint64),
+        ("addr", ctypes.c_uint64 * IRET_WORDS),
+        ("val", ctypes.c_uint64 * IRET_WORDS),
+        ("nbefore", ctypes.c_uint64),
+        ("before", ctypes.c_uint64 * IRET_BEFORE),
+        ("cost", ctypes.c_uint64),
+        ("last_address", ctypes.c_uint64),
+        ("last_rip", ctypes.c_uint64),
+        ("last_rsp", ctypes.c_uint64),
+        ("last_rflags", ctypes.c_uint64),
+        ("last_delta", ctypes.c_uint64),
+        ("last_icount", ctypes.c_uint64),
+        ("have_regs", ctypes.c_uint64),
+        ("repeats", ctypes.c_uint64),
+        ("repeat_limit", ctypes.c_uint64),
+        ("regs", ctypes.c_uint64 * 15),
+        ("hits", ctypes.c_uint64),
+        ("logged", ctypes.c_uint64),
+        ("log", IretRecord * IRET_LOG),
+        ("rid_rsp", ctypes.c_int32),
+        ("rid_rflags", ctypes.c_int32),
+        ("rid_rip", ctypes.c_int32),
+        ("rid_cs", ctypes.c_int32),
+        ("rid_ss", ctypes.c_int32),
+        ("rid_gpr", ctypes.c_int32 * 15),
+    ]
+
+
+class IretSiteStruct(ctypes.Structure):
+    """`struct idtlab_iret_site` of paths.c."""
+
+    _fields_ = [
+        ("iret", ctypes.c_void_p),
+        ("generation", ctypes.c_uint64),
+        ("block_addr", ctypes.c_uint64),
+        ("block_size", ctypes.c_uint64),
+        ("index", ctypes.c_uint64),
+    ]
+
+
+@dataclass(frozen=True)
+class IretVouch:
+    """What Python vouches for when it arms the native IRETQ (`NativePaths.learn_iret`)."""
+
+    block: tuple[int, int, int]  # the site's translation block (address, size) and index
+    cs: int
+    ss: int
+    cpl: int
+    stack_page: int  # the linear page of the frame, and its physical page
+    stack_paddr: int
+    words: tuple[tuple[int, int], ...]  # (physical address, value) that must still hold
+    before: tuple[int, ...]  # injection points (an IRET to one is Python's)
+    cost: int  # cycles of a same-level IRET
+    progress: ProgressView  # cpu/progress.py's state
+
+
+@dataclass(frozen=True)
+class ProgressView:
+    """cpu/progress.py's no-progress state as the native IRETQ keeps it while it runs."""
+
+    last: tuple[int, int, int, int, int]  # address, RIP, RSP, RFLAGS, instructions since
+    icount: int  # the count at the last IRET
+    registers: tuple[int, ...] | None  # the general registers of a candidate loop
+    repeats: int
+    limit: int  # NO_PROGRESS_IRETS
+
+
 class NativePaths:
     """The native RDTSC/RDTSCP site hooks of one engine."""
 
     def __init__(self, uc: Any, uclib: Any, counter: ctypes.Structure, *, block_counting: bool,
-                 rids: dict[str, int], site: Callable[[int], None]) -> None:
+                 rids: dict[str, int], site: Callable[[int], None], mem: int = 0,
+                 mem_size: int = 0, gprs: tuple[str, ...] = ()) -> None:
         self._uc = uc
         self._uclib = uclib
         self._uch = uc._uch
@@ -88,6 +196,19 @@ class NativePaths:
         p.rid_rax, p.rid_rcx, p.rid_rdx = rids["rax"], rids["rcx"], rids["rdx"]
         p.rid_rip, p.rid_rflags = rids["rip"], rids["rflags"]
         self._sites: dict[int, tuple[RdtscSiteStruct, int]] = {}
+        i = self.iret = IretStruct()
+        i.counter, i.reg_read, i.reg_write = p.counter, p.reg_read, p.reg_write
+        i.fallback = p.fallback
+        i.mem, i.mem_size = mem, mem_size
+        i.block_counting = p.block_counting
+        i.rid_rsp, i.rid_rflags, i.rid_rip = rids["rsp"], rids["rflags"], rids["rip"]
+        i.rid_cs, i.rid_ss = rids["cs"], rids["ss"]
+        if len(gprs) == 15:
+            for k, name in enumerate(gprs):
+                i.rid_gpr[k] = rids[name]
+        self._iret_sites: dict[int, tuple[IretSiteStruct, int]] = {}
+        # False: IRETQ always takes Python's path (tests compare the two).
+        self.iret_enabled = True
 
     def _call_site(self, address: int) -> None:
         """The Python site hook, with the binding's contract for exceptions: the first
@@ -111,9 +232,21 @@ class NativePaths:
             raise RuntimeError(f"uc_hook_add(rdtsc site) failed: {status}")
         self._sites[address] = (s, int(handle.value))
 
+    def hook_iret(self, address: int, *, hook_code: int) -> None:
+        """Register the native hook at the IRETQ at `address`."""
+        s = IretSiteStruct(ctypes.addressof(self.iret), 0, 0, 0, 0)
+        handle = ctypes.c_size_t()
+        fn = ctypes.cast(self._lib.idtlab_iret_site, ctypes.c_void_p)
+        status = self._uclib.uc_hook_add(self._uch, ctypes.byref(handle), hook_code, fn,
+                                         ctypes.byref(s), ctypes.c_uint64(address),
+                                         ctypes.c_uint64(address))
+        if status != 0:
+            raise RuntimeError(f"uc_hook_add(iret site) failed: {status}")
+        self._iret_sites[address] = (s, int(handle.value))
+
     def unhook(self, address: int) -> bool:
         """Remove the native hook at `address` (False: there is none)."""
-        entry = self._sites.pop(address, None)
+        entry = self._sites.pop(address, None) or self._iret_sites.pop(address, None)
         if entry is None:
             return False
         self._uclib.uc_hook_del(self._uch, ctypes.c_size_t(entry[1]))
@@ -124,6 +257,65 @@ class NativePaths:
         p = self.state
         p.armed = 0
         p.generation += 1
+        self.iret.armed = 0
+        self.iret.generation = p.generation
+
+    def learn_iret(self, address: int, vouch: IretVouch) -> bool:
+        """From `iret_in_hook`, which just executed the IRETQ at `address` in its hook:
+        the native hook may execute IRETQs from now on in this run, under `vouch`.
+        False when it cannot (no native hook there, too much to vouch for)."""
+        entry = self._iret_sites.get(address)
+        if (entry is None or not self.iret_enabled or len(vouch.words) > IRET_WORDS
+                or len(vouch.before) > IRET_BEFORE):
+            return False
+        s = entry[0]
+        i = self.iret
+        s.block_addr, s.block_size, s.index = vouch.block
+        s.generation = i.generation
+        i.cs, i.ss, i.cpl = vouch.cs, vouch.ss, vouch.cpl
+        i.stack_page, i.stack_paddr = vouch.stack_page, vouch.stack_paddr
+        i.nwords = len(vouch.words)
+        for k, (a, v) in enumerate(vouch.words):
+            i.addr[k], i.val[k] = a, v
+        i.nbefore = len(vouch.before)
+        for k, a in enumerate(vouch.before):
+            i.before[k] = a
+        i.cost = vouch.cost
+        pv = vouch.progress
+        (i.last_address, i.last_rip, i.last_rsp, i.last_rflags,
+         i.last_delta) = (x & 0xFFFFFFFFFFFFFFFF for x in pv.last)
+        i.last_icount = pv.icount
+        i.have_regs = int(pv.registers is not None)
+        for k, v in enumerate(pv.registers or ()):
+            i.regs[k] = v
+        i.repeats, i.repeat_limit = pv.repeats, pv.limit
+        i.armed = 1
+        return True
+
+    def progress(self) -> ProgressView:
+        """The no-progress state as the native IRETQ left it (valid after `learn_iret`)."""
+        i = self.iret
+        return ProgressView(
+            last=(int(i.last_address), int(i.last_rip), int(i.last_rsp), int(i.last_rflags),
+                  int(i.last_delta)),
+            icount=int(i.last_icount),
+            registers=tuple(int(v) for v in i.regs) if i.have_regs else None,
+            repeats=int(i.repeats), limit=int(i.repeat_limit))
+
+    def drain_irets(self) -> list[tuple[int, int, int, int, int, int]]:
+        """The IRETQs executed natively since the last drain, in order: (address, icount,
+        cycles, RIP, RSP, RFLAGS) each. Empties the log."""
+        i = self.iret
+        n = int(i.logged)
+        out = [(int(r.address), int(r.icount), int(r.cycles), int(r.rip), int(r.rsp),
+                int(r.rflags)) for r in i.log[:n]]
+        i.logged = 0
+        return out
+
+    @property
+    def iret_hits(self) -> int:
+        """IRETQs executed natively."""
+        return int(self.iret.hits)
 
     def learn(self, address: int, block: tuple[int, int, int], *, tsc_offset: int,
               tsc_aux: int, if_clear: bool) -> None:

@@ -54,6 +54,11 @@ class Progress:
         self.m = m
         self.state = state
 
+    @staticmethod
+    def limit() -> int:
+        """Identical IRETs in a row that end a run (NO_PROGRESS_IRETS, read when asked)."""
+        return NO_PROGRESS_IRETS
+
     def after_iret(self, address: int, rip: int, rsp: int, rflags: int) -> None:
         """An emulated IRET at `address` returned to `rip` with `rsp` and `rflags`."""
         st = self.state

@@ -198,6 +198,10 @@ class SiteTable:
         is_iretq = insn.mnemonic == "iretq"
         is_cr2_read = kind is None and insn.mnemonic == "mov" and insn.op_str.endswith(", cr2")
         if (addr in self.iretq) != is_iretq:
+            if not is_iretq:
+                # A native IRETQ hook would run IRETQ whatever the bytes now are: drop it
+                # (a new hook is added below if the instruction is a site).
+                self.m.engine.remove_site(addr)
             self.iretq = self.iretq ^ {addr}
         if (addr in self.cr2_reads) != is_cr2_read:
             self.cr2_reads = self.cr2_reads ^ {addr}
@@ -221,7 +225,7 @@ class SiteTable:
         for address in addresses:
             kind = self.kinds.get(address)
             native = (self.lengths[address], kind is SiteKind.RDTSCP) if kind in _RDTSC else None
-            self.m.engine.add_site(address, native)
+            self.m.engine.add_site(address, native, iret=address in self.iretq)
 
     def keeps(self, address: int) -> bool:
         """The engine hook at `address` is this table's (a rollback keeps it)."""

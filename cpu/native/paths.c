@@ -30,6 +30,7 @@
  * (Unicorn then leaves the translation block; the rest of it runs as a new block).
  */
 #include <stdint.h>
+#include <string.h>
 
 struct idtlab_counter_view { /* the head of struct idtlab_counter (counter.c) */
     uint64_t count;
@@ -125,6 +126,193 @@ void idtlab_rdtsc_site(void *uc, uint64_t address, uint32_t size, void *user_dat
     }
     v = address + s->length;
     p->reg_write(uc, p->rid_rip, &v);
+    p->hits++;
+    return;
+slow:
+    p->fallback(address);
+}
+
+/* IRETQ, the plain case, in its code hook.
+ *
+ * An IRET chain (a handler that returns into another return, a frame walked up the
+ * stack by a clobbered IRET) costs one Python call per IRET even in its code hook
+ * (cpu/emulated.py `iret_in_hook`, ~25 us). This hook executes an IRETQ that Python
+ * would execute there the same way, and calls Python (`fallback`, the site hook) for
+ * everything else. Python vouches (`idtlab_iret` is armed by `NativePaths.learn_iret`,
+ * right after `iret_in_hook` executed an IRETQ) for what only Python can see — the
+ * boundary after it is quiet, no injection point or breakpoint is at the site, NMIs are
+ * not blocked (so the IRET unblocks nothing), no EPT — and for the memory the IRET reads:
+ * the stack page's translation and the CS and SS descriptors, as physical words that
+ * must still hold what they held then (paging-structure entries, descriptor qwords),
+ * re-read here from guest memory. Control registers, GDTR and EFER change only in
+ * Python hooks (they are sites), and any Python hook disarms this path.
+ *
+ * Checked here, as `iret64` and `iret_in_hook` check them: the site's block and count
+ * (fast mode: the IRET is the last instruction counted), RFLAGS.TF and NT = 0 now, the
+ * frame (40 bytes at RSP) on the vouched page, CS and SS popped equal to CS and SS now
+ * (a return to the same privilege level with the descriptors vouched for), a canonical
+ * RIP, no TF in the loaded RFLAGS, RIP not an injection point. RFLAGS is merged with
+ * the writable mask of the CPL and IOPL in force. The no-progress check of
+ * cpu/progress.py is kept here while this path runs (the same signature, then the same
+ * general registers, counted), and an IRET that would end the run by it is Python's.
+ * Each IRET done here is logged; Python turns the log into the same trace records and
+ * bookkeeping its own path makes (`Engine` drains it at every Python hook and when the
+ * engine stops), in order, and takes the no-progress state back.
+ */
+#define IRET_LOG 64
+#define IRET_WORDS 16
+#define IRET_BEFORE 8
+#define RFLAGS_NT (1ull << 14)
+#define RFLAGS_RF (1ull << 16)
+#define RFLAGS_IOPL (3ull << 12)
+#define RFLAGS_VIF (1ull << 19)
+#define RFLAGS_VIP (1ull << 20)
+/* CF, bit 2, AF, ZF, SF, OF | TF IF DF IOPL NT RF AC VIF VIP ID (idt/iret.py _WRITABLE) */
+#define IRET_WRITABLE (0x1ull | 0x4 | 0x10 | 0x40 | 0x80 | 0x800 | (1ull << 8) | (1ull << 9) \
+                       | (1ull << 10) | RFLAGS_IOPL | RFLAGS_NT | RFLAGS_RF | (1ull << 18) \
+                       | RFLAGS_VIF | RFLAGS_VIP | (1ull << 21))
+
+struct idtlab_iret_record {
+    uint64_t address, icount, cycles, rip, rsp, rflags;
+};
+
+struct idtlab_iret {
+    struct idtlab_counter_view *counter;
+    int (*reg_read)(void *uc, int regid, void *value);
+    int (*reg_write)(void *uc, int regid, const void *value);
+    void (*fallback)(uint64_t address);
+    uint8_t *mem;
+    uint64_t mem_size;
+    uint64_t armed;
+    uint64_t generation;
+    uint64_t block_counting;
+    uint64_t cs, ss, cpl;
+    uint64_t stack_page, stack_paddr; /* linear page of the frame, its physical page */
+    uint64_t nwords;
+    uint64_t addr[IRET_WORDS], val[IRET_WORDS];
+    uint64_t nbefore;
+    uint64_t before[IRET_BEFORE];
+    uint64_t cost;
+    /* cpu/progress.py's state: the previous IRET's signature (without the events, which
+     * only Python changes), the count at it, the registers of a candidate loop */
+    uint64_t last_address, last_rip, last_rsp, last_rflags, last_delta, last_icount;
+    uint64_t have_regs, repeats, repeat_limit;
+    uint64_t regs[15];
+    uint64_t hits;
+    uint64_t logged;
+    struct idtlab_iret_record log[IRET_LOG];
+    int32_t rid_rsp, rid_rflags, rid_rip, rid_cs, rid_ss;
+    int32_t rid_gpr[15]; /* the general registers but RSP, in cpu/progress.py's order */
+};
+
+struct idtlab_iret_site {
+    struct idtlab_iret *iret;
+    uint64_t generation;
+    uint64_t block_addr;
+    uint64_t block_size;
+    uint64_t index;
+};
+
+static int canonical(uint64_t a)
+{
+    uint64_t top = a >> 47;
+    return top == 0 || top == 0x1FFFF;
+}
+
+void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct idtlab_iret_site *s = (struct idtlab_iret_site *)user_data;
+    struct idtlab_iret *p = s->iret;
+    struct idtlab_counter_view *c = p->counter;
+    uint64_t rflags = 0, rsp = 0, cs = 0, ss = 0, frame[5], i, writable, new_rflags, delta, v;
+    struct idtlab_iret_record *r;
+    (void)size;
+    if (!p->armed || s->generation != p->generation || p->logged >= IRET_LOG || c->stopped
+            || c->stop_at == UINT64_MAX || c->ac_check)
+        goto slow;
+    if (p->block_counting) {
+        if (c->block_addr != s->block_addr || c->block_size != s->block_size
+                || c->count != c->block_before + s->index + 1)
+            goto slow;
+    } else {
+        goto slow; /* timed mode: Python's path (counts per instruction) */
+    }
+    if (p->reg_read(uc, p->rid_rflags, &rflags) != 0 || (rflags & (RFLAGS_TF | RFLAGS_NT)))
+        goto slow;
+    if (p->reg_read(uc, p->rid_rsp, &rsp) != 0 || p->reg_read(uc, p->rid_cs, &cs) != 0
+            || p->reg_read(uc, p->rid_ss, &ss) != 0)
+        goto slow;
+    cs &= 0xFFFF;
+    ss &= 0xFFFF;
+    if (cs != p->cs || ss != p->ss || (rsp >> 12) != p->stack_page || (rsp & 0xFFF) + 40 > 4096)
+        goto slow;
+    for (i = 0; i < p->nwords; i++) {
+        if (p->addr[i] + 8 > p->mem_size)
+            goto slow;
+        memcpy(&v, p->mem + p->addr[i], 8);
+        if (v != p->val[i])
+            goto slow;
+    }
+    if (p->stack_paddr + 4096 > p->mem_size)
+        goto slow;
+    memcpy(frame, p->mem + p->stack_paddr + (rsp & 0xFFF), 40);
+    if ((frame[1] & 0xFFFF) != cs || (frame[4] & 0xFFFF) != ss || !canonical(frame[0]))
+        goto slow;
+    writable = IRET_WRITABLE;
+    if (p->cpl > 0)
+        writable &= ~(RFLAGS_IOPL | RFLAGS_VIF | RFLAGS_VIP);
+    if (p->cpl > ((rflags & RFLAGS_IOPL) >> 12))
+        writable &= ~RFLAGS_IF;
+    new_rflags = (rflags & ~writable) | (frame[2] & writable) | 2;
+    if (new_rflags & RFLAGS_TF)
+        goto slow;
+    for (i = 0; i < p->nbefore; i++)
+        if (p->before[i] == frame[0])
+            goto slow;
+    delta = c->count - p->last_icount;
+    if (address == p->last_address && frame[0] == p->last_rip && frame[3] == p->last_rsp
+            && new_rflags == p->last_rflags && delta == p->last_delta) {
+        /* `Progress.observe`: the same signature; then the registers decide */
+        uint64_t regs[15];
+        int same = p->have_regs;
+        for (i = 0; i < 15; i++) {
+            regs[i] = 0;
+            if (p->reg_read(uc, p->rid_gpr[i], &regs[i]) != 0)
+                goto slow;
+            if (regs[i] != p->regs[i])
+                same = 0;
+        }
+        if (!same) {
+            memcpy(p->regs, regs, sizeof regs);
+            p->have_regs = 1;
+            p->repeats = 1;
+        } else if (p->repeats + 1 >= p->repeat_limit) {
+            goto slow; /* the loop ends the run: Python's path */
+        } else {
+            p->repeats++;
+        }
+    } else {
+        p->last_address = address;
+        p->last_rip = frame[0];
+        p->last_rsp = frame[3];
+        p->last_rflags = new_rflags;
+        p->last_delta = delta;
+        p->have_regs = 0;
+        p->repeats = 0;
+    }
+    p->last_icount = c->count;
+    r = &p->log[p->logged++];
+    r->address = address;
+    r->icount = c->count;
+    r->cycles = c->cycles;
+    r->rip = frame[0];
+    r->rsp = frame[3];
+    r->rflags = new_rflags;
+    c->last_cost = c->default_cost;
+    c->cycles += p->cost;
+    p->reg_write(uc, p->rid_rsp, &frame[3]);
+    p->reg_write(uc, p->rid_rflags, &new_rflags);
+    p->reg_write(uc, p->rid_rip, &frame[0]);
     p->hits++;
     return;
 slow:

@@ -1,0 +1,185 @@
+"""The native IRETQ (cpu/native/paths.c `idtlab_iret_site`, cpu/native_paths.py) gives
+exactly the trace, counts and state of the Python path: every case runs with the native
+hook allowed and with it refused (`NativePaths.iret_enabled = False`) and is compared
+record for record; each test checks that the native hook really executed IRETQs, and
+the cases where it must hand the IRETQ back to Python (a descriptor or the frame's page
+changed, TF, an injection point) end as Python ends them."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from cpu.layout import KERNEL_CS
+from cpu.machine import Machine
+from idt.vectors import Vector
+from idtlab import explore as ex
+from idtlab.assemble import CodeBlock, assemble_blocks
+
+ROOT = Path(__file__).resolve().parents[2]
+CR2_RACE = ROOT / "idtlab" / "examples" / "explore" / "cr2_race.toml"
+CODE, STACK = 0x100000, 0x70000
+
+# An IRETQ chain: each pass builds a same-level frame returning to `again` and IRETs
+# through it (`mov rcx, N` passes). `setup` runs first; `tamper` when RCX reaches 50
+# (without any instruction idtlab intercepts, and jumping to `build`, so the IRETQ's
+# translation block stays the one the native hook was armed in).
+CHAIN = """
+start:
+{setup}
+    mov rcx, 100
+again:
+    dec rcx
+    jz done
+    cmp rcx, 50
+    jne build
+{tamper}
+    jmp build
+build:
+    mov rax, rsp
+    push 0x10
+    push rax
+    pushfq
+    push 0x08
+    lea rax, [rip + again]
+    push rax
+the_iret:
+    iretq
+done:
+    hlt
+handler:
+    hlt
+"""
+
+
+def chain_machine(tamper: str = "", *, native: bool, setup: str = "") -> tuple[
+        Machine, dict[str, int]]:
+    source = textwrap.dedent(CHAIN).format(tamper=textwrap.indent(tamper, "    "),
+                                           setup=textwrap.indent(setup, "    "))
+    blocks, symbols = assemble_blocks([CodeBlock(CODE, source, "test", 1)], {})
+    m = Machine(4 << 20, max_insns=100_000)
+    for b in blocks:
+        m.load(b.at, b.code, code=True)
+    for vector in (Vector.NP, Vector.GP, Vector.DB, Vector.PF):
+        m.set_gate(vector, symbols["handler"])
+    m.engine.paths.iret_enabled = native
+    return m, symbols
+
+
+def run_both(tamper: str = "", setup: str = "") -> tuple[tuple[Any, ...], Machine,
+                                                        dict[str, int]]:
+    results = []
+    machines = []
+    for native in (True, False):
+        m, symbols = chain_machine(tamper, native=native, setup=setup)
+        r = m.run(entry=symbols["start"], rsp=STACK)
+        regs = m.engine.read(("rip", "rsp", "rflags", "rcx", "rax"))
+        results.append((r.outcome, r.rip, r.icount, r.cycles, regs, r.trace.records))
+        machines.append(m)
+    assert results[0] == results[1]
+    assert machines[1].engine.paths.iret_hits == 0
+    return results[0], machines[0], symbols
+
+
+def test_an_iretq_chain_runs_natively_and_traces_as_the_python_path() -> None:
+    got, m, s = run_both()
+    assert got[0] == "hlt" and got[1] == s["done"] + 1
+    irets = [r for r in got[5] if r["kind"] == "iret"]
+    assert len(irets) == 99
+    assert all(r["rip"] == s["the_iret"] and r["to_rip"] == s["again"] for r in irets)
+    assert m.engine.paths.iret_hits >= 90  # the first is Python's (it vouches)
+
+
+def test_a_code_descriptor_made_not_present_mid_chain_is_np_as_in_python() -> None:
+    # SGDT first (R9 = the GDT; the `or` makes the engine's TLB hold the page for
+    # writes, so the tamper needs no fill, a Python hook), then clear P (bit 47) of the
+    # CS descriptor: the next IRETQ is #NP(CS).
+    got, m, s = run_both("btr qword ptr [r9 + 8], 47\n", setup="""\
+sub rsp, 16
+sgdt [rsp]
+mov r9, qword ptr [rsp + 2]
+add rsp, 16
+or qword ptr [r9 + 8], 0
+""")
+    (fault,) = [r for r in got[5] if r["kind"] == "iret_fault"]
+    assert (fault["rip"], fault["vector"], fault["error_code"]) == (s["the_iret"], Vector.NP,
+                                                                    KERNEL_CS)
+    assert fault["why"] == "IRET CS 0x8 not present"
+    assert sum(r["kind"] == "iret" for r in got[5]) == 49  # the 50th pass faults
+    # The #NP handler's own CS is that descriptor: #NP while delivering, #DF, shutdown.
+    assert got[0] == "shutdown"
+    assert m.engine.paths.iret_hits >= 40
+
+
+def test_a_reserved_bit_set_under_the_frame_faults_the_next_iretq_as_in_python() -> None:
+    # R8 = the 2-MiB PDE that maps the stack (and the code); set its bit 13, reserved in
+    # a 2-MiB PDE (SDM Vol. 3A "4-Level Paging": bits 20:13 of a PDE that maps a 2-MByte
+    # page are reserved), without INVLPG: the guest's own accesses keep using the
+    # engine's TLB, but the next IRETQ's frame read walks the tables: #PF with RSVD.
+    setup = """\
+mov rax, cr3
+shr rax, 12
+shl rax, 12
+mov rax, qword ptr [rax]
+btr rax, 63
+shr rax, 12
+shl rax, 12
+mov rax, qword ptr [rax]
+btr rax, 63
+shr rax, 12
+shl rax, 12
+mov r8, rax
+or qword ptr [r8], 0
+"""
+    got, m, s = run_both("bts qword ptr [r8], 13\n", setup=setup)
+    (fault,) = [r for r in got[5] if r["kind"] == "iret_fault"]
+    assert (fault["rip"], fault["vector"]) == (s["the_iret"], Vector.PF)
+    assert fault["error_code"] == 0b1001  # present, read, supervisor, RSVD
+    assert sum(r["kind"] == "iret" for r in got[5]) == 49
+    assert m.engine.paths.iret_hits >= 40
+
+
+def test_tf_set_mid_chain_hands_the_iretq_back_to_python() -> None:
+    got, m, _ = run_both("""\
+pushfq
+or qword ptr [rsp], 0x100
+popfq
+""")
+    # Single-stepping from there on: #DB traps (the handler HLTs at the first one).
+    delivered = [r for r in got[5] if r["kind"] == "deliver"]
+    assert delivered and delivered[0]["vector"] == Vector.DB
+    assert m.engine.paths.iret_hits >= 40
+
+
+def test_an_injection_point_at_the_iretq_target_is_counted_as_in_python() -> None:
+    results = []
+    for native in (True, False):
+        m, s = chain_machine(native=native)
+        m.inject("nmi", before=s["again"], hit=60)
+        m.set_gate(Vector.NMI, s["handler"])
+        r = m.run(entry=s["start"], rsp=STACK)
+        results.append((r.outcome, r.icount, r.cycles, r.trace.records))
+    assert results[0] == results[1]
+    delivered = [r for r in results[0][3] if r["kind"] == "deliver"]
+    assert [r["vector"] for r in delivered] == [Vector.NMI]
+
+
+def test_the_cr2_race_pairs_give_the_same_findings_with_and_without_the_native_iretq() -> None:
+    plan = ex.plan_for(CR2_RACE, "pf_handler", "pf_done", invariants=("cr2-consistent",))
+    points = plan.window.points
+    schedules = [(("nmi", "nmi"), (a, b)) for i, a in enumerate(points) for b in points[i:]
+                 ][::7]
+    hits: list[int] = []
+
+    def native(m: Machine) -> None:
+        hits.append(0)
+        machines.append(m)
+    machines: list[Machine] = []
+    for events, schedule in schedules[:12]:
+        _, got = ex.replay(plan, events, schedule, observe=native)
+        _, want = ex.replay(plan, events, schedule, observe=lambda m: setattr(
+            m.engine.paths, "iret_enabled", False))
+        assert got.trace.records == want.trace.records
+        assert (got.outcome, got.icount, got.cycles) == (want.outcome, want.icount, want.cycles)
+    assert sum(m.engine.paths.iret_hits for m in machines) > 100
