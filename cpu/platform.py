@@ -157,9 +157,13 @@ class Platform:
 
     def device_unsupported(self, reason: str) -> None:
         """A port device met an access it does not model (inside the engine's port hook):
-        the run ends with `unsupported` at the next boundary."""
+        the engine stops as soon as it can — Unicorn's emu_stop from an I/O hook may let
+        the next instruction of the translation block run — and the run ends with
+        `unsupported` naming the access (through `check_exit`, which the 32-bit phase
+        also calls after every engine run)."""
         self.state.unsupported = reason
-        self.m.boundary.request_boundary()
+        self.m.stops.pending = self.check_exit
+        self.m.engine.stop()
 
     def check_exit(self) -> None:
         """At a boundary the counter stopped at: end the run if the guest asked to (or a
