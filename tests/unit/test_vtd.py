@@ -184,6 +184,9 @@ def test_a_2_mib_and_a_1_gib_page_translate_with_their_offsets() -> None:
     (lambda h: None, 0x1000, False, 0x6),                                 # unmapped IOVA
     (lambda h: h.q(0x4008, 0x60_1000 | PS | R), 0x200000, False, 0xC),    # 2-MiB page misaligned
     (lambda h: h.q(0x1000, 0x2000 | 1 << 5 | 1), 0, False, 0xA),          # root reserved bit
+    (lambda h: h.q(0x4000, 0x7000_0000 | R | W), 0, False, 0x7),          # level 1 beyond RAM
+    (lambda h: h.q(0x1000, 0x20_0000 | 1), 0, False, 0x9),                # context beyond RAM
+    (lambda h: h.q(0x2000 + 16 * EDU_SID, 0x3000 | 1 << 5 | 1), 0, False, 0xB),  # ctx reserved
 ])
 def test_each_blocked_dma_request_faults_with_its_reason(change: Any, iova: int, write: bool,
                                                          reason: int) -> None:
@@ -193,6 +196,13 @@ def test_each_blocked_dma_request_faults_with_its_reason(change: Any, iova: int,
     with pytest.raises(RemapFault) as fault:
         translate(host.read_memory, 0x1000, EDU_SID, iova, write=write)
     assert fault.value.reason == reason
+
+
+def test_a_root_table_outside_memory_faults_8h() -> None:
+    _, host = unit()
+    with pytest.raises(RemapFault) as fault:
+        translate(host.read_memory, 0x20_0000, EDU_SID, 0, write=False)
+    assert fault.value.reason == 0x8
 
 
 def enabled(host: FakeHost) -> IntelIommu:
@@ -324,3 +334,20 @@ def test_a_missing_or_reserved_irte_is_blocked_with_its_reason(setup: Any, addre
     u = remapping(host)
     assert u.interrupt(address, 0, EDU_SID) is None
     assert u.read(FRCD + 8, 8) >> 32 & 0xFF == reason
+
+
+@pytest.mark.parametrize(("irta", "address", "data", "reason", "info"), [
+    (0x8000 | 0xF, 0xFEE00050, 0x10000, 0x20, 0),        # data bits 31:16 reserved: no index
+    (0x8000 | 0x0, 0xFEE00050, 0, 0x21, 2 << 48),         # index 2 of a 2-entry table
+    (0x20_0000 | 0xF, 0xFEE00050, 0, 0x23, 2 << 48),      # the table is outside memory
+])
+def test_a_request_the_table_cannot_serve_is_blocked_with_its_reason(
+        irta: int, address: int, data: int, reason: int, info: int) -> None:
+    host = FakeHost()
+    irte(host, 2, vector=0xEE)
+    u = IntelIommu(host)
+    u.write(IRTA, 8, irta)
+    u.write(GCMD, 4, SIRTP)
+    u.write(GCMD, 4, SIRTP | IRE)
+    assert u.interrupt(address, data, EDU_SID) is None
+    assert (u.read(FRCD, 8), u.read(FRCD + 8, 8) >> 32 & 0xFF) == (info, reason)
