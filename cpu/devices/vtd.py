@@ -593,15 +593,16 @@ class IntelIommu:
             done += n
         return pieces
 
-    def interrupt(self, address: int, data: int,
-                  source_id: int | None) -> Passed | RemappedInterrupt | None:
+    def interrupt(self, address: int, data: int, source_id: int, *,
+                  validate: bool = True) -> Passed | RemappedInterrupt | None:
         """An interrupt request (a write of `data` to `address` in 0xFEExxxxx) from
-        `source_id` (None: no source-id to validate): passed on as it is, remapped, or
-        None when blocked (the fault recorded)."""
+        `source_id` (recorded with a fault; checked against the IRTE unless `validate`
+        is False): passed on as it is, remapped, or None when blocked (the fault
+        recorded)."""
         s = self.state
         if not s.gsts & IRE:
             return Passed(address, data)
-        sid = 0 if source_id is None else source_id
+        sid = source_id
         if not address & 1 << 4:
             if s.gsts & CFI:
                 return Passed(address, data)
@@ -612,7 +613,7 @@ class IntelIommu:
         try:
             index = remappable_index(address, data)
             return remap_interrupt(self.host.read_memory, s.irt & ~0xFFF, s.irt & 0xF, index,
-                                   source_id)
+                                   source_id if validate else None)
         except RemapFault as fault:
             if not fault.suppressed:
                 self._record(sid, fault.reason, index << 48, read=False, detail=fault.detail)

@@ -301,7 +301,7 @@ def test_an_ioapic_rte_in_remappable_format_reaches_its_irte_without_source_vali
     u = remapping(host)
     rte = 0xED | 1 << 48 | 1 << 49
     address = 0xFEE00000 | (rte >> 48 & 0xFFFF) << 4
-    r = u.interrupt(address, rte & 0xFF, None)
+    r = u.interrupt(address, rte & 0xFF, 0xFF00, validate=False)
     assert isinstance(r, RemappedInterrupt) and (r.index, r.vector) == (1, 0xED)
 
 
