@@ -12,6 +12,7 @@ CPU's NMI input (cpu/boundary.py). Every arrival is a trace record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cpu.devices.ioapic import DELIVERY_MODES, IoapicMessage, IoapicUnsupported, isa_irq_to_pin
@@ -28,6 +29,9 @@ class Wires:
 
     def __init__(self, m: Machine) -> None:
         self.m = m
+        # A q35 machine with an IOMMU sees the I/O APIC's messages first (cpu/q35.py):
+        # returns True when it took the message (remapped or blocked it).
+        self.ioapic_remap: Callable[[IoapicMessage], bool] | None = None
 
     # -- the local APIC ----------------------------------------------------------------
     def apic_nmi(self) -> None:
@@ -54,27 +58,37 @@ class Wires:
     # -- the I/O APIC ------------------------------------------------------------------
     def ioapic_message(self, msg: IoapicMessage) -> None:
         """A message from an IOAPIC redirection entry (82093AA "Redirection Table")."""
+        if self.ioapic_remap is not None and self.ioapic_remap(msg):
+            return
+        self.message(msg.vector, msg.delivery_mode, msg.logical, msg.destination, msg.level,
+                     source="ioapic", pin=msg.pin)
+
+    def message(self, vector: int, delivery_mode: int, logical: bool, destination: int,
+                level: bool, *, source: str, **where: Any) -> None:
+        """An interrupt message on the system bus (an IOAPIC entry's, an MSI, a remapped
+        one) reaches the local APIC: NMI to the CPU's NMI input, fixed and lowest
+        priority to the IRR if this CPU is a destination."""
         m = self.m
         apic = m.apic
-        if msg.delivery_mode == _NMI:
-            m.boundary.nmi_arrives("ioapic", {"pin": msg.pin})
+        if delivery_mode == _NMI:
+            m.boundary.nmi_arrives(source, where)
             return
-        if msg.delivery_mode not in (_FIXED, _LOWEST):
-            raise IoapicUnsupported(f"IOAPIC: delivery mode {DELIVERY_MODES[msg.delivery_mode]} "
-                                    f"(pin {msg.pin}) is not modelled (supported: fixed, lowest "
-                                    "priority, NMI)")
+        if delivery_mode not in (_FIXED, _LOWEST):
+            what = "IOAPIC" if source == "ioapic" else f"interrupt message ({source})"
+            raise IoapicUnsupported(f"{what}: delivery mode {DELIVERY_MODES[delivery_mode]} "
+                                    f"({', '.join(f'{k} {v}' for k, v in where.items())}) is not "
+                                    "modelled (supported: fixed, lowest priority, NMI)")
         if apic is None or not apic.enabled:
             return  # no local APIC to accept it
-        if msg.logical:
+        if logical:
             # Flat logical model: the destination is a bit mask over logical APIC IDs.
-            accepted = msg.destination == _BROADCAST or bool(msg.destination & apic.logical_id)
+            accepted = destination == _BROADCAST or bool(destination & apic.logical_id)
         else:
-            accepted = msg.destination in (apic.apic_id, _BROADCAST)
+            accepted = destination in (apic.apic_id, _BROADCAST)
         if not accepted:
             return  # addressed to a CPU this machine does not have
-        apic.set_irr(msg.vector, level=msg.level)
-        m.emit("interrupt_pending", vector=msg.vector, source="ioapic", pin=msg.pin,
-               level=msg.level)
+        apic.set_irr(vector, level=level)
+        m.emit("interrupt_pending", vector=vector, source=source, **where, level=level)
 
     def isa_line(self, line: int, asserted: bool) -> None:
         """An ISA interrupt line (pc-testdev's IRQ ports) changes level."""

@@ -55,6 +55,7 @@ from typing import Any
 from cpu import boot32, snapshot
 from cpu.alignment import AlignmentCheck
 from cpu.apf_host import ApfHost, ApfHostState, ApfPolicy
+from cpu.board import PC, BoardConfig
 from cpu.boundary import BoundaryState, EventBoundary
 from cpu.checked_sites import CheckedSites
 from cpu.cpu_model import CpuModel, ModelState
@@ -82,6 +83,7 @@ from cpu.mmu import PagingControl
 from cpu.outcomes import Outcome, RunResult, Stop
 from cpu.platform import Platform
 from cpu.progress import Progress
+from cpu.q35 import Q35
 from cpu.registers import Registers, RegisterState
 from cpu.sites import SiteTable
 from cpu.snapshot import Checkpoint
@@ -123,7 +125,8 @@ class Machine:
     def __init__(self, memory: int = 16 << 20, *, max_insns: int = 10_000_000,
                  max_events: int = 100_000, mode: str = "fast",
                  profile: Profile | str = "default", sti_blocks_nmi: bool = True,
-                 apic: bool = True, vmx: VmxConfig | None = None) -> None:
+                 apic: bool = True, vmx: VmxConfig | None = None,
+                 board: BoardConfig = PC) -> None:
         problem = memory_size_problem(memory)
         if problem is not None:
             raise ValueError(f"guest memory {problem}")
@@ -200,6 +203,7 @@ class Machine:
                           else None)
             self.mmio.add(IOAPIC_BASE, "ioapic", lambda: plat.ioapic)
             self.mmio.add(HPET_BASE, "hpet", lambda: plat.hpet)
+        self.q35 = Q35(self, board)  # PCI, edu and the IOMMU on a q35 board (cpu/q35.py)
         self._wire(self.engine)
         if self.ept is not None:
             self.engine.remember_fills(False)  # fills depend on EPT state too

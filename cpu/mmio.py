@@ -54,21 +54,33 @@ class Mmio:
         self.m = m
         # page -> (record name, the device now, or None when it is not there)
         self.pages: dict[int, tuple[str, Callable[[], MmioDevice | None]]] = {}
+        # Device ranges that move (PCI BARs, cpu/q35.py): page -> (record name, the
+        # device, the range's base), or None.
+        self.windows: list[Callable[[int], tuple[str, MmioDevice, int] | None]] = []
 
     def add(self, page: int, name: str, device: Callable[[], MmioDevice | None]) -> None:
         self.pages[page] = (name, device)
 
     def claims(self, paddr: int) -> bool:
         """Whether physical page `paddr` is a device page."""
-        return paddr in self.pages
+        return paddr in self.pages or any(w(paddr) is not None for w in self.windows)
+
+    def _device(self, page: int) -> tuple[str, MmioDevice | None, int]:
+        if page in self.pages:
+            name, get_device = self.pages[page]
+            return name, get_device(), page
+        for w in self.windows:
+            hit = w(page)
+            if hit is not None:
+                return hit
+        raise AssertionError(f"no device page at {page:#x}")
 
     def emulate(self, rip: int, vaddr: int, page: int, access: Access) -> None:
         """The instruction at RIP reads or writes a device page: emulate it (see the
         module docstring)."""
         m = self.m
         e = m.engine
-        name, get_device = self.pages[page]
-        device = get_device()
+        name, device, base = self._device(page)
         try:
             code = m.read_linear(rip, 15)
         except ArchFault:
@@ -85,7 +97,7 @@ class Mmio:
         rflags = e.read_reg("rflags")  # TF as the instruction found it (single-step)
         e.cycles += m.profile.event("apic_access")  # the access lands at its end (MMIO)
         now = e.cycles
-        offset = vaddr & 0xFFF
+        offset = page - base + (vaddr & 0xFFF)
         try:
             if mv.store:
                 if mv.imm is not None:
@@ -118,4 +130,5 @@ class Mmio:
         m.emulated.single_step(rflags)
 
 
-_DEVICE_NAMES = {"apic": "local APIC", "ioapic": "I/O APIC", "hpet": "HPET"}
+_DEVICE_NAMES = {"apic": "local APIC", "ioapic": "I/O APIC", "hpet": "HPET", "vtd": "VT-d",
+                 "edu": "edu"}

@@ -408,8 +408,9 @@ def load(m: Machine, image: MultibootImage, *, cmdline: str | None = None) -> Bo
     m.phys.write(info.area, info.area_bytes())
     if m.apic is not None and m.phys.size >= ACPI_BIOS_AREA[1]:
         # The ACPI tables a PC firmware leaves in the BIOS area (RSDP, RSDT, FADT, FACS,
-        # DSDT, MADT, HPET), where kvm-unit-tests' lib/acpi.c searches for "RSD PTR ".
-        acpi.build(cpus=1, hpet=True).install(m.phys.write)
+        # DSDT, MADT, HPET; DMAR on q35 with an IOMMU), where kvm-unit-tests' lib/acpi.c
+        # searches for "RSD PTR ".
+        acpi.build(cpus=1, hpet=True, iommu=m.q35.board.iommu).install(m.phys.write)
     for lo, hi in image.code_ranges:
         p = image.physical(lo)
         if p is not None and image.physical(hi - 1) == p + (hi - 1 - lo):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from cpu.decode import decode_one, out_port, port_access
 from cpu.devices.fwcfg import FW_CFG_PORT_DATA, FW_CFG_PORT_SEL, FwCfg
@@ -40,6 +40,14 @@ from idt.vectors import Vector
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
+
+
+class PortDevice(Protocol):
+    """A board's I/O-port device: None / False for a port it does not answer."""
+
+    def port_in(self, port: int, size: int) -> int | None: ...
+
+    def port_out(self, port: int, size: int, value: int) -> bool: ...
 
 EXIT_PORT = 0xF4
 SERIAL_PORT = 0x3F8
@@ -58,6 +66,7 @@ class PlatformState:
     bochs_shutdown: BochsShutdown = field(default_factory=BochsShutdown)
     exit_code: int | None = None  # written to the exit port, not yet acted on
     shutdown_requested: bool = False  # Bochs' "Shutdown" completed
+    unsupported: str | None = None  # a port device met what it does not model (ends the run)
 
 
 class Platform:
@@ -76,6 +85,9 @@ class Platform:
             hpet=Hpet(cpu_mhz=m.profile.frequency_mhz, on_irq=w.ioapic_input) if apic else None)
         self.serial = bytearray()  # what the UART transmitted (checkpointed by length)
         self.on_serial_line: list[Callable[[str], None]] = []  # each completed line
+        # Port devices of the board (cpu/q35.py: PCI configuration): port_in returns None,
+        # port_out False, for a port that is not theirs.
+        self.port_devices: list[PortDevice] = []
 
     def port_in(self, port: int, size: int) -> int:
         st = self.state
@@ -87,6 +99,10 @@ class Platform:
             return st.fwcfg.read_data()
         if st.testdev.handles_port(port):
             return st.testdev.port_read(port, size)
+        for device in self.port_devices:
+            value = device.port_in(port, size)
+            if value is not None:
+                return value
         # No device: all ones, like an undriven ISA bus.
         self.m.emit("port", direction="in", port=port, size=size)
         return (1 << (8 * size)) - 1
@@ -113,7 +129,7 @@ class Platform:
             # Ends the run at the boundary after the OUT (the counter stops there exactly).
             st.exit_code = value
             self.m.boundary.request_boundary()
-        else:
+        elif not any(device.port_out(port, size, value) for device in self.port_devices):
             self.m.emit("port", direction="out", port=port, size=size, value=value)
 
     def serial_byte(self, byte: int) -> None:
@@ -139,9 +155,23 @@ class Platform:
         if due and in_hook:
             m.boundary.request_boundary()
 
+    def device_unsupported(self, reason: str) -> None:
+        """A port device met an access it does not model (inside the engine's port hook):
+        the engine stops as soon as it can — Unicorn's emu_stop from an I/O hook may let
+        the next instruction of the translation block run — and the run ends with
+        `unsupported` naming the access (through `check_exit`, which the 32-bit phase
+        also calls after every engine run)."""
+        self.state.unsupported = reason
+        self.m.stops.pending = self.check_exit
+        self.m.engine.stop()
+
     def check_exit(self) -> None:
-        """At a boundary the counter stopped at: end the run if the guest asked to."""
+        """At a boundary the counter stopped at: end the run if the guest asked to (or a
+        port device could not go on)."""
         st = self.state
+        if st.unsupported is not None:
+            reason, st.unsupported = st.unsupported, None
+            raise Stop(Outcome.UNSUPPORTED, reason, self.m.engine.read_reg("rip"))
         if st.exit_code is not None:
             code, st.exit_code = st.exit_code, None
             rip = self.m.engine.read_reg("rip")

@@ -27,6 +27,7 @@ from cpu.fred import FredState
 from cpu.injections import InjectionState
 from cpu.platform import PlatformState
 from cpu.progress import ProgressState
+from cpu.q35 import Q35State
 from cpu.registers import RegisterState
 from cpu.stops import StopState
 from cpu.vmx import VmxState
@@ -65,6 +66,7 @@ class MachineState:
     fred: FredState = field(default_factory=FredState)
     progress: ProgressState = field(default_factory=ProgressState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
+    q35: Q35State | None = None  # the q35 machine's PCI devices (cpu/q35.py)
 
 
 def assign(live: MachineState, saved: MachineState) -> None:

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cpu import board
 from cpu import multiboot as mbt
 from cpu.layout import memory_size_problem
 from cpu.machine import Machine
@@ -129,10 +130,14 @@ def _run_image(args: argparse.Namespace) -> int:
     problem = memory_size_problem(memory) if memory >= 1 << 20 else "must be at least 1M"
     if problem is not None:
         raise BadInput(f"run: --memory {args.memory}: {problem}")
+    try:
+        chosen = board.parse(args.machine or "pc", args.device or [])
+    except ValueError as exc:
+        raise BadInput(f"run: {exc}") from None
     args.image = ref.resolve_image(args.image)  # a file, or one of guest_images/mb/ by name
     image = mbt.read_image(args.image)
     m = Machine(memory, mode=args.mode or "fast", max_insns=args.max_insns,
-                max_events=IMAGE_MAX_EVENTS)
+                max_events=IMAGE_MAX_EVENTS, board=chosen)
     if not (args.trace or args.timeline):
         m.trace.keep = IMAGE_TRACE_TAIL
     m.model.state.msrs.tsc_source = args.tsc
@@ -281,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="--image: what RDTSC counts: the machine's cycles (deterministic, "
                             "the default) or the host's clock (for benchmarks that spin until "
                             "a TSC goal, e.g. kvm-unit-tests' vmexit; runs then differ)")
+    p_run.add_argument("--machine", metavar="TYPE",
+                       help="--image: the machine around the CPU: pc (the default: no PCI) or "
+                            "q35 (PCI configuration mechanism #1, q35's host bridge), as "
+                            "QEMU's -M")
+    p_run.add_argument("--device", action="append", metavar="NAME",
+                       help="--image, with --machine q35: add a device, as QEMU's -device: "
+                            "intel-iommu (VT-d at 0xfed90000, QEMU's intel-iommu,intremap=on,"
+                            "eim=off) or edu (QEMU's educational PCI device at 00:02.0); "
+                            "repeatable")
     p_run.add_argument("--trace", metavar="OUT.jsonl", help="write the event trace as JSONL")
     p_run.add_argument("-q", "--quiet", action="store_true", help="no timeline")
     p_run.add_argument("--cycles", action="store_true", help="show cycle stamps in the timeline")
@@ -401,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.scenario is not None:
                 raise BadInput("run: give a scenario file or --image, not both")
             return _run_image(args)
+        if args.machine is not None or args.device:
+            raise BadInput("run: --machine and --device choose the machine of an --image run "
+                           "(a scenario describes its own)")
         if args.scenario is None:
             raise BadInput("run: give a scenario file (or --image X.elf)")
         return _run_file(args.scenario, args.trace, args.quiet, str(args.scenario), args.cycles,

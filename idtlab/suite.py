@@ -47,12 +47,19 @@ host's clock (`--tsc auto`, `tsc_for`). QEMU gets the config's own QEMU paramete
 CPU model, for one) and exactly one CPU.
 
 Configs are skipped, with the reason printed, when they cannot mean the same thing on
-a one-CPU x86-64 machine without VMX: another arch; more than one CPU; SVM, VMX or
-Hyper-V (by group, CPU flag or file); KVM's own paravirtual interfaces (asyncpf,
-kvmclock_test, vmware_backdoors); `accel = kvm`; the `nodefault` group (as
-run_tests.sh does). A config named with `--only` runs even so (on one CPU), except
-when its file is missing or it is for another arch. QEMU is also skipped where TCG
-cannot run the config at all (`-cpu host`, `-enable-kvm`, `accel = kvm`).
+a one-CPU x86-64 machine without VMX: another arch; more than one CPU, unless the
+kernel uses only the boot CPU (`ONE_CPU_SUFFICES`, each entry with its reason: such a
+config runs on one CPU on both sides); SVM, VMX or Hyper-V (by group, CPU flag or
+file); KVM's own paravirtual interfaces (asyncpf, kvmclock_test, vmware_backdoors);
+`accel = kvm`; the `nodefault` group (as run_tests.sh does); a QEMU machine type or
+`-device` idtlab does not model. A config named with `--only` runs even so (on one
+CPU, on idtlab's machine nearest to what it asks), except when its file is missing or
+it is for another arch. QEMU is also skipped where TCG cannot run the config at all
+(`-cpu host`, `-enable-kvm`, `accel = kvm`).
+
+The machine: a config's `-M q35` and `-device intel-iommu,intremap=on,eim=off` /
+`-device edu` become idtlab's `--machine q35 --device intel-iommu --device edu`
+(`board_args`, cpu/board.py); without them idtlab runs its pc machine.
 
 Verdicts (kvm-unit-tests lib/report.c, lib/x86/io.c, scripts/runtime.bash)
 ---------------------------------------------------------------------------
@@ -98,6 +105,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from cpu import board
 from cpu.devices.apic import APIC_BASE
 from cpu.msrs import TSC_SOURCES
 from idtlab import ref
@@ -126,6 +134,12 @@ VIRTUALIZATION_FLAGS = {"+svm": "SVM", "+vmx": "VMX", "hv_": "Hyper-V"}
 KVM_PARAVIRT_FILES = {"asyncpf.flat": "KVM asynchronous page faults",
                       "kvmclock_test.flat": "kvmclock",
                       "vmware_backdoors.flat": "KVM's VMware backdoor"}
+# Configs that ask for several CPUs and use only the boot CPU: they run on one CPU (on
+# both sides) without --only. The reason is what the kernel's source shows.
+ONE_CPU_SUFFICES = {
+    "intel-iommu.flat": "x86/intel-iommu.c never starts work on another CPU (no on_cpu); "
+                        "the APs only wait",
+}
 
 
 class Status(StrEnum):
@@ -301,7 +315,8 @@ class Plan:
     def idtlab_argv(self, max_insns: int, tsc: str = "cycles") -> list[str]:
         argv = ["idtlab", "run", "--image", str(self.image), "--cmdline", self.cmdline,
                 "--memory", f"{self.memory_mib}M", "--max-insns", str(max_insns)]
-        return argv + (["--tsc", tsc] if tsc != "cycles" else [])
+        return argv + (["--tsc", tsc] if tsc != "cycles" else []) + \
+            board_args(self.config.qemu_params)[0]
 
     def qemu_argv(self) -> list[str]:
         argv = [ref.QEMU_BINARY, *QEMU_BASE, "-smp", "1", *self.config.qemu_params,
@@ -319,7 +334,7 @@ def _skip_reason(c: Config, image: Path, shown: Path, forced: bool) -> str | Non
         return None
     if "nodefault" in c.groups:
         return "group nodefault: run only on request; --only runs it"
-    if c.smp > 1:
+    if c.smp > 1 and Path(c.file).name not in ONE_CPU_SUFFICES:
         return f"needs {c.smp} CPUs; idtlab models one; --only runs it on one"
     for group, what in VIRTUALIZATION_GROUPS.items():
         if group in c.groups:
@@ -333,7 +348,49 @@ def _skip_reason(c: Config, image: Path, shown: Path, forced: bool) -> str | Non
         return f"tests {KVM_PARAVIRT_FILES[Path(c.file).name]}, a KVM paravirtual interface"
     if c.accel and c.accel != "tcg":
         return f"accel = {c.accel}: {c.accel.upper()} only"
-    return None
+    return board_args(c.qemu_params)[1]
+
+
+def board_args(params: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """idtlab's `--machine`/`--device` options for a config's QEMU machine type and
+    devices (cpu/board.py), and why idtlab cannot run it as asked (or None). `-M`/
+    `-machine` names the type in its first item without `=` (or `type=`); its other
+    properties (kernel-irqchip, pit, vmport, ...) are KVM's or devices' settings that
+    idtlab leaves out, as before. `pc` and `pc-i440fx-*` are idtlab's pc, `q35` and
+    `pc-q35-*` its q35; `-device NAME[,...]` maps the devices idtlab models."""
+    machine = "pc"
+    devices: list[str] = []
+    for opt, value in itertools.pairwise(params):
+        if opt in ("-M", "-machine", "--machine"):
+            for item in value.split(","):
+                name = item.removeprefix("type=")
+                if "=" in name or not name:
+                    continue
+                if name == "pc" or name.startswith("pc-i440fx"):
+                    machine = "pc"
+                elif name == "q35" or name.startswith("pc-q35"):
+                    machine = "q35"
+                else:
+                    return [], f"needs QEMU's {name} machine, which idtlab does not model"
+        elif opt in ("-device", "--device"):
+            name, *options = value.split(",")
+            if name == "intel-iommu" and set(options) == board.IOMMU_OPTIONS:
+                devices.append(name)
+            elif name == "intel-iommu":
+                return [], (f"needs -device {value}; idtlab models intel-iommu,"
+                            f"{','.join(sorted(board.IOMMU_OPTIONS))} only")
+            elif name == "edu" and not options:
+                devices.append(name)
+            else:
+                return [], f"needs -device {value}, which idtlab does not model"
+    try:
+        board.parse(machine, devices)
+    except ValueError as exc:
+        return [], f"needs {' '.join(params)}: {exc}"
+    argv = ["--machine", machine] if machine != "pc" else []
+    for d in devices:
+        argv += ["--device", d]
+    return argv, None
 
 
 def _tcg_skip_reason(c: Config) -> str | None:

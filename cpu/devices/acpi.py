@@ -1,8 +1,9 @@
 """ACPI tables as a PC firmware leaves them for the operating system: RSDP, RSDT, FADT,
-FACS, DSDT, MADT and (with an HPET) the HPET table (Advanced Configuration and Power
-Interface Specification, revision 1.0b for the layouts used here, which later revisions
-keep at the same offsets; section titles below are the ACPI 6.x ones; the HPET table is
-IA-PC HPET Specification 1.0a, "The ACPI 2.0 HPET Description Table (HPET)").
+FACS, DSDT, MADT, (with an HPET) the HPET table and (with a VT-d unit) the DMAR table
+(Advanced Configuration and Power Interface Specification, revision 1.0b for the layouts
+used here, which later revisions keep at the same offsets; section titles below are the
+ACPI 6.x ones; the HPET table is IA-PC HPET Specification 1.0a, "The ACPI 2.0 HPET
+Description Table (HPET)"; the DMAR table is the VT-d specification's).
 
 Where they go ("Finding the RSDP on IA-PC Systems")
 ---------------------------------------------------
@@ -15,7 +16,7 @@ keeps the tables there too, from `base` (default 0xF0000) up:
 
     RSDP  20 bytes, revision 0 (ACPI 1.0: an RSDT, no XSDT), as SeaBIOS gives QEMU's
           pc machine, so lib/acpi.c takes the RSDT path
-    RSDT  pointers to FADT, MADT and HPET
+    RSDT  pointers to FADT, MADT, HPET (and DMAR)
     FADT  revision 1, 116 bytes: FIRMWARE_CTRL -> FACS, DSDT, SCI on IRQ 9, and the
           PM1a event/control, PM timer and GPE0 blocks at the PIIX4 addresses QEMU's
           pc machine uses (PM base 0x600: PM1a_EVT 0x600, PM1a_CNT 0x604, PM_TMR 0x608;
@@ -30,6 +31,14 @@ keeps the tables there too, from `base` (default 0xF0000) up:
           processors (as QEMU's build_madt)
     HPET  event timer block ID = HPET capabilities bits 31:0, base 0xFED00000 in
           system memory, HPET number 0, minimum periodic tick 0, no page protection
+    DMAR  (a q35 machine with an IOMMU only; Intel VT-d Architecture Specification
+          "DMA Remapping Reporting Structure", "DMA Remapping Hardware Unit Definition
+          Structure") how an OS finds the remapping unit: host address width 39
+          (field 38), INTR_REMAP; one DRHD with INCLUDE_PCI_ALL, segment 0, registers at
+          0xFED90000, and the I/O APIC's device scope (enumeration ID 0, bus 0xFF, path
+          00.0), as QEMU's build_dmar_q35 writes it. kvm-unit-tests does not read it
+          (lib/x86/intel-iommu.h hard-codes the address); the architecture reports the
+          unit this way. There is no MCFG: the q35 machine here has no MMCONFIG
 
 Every table's bytes sum to 0 (its Checksum field; the RSDP's over its 20 bytes); the
 FACS has no checksum.
@@ -115,6 +124,15 @@ ALL_PROCESSORS = 0xFF
 HPET_EVENT_TIMER_BLOCK_ID = 0x8086A201   # cpu/devices/hpet.py capabilities, bits 31:0
 GAS_SYSTEM_MEMORY = 0
 
+VTD_REGISTERS = 0xFED90000             # cpu/devices/vtd.py VTD_BASE
+DMAR_HOST_ADDRESS_WIDTH = 39 - 1       # "Host Address Width": N + 1 bits
+DMAR_INTR_REMAP = 1 << 0
+DRHD = 0
+DRHD_INCLUDE_PCI_ALL = 1 << 0
+SCOPE_IOAPIC = 3
+IOAPIC_SCOPE_BUS = 0xFF                # QEMU Q35_PSEUDO_BUS_PLATFORM
+IOAPIC_SCOPE_PATH = (0x00, 0x00)       # device, function (QEMU Q35_PSEUDO_DEVFN_IOAPIC)
+
 
 @dataclass(frozen=True)
 class AcpiBlob:
@@ -138,7 +156,8 @@ class AcpiTables:
             write(blob.address, blob.data)
 
     def address(self, name: str) -> int:
-        """Where table `name` ("RSDP", "RSDT", "FACP", "FACS", "DSDT", "APIC", "HPET") is."""
+        """Where table `name` ("RSDP", "RSDT", "FACP", "FACS", "DSDT", "APIC", "HPET",
+        "DMAR") is."""
         for blob in self.blobs:
             if blob.name == name:
                 return blob.address
@@ -223,9 +242,20 @@ def hpet_table() -> bytes:
     return _header(b"HPET", body, revision=1)
 
 
-def build(*, cpus: int = 1, hpet: bool = True, base: int = DEFAULT_BASE) -> AcpiTables:
+def dmar(ioapic_id: int = 0) -> bytes:
+    scope = struct.pack("<BBHBB", SCOPE_IOAPIC, 8, 0, ioapic_id, IOAPIC_SCOPE_BUS) + \
+        bytes(IOAPIC_SCOPE_PATH)
+    drhd = struct.pack("<HHBBHQ", DRHD, 16 + len(scope), DRHD_INCLUDE_PCI_ALL, 0, 0,
+                       VTD_REGISTERS) + scope
+    body = struct.pack("<BB10s", DMAR_HOST_ADDRESS_WIDTH, DMAR_INTR_REMAP, bytes(10)) + drhd
+    return _header(b"DMAR", body, revision=1)
+
+
+def build(*, cpus: int = 1, hpet: bool = True, iommu: bool = False,
+          base: int = DEFAULT_BASE) -> AcpiTables:
     """The tables for a machine with `cpus` CPUs (APIC IDs 0..cpus-1), an I/O APIC and,
-    if `hpet`, an HPET, laid out from `base` in the BIOS area."""
+    if `hpet`, an HPET, and if `iommu`, a VT-d unit, laid out from `base` in the BIOS
+    area."""
     if not 1 <= cpus <= 255:
         raise ValueError(f"ACPI: {cpus} CPUs (the xAPIC MADT entries take 1 to 255)")
     if base % 16 or not BIOS_AREA[0] <= base < BIOS_AREA[1]:
@@ -238,19 +268,23 @@ def build(*, cpus: int = 1, hpet: bool = True, base: int = DEFAULT_BASE) -> Acpi
     # Fixed-size tables first, so that every address is known before the RSDT is built.
     rsdp_at = base
     rsdt_at = align(rsdp_at + RSDP_LENGTH, 16)
-    n_tables = 3 if hpet else 2
+    n_tables = 2 + hpet + iommu
     fadt_at = align(rsdt_at + HEADER_LENGTH + 4 * n_tables, 16)
     madt_bytes = madt(cpus)
     madt_at = align(fadt_at + FADT_LENGTH, 16)
     hpet_at = align(madt_at + len(madt_bytes), 16)
-    dsdt_at = align(hpet_at + (len(hpet_table()) if hpet else 0), 16)
+    dmar_at = align(hpet_at + (len(hpet_table()) if hpet else 0), 16)
+    dsdt_at = align(dmar_at + (len(dmar()) if iommu else 0), 16)
     facs_at = align(dsdt_at + HEADER_LENGTH, FACS_ALIGN)
     blobs = [AcpiBlob("RSDP", rsdp_at, rsdp(rsdt_at)),
-             AcpiBlob("RSDT", rsdt_at, rsdt([fadt_at, madt_at] + ([hpet_at] if hpet else []))),
+             AcpiBlob("RSDT", rsdt_at, rsdt([fadt_at, madt_at] + ([hpet_at] if hpet else [])
+                                            + ([dmar_at] if iommu else []))),
              AcpiBlob("FACP", fadt_at, fadt(facs_at, dsdt_at)),
              AcpiBlob("APIC", madt_at, madt_bytes)]
     if hpet:
         blobs.append(AcpiBlob("HPET", hpet_at, hpet_table()))
+    if iommu:
+        blobs.append(AcpiBlob("DMAR", dmar_at, dmar()))
     blobs += [AcpiBlob("DSDT", dsdt_at, dsdt()), AcpiBlob("FACS", facs_at, facs())]
     tables = AcpiTables(tuple(blobs), BIOS_AREA)
     if tables.end > BIOS_AREA[1]:

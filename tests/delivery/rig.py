@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cpu.board import PC, BoardConfig
 from cpu.layout import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, PageSpec
 from cpu.machine import Machine
 from cpu.vmx import VmxConfig
@@ -64,15 +65,17 @@ def gate(handler: str | int, *, ist: int = 0, gate_type: str = "interrupt", dpl:
 def build(source: str, *, gates: Mapping[int, Mapping[str, Any]] | None = None,
           pages: Iterable[PageSpec] = (), known: Mapping[str, int] | None = None,
           tss: Mapping[str, int] | None = None,
-          vmx: VmxConfig | None = None) -> tuple[Machine, dict[str, int]]:
+          vmx: VmxConfig | None = None,
+          board: BoardConfig = PC) -> tuple[Machine, dict[str, int]]:
     """A fresh machine with `source` assembled at CODE, the IDT rows of `gates`, the page
     overrides `pages` and a TSS with RSP0/IST1/IST2 at their *_TOP values (override with
-    `tss`); a VMX guest with EPT when `vmx` is given. Returns the machine and the symbol
+    `tss`); a VMX guest with EPT when `vmx` is given; the machine type and devices of
+    `board` (cpu/board.py). Returns the machine and the symbol
     table (labels of `source`)."""
     blocks, symbols = assemble_blocks(
         [CodeBlock(CODE, textwrap.dedent(source), origin="test", first_line=1)],
         known={"DATA": DATA, "PROBE": PROBE, **(known or {})})
-    m = Machine(MEMORY, vmx=vmx)
+    m = Machine(MEMORY, vmx=vmx, board=board)
     for b in blocks:
         m.load(b.at, b.code, code=True)
     for spec in pages:

@@ -43,10 +43,11 @@ def test_every_config_of_the_real_suite_parses_and_has_a_kernel_or_a_reason() ->
 def test_the_policy_skips_what_the_issue_leaves_out_and_runs_the_single_cpu_x86_64_rest() -> None:
     plans = {p.config.name: p for p in suite.plan(cfg(), suite.parse_config(cfg()), None, None, "qemu")}
     for name, p in plans.items():
-        if name in NOT_MEASURED or name.startswith("hyperv_") or p.config.smp > 1:
+        if name in NOT_MEASURED or name.startswith("hyperv_") or (
+                p.config.smp > 1 and p.config.file not in suite.ONE_CPU_SUFFICES):
             assert p.idtlab_skip is not None, name
     for name in ("eventinj", "emulator", "debug", "la57", "msr", "msr64", "idt_test", "realmode",
-                 "xsave", "setjmp", "sieve", "tsc", "memory", "umip", "smap", "s3"):
+                 "xsave", "setjmp", "sieve", "tsc", "memory", "umip", "smap", "s3", "intel_iommu"):
         assert plans[name].idtlab_skip is None, name
 
 
@@ -59,3 +60,14 @@ def test_eventinj_passes_its_13_checks_on_qemu_tcg_and_is_an_outcome_on_idtlab(
     assert (row["reference"]["status"], row["reference"]["summary"]) == ("PASS", "13 tests")
     # Whatever idtlab does with it today, it is an outcome, never a crash or a hang.
     assert row["idtlab"]["status"] in ("PASS", "FAIL"), row["idtlab"]["stop"]
+
+
+def test_intel_iommu_passes_its_11_checks_on_idtlabs_q35_with_the_iommu_and_edu(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The DMAR, interrupt-remapping, DMA and IR-through-IOAPIC/MSI checks
+    (cpu/devices/vtd.py, cpu/devices/edu.py, cpu/q35.py), on one CPU."""
+    cli.main(["suite", str(cfg()), "--only", "intel_iommu", "--json", "--timeout", "120"])
+    [row] = json.loads(capsys.readouterr().out)["configs"]
+    assert (row["idtlab"]["status"], row["idtlab"]["summary"]) == ("PASS", "11 tests"), \
+        row["idtlab"]["stop"]
+    assert row["idtlab"]["command"].endswith("--machine q35 --device intel-iommu --device edu")

@@ -170,3 +170,21 @@ def test_a_base_off_a_16_byte_boundary_or_outside_the_bios_area_is_refused() -> 
         acpi.build(base=0x9F000)
     with pytest.raises(KeyError, match="no ACPI table 'XSDT'"):
         acpi.build().address("XSDT")
+
+
+def test_with_an_iommu_the_dmar_table_reports_the_vtd_unit_and_the_ioapic_scope() -> None:
+    """VT-d spec "DMA Remapping Reporting Structure": host address width 39 (field 38),
+    INTR_REMAP; one DRHD (type 0, 24 bytes, INCLUDE_PCI_ALL, segment 0, base 0xFED90000)
+    with an I/O APIC device scope (type 3, length 8, enumeration ID 0, bus 0xFF, 00.0)."""
+    mem = installed(acpi.build(iommu=True))
+    at = find_table(mem, b"DMAR")
+    assert at is not None
+    length = u32(mem, at + 4)
+    assert length == 36 + 12 + 24 and sum(mem[at:at + length]) % 256 == 0
+    assert (mem[at + 36], mem[at + 37]) == (38, 0x01)
+    assert struct.unpack_from("<HHBBHQ", mem, at + 48) == (0, 24, 0x01, 0, 0, 0xFED90000)
+    assert struct.unpack_from("<BBHBBBB", mem, at + 64) == (3, 8, 0, 0, 0xFF, 0, 0)
+
+
+def test_without_an_iommu_there_is_no_dmar_table_and_no_mcfg(mem: bytearray) -> None:
+    assert find_table(mem, b"DMAR") is None and find_table(mem, b"MCFG") is None
