@@ -141,6 +141,10 @@ REG32 = {**{k: REG[k] for k in ("cs", "ss", "ds", "es", "fs", "gs", "cr0", "cr2"
          "rflags": X.UC_X86_REG_EFLAGS}
 
 
+# int (*)(uc_engine *, void *user_data): UC_HOOK_INSN for CPUID, RDTSC, RDTSCP.
+_INSN_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
 class _Mmr(ctypes.Structure):
     """uc_x86_mmr: a descriptor-table register (IDTR, GDTR, LDTR, TR)."""
 
@@ -314,6 +318,16 @@ class Engine:
         # never from the engine's own model: in the 32-bit phase, and in 64-bit code the
         # machine did not decode at load time (decoded CPUIDs are sites).
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        # RDTSC/RDTSCP of the 32-bit phase (no sites there) read `tsc()`, the machine's
+        # TSC, not the host's clock (Unicorn calls these hooks after its CR4.TSD check).
+        # (The binding refuses these two hooks: they are added through the library.)
+        self.tsc: Callable[[], int | None] = lambda: None
+        self._tsc_fns = [_INSN_FN(self._on_rdtsc), _INSN_FN(self._on_rdtscp)] if bits == 32 else []
+        for tsc_fn, insn in zip(self._tsc_fns, (X.UC_X86_INS_RDTSC, X.UC_X86_INS_RDTSCP),
+                                strict=False):
+            if _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(ctypes.c_size_t()), UC_HOOK_INSN, tsc_fn,
+                                       None, ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn)):
+                raise RuntimeError("uc_hook_add(RDTSC) failed")
         if bits == 32:
             # After the counter: a stop here comes after the block was counted.
             uc.hook_add(UC_HOOK_BLOCK, self._on_block)
@@ -453,6 +467,22 @@ class Engine:
             return 0  # Unicorn's own CPUID
         self.write(dict(zip(("rax", "rbx", "rcx", "rdx"), regs, strict=True)))
         return 1  # skip the native instruction
+
+    def _on_rdtsc(self, _uc: Any, _data: Any, rdtscp: bool = False) -> int:
+        try:
+            tsc = self.tsc()
+            if tsc is None:
+                return 0  # Unicorn's own (the host's clock)
+            out = {"rax": tsc & 0xFFFFFFFF, "rdx": (tsc >> 32) & 0xFFFFFFFF}
+            if rdtscp:
+                out["rcx"] = self.read_msr(0xC0000103) & 0xFFFFFFFF  # IA32_TSC_AUX
+            self.write(out)
+        except Exception:  # never let an exception cross the C boundary
+            return 0
+        return 1  # skip the native instruction
+
+    def _on_rdtscp(self, uc: Any, data: Any) -> int:
+        return self._on_rdtsc(uc, data, rdtscp=True)
 
     # -- operating mode and the 32 -> 64-bit migration --------------------------------------
     def in_64bit_mode(self) -> bool:
@@ -1038,6 +1068,22 @@ class Engine:
             selector, flags = struct.unpack_from("<I", b, off)[0], struct.unpack_from("<I", b, off + 20)[0]
             out[name] = (int(selector) & 0xFFFF, int(flags))
         return out
+
+    def segment_cache(self, name: str) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of a segment register's descriptor cache."""
+        b = blob(self._saved_context())
+        off = self.layout.cs + (_SEGMENT_ORDER.index(name) - 1) * (self.layout.ss - self.layout.cs)
+        selector, _pad, base, limit, flags = struct.unpack_from("<IIQII", b, off)
+        return int(selector) & 0xFFFF, int(base), int(limit), int(flags)
+
+    def load_real_segment(self, name: str, selector: int) -> None:
+        """A real-mode segment load: selector and base = selector * 16; the limit and the
+        attributes stay (QEMU `do_interrupt_real`, Bochs `load_seg_reg` in real mode)."""
+        ctx = self._saved_context()
+        off = self.layout.cs + (_SEGMENT_ORDER.index(name) - 1) * (self.layout.ss - self.layout.cs)
+        struct.pack_into("<IIQ", blob(ctx), off, selector & 0xFFFF, 0, (selector & 0xFFFF) << 4)
+        self.version += 1
+        self.uc.context_restore(ctx)
 
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""
