@@ -9,10 +9,13 @@ machine's own 64-bit engine (`Engine.migrate_from`) and the ordinary run loop ta
 over (`mode_switch` record).
 
 The same devices answer its port accesses and CPUID, and the same exit check ends the
-run when it writes an exit port (`Platform.check_exit`). Everything the phase cannot
-model ends the run with a clear outcome: an exception or a pending event ("events are
-modelled from the switch to 64-bit mode on"), paging without long mode, HLT, an access
-outside RAM, the instruction limit.
+run when it writes an exit port (`Platform.check_exit`). Code that drops to real-address
+mode (CR0.PE = 0) has its events delivered through the interrupt vector table
+(cpu/real_mode.py): INT n, exceptions, and the 8259A pair's interrupts, which also wake
+a HLT. Everything else the phase cannot model ends the run with a clear outcome: an
+exception or a pending event in protected mode ("events are modelled in real-address
+mode and from the switch to 64-bit mode on"), paging without long mode, a HLT nothing
+can wake, an access outside RAM, the instruction limit.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from cpu.multiboot import (
     MSR_EFER,
 )
 from cpu.outcomes import Outcome, Stop
+from cpu.real_mode import RealModeEvents
+from cpu.stale_rf import clear_stale_rf
 from idt.vectors import vector_name
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
-_LATER = "events are modelled from the switch to 64-bit mode on"
+_LATER = "events are modelled in real-address mode and from the switch to 64-bit mode on"
 
 
 def _event_name(inj: Injection) -> str:
@@ -71,6 +76,8 @@ def run(m: Machine) -> None:
     e32.port_in = m.platform.port_in
     e32.port_out = m.platform.port_out
     e32.cpuid = m.model.cpuid  # (leaf, subleaf)
+    # The TSC at an RDTSC: the cycles before it (the counter has counted it) plus the offset.
+    e32.tsc = lambda: m.model.msrs.tsc_at(int(e32.counter.cycles) - int(e32.counter.last_cost))
     why: list[tuple[str, Any]] = []  # what stopped the engine, set by the callbacks
     saved: list[tuple[int, int]] = []
 
@@ -82,6 +89,7 @@ def run(m: Machine) -> None:
         why.append(("unmapped", (paddr, access)))
 
     def on_block(address: int) -> None:
+        clear_stale_rf(e32)  # Unicorn's PUSHF would store it (cpu/stale_rf.py)
         cr0 = e32.read_reg("cr0")
         if not cr0 & CR0_PG:
             return
@@ -113,6 +121,8 @@ def run(m: Machine) -> None:
     def eip() -> int:
         return e32.read_reg("rip")
 
+    real = RealModeEvents(m, e32)
+
     while True:
         if m.intr.nmi_pending or (m.apic is not None and m.apic.pending_vector() is not None):
             raise Stop(Outcome.UNSUPPORTED, f"an event is pending in 32-bit mode; {_LATER}",
@@ -128,10 +138,12 @@ def run(m: Machine) -> None:
             else:
                 raise Stop(Outcome.UNSUPPORTED, f"{_event_name(inj)} pending at the 32-bit "
                            f"entry: {_LATER}", eip())
-        e32.set_stop_at(stop_at)
+        step = real.step()  # an interrupt waits: one instruction at a time
+        e32.set_stop_at(stop_at if step is None else min(stop_at, step))
         e32.set_stop_cycle(stop_cycle)
         why.clear()
         saved.clear()
+        before = e32.icount
         err = e32.run(eip())
         by_counter = e32.stopped_by_counter
         if saved:
@@ -149,10 +161,15 @@ def run(m: Machine) -> None:
             raise Stop(Outcome.UNSUPPORTED, "paging enabled without long mode (32-bit or PAE "
                        f"paging) at {arg:#x}: only 4-level paging in long mode is modelled", arg)
         if kind == "exception":
-            if not e32.exception_info()[1]:
+            is_int = e32.exception_info()[1]
+            if real.active():
+                real.exception(arg, is_int)
+                real.boundary()
+                continue
+            if not is_int:
                 e32.uncount()  # a fault: the instruction did not retire (INT n / INT3 did)
-            raise Stop(Outcome.UNSUPPORTED, f"an exception in 32-bit mode: {vector_name(arg)} "
-                       f"(vector {arg}) at {eip():#x}; {_LATER}", eip())
+            raise Stop(Outcome.UNSUPPORTED, f"an exception in 32-bit protected mode: "
+                       f"{vector_name(arg)} (vector {arg}) at {eip():#x}; {_LATER}", eip())
         if kind == "unmapped":
             paddr, access = arg
             raise Stop(Outcome.OUTSIDE_MEMORY, f"{access.name.lower()} of physical {paddr:#x} "
@@ -166,17 +183,25 @@ def run(m: Machine) -> None:
                         isinstance(p, AtCycle) and e32.cycles >= p.cycle):
                     raise Stop(Outcome.UNSUPPORTED, f"{_event_name(inj)} arrives in 32-bit mode "
                                f"({_point_text(inj)}); {_LATER}", eip())
+            real.stepped(before)
+            real.boundary()
             continue
         if err is not None:
+            if err == ERR_INSN_INVALID and real.active():
+                real.invalid_opcode()
+                continue
             if err == ERR_INSN_INVALID:
                 e32.uncount()
-                raise Stop(Outcome.UNSUPPORTED, f"an exception in 32-bit mode: #UD (vector 6) "
-                           f"at {eip():#x}; {_LATER}", eip())
+                raise Stop(Outcome.UNSUPPORTED, f"an exception in 32-bit protected mode: #UD "
+                           f"(vector 6) at {eip():#x}; {_LATER}", eip())
             raise Stop(Outcome.UNSUPPORTED, f"engine error {err} in 32-bit mode at {eip():#x}",
                        eip())
-        if m.phys.contains(eip() - 1) and m.phys.read(eip() - 1, 1) == b"\xf4":
-            raise Stop(Outcome.HLT, "HLT in 32-bit mode (no event can wake the CPU before the "
-                       "switch to 64-bit mode)", eip())
+        hlt = e32.segment_cache("cs")[1] + eip() - 1  # a HLT stops the engine after it
+        if m.phys.contains(hlt) and m.phys.read(hlt, 1) == b"\xf4":
+            if real.boundary(halted=True):
+                continue  # an interrupt woke the CPU (the IP after the HLT was pushed)
+            raise Stop(Outcome.HLT, "HLT in 32-bit mode with no event that can wake the CPU",
+                       eip())
         raise Stop(Outcome.UNSUPPORTED, f"engine stopped unexpectedly in 32-bit mode at "
                    f"{eip():#x}", eip())
 

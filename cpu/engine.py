@@ -114,6 +114,10 @@ _UNMAPPED_ACCESS = {UC_MEM_READ_UNMAPPED: Access.READ, UC_MEM_WRITE_UNMAPPED: Ac
                     UC_MEM_FETCH_UNMAPPED: Access.FETCH}
 
 
+# int (*)(uc_engine *, void *user_data): UC_HOOK_INSN for CPUID, RDTSC, RDTSCP.
+_INSN_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
 class Engine(InstructionCounting):
     """A Unicorn x86-64 CPU over a `PhysicalMemory`, with Python callbacks for events.
 
@@ -248,6 +252,16 @@ class Engine(InstructionCounting):
         # never from the engine's own model: in the 32-bit phase, and in 64-bit code the
         # machine did not decode at load time (decoded CPUIDs are sites).
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        # RDTSC/RDTSCP of the 32-bit phase (no sites there) read `tsc()`, the machine's
+        # TSC, not the host's clock (Unicorn calls these hooks after its CR4.TSD check).
+        # (The binding refuses these two hooks: they are added through the library.)
+        self.tsc: Callable[[], int | None] = lambda: None
+        self._tsc_fns = [_INSN_FN(self._on_rdtsc), _INSN_FN(self._on_rdtscp)] if bits == 32 else []
+        for tsc_fn, insn in zip(self._tsc_fns, (X.UC_X86_INS_RDTSC, X.UC_X86_INS_RDTSCP),
+                                strict=False):
+            if _ucpy.uclib.uc_hook_add(uc._uch, ctypes.byref(ctypes.c_size_t()), UC_HOOK_INSN, tsc_fn,
+                                       None, ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn)):
+                raise RuntimeError("uc_hook_add(RDTSC) failed")
         if bits == 32:
             # After the counter: a stop here comes after the block was counted.
             uc.hook_add(UC_HOOK_BLOCK, self._on_block)
@@ -406,6 +420,22 @@ class Engine(InstructionCounting):
             return 0  # Unicorn's own CPUID
         self.write(dict(zip(("rax", "rbx", "rcx", "rdx"), regs, strict=True)))
         return 1  # skip the native instruction
+
+    def _on_rdtsc(self, _uc: Any, _data: Any, rdtscp: bool = False) -> int:
+        try:
+            tsc = self.tsc()
+            if tsc is None:
+                return 0  # Unicorn's own (the host's clock)
+            out = {"rax": tsc & 0xFFFFFFFF, "rdx": (tsc >> 32) & 0xFFFFFFFF}
+            if rdtscp:
+                out["rcx"] = self.read_msr(0xC0000103) & 0xFFFFFFFF  # IA32_TSC_AUX
+            self.write(out)
+        except Exception:  # never let an exception cross the C boundary
+            return 0
+        return 1  # skip the native instruction
+
+    def _on_rdtscp(self, uc: Any, data: Any) -> int:
+        return self._on_rdtsc(uc, data, rdtscp=True)
 
     # -- operating mode and the 32 -> 64-bit migration --------------------------------------
     def in_64bit_mode(self) -> bool:

@@ -278,6 +278,22 @@ class RegisterAccess:
             out[name] = (int(selector) & 0xFFFF, int(flags))
         return out
 
+    def segment_cache(self, name: str) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of a segment register's descriptor cache."""
+        b = blob(self._saved_context())
+        off = self.layout.cs + (_SEGMENT_ORDER.index(name) - 1) * (self.layout.ss - self.layout.cs)
+        selector, _pad, base, limit, flags = struct.unpack_from("<IIQII", b, off)
+        return int(selector) & 0xFFFF, int(base), int(limit), int(flags)
+
+    def load_real_segment(self, name: str, selector: int) -> None:
+        """A real-mode segment load: selector and base = selector * 16; the limit and the
+        attributes stay (QEMU `do_interrupt_real`, Bochs `load_seg_reg` in real mode)."""
+        ctx = self._saved_context()
+        off = self.layout.cs + (_SEGMENT_ORDER.index(name) - 1) * (self.layout.ss - self.layout.cs)
+        struct.pack_into("<IIQ", blob(ctx), off, selector & 0xFFFF, 0, (selector & 0xFFFF) << 4)
+        self.version += 1
+        self.uc.context_restore(ctx)
+
     def exception_info(self) -> tuple[int, bool]:
         """QEMU's error code and INT-instruction flag for the exception just hooked."""
         view = memoryview(blob(self._saved_context())).cast("B")

@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from cpu.devices.apic import LVT_MASKED, REG_LVT_LINT0
 from cpu.devices.ioapic import DELIVERY_MODES, IoapicMessage, IoapicUnsupported, isa_irq_to_pin
+from cpu.outcomes import Outcome, Stop
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
 _BROADCAST = 0xFF
-_FIXED, _LOWEST, _NMI = 0b000, 0b001, 0b100
+_FIXED, _LOWEST, _NMI, _EXTINT = 0b000, 0b001, 0b100, 0b111
 
 
 class Wires:
@@ -91,10 +93,57 @@ class Wires:
         m.emit("interrupt_pending", vector=vector, source=source, **where, level=level)
 
     def isa_line(self, line: int, asserted: bool) -> None:
-        """An ISA interrupt line (pc-testdev's IRQ ports) changes level."""
+        """An ISA interrupt line (pc-testdev's IRQ ports) changes level: it drives the
+        8259A pair (IRQ 0-15) and the I/O APIC, as on a PC (QEMU wires every ISA IRQ to
+        both, hw/i386/pc.c `gsi_handler`)."""
+        if line < 16:
+            self.m.state.platform.pic.set_irq(line, asserted)
         ioapic = self.m.state.platform.ioapic
         if ioapic is not None:
             ioapic.set_irq(isa_irq_to_pin(line), asserted)
+
+    # -- the 8259A pair ------------------------------------------------------------------
+    def pic_reaches_cpu(self) -> bool:
+        """Whether the master 8259A's INT output drives the CPU's INTR input now
+        (docs/sdm-map.md, "The 8259A pair after firmware"). Before the switch to long mode
+        (a multiboot image's 32-bit phase) the machine is in the MP specification's PIC
+        mode, as a PC firmware hands it over: INTR goes straight to the CPU. From then
+        on it would reach the CPU only with no local APIC, with the APIC globally disabled
+        (LINT0 is then the INTR pin: SDM Vol. 3A "Enabling or Disabling the Local APIC"),
+        or through LVT LINT0 unmasked with delivery mode ExtINT (virtual wire), which
+        idtlab does not model in long mode: `pic_intr` ends the run then."""
+        boot = self.m.state.boot
+        return boot is not None and not boot.done
+
+    def _virtual_wire(self) -> str | None:
+        """In long mode: how the 8259A's INTR would reach the CPU, or None (LINT0 masked
+        or not ExtINT: the request stays in the PIC, as on hardware)."""
+        apic = self.m.apic
+        if apic is None:
+            return "no local APIC: the INTR pin"
+        if not apic.enabled:
+            return "the local APIC globally disabled: LINT0 is the INTR pin"
+        lint0 = apic.read(REG_LVT_LINT0, 4, self.m.engine.cycles)
+        if not lint0 & LVT_MASKED and (lint0 >> 8) & 7 == _EXTINT:
+            return f"LVT LINT0 = {lint0:#x} (ExtINT, unmasked)"
+        return None
+
+    def pic_intr(self, level: bool) -> None:
+        """The master 8259A's INT output changes. A rising one that reaches the CPU is
+        recorded and looked at the next instruction boundary (the engine stops there)."""
+        m = self.m
+        if not level:
+            return
+        vector = m.state.platform.pic.pending_vector()
+        if self.pic_reaches_cpu():
+            m.emit("interrupt_pending", vector=vector, source="pic")
+            m.boundary.request_boundary()
+            return
+        path = self._virtual_wire()
+        if path is not None:
+            raise Stop(Outcome.UNSUPPORTED, f"an 8259A interrupt (vector {vector:#x}) reaches "
+                       f"the CPU in long mode ({path}): ExtINT delivery is modelled only "
+                       "before long mode", m.engine.read_reg("rip"))
 
     def ioapic_input(self, pin: int, asserted: bool) -> None:
         """An IOAPIC input driven directly (the HPET's routed timers)."""

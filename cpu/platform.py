@@ -2,7 +2,9 @@
 
 The devices test kernels use (cpu/devices/): a 16550 UART at 0x3F8 (its output is the
 `serial` trace record, one per line), QEMU's fw_cfg at 0x510/0x511, pc-testdev's data
-register (0xE0, 0xE8) and ISA interrupt lines (0x2000-0x2017), the I/O APIC and the HPET
+register (0xE0, 0xE8) and ISA interrupt lines (0x2000-0x2017), the 8259A pair at 0x20/0x21,
+0xA0/0xA1 and its ELCR at 0x4D0/0x4D1 (cpu/devices/pic.py; its accesses are also traced
+as `port` records, as they were before it was modelled), the I/O APIC and the HPET
 (their registers are memory-mapped: cpu/mmio.py; their interrupts: cpu/interrupts.py),
 and the ways a test
 kernel ends its run — isa-debug-exit at 0xF4 (QEMU `-device isa-debug-exit`), Bochs'
@@ -30,6 +32,7 @@ from cpu.decode import decode_one, out_port, port_access
 from cpu.devices.fwcfg import FW_CFG_PORT_DATA, FW_CFG_PORT_SEL, FwCfg
 from cpu.devices.hpet import Hpet
 from cpu.devices.ioapic import Ioapic
+from cpu.devices.pic import Pic8259Pair
 from cpu.devices.testdev import IRQ_LINE_PORT, IRQ_LINES, PcTestdev
 from cpu.devices.testports import BOCHS_SHUTDOWN_PORT, FLUSH_PAGE_PORT, BochsShutdown
 from cpu.devices.uart import Uart16550
@@ -63,6 +66,7 @@ class PlatformState:
     testdev: PcTestdev
     ioapic: Ioapic | None  # with the local APIC only
     hpet: Hpet | None
+    pic: Pic8259Pair
     bochs_shutdown: BochsShutdown = field(default_factory=BochsShutdown)
     exit_code: int | None = None  # written to the exit port, not yet acted on
     shutdown_requested: bool = False  # Bochs' "Shutdown" completed
@@ -82,7 +86,8 @@ class Platform:
             uart=Uart16550(SERIAL_PORT, on_byte=self.serial_byte), fwcfg=FwCfg(ram_size=memory),
             testdev=PcTestdev(on_irq_line=w.isa_line, iomem=m.ioram),
             ioapic=Ioapic(on_message=w.ioapic_message) if apic else None,
-            hpet=Hpet(cpu_mhz=m.profile.frequency_mhz, on_irq=w.ioapic_input) if apic else None)
+            hpet=Hpet(cpu_mhz=m.profile.frequency_mhz, on_irq=w.ioapic_input) if apic else None,
+            pic=Pic8259Pair(on_intr=w.pic_intr))
         self.serial = bytearray()  # what the UART transmitted (checkpointed by length)
         self.on_serial_line: list[Callable[[str], None]] = []  # each completed line
         # Port devices of the board (cpu/q35.py: PCI configuration): port_in returns None,
@@ -103,6 +108,9 @@ class Platform:
             value = device.port_in(port, size)
             if value is not None:
                 return value
+        if st.pic.handles_port(port):
+            self.m.emit("port", direction="in", port=port, size=size)
+            return st.pic.port_read(port, size)
         # No device: all ones, like an undriven ISA bus.
         self.m.emit("port", direction="in", port=port, size=size)
         return (1 << (8 * size)) - 1
@@ -125,6 +133,9 @@ class Platform:
                 # decoded at load: exit_write).
                 st.shutdown_requested = True
                 self.m.boundary.request_boundary()
+        elif st.pic.handles_port(port):
+            self.m.emit("port", direction="out", port=port, size=size, value=value)
+            st.pic.port_write(port, size, value)
         elif port == EXIT_PORT:
             # Ends the run at the boundary after the OUT (the counter stops there exactly).
             st.exit_code = value

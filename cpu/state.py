@@ -28,6 +28,7 @@ from cpu.injections import InjectionState
 from cpu.platform import PlatformState
 from cpu.progress import ProgressState
 from cpu.q35 import Q35State
+from cpu.real_mode import RealModeState
 from cpu.registers import RegisterState
 from cpu.stops import StopState
 from cpu.vmx import VmxState
@@ -65,6 +66,7 @@ class MachineState:
     debug: DebugState = field(default_factory=DebugState)
     fred: FredState = field(default_factory=FredState)
     progress: ProgressState = field(default_factory=ProgressState)
+    real_mode: RealModeState = field(default_factory=RealModeState)
     boot: Boot | None = None  # a multiboot image and whether its 32-bit phase is over
     q35: Q35State | None = None  # the q35 machine's PCI devices (cpu/q35.py)
 

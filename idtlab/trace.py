@@ -349,6 +349,9 @@ def _deliver(r: Record, sym: Symbolizer) -> str:
         extra += f" fred sl={r['stack_level']} data={r['event_data']:#x}"
         if r.get("nested"):
             extra += " nested"
+    if r.get("real_mode"):  # the IVT (cpu/real_mode.py): no privilege levels
+        return (f"{r['name']} {_where(r, sym)} -> {r['handler_cs']:04x}:{r['handler_ip']:04x} "
+                f"sp={r['rsp'] & 0xFFFF:#06x} real mode{extra}")
     return (f"{r['name']}{ec} {_where(r, sym)} -> {sym(r['handler'])}  stack={r['stack']} "
             f"rsp={r['rsp']:#x} cpl {r['cs'] & 3}->{r['cpl']}{extra}")
 

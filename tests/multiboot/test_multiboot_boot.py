@@ -112,8 +112,9 @@ def test_an_exception_in_the_32_bit_phase_ends_the_run_naming_vector_and_eip() -
     _m, image, _info, r = boot(FAULT)
     site = image.symbols["fault_site"]
     assert (r.outcome, r.rip, r.icount) == ("unsupported", site, 2)
-    assert r.reason == (f"an exception in 32-bit mode: #DE (vector 0) at {site:#x}; events are "
-                        "modelled from the switch to 64-bit mode on")
+    assert r.reason == (f"an exception in 32-bit protected mode: #DE (vector 0) at {site:#x}; "
+                        "events are modelled in real-address mode and from the switch to 64-bit "
+                        "mode on")
     assert r.trace.of_kind("mode_switch") == [] and r.deliveries == []
 
 
@@ -121,7 +122,8 @@ def test_an_int3_in_the_32_bit_phase_ends_the_run_after_the_int3() -> None:
     _m, image, _info, r = boot(inline("nop\n.globl bp\nbp: int3\nhlt\n"))
     after = image.symbols["bp"] + 1
     assert (r.outcome, r.rip, r.icount) == ("unsupported", after, 2)
-    assert r.reason.startswith(f"an exception in 32-bit mode: #BP (vector 3) at {after:#x}")
+    assert r.reason.startswith(f"an exception in 32-bit protected mode: #BP (vector 3) at "
+                               f"{after:#x}")
 
 
 def test_an_invalid_opcode_in_the_32_bit_phase_is_a_ud_outcome() -> None:
@@ -175,7 +177,7 @@ def test_an_injection_due_in_the_32_bit_phase_ends_the_run() -> None:
     r = m.run()
     assert (r.outcome, r.icount) == ("unsupported", 3)
     assert r.reason == ("an injected NMI arrives in 32-bit mode ({'at_icount': 3}); events are "
-                        "modelled from the switch to 64-bit mode on")
+                        "modelled in real-address mode and from the switch to 64-bit mode on")
 
 
 def test_the_instruction_limit_applies_in_the_32_bit_phase() -> None:

@@ -192,7 +192,7 @@ main:
     mov ebx, eax
     mov al, 0x12
     out 0x80, al
-    mov dx, 0x21
+    mov dx, 0x61
     in al, dx
     hlt
 """)
@@ -202,7 +202,7 @@ main:
             for p in r.trace.of_kind("port")] == [
         {"kind": "port", "direction": "in", "port": 0x80, "size": 4},
         {"kind": "port", "direction": "out", "port": 0x80, "size": 1, "value": 0x12},
-        {"kind": "port", "direction": "in", "port": 0x21, "size": 1}]
+        {"kind": "port", "direction": "in", "port": 0x61, "size": 1}]
 
 
 def fw_cfg_program(key: int, n: int) -> str:

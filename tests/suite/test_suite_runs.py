@@ -50,9 +50,10 @@ def test_each_mini_config_gets_its_status_exit_code_and_stop_on_idtlab(
                                 "code hides"),
         "mini_loader": ("PASS", 0, "exit 0"),
         "mini_extra_params": ("PASS", 0, "exit 0"),
-        "mini_triple": ("FAIL", None, "unsupported (an exception in 32-bit mode: #UD (vector 6) "
-                                      "at 0x100132; events are modelled from the switch to 64-bit "
-                                      "mode on) at mode_triple+0x11"),
+        "mini_triple": ("FAIL", None, "unsupported (an exception in 32-bit protected mode: #UD "
+                                      "(vector 6) at 0x100132; events are modelled in real-address "
+                                      "mode and from the switch to 64-bit mode on) at "
+                                      "mode_triple+0x11"),
     }
     assert status == 1  # configs failed on idtlab
     assert report["totals"] == {"idtlab": {"PASS": 3, "FAIL": 3, "SKIP": 1, "TIMEOUT": 0,
@@ -87,8 +88,9 @@ def test_the_table_has_one_row_per_config_the_stops_and_the_totals(
         "    idtlab: exit 1; first of 1 FAIL lines: FAIL: mini: second check",
         "    idtlab: FAIL: mini: second check",
         "mini_triple  FAIL    unsupported",
-        "    idtlab: unsupported (an exception in 32-bit mode: #UD (vector 6) at 0x100132; events "
-        "are modelled from the switch to 64-bit mode on) at mode_triple+0x11",
+        "    idtlab: unsupported (an exception in 32-bit protected mode: #UD (vector 6) at "
+        "0x100132; events are modelled in real-address mode and from the switch to 64-bit mode "
+        "on) at mode_triple+0x11",
         "mini_i386    SKIP    skipped",
         "    idtlab skipped: i386 only",
         "",

@@ -102,10 +102,15 @@ def test_the_ports_it_answers(port: int, expected: bool) -> None:
     assert PcTestdev.handles_port(port) is expected
 
 
-def test_a_wide_interrupt_line_access_is_not_modelled(dev: PcTestdev) -> None:
-    with pytest.raises(PcTestdevUnsupported, match=r"pc-testdev: 2-byte write of interrupt-line "
-                                                   r"port 0x2001 \(only byte accesses"):
-        dev.port_write(0x2001, 2, 1)
+def test_a_wide_interrupt_line_write_is_one_byte_per_line_as_qemu_splits_it_for_kvm() -> None:
+    lines: list[tuple[int, bool]] = []
+    dev = PcTestdev(on_irq_line=lambda line, up: lines.append((line, up)))
+    dev.port_write(0x200B, 4, 1)     # realmode.flat's `outl %eax, %dx` with EAX = 1
+    assert lines == [(11, True), (12, False), (13, False), (14, False)]
+    dev.port_write(0x2016, 4, 0x01010101)  # the bytes past line 23 go nowhere
+    assert lines[4:] == [(22, True), (23, True)]
+    assert dev.state.irq_lines == (1 << 11) | (1 << 22) | (1 << 23)
+    assert dev.port_read(0x200B, 4) == 0
     assert issubclass(PcTestdevUnsupported, Unsupported)
 
 
