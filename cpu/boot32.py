@@ -37,6 +37,7 @@ from cpu.multiboot import (
 )
 from cpu.outcomes import Outcome, Stop
 from cpu.real_mode import RealModeEvents
+from cpu.smsw import Smsw32
 from cpu.stale_rf import clear_stale_rf
 from idt.vectors import vector_name
 
@@ -88,12 +89,17 @@ def run(m: Machine) -> None:
     def on_unmapped(paddr: int, access: Any) -> None:
         why.append(("unmapped", (paddr, access)))
 
-    def on_block(address: int) -> None:
+    def on_block(address: int, size: int) -> None:
         clear_stale_rf(e32)  # Unicorn's PUSHF would store it (cpu/stale_rf.py)
         cr0 = e32.read_reg("cr0")
-        if not cr0 & CR0_PG:
-            return
         c = e32.counter
+        if not cr0 & CR0_PG:
+            if smsw.scan(address, size):
+                # A new SMSW site: run the block again with its hook (cpu/smsw.py).
+                saved.append((int(c.count), int(c.cycles)))
+                why.append(("site", address))
+                e32.stop()
+            return
         if not e32.read_msr(MSR_EFER) & EFER_LMA:
             why.append(("paging", address))
         elif e32.in_64bit_mode():
@@ -104,6 +110,7 @@ def run(m: Machine) -> None:
         saved.append((int(c.count), int(c.cycles)))
         e32.stop()
 
+    smsw = Smsw32(e32, m.phys)
     e32.interrupt = on_interrupt
     e32.unmapped = on_unmapped
     e32.block = on_block
@@ -157,6 +164,8 @@ def run(m: Machine) -> None:
         m.platform.check_exit()
         if kind == "long_mode":
             break
+        if kind == "site":
+            continue
         if kind == "paging":
             raise Stop(Outcome.UNSUPPORTED, "paging enabled without long mode (32-bit or PAE "
                        f"paging) at {arg:#x}: only 4-level paging in long mode is modelled", arg)

@@ -21,7 +21,7 @@ from capstone import x86_const as CX
 
 @cache
 def _cs(bits: int = 64) -> capstone.Cs:
-    mode = capstone.CS_MODE_64 if bits == 64 else capstone.CS_MODE_32
+    mode = {64: capstone.CS_MODE_64, 32: capstone.CS_MODE_32, 16: capstone.CS_MODE_16}[bits]
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     md.detail = True
     return md
@@ -42,7 +42,7 @@ class Insn:
 
 def decode(code: bytes, address: int, *, bits: int = 64) -> Iterator[Insn]:
     """Decode linearly; `bits` = 32 for 32-bit protected-mode code (a multiboot image's
-    entry code, cpu/multiboot.py)."""
+    entry code, cpu/multiboot.py), 16 for 16-bit code (real-address mode)."""
     for i in _cs(bits).disasm(code, address):
         yield Insn(i.address, i.size, i.mnemonic, i.op_str, bytes(i.bytes))
 

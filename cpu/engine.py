@@ -188,7 +188,7 @@ class Engine(InstructionCounting):
         self._run_count = 0  # the instruction count when `run` started
         self._restart: tuple[int, bool] | None = None  # (pc, machine asked to stop too)
         self._stepping: int | None = None  # the store `_step_restarted` runs alone
-        self.block: Callable[[int], None] = lambda a: None
+        self.block: Callable[[int, int], None] = lambda a, size: None
         # A new translation block (pc, size) is about to run for the first time; True stops
         # the engine before it runs (cpu/sites.py decodes it for sites).
         self.translated: Callable[[int, int], bool] = lambda pc, size: False
@@ -390,7 +390,7 @@ class Engine(InstructionCounting):
         self.port_out(port, size, value)
 
     def _on_block(self, uc: Any, address: int, size: int, _data: object) -> None:
-        self.block(address)
+        self.block(address, size)
 
     def _on_translated(self, uc: Any, cur: Any, _prev: Any, _data: object) -> None:
         pc = int(cur.pc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cpu.smsw import smsw_r32
 from tests.multiboot.mbkit import boot
 
 RM_BASE = 0x8000
@@ -163,3 +164,41 @@ handler:
     assert (irq["vector"], irq["rip"], irq["cs"], irq["rflags"]) == (
         0x0B, image.symbols["taken"] - 0xFFFF0, 0xFFFF, 0x0246)  # ZF, PF: from `xorw`
     assert m.phys.read_uint(0x600, 2) == 0x6FFA
+
+
+def test_smsw_to_a_32_bit_register_in_real_mode_stores_all_of_cr0s_low_doubleword() -> None:
+    # CR0 = 0x60000010 after the drop to real mode (CD, NW, ET as the entry left them);
+    # EBX and ECX start all ones: `smsw %ebx` (66 0F 01 E3) must leave CR0[31:0] in EBX
+    # (processors, Bochs, QEMU 7.2: cpu/smsw.py), `smsw %cx` only CR0[15:0] in CX, the
+    # upper half of ECX untouched (a 16-bit destination), `smsw 0x700` a word in memory.
+    m, _image, _info, r = boot(real_mode_source("""
+    movl %cr0, %eax
+    orl $0x60000000, %eax
+    movl %eax, %cr0
+    movl $0xFFFFFFFF, %ebx
+    movl $0xFFFFFFFF, %ecx
+    smsw %ebx
+    smsw %cx
+    movl $0xFFFFFFFF, 0x700
+    smsw 0x700
+    movl %ebx, 0x710
+    movl %ecx, 0x714
+    movw $0xF4, %dx
+    movb $0, %al
+    outb %al, %dx
+"""))
+    assert (r.outcome, r.exit_code) == ("exit", 0)
+    cr0 = m.phys.read_uint(0x710, 4)
+    assert cr0 == 0x60000010 | (cr0 & 0xFFFF)  # CR0[31:16] stored: PE = 0, ET = 1 ...
+    assert cr0 & 0xFFFF0000 == 0x60000000 and cr0 & 1 == 0
+    assert m.phys.read_uint(0x714, 4) == 0xFFFF0000 | (cr0 & 0xFFFF)
+    assert m.phys.read_uint(0x700, 4) == 0xFFFF0000 | (cr0 & 0xFFFF)
+
+
+def test_smsw_decoding_sees_the_operand_size_of_the_code_segment() -> None:
+    assert smsw_r32(bytes.fromhex("660f01e3"), default32=False) == (4, 3)  # smsw ebx
+    assert smsw_r32(bytes.fromhex("0f01e1"), default32=False) is None     # smsw cx
+    assert smsw_r32(bytes.fromhex("0f01e1"), default32=True) == (3, 1)    # smsw ecx
+    assert smsw_r32(bytes.fromhex("660f01e1"), default32=True) is None    # smsw cx
+    assert smsw_r32(bytes.fromhex("0f0126"), default32=True) is None      # smsw [esi]
+    assert smsw_r32(bytes.fromhex("0f01c8"), default32=True) is None      # monitor (reg 1)
