@@ -685,6 +685,22 @@ CHUNKS_PER_WORKER = 4
 CHUNK_RETRIES = 1
 
 
+def _worker_context(jobs: int, workers: int) -> multiprocessing.context.BaseContext:
+    """How worker processes start. A spawned worker re-imports idtlab, Unicorn, Capstone
+    and Keystone (about 0.4 s), which on a run of a few hundred schedules is most of what
+    `--jobs 2` could save; a forked one starts in milliseconds with all of it imported.
+    Forked workers cannot be replaced after CHUNKS_PER_WORKER chunks (the pool refuses
+    `max_tasks_per_child` with fork), so they are used only when no worker would be: at
+    most that many chunks each, where `fork` exists and this process runs no other
+    thread (a fork copies threads in whatever state they are). Otherwise `spawn`. Each
+    worker builds its own machine either way: the findings do not depend on how it
+    started."""
+    if (jobs <= workers * CHUNKS_PER_WORKER and threading.active_count() == 1
+            and "fork" in multiprocessing.get_all_start_methods()):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def _in_workers(jobs_list: list[Any], workers: int,
                 run: Callable[[Any], list[Any]] = _run_chunk_job,
                 initializer: Callable[..., None] | None = None,
@@ -696,12 +712,13 @@ def _in_workers(jobs_list: list[Any], workers: int,
     results: dict[int, list[Any]] = {}
     next_out = 0
     pending = list(range(len(jobs_list)))
-    context = multiprocessing.get_context("spawn")
+    context = _worker_context(len(jobs_list), workers)
+    replace = {} if context.get_start_method() == "fork" else {
+        "max_tasks_per_child": CHUNKS_PER_WORKER}
     for attempt in range(CHUNK_RETRIES + 1):
         lost: list[int] = []
-        executor = ProcessPoolExecutor(workers, mp_context=context,
-                                       max_tasks_per_child=CHUNKS_PER_WORKER,
-                                       initializer=initializer, initargs=initargs)
+        executor = ProcessPoolExecutor(workers, mp_context=context, initializer=initializer,
+                                       initargs=initargs, **replace)
         try:
             futures = [(i, executor.submit(run, jobs_list[i])) for i in pending]
             for i, future in futures:
