@@ -269,6 +269,32 @@ class Emulated:
                                   icount=p.icount, registers=p.registers, repeats=p.repeats,
                                   limit=m.progress.limit())))
 
+    def rearm_native_iret(self) -> None:
+        """As a run starts (`Engine.on_run_start`): let the native hook execute IRETQs at
+        the sites vouched for earlier in this machine's life, if the boundary here is
+        quiet (nothing can become pending without a Python hook, which disarms it) — so
+        a handler's IRETQ after a delivery made between runs needs no Python call. What
+        `_vouch_native_iret` checked in Python is checked again here; the memory and the
+        selectors vouched for then are re-checked natively at each IRETQ."""
+        m = self.m
+        e = m.engine
+        paths = e.paths
+        if not paths.has_vouched_irets:
+            return
+        if (m.ept is not None or not e.block_counting or m.regs.state.stale_exception
+                or m.intr.nmi_blocked or m.regs.paging().cr4 & CR4_PKE
+                or not self.quiet_boundary()):
+            return
+        before = m.injections.state.before
+        breakpoints = m.debug.state.exec_breakpoints
+        p = m.progress.state
+        last = p.last
+        progress = None if last is None or last[5] != m.state.run.events else ProgressView(
+            last=(last[0], last[1], last[2], last[3], last[4]), icount=p.icount,
+            registers=p.registers, repeats=p.repeats, limit=m.progress.limit())
+        paths.rearm_iret(before=tuple(before), progress=progress,
+                         site_ok=lambda a: a not in before and a not in breakpoints)
+
     def native_irets(self, records: list[tuple[int, int, int, int, int, int]]) -> None:
         """IRETQs the native hook executed, in order (`Engine.irets_done`): the records
         and bookkeeping `iret_in_hook` makes for each."""

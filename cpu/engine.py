@@ -275,6 +275,9 @@ class Engine(InstructionCounting):
         self._iret_state = self.paths.iret
         self.irets_done: Callable[[list[tuple[int, int, int, int, int, int]]], None] = \
             lambda records: None
+        # Called as each run starts, after the counter is set (cpu/emulated.py re-arms the
+        # native IRETQ there).
+        self.on_run_start: Callable[[], None] = lambda: None
         if bits == 64:
             uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_translated)
 
@@ -307,6 +310,9 @@ class Engine(InstructionCounting):
         self._iret_state.armed = 0
         if self._iret_state.logged:
             self.irets_done(self.paths.drain_irets())
+
+    def run_starts(self) -> None:
+        self.on_run_start()
 
     def drain_native(self) -> None:
         """Hand the natively executed IRETQs over (the engine stopped)."""

@@ -55,6 +55,9 @@ class InstructionCounting(RegisterAccess):
     def drain_native(self) -> None:
         """Hand over what native paths did that Python keeps track of (cpu/engine.py)."""
 
+    def run_starts(self) -> None:
+        """A run starts (the counter is set): native paths may be vouched for again."""
+
     def _emu(self, begin: int, until: int) -> int | None:
         bounded = until != UNTIL_NEVER
         if bounded:
@@ -87,6 +90,7 @@ class InstructionCounting(RegisterAccess):
         c.ac_stopped = 0
         c.split = native.NO_SPLIT
         self.paths.new_run()
+        self.run_starts()
         self._run_count = int(c.count)
         if until != UNTIL_NEVER:
             # `until` only takes effect in code translated after it is set: drop the

@@ -216,6 +216,7 @@ class Machine:
         e.interrupt = self.stops.on_interrupt
         e.site = self.stops.on_site
         e.irets_done = self.emulated.native_irets
+        e.on_run_start = self.emulated.rearm_native_iret
         e.port_in = self.platform.port_in
         e.port_out = self.platform.port_out
         e.code_reader = self.code_bytes

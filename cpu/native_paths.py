@@ -207,6 +207,7 @@ class NativePaths:
             for k, name in enumerate(gprs):
                 i.rid_gpr[k] = rids[name]
         self._iret_sites: dict[int, tuple[IretSiteStruct, int]] = {}
+        self._vouched: set[int] = set()  # IRETQ sites learned since they were hooked
         # False: IRETQ always takes Python's path (tests compare the two).
         self.iret_enabled = True
 
@@ -247,6 +248,7 @@ class NativePaths:
     def unhook(self, address: int) -> bool:
         """Remove the native hook at `address` (False: there is none)."""
         entry = self._sites.pop(address, None) or self._iret_sites.pop(address, None)
+        self._vouched.discard(address)
         if entry is None:
             return False
         self._uclib.uc_hook_del(self._uch, ctypes.c_size_t(entry[1]))
@@ -290,6 +292,42 @@ class NativePaths:
             i.regs[k] = v
         i.repeats, i.repeat_limit = pv.repeats, pv.limit
         i.armed = 1
+        self._vouched.add(address)
+        return True
+
+    def rearm_iret(self, *, before: tuple[int, ...], progress: ProgressView | None,
+                   site_ok: Callable[[int], bool]) -> bool:
+        """As a run starts (the boundary there is quiet, the caller checked): arm the IRETQ
+        sites vouched for earlier (`learn_iret`) again, under the memory, selectors and
+        cost vouched for then (the C code re-checks the memory and the selectors), the
+        injection points `before` and the no-progress state `progress` (None: the next
+        IRET's signature cannot match the last one, an event came in between). Sites
+        `site_ok` refuses (an injection point or a breakpoint there now) stay Python's."""
+        i = self.iret
+        if not self._vouched or not self.iret_enabled or len(before) > IRET_BEFORE:
+            return False
+        armed = False
+        for address in self._vouched:
+            if site_ok(address):
+                self._iret_sites[address][0].generation = i.generation
+                armed = True
+        if not armed:
+            return False
+        i.nbefore = len(before)
+        for k, a in enumerate(before):
+            i.before[k] = a
+        if progress is None:
+            i.last_address = 0xFFFFFFFFFFFFFFFF  # not an address an IRET is at
+            i.have_regs = i.repeats = 0
+        else:
+            (i.last_address, i.last_rip, i.last_rsp, i.last_rflags,
+             i.last_delta) = (x & 0xFFFFFFFFFFFFFFFF for x in progress.last)
+            i.last_icount = progress.icount
+            i.have_regs = int(progress.registers is not None)
+            for k, v in enumerate(progress.registers or ()):
+                i.regs[k] = v
+            i.repeats = progress.repeats
+        i.armed = 1
         return True
 
     def progress(self) -> ProgressView:
@@ -311,6 +349,11 @@ class NativePaths:
                 int(r.rflags)) for r in i.log[:n]]
         i.logged = 0
         return out
+
+    @property
+    def has_vouched_irets(self) -> bool:
+        """Some IRETQ site was vouched for (`learn_iret`) and is still hooked."""
+        return bool(self._vouched) and self.iret_enabled
 
     @property
     def iret_hits(self) -> int:

@@ -19,7 +19,7 @@ from idtlab.assemble import CodeBlock, assemble_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 CR2_RACE = ROOT / "idtlab" / "examples" / "explore" / "cr2_race.toml"
-CODE, STACK = 0x100000, 0x70000
+CODE, HANDLER, STACK = 0x100000, 0x101000, 0x70000
 
 # An IRETQ chain: each pass builds a same-level frame returning to `again` and IRETs
 # through it (`mov rcx, N` passes). `setup` runs first; `tamper` when RCX reaches 50
@@ -183,3 +183,46 @@ def test_the_cr2_race_pairs_give_the_same_findings_with_and_without_the_native_i
         assert got.trace.records == want.trace.records
         assert (got.outcome, got.icount, got.cycles) == (want.outcome, want.icount, want.cycles)
     assert sum(m.engine.paths.iret_hits for m in machines) > 100
+
+
+def int3_loop(native: bool) -> Machine:
+    """`int3` twenty times into a handler that is `nop; iretq` (the IRETQ at HANDLER + 1,
+    reached by execution, not at a boundary the machine holds)."""
+    m = Machine(2 << 20, max_insns=10_000)
+    blocks, _ = assemble_blocks([CodeBlock(CODE, "mov rcx, 20\nl:\nint3\ndec rcx\njnz l\nhlt\n",
+                                           "test", 1), CodeBlock(HANDLER, "nop\niretq\n", "test", 1)],
+                                {})
+    for b in blocks:
+        m.load(b.at, b.code, code=True)
+    m.set_gate(Vector.BP, HANDLER)
+    m.set_gate(Vector.NMI, HANDLER)
+    m.engine.paths.iret_enabled = native
+    return m
+
+
+def test_an_iretq_after_a_delivery_between_runs_runs_natively_as_in_python() -> None:
+    results = []
+    for native in (True, False):
+        m = int3_loop(native)
+        r = m.run(entry=CODE, rsp=STACK)
+        results.append((r.outcome, r.icount, r.cycles, r.trace.records,
+                        m.engine.paths.iret_hits))
+    assert results[0][:4] == results[1][:4]
+    assert results[0][4] == 19 and results[1][4] == 0  # all but the first (Python vouches)
+
+
+def test_an_injection_point_put_at_the_iretq_between_runs_is_counted_as_in_python() -> None:
+    # Run part of the loop (the native hook is vouched for), then watch the IRETQ itself:
+    # an NMI before its 3rd arrival from there on. A run start must not re-arm the native
+    # hook at a watched site: the arrivals are counted in Python.
+    results = []
+    for native in (True, False):
+        m = int3_loop(native)
+        m.run(entry=CODE, rsp=STACK, max_insns=30)
+        m.inject("nmi", before=HANDLER + 1, hit=3)
+        r = m.run(max_insns=10_000)
+        delivered = [(d["vector"], d["icount"]) for d in r.trace.of_kind("deliver")]
+        results.append((r.outcome, r.icount, r.cycles, r.trace.records, delivered))
+    assert results[0] == results[1]
+    assert results[0][0] == "hlt"
+    assert [v for v, _ in results[0][4]].count(Vector.NMI) == 1
