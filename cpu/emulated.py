@@ -82,7 +82,7 @@ from cpu.control_regs import (
 from cpu.cpu_model import MsrFault
 from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.mmu import CR4_PKE, Access
+from cpu.mmu import CR4_PKE, Access, PagingControl
 from cpu.msrs import (
     MSR_EFER,
     MSR_SYSENTER_CS,
@@ -124,8 +124,15 @@ class Emulated:
     """IRET, HLT, SYSCALL/SYSRET, RDMSR/WRMSR, CPUID, MOV CR and RDPMC, executed at their
     sites."""
 
+    # Derived, not state: rebuilt as needed.
+    CACHES = frozenset({"_vouched_memory"})
+
     def __init__(self, m: Machine) -> None:
         self.m = m
+        # The memory the last native-IRETQ vouch named, by (frame page, CS, SS, CPL, GDT
+        # base, paging controls): (frame's physical page, words that must hold).
+        self._vouched_memory: tuple[tuple[object, ...], int, tuple[tuple[int, int], ...]] \
+            | None = None
 
     def iret(self, address: int) -> None:
         m = self.m
@@ -234,14 +241,42 @@ class Emulated:
         e = m.engine
         before = m.injections.state.before
         ctl = m.regs.last_paging()
-        if (m.ept is not None or ctl.cr4 & CR4_PKE or address in before or len(before) > 8
-                or address in m.debug.state.exec_breakpoints or m.progress.state.last is None):
+        if (m.ept is not None or m.vmx_exits.enabled or ctl.cr4 & CR4_PKE or address in before
+                or len(before) > 8 or address in m.debug.state.exec_breakpoints
+                or m.progress.state.last is None):
             return
-        user = st.cpl == 3
+        key = (st.rsp >> 12, st.cs, st.ss, st.cpl, st.gdtr_base, ctl)
+        memory = self._vouched_memory
+        if memory is None or memory[0] != key or e.paths.words_failed():
+            # The memory to vouch for: what a walk reads now (the words the C code then
+            # re-checks at every IRETQ; while they hold, the same key needs no walk).
+            found = self._memory_to_vouch(st, ctl)
+            if found is None:
+                return
+            memory = self._vouched_memory = (key, *found)
+        _key, stack_paddr, words = memory
+        c = e.counter
+        p = m.progress.state
+        last = p.last
+        assert last is not None
+        e.paths.learn_iret(address, IretVouch(
+            block=(int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1),
+            cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=stack_paddr,
+            words=words, before=tuple(before), cost=cost,
+            progress=ProgressView(last=(last[0], last[1], last[2], last[3], last[4]),
+                                  icount=p.icount, registers=p.registers, repeats=p.repeats,
+                                  limit=m.progress.limit())))
+
+    def _memory_to_vouch(self, st: ArchState, ctl: PagingControl) -> tuple[
+            int, tuple[tuple[int, int], ...]] | None:
+        """(the frame page's physical page, the physical words that must hold: the
+        paging-structure entries of the frame's page and of the CS and SS descriptors, and
+        the descriptors) for an IRETQ at `st`, or None if it cannot be vouched for."""
+        m = self.m
         words: dict[int, int] = {}
         walks = m.sysmem.walks
         try:
-            t = walks.walk(ctl, st.rsp, Access.READ, user=user)
+            t = walks.walk(ctl, st.rsp, Access.READ, user=st.cpl == 3)
             words.update(walks.last_used)
             for sel in (st.cs, st.ss):
                 if sel & 0xFFFC == 0:
@@ -251,23 +286,13 @@ class Emulated:
                 words.update(walks.last_used)
                 paddr = d.paddr | (linear & 0xFFF)
                 if not m.phys.contains(paddr, 8):
-                    return
+                    return None
                 words[paddr] = int.from_bytes(m.phys.read(paddr, 8), "little")
         except ArchFault:
-            return
+            return None
         if not m.phys.contains(t.paddr, 4096):
-            return
-        c = e.counter
-        p = m.progress.state
-        last = p.last
-        assert last is not None
-        e.paths.learn_iret(address, IretVouch(
-            block=(int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1),
-            cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=t.paddr,
-            words=tuple(words.items()), before=tuple(before), cost=cost,
-            progress=ProgressView(last=(last[0], last[1], last[2], last[3], last[4]),
-                                  icount=p.icount, registers=p.registers, repeats=p.repeats,
-                                  limit=m.progress.limit())))
+            return None
+        return t.paddr, tuple(words.items())
 
     def rearm_native_iret(self) -> None:
         """As a run starts (`Engine.on_run_start`): let the native hook execute IRETQs at
@@ -281,8 +306,8 @@ class Emulated:
         paths = e.paths
         if not paths.has_vouched_irets:
             return
-        if (m.ept is not None or not e.block_counting or m.regs.state.stale_exception
-                or m.intr.nmi_blocked or m.regs.paging().cr4 & CR4_PKE
+        if (m.ept is not None or m.vmx_exits.enabled or not e.block_counting
+                or m.regs.state.stale_exception or m.regs.paging().cr4 & CR4_PKE
                 or not self.quiet_boundary()):
             return
         before = m.injections.state.before
@@ -293,17 +318,20 @@ class Emulated:
             last=(last[0], last[1], last[2], last[3], last[4]), icount=p.icount,
             registers=p.registers, repeats=p.repeats, limit=m.progress.limit())
         paths.rearm_iret(before=tuple(before), progress=progress,
-                         site_ok=lambda a: a not in before and a not in breakpoints)
+                         site_ok=lambda a: a not in before and a not in breakpoints,
+                         nmi_blocked=m.intr.nmi_blocked)
 
-    def native_irets(self, records: list[tuple[int, int, int, int, int, int]]) -> None:
+    def native_irets(self, records: list[tuple[int, int, int, int, int, int, int]]) -> None:
         """IRETQs the native hook executed, in order (`Engine.irets_done`): the records
         and bookkeeping `iret_in_hook` makes for each."""
         m = self.m
         cpl = m.regs.state.cpl
-        for address, icount, cycles, rip, rsp, rflags in records:
+        for address, icount, cycles, rip, rsp, rflags, unblocked in records:
+            if unblocked:
+                m.intr.nmi_blocked = False
             depth = m.frames.returned()
             m.trace.emit("iret", icount, cycles, rip=address, to_rip=rip, to_rsp=rsp,
-                         to_cpl=cpl, nmi_unblocked=False, depth=depth)
+                         to_cpl=cpl, nmi_unblocked=bool(unblocked), depth=depth)
             if rflags & RFLAGS_RF:
                 m.debug.iret_loaded_rf(icount, rip)
         # The no-progress check ran natively (the same rule): take its state back.

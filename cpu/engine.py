@@ -273,7 +273,7 @@ class Engine(InstructionCounting):
                                  gprs=tuple(r for r in GPRS if r != "rsp") if bits == 64 else ())
         self._paths_state = self.paths.state
         self._iret_state = self.paths.iret
-        self.irets_done: Callable[[list[tuple[int, int, int, int, int, int]]], None] = \
+        self.irets_done: Callable[[list[tuple[int, int, int, int, int, int, int]]], None] = \
             lambda records: None
         # Called as each run starts, after the counter is set (cpu/emulated.py re-arms the
         # native IRETQ there).

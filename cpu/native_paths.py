@@ -87,7 +87,8 @@ class IretRecord(ctypes.Structure):
     """`struct idtlab_iret_record` of paths.c: one IRETQ executed natively."""
 
     _fields_ = [(name, ctypes.c_uint64)
-                for name in ("address", "icount", "cycles", "rip", "rsp", "rflags")]
+                for name in ("address", "icount", "cycles", "rip", "rsp", "rflags",
+                             "nmi_unblocked")]
 
 
 class IretStruct(ctypes.Structure):
@@ -114,6 +115,8 @@ class IretStruct(ctypes.Structure):
         ("nbefore", ctypes.c_uint64),
         ("before", ctypes.c_uint64 * IRET_BEFORE),
         ("cost", ctypes.c_uint64),
+        ("nmi_blocked", ctypes.c_uint64),
+        ("words_failed", ctypes.c_uint64),
         ("last_address", ctypes.c_uint64),
         ("last_rip", ctypes.c_uint64),
         ("last_rsp", ctypes.c_uint64),
@@ -262,7 +265,7 @@ class NativePaths:
         self.iret.armed = 0
         self.iret.generation = p.generation
 
-    def learn_iret(self, address: int, vouch: IretVouch) -> bool:
+    def learn_iret(self, address: int, vouch: IretVouch, *, nmi_blocked: bool = False) -> bool:
         """From `iret_in_hook`, which just executed the IRETQ at `address` in its hook:
         the native hook may execute IRETQs from now on in this run, under `vouch`.
         False when it cannot (no native hook there, too much to vouch for)."""
@@ -291,12 +294,13 @@ class NativePaths:
         for k, v in enumerate(pv.registers or ()):
             i.regs[k] = v
         i.repeats, i.repeat_limit = pv.repeats, pv.limit
+        i.nmi_blocked = int(nmi_blocked)
         i.armed = 1
         self._vouched.add(address)
         return True
 
     def rearm_iret(self, *, before: tuple[int, ...], progress: ProgressView | None,
-                   site_ok: Callable[[int], bool]) -> bool:
+                   site_ok: Callable[[int], bool], nmi_blocked: bool) -> bool:
         """As a run starts (the boundary there is quiet, the caller checked): arm the IRETQ
         sites vouched for earlier (`learn_iret`) again, under the memory, selectors and
         cost vouched for then (the C code re-checks the memory and the selectors), the
@@ -327,6 +331,7 @@ class NativePaths:
             for k, v in enumerate(progress.registers or ()):
                 i.regs[k] = v
             i.repeats = progress.repeats
+        i.nmi_blocked = int(nmi_blocked)
         i.armed = 1
         return True
 
@@ -340,15 +345,22 @@ class NativePaths:
             registers=tuple(int(v) for v in i.regs) if i.have_regs else None,
             repeats=int(i.repeats), limit=int(i.repeat_limit))
 
-    def drain_irets(self) -> list[tuple[int, int, int, int, int, int]]:
+    def drain_irets(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """The IRETQs executed natively since the last drain, in order: (address, icount,
-        cycles, RIP, RSP, RFLAGS) each. Empties the log."""
+        cycles, RIP, RSP, RFLAGS, NMIs unblocked) each. Empties the log."""
         i = self.iret
         n = int(i.logged)
         out = [(int(r.address), int(r.icount), int(r.cycles), int(r.rip), int(r.rsp),
-                int(r.rflags)) for r in i.log[:n]]
+                int(r.rflags), int(r.nmi_unblocked)) for r in i.log[:n]]
         i.logged = 0
         return out
+
+    def words_failed(self) -> bool:
+        """A word vouched for no longer held at an IRETQ since the last call (the memory
+        changed: vouch for it afresh)."""
+        failed = bool(self.iret.words_failed)
+        self.iret.words_failed = 0
+        return failed
 
     @property
     def has_vouched_irets(self) -> bool:

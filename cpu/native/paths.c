@@ -140,8 +140,9 @@ slow:
  * would execute there the same way, and calls Python (`fallback`, the site hook) for
  * everything else. Python vouches (`idtlab_iret` is armed by `NativePaths.learn_iret`,
  * right after `iret_in_hook` executed an IRETQ) for what only Python can see — the
- * boundary after it is quiet, no injection point or breakpoint is at the site, NMIs are
- * not blocked (so the IRET unblocks nothing), no EPT — and for the memory the IRET reads:
+ * boundary after it is quiet (no NMI latched: an IRET that unblocks NMIs is logged as
+ * such, and Python clears the blocking when it takes the log), no injection point or
+ * breakpoint is at the site, no EPT, no VMX controls — and for the memory the IRET reads:
  * the stack page's translation and the CS and SS descriptors, as physical words that
  * must still hold what they held then (paging-structure entries, descriptor qwords),
  * re-read here from guest memory. Control registers, GDTR and EFER change only in
@@ -173,7 +174,7 @@ slow:
                        | RFLAGS_VIF | RFLAGS_VIP | (1ull << 21))
 
 struct idtlab_iret_record {
-    uint64_t address, icount, cycles, rip, rsp, rflags;
+    uint64_t address, icount, cycles, rip, rsp, rflags, nmi_unblocked;
 };
 
 struct idtlab_iret {
@@ -193,6 +194,8 @@ struct idtlab_iret {
     uint64_t nbefore;
     uint64_t before[IRET_BEFORE];
     uint64_t cost;
+    uint64_t nmi_blocked; /* NMIs blocked (none latched): the next IRET unblocks them */
+    uint64_t words_failed; /* a vouched word no longer held (Python vouches afresh) */
     /* cpu/progress.py's state: the previous IRET's signature (without the events, which
      * only Python changes), the count at it, the registers of a candidate loop */
     uint64_t last_address, last_rip, last_rsp, last_rflags, last_delta, last_icount;
@@ -250,8 +253,10 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
         if (p->addr[i] + 8 > p->mem_size)
             goto slow;
         memcpy(&v, p->mem + p->addr[i], 8);
-        if (v != p->val[i])
+        if (v != p->val[i]) {
+            p->words_failed = 1;
             goto slow;
+        }
     }
     if (p->stack_paddr + 4096 > p->mem_size)
         goto slow;
@@ -308,6 +313,8 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
     r->rip = frame[0];
     r->rsp = frame[3];
     r->rflags = new_rflags;
+    r->nmi_unblocked = p->nmi_blocked;
+    p->nmi_blocked = 0;
     c->last_cost = c->default_cost;
     c->cycles += p->cost;
     p->reg_write(uc, p->rid_rsp, &frame[3]);

@@ -226,3 +226,30 @@ def test_an_injection_point_put_at_the_iretq_between_runs_is_counted_as_in_pytho
     assert results[0] == results[1]
     assert results[0][0] == "hlt"
     assert [v for v, _ in results[0][4]].count(Vector.NMI) == 1
+
+
+def test_an_nmi_handlers_iretq_unblocks_nmis_natively_as_in_python() -> None:
+    # NMI, then a short run (the handler's IRETQ and one loop instruction), ten times:
+    # every IRETQ after the first runs natively and unblocks NMIs, so each next NMI is
+    # delivered at once, not latched.
+    results = []
+    for native in (True, False):
+        m = Machine(2 << 20, max_insns=10_000)
+        blocks, _ = assemble_blocks([CodeBlock(CODE, "l:\njmp l\n", "test", 1),
+                                     CodeBlock(HANDLER, "iretq\n", "test", 1)], {})
+        for b in blocks:
+            m.load(b.at, b.code, code=True)
+        m.set_gate(Vector.NMI, HANDLER)
+        m.engine.paths.iret_enabled = native
+        m.start_state(entry=CODE, rsp=STACK)
+        m.run(max_insns=1)
+        for _ in range(10):
+            m.nmi()
+            m.run(max_insns=m.engine.icount + 2)
+        irets = m.trace.of_kind("iret")
+        results.append((m.engine.icount, m.engine.cycles, m.trace.records, m.intr.nmi_blocked,
+                        [r["nmi_unblocked"] for r in irets], m.engine.paths.iret_hits))
+    assert results[0][:5] == results[1][:5]
+    assert results[0][4] == [True] * 10 and results[0][3] is False
+    assert not any(r["kind"] in ("nmi_latched", "nmi_dropped") for r in results[0][2])
+    assert results[0][5] == 9 and results[1][5] == 0
