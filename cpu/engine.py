@@ -148,6 +148,7 @@ class Engine(InstructionCounting):
         # Reads guest code at a linear address (set by the machine); used to count the
         # instructions of a translation block in block-counting mode.
         self.code_reader: Callable[[int, int], bytes | None] = lambda a, n: None
+        self.starts_hint: Callable[[int, int], tuple[int, ...] | None] = lambda a, n: None
         self._block_starts: dict[tuple[int, int], tuple[int, ...]] = {}
         # address -> (size, instruction starts) of the longest block decoded there
         self._block_decodes: dict[int, tuple[int, tuple[int, ...]]] = {}

@@ -44,6 +44,9 @@ class InstructionCounting(RegisterAccess):
     paths: NativePaths
     block_counting: bool
     code_reader: Callable[[int, int], bytes | None]
+    # The instruction starts of a block, if a decode made elsewhere knows them (the
+    # machine's site table, cpu/sites.py), else None.
+    starts_hint: Callable[[int, int], tuple[int, ...] | None]
     _lib: Any
     _block_starts: dict[tuple[int, int], tuple[int, ...]]
     _block_decodes: dict[int, tuple[int, tuple[int, ...]]]
@@ -133,6 +136,9 @@ class InstructionCounting(RegisterAccess):
         return starts
 
     def _decode_starts(self, address: int, size: int) -> tuple[int, ...]:
+        known = self.starts_hint(address, size)
+        if known is not None:
+            return known
         code = self.code_reader(address, size)
         found: list[int] = []
         if code is not None:

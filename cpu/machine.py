@@ -220,6 +220,7 @@ class Machine:
         e.port_in = self.platform.port_in
         e.port_out = self.platform.port_out
         e.code_reader = self.code_bytes
+        e.starts_hint = self.sites.starts_within
         e.translated = self.sites.translated
         e.cpuid = self.model.cpuid
         if self.mode == "timed":

@@ -52,12 +52,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cpu.decode import MAX_INSN_LENGTH, Insn, SiteKind, decode_loaded, decode_one, site_kind
+from cpu.decode import (
+    ILLEGAL_LOCK,
+    INVALID_ENCODING,
+    MAX_INSN_LENGTH,
+    Insn,
+    SiteKind,
+    decode_loaded,
+    decode_one,
+    site_kind,
+)
 
 if TYPE_CHECKING:
     from cpu.machine import Machine
 
 _RDTSC = frozenset({SiteKind.RDTSC, SiteKind.RDTSCP})
+# Instructions `decode_loaded` decodes past where Capstone stops.
+_BEYOND_CAPSTONE = frozenset({ILLEGAL_LOCK, INVALID_ENCODING, "lkgs"})
 PAGE = 0x1000
 LOAD_DECODE_PIECE = 0x10000
 
@@ -69,7 +80,7 @@ class SiteTable:
     # Derived from the guest's code bytes, not from a run's state: a rollback keeps them
     # and re-checks what a schedule changed (`recheck`); see the module docstring.
     CACHES = frozenset({"kinds", "lengths", "iretq", "cr2_reads", "blocks", "pages", "fresh",
-                        "changed"})
+                        "changed", "starts"})
 
     def __init__(self, m: Machine) -> None:
         self.m = m
@@ -81,6 +92,9 @@ class SiteTable:
         self.blocks: dict[int, bytes] = {}
         # linear page -> the pcs of decoded blocks with bytes on it
         self.pages: dict[int, set[int]] = {}
+        # pc -> the instruction starts of the block decoded there, when its decode reached
+        # the block's end
+        self.starts: dict[int, frozenset[int]] = {}
         # Sites found inside the engine, hooked at the stop that follows.
         self.fresh: list[int] = []
         # Code changed under a decoded block since the last checkpoint (cpu/snapshot.py).
@@ -128,9 +142,12 @@ class SiteTable:
             return False  # decoded before, unchanged
         if self._differs(pc, code):
             self._code_changed(pc, size)
-        self.blocks[pc] = code  # new, longer than before, or changed
-        for page in range(pc & ~(PAGE - 1), pc + size, PAGE):
-            self.pages.setdefault(page, set()).add(pc)
+        elif self._inside(pc, code):
+            # The tail of a block decoded before, from one of its instructions (a run
+            # stopped mid-block: an injection point, a fault): its sites are noted.
+            self._keep(pc, code)
+            return False
+        self._keep(pc, code)  # new, longer than before, or changed
         fresh = self._scan(pc, code)
         if not fresh:
             return False
@@ -143,6 +160,39 @@ class SiteTable:
         the blocks holding them, and the next run generates them again with the hooks."""
         fresh, self.fresh = self.fresh, []
         self._hook(fresh)
+
+    def starts_within(self, pc: int, size: int) -> tuple[int, ...] | None:
+        """The instruction starts of the block [pc, pc + size) the engine generated, from
+        a decode made before (the block's own, or one of a block it is the tail of), or
+        None (`Engine._starts` then decodes it)."""
+        code = self.blocks.get(pc)
+        if code is None or len(code) != size:
+            return None
+        end = pc + size
+        for q in (pc, *self.pages.get(pc & ~(PAGE - 1), ())):
+            starts = self.starts.get(q)
+            other = self.blocks.get(q)
+            if (starts is not None and other is not None and pc in starts
+                    and q <= pc and end <= q + len(other)):
+                return tuple(sorted(a for a in starts if pc <= a < end))
+        return None
+
+    def _keep(self, pc: int, code: bytes) -> None:
+        self.blocks[pc] = code
+        for page in range(pc & ~(PAGE - 1), pc + len(code), PAGE):
+            self.pages.setdefault(page, set()).add(pc)
+
+    def _inside(self, pc: int, code: bytes) -> bool:
+        """[pc, pc + len(code)) lies in a block decoded before whose decode reached its end
+        and has an instruction at `pc`, with these bytes (the caller checked that no
+        decoded block differs from them)."""
+        end = pc + len(code)
+        for q in self.pages.get(pc & ~(PAGE - 1), ()):
+            other = self.blocks.get(q)
+            if (other is not None and q <= pc and end <= q + len(other)
+                    and pc in self.starts.get(q, ())):
+                return True
+        return False
 
     def _differs(self, pc: int, code: bytes) -> bool:
         """`code` (now at pc) differs from a block decoded before where they overlap."""
@@ -168,6 +218,7 @@ class SiteTable:
         for page in range(pc & ~(PAGE - 1), pc + size, PAGE):
             for q in self.pages.pop(page, set()):
                 self.blocks.pop(q, None)
+                self.starts.pop(q, None)
         self.m.engine.code_changed()
         self.changed = True
 
@@ -179,10 +230,16 @@ class SiteTable:
         instruction start never fires)."""
         fresh: list[int] = []
         end = pc
+        starts: list[int] = []
+        plain = True  # Capstone's own decode throughout (what `Engine._starts` would make)
         for insn in decode_loaded(code, pc):
             end = insn.address + insn.size
+            starts.append(insn.address)
+            plain = plain and insn.mnemonic not in _BEYOND_CAPSTONE
             if self._note(insn):
                 fresh.append(insn.address)
+        if end == pc + len(code) and plain:
+            self.starts[pc] = frozenset(starts)  # a complete decode (`_inside`, `starts_within`)
         for at in range(end, pc + len(code)):
             guess = decode_one(code[at - pc:at - pc + MAX_INSN_LENGTH], at)
             if guess is not None and site_kind(guess) is not None and self._note(guess):

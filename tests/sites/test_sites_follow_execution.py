@@ -15,6 +15,10 @@ from typing import Any
 
 import pytest
 
+import cpu.engine_counting as counting
+import cpu.sites as sites
+from cpu.decode import decode as capstone_decode
+from cpu.decode import decode_loaded
 from cpu.events import Before, Nmi
 from cpu.machine import Machine
 from idtlab.assemble import CodeBlock, assemble_blocks
@@ -223,3 +227,49 @@ def test_a_store_that_rewrites_its_own_bytes_runs_once(mode: str) -> None:
     """, {}, mode=mode)
     result = m.run(entry=s["start"], rsp=STACK, max_insns=100)
     assert (result.outcome, result.rip, result.icount) == ("hlt", s["start"] + 15, 3)
+
+
+def test_a_block_that_is_the_tail_of_a_decoded_block_is_not_decoded_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An NMI before `mid` splits the straight-line block at `start`: the engine then
+    # generates a block at `mid`, which is the tail of the one decoded at `start`. Its
+    # sites (the HLT) and its instruction starts are those of that decode: neither the
+    # site table nor the block counter decodes it again, and the run counts the same.
+    source = """
+        start:
+            mov eax, 1
+            mov ebx, 2
+        mid:
+            mov ecx, 3
+            mov edx, 4
+            hlt
+        nmi_handler:
+            iretq
+    """
+    scan, decode = decode_loaded, capstone_decode  # what the two modules call
+
+    def run(reuse: bool) -> tuple[Any, list[int], list[int]]:
+        m, s = build(source, {NMI: "nmi_handler"})
+        scanned: list[int] = []
+        counted: list[int] = []
+        def scanning(code: bytes, pc: int) -> Any:
+            scanned.append(pc)
+            return scan(code, pc)
+
+        def counting_decode(code: bytes, pc: int, bits: int = 64) -> Any:
+            counted.append(pc)
+            return decode(code, pc, bits=bits)
+        monkeypatch.setattr(sites, "decode_loaded", scanning)
+        monkeypatch.setattr(counting, "decode", counting_decode)
+        if not reuse:
+            monkeypatch.setattr(m.sites, "_inside", lambda pc, code: False)
+            monkeypatch.setattr(m.engine, "starts_hint", lambda pc, size: None)
+        m.inject(Nmi(), Before(s["mid"]))
+        r = m.run(entry=s["start"], rsp=STACK)
+        return (r.outcome, r.rip, r.icount, r.cycles, r.trace.records), scanned, counted
+    (got, scanned, counted), (want, scanned_all, counted_all) = run(True), run(False)
+    _m, s = build(source, {NMI: "nmi_handler"})
+    assert got == want
+    assert got[0] == "hlt" and [r["vector"] for r in got[4] if r["kind"] == "deliver"] == [NMI]
+    assert s["mid"] in scanned_all and s["mid"] not in scanned
+    assert s["mid"] in counted_all and s["mid"] not in counted
