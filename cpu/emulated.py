@@ -15,7 +15,12 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
   is executed inside the code hook, without stopping the engine (`iret_in_hook`): the
   new RIP redirects execution (Unicorn leaves the translation block; IRETQ ends one
   anyway, so nothing after it was counted), and the counter sees every threshold at the
-  next block as it would at a held boundary. Timed mode stops at every IRETQ as before.
+  next block as it would at a held boundary. Once one has run there, Python vouches for
+  the native IRETQ hook (cpu/native_paths.py, cpu/native/paths.c): the IRETQs that
+  follow — in the same run, or in a later one that starts at a quiet boundary — run
+  natively while the memory the IRET reads (the frame's page translation, the CS and SS
+  descriptors) still holds what was vouched for, and their records reach the trace, in
+  order, when Python next runs (`native_irets`). Timed mode stops at every IRETQ.
 * HLT (SDM Vol. 2 HLT): #GP(0) at CPL > 0; otherwise it retires and the CPU waits at
   the boundary after it (cpu/boundary.py), so the event that wakes it saves RIP = the
   next instruction.
