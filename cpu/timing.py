@@ -117,8 +117,40 @@ def builtin_profiles() -> list[str]:
 def load_profile(source: str | Path = "default") -> Profile:
     """Load a built-in profile by name (`"default"`) or a profile file by path.
 
-    A string is a path when it ends in `.toml` or contains a path separator."""
-    return _load(_locate(source), ())
+    A string is a path when it ends in `.toml` or contains a path separator. A profile
+    is immutable, so one loaded before is handed out again while its file (and every
+    file it is based on) is unchanged: every machine loads one, and parsing it was a
+    fifth of building a machine."""
+    path = _locate(source)
+    key = _file_key(path)
+    cached = _LOADED.get(path) if key is not None else None
+    if cached is not None and cached[0] == key and all(
+            _file_key(p) == k for p, k in cached[2]):
+        return cached[1]
+    profile = _load(path, ())
+    if key is not None:
+        bases = tuple((b, _file_key(b)) for b in _bases(path))
+        _LOADED[path] = (key, profile, bases)
+    return profile
+
+
+# Profiles loaded, by path: (the file's identity, the profile, its bases' identities).
+_LOADED: dict[Path, tuple[tuple[int, int], Profile, tuple[tuple[Path, tuple[int, int] | None],
+                                                          ...]]] = {}
+
+
+def _bases(path: Path) -> list[Path]:
+    """The files a profile may be based on: the built-in profiles (`profile.base`)."""
+    return sorted(p for p in PROFILE_DIR.glob("*.toml") if p != path)
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """(modification time in ns, size) of a file, None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _locate(source: str | Path) -> Path:

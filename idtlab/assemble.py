@@ -44,6 +44,7 @@ a `BadInput` naming the line, never a Keystone crash.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import re
@@ -560,8 +561,30 @@ def assemble_blocks(blocks: Sequence[CodeBlock],
     """Assemble `blocks` together; labels of every block are visible in every block.
 
     Returns the assembled blocks (in input order) and the full symbol table: `known`
-    plus every label and `.set`/`.equ` constant.
+    plus every label and `.set`/`.equ` constant. The same input assembles to the same
+    output, so the last few results are kept (the explorer and the scenario runners load
+    one scenario many times; Keystone takes most of a load); each call gets its own
+    copies.
     """
+    key = (tuple(blocks), tuple(sorted(known.items())), MAX_PASSES)
+    done = _ASSEMBLED.get(key)
+    if done is None:
+        done = _assemble(blocks, known)
+        if len(_ASSEMBLED) >= _ASSEMBLED_LIMIT:
+            del _ASSEMBLED[next(iter(_ASSEMBLED))]
+        _ASSEMBLED[key] = done
+    assembled, symbols = done
+    return ([dataclasses.replace(b, labels=dict(b.labels), line_addrs=list(b.line_addrs))
+             for b in assembled], dict(symbols))
+
+
+_ASSEMBLED_LIMIT = 32
+_ASSEMBLED: dict[tuple[tuple[CodeBlock, ...], tuple[tuple[str, int], ...], int],
+                 tuple[list[AssembledBlock], dict[str, int]]] = {}
+
+
+def _assemble(blocks: Sequence[CodeBlock],
+              known: Mapping[str, int]) -> tuple[list[AssembledBlock], dict[str, int]]:
     parsed = [_parse_block(b) for b in blocks]
     defined = _check_definitions(parsed, known)
     encoder = _Encoder()

@@ -470,3 +470,15 @@ def test_resolve_address_names_an_unknown_symbol_and_suggests_a_close_one() -> N
 def test_resolve_address_rejects_what_is_not_an_address(value: Any) -> None:
     with pytest.raises(BadInput, match=r"^x\.toml \[\[expect\]\] #1 mem: "):
         resolve_address(value, SYMS, "x.toml [[expect]] #1 mem")
+
+
+def test_assembling_the_same_blocks_again_gives_equal_results_that_do_not_share_state() -> None:
+    blocks = [CodeBlock(BASE, "start:\n  nop\n  jmp start\n", origin="t", first_line=1)]
+    first, symbols = assemble_blocks(blocks, {"K": 1})
+    first[0].labels["start"] = 0  # a caller's change stays its own
+    symbols["start"] = 0
+    second, symbols2 = assemble_blocks(blocks, {"K": 1})
+    assert second[0].labels == {"start": BASE} and symbols2 == {"K": 1, "start": BASE}
+    assert second[0].code == first[0].code and second[0].line_addrs == first[0].line_addrs
+    other, _ = assemble_blocks(blocks, {"K": 2})  # other known symbols: assembled anew
+    assert other[0].code == second[0].code

@@ -327,3 +327,17 @@ def test_a_profile_is_a_plain_frozen_value() -> None:
     assert isinstance(profile, Profile)
     with pytest.raises(AttributeError):
         profile.name = "other"  # type: ignore[misc]
+
+
+def test_a_profile_loaded_again_is_the_same_object_until_its_file_changes(tmp_path: Path) -> None:
+    assert load_profile() is load_profile("default")  # immutable: shared by machines
+    text = default_text().replace('name = "default"', 'name = "mine"')
+    path = write(tmp_path, "mine.toml", text)
+    first = load_profile(path)
+    assert load_profile(path) is first
+    write(tmp_path, "mine.toml", text.replace(
+        'deliver_cpl_change = { cost = 500, source = "',
+        'deliver_cpl_change = { cost = 6120, source = "measured; was: '))
+    again = load_profile(path)
+    assert again is not first and again.event("deliver_cpl_change") == 6120
+    assert first.event("deliver_cpl_change") == 500
