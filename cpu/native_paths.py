@@ -286,14 +286,7 @@ class NativePaths:
         for k, a in enumerate(vouch.before):
             i.before[k] = a
         i.cost = vouch.cost
-        pv = vouch.progress
-        (i.last_address, i.last_rip, i.last_rsp, i.last_rflags,
-         i.last_delta) = (x & 0xFFFFFFFFFFFFFFFF for x in pv.last)
-        i.last_icount = pv.icount
-        i.have_regs = int(pv.registers is not None)
-        for k, v in enumerate(pv.registers or ()):
-            i.regs[k] = v
-        i.repeats, i.repeat_limit = pv.repeats, pv.limit
+        self._set_progress(vouch.progress)
         i.nmi_blocked = int(nmi_blocked)
         i.armed = 1
         self._vouched.add(address)
@@ -324,16 +317,20 @@ class NativePaths:
             i.last_address = 0xFFFFFFFFFFFFFFFF  # not an address an IRET is at
             i.have_regs = i.repeats = 0
         else:
-            (i.last_address, i.last_rip, i.last_rsp, i.last_rflags,
-             i.last_delta) = (x & 0xFFFFFFFFFFFFFFFF for x in progress.last)
-            i.last_icount = progress.icount
-            i.have_regs = int(progress.registers is not None)
-            for k, v in enumerate(progress.registers or ()):
-                i.regs[k] = v
-            i.repeats = progress.repeats
+            self._set_progress(progress)
         i.nmi_blocked = int(nmi_blocked)
         i.armed = 1
         return True
+
+    def _set_progress(self, pv: ProgressView) -> None:
+        i = self.iret
+        (i.last_address, i.last_rip, i.last_rsp, i.last_rflags,
+         i.last_delta) = (x & 0xFFFFFFFFFFFFFFFF for x in pv.last)
+        i.last_icount = pv.icount
+        i.have_regs = int(pv.registers is not None)
+        for k, v in enumerate(pv.registers or ()):
+            i.regs[k] = v
+        i.repeats, i.repeat_limit = pv.repeats, pv.limit
 
     def progress(self) -> ProgressView:
         """The no-progress state as the native IRETQ left it (valid after `learn_iret`)."""
