@@ -123,7 +123,7 @@ class WalkCache:
     translations until INVLPG or a CR3 write): it never changes a result, whatever the
     guest does to its tables."""
 
-    LIMIT = 4096
+    LIMIT = 1 << 16  # walks kept; a guest sweeping more pages than this re-walks
 
     def __init__(self, mem: PhysicalMemory) -> None:
         self.mem = mem

@@ -89,7 +89,7 @@ class TlbStruct(ctypes.Structure):
 # sizeof(struct tlb_slot): tag, cr0, cr3, cr4, efer, generation, user, ac, n, addr[4],
 # val[4], paddr, perms.
 TLB_SLOT_SIZE = 8 * (9 + 4 + 4 + 2)
-TLB_SLOTS = 1 << 14
+TLB_SLOTS = 1 << 16
 
 # int miss(void *uc, uint64_t vaddr, int32_t type, void *entry): Python's TLB fill.
 TlbMissCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int32,
