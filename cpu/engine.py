@@ -40,6 +40,7 @@ the version is pinned):
 from __future__ import annotations
 
 import ctypes
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -226,7 +227,11 @@ class Engine(InstructionCounting):
         # The TLB fill: a native front answers from translations Python already computed
         # and validated (tlb.c); everything else comes to `_tlb_miss` -> `fill`.
         self._tlb = native.TlbStruct()
-        self._tlb_slots = (ctypes.c_uint8 * (native.TLB_SLOT_SIZE * native.TLB_SLOTS))()
+        # Anonymous mapped memory: zero, and resident only where slots are used (a guest
+        # touching a few pages costs a few pages, not the table's 10 MiB).
+        self._tlb_map = mmap.mmap(-1, native.TLB_SLOT_SIZE * native.TLB_SLOTS)
+        self._tlb_slots = (ctypes.c_uint8 * (native.TLB_SLOT_SIZE * native.TLB_SLOTS)
+                           ).from_buffer(self._tlb_map)
         self._tlb_miss_fn = native.TlbMissCallback(self._tlb_miss)
         self._tlb_hook = ctypes.c_size_t()
         t = self._tlb
