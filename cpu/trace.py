@@ -48,6 +48,13 @@ class Trace:
             self.dropped += drop
         return rec
 
+    def last(self) -> list[Record]:
+        """The last `keep` records exactly (all of them without `keep`): what a user who
+        asked for the last N is shown."""
+        if self.keep is None or len(self.records) <= self.keep:
+            return self.records
+        return self.records[-self.keep:]
+
     def of_kind(self, *kinds: str) -> list[Record]:
         return [r for r in self.records if r["kind"] in kinds]
 

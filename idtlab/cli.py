@@ -65,8 +65,17 @@ TABLES = {
 
 
 def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
-              cycles: bool = False, mode: str | None = None) -> int:
+              cycles: bool = False, mode: str | None = None, tail: int | None = None) -> int:
     sc = scn.load(path, mode=mode)
+    if tail is not None:
+        # Only the last `tail` records are kept (a long run's memory stays flat); the
+        # counts of every kind stay whole. Expectations are judged on the whole trace.
+        if sc.expects:
+            raise BadInput(f"run: --trace-tail keeps only the last {tail} trace records, and "
+                           f"{display}'s [[expect]] entries are judged on the whole trace: "
+                           "run it without --trace-tail")
+        assert sc.machine is not None
+        sc.machine.trace.keep = tail
     # A multiboot image's serial output is printed as it comes (it may run long).
     live = sc.machine is not None and sc.machine.multiboot is not None and not quiet
     if live:
@@ -75,14 +84,18 @@ def _run_file(path: Path, trace_out: str | None, quiet: bool, display: str,
         sc.machine.on_serial_line.append(lambda text: print(f"  | {text}", flush=True))
     result = scn.run(sc)
     failures = scn.check(sc, result)
+    records = result.trace.last()
     if trace_out:
-        write_jsonl(result.trace.records, trace_out)
+        write_jsonl(records, trace_out)
     if not quiet:
         m = sc.machine
         assert m is not None
         sym = Symbolizer(sc.symbols, hide=SYSTEM_SYMBOLS, disasm=m.disassemble)
         print(f"idtlab: {display}")
-        _print_timeline(result.trace.records, sym, cycles)
+        if len(records) < result.trace.emitted:
+            print(f"({result.trace.emitted - len(records)} earlier records not kept: "
+                  "--trace-tail)")
+        _print_timeline(records, sym, cycles)
         print(f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode, "
               f"profile {m.profile.name})")
         if result.serial and not live:
@@ -140,6 +153,8 @@ def _run_image(args: argparse.Namespace) -> int:
                 max_events=IMAGE_MAX_EVENTS, board=chosen)
     if not (args.trace or args.timeline):
         m.trace.keep = IMAGE_TRACE_TAIL
+    if args.trace_tail is not None:
+        m.trace.keep = args.trace_tail
     m.model.state.msrs.tsc_source = args.tsc
     mbt.load(m, image, cmdline=args.cmdline)
     if not args.quiet:
@@ -149,10 +164,10 @@ def _run_image(args: argparse.Namespace) -> int:
     if tail and not args.quiet:
         print(tail, flush=True)  # a last line without its newline
     if args.trace:
-        write_jsonl(result.trace.records, args.trace)
+        write_jsonl(result.trace.last(), args.trace)
     sym = Symbolizer(m.symbols, hide=SYSTEM_SYMBOLS, disasm=m.disassemble)
     if args.timeline:
-        _print_timeline(result.trace.records, sym, args.cycles)
+        _print_timeline(result.trace.last(), sym, args.cycles)
     detail = f" ({result.reason})" if result.reason else ""
     print(f"idtlab: {args.image.name}: {result.outcome}{detail} at {sym(result.rip)}; "
           f"{result.icount} instructions, {result.cycles} cycles ({m.mode} mode), "
@@ -280,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--max-insns", type=int, default=IMAGE_MAX_INSNS,
                        help=f"--image: instruction limit ({IMAGE_MAX_INSNS:.0e}: a safety net "
                             "for runaway kernels, far above what a test kernel needs)")
+    p_run.add_argument("--trace-tail", type=int, metavar="N",
+                       help="keep only the trace's last N records (memory stays flat on long "
+                            "runs; the timeline and --trace show those; counts stay whole). A "
+                            "scenario's [[expect]] entries need the whole trace: not with them. "
+                            f"--image keeps the last {IMAGE_TRACE_TAIL} unless --trace or "
+                            "--timeline asks for all")
     p_run.add_argument("--timeline", action="store_true",
                        help="--image: also print the timeline after the run")
     p_run.add_argument("--tsc", choices=TSC_SOURCES, default="cycles",
@@ -411,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             for line in LEGEND:
                 print(f"  {line}")
             return 0
+        if args.trace_tail is not None and args.trace_tail < 1:
+            raise BadInput(f"run: --trace-tail {args.trace_tail}: keep at least 1 record")
         if args.image is not None:
             if args.scenario is not None:
                 raise BadInput("run: give a scenario file or --image, not both")
@@ -421,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario is None:
             raise BadInput("run: give a scenario file (or --image X.elf)")
         return _run_file(args.scenario, args.trace, args.quiet, str(args.scenario), args.cycles,
-                         args.mode)
+                         args.mode, args.trace_tail)
     except (BadInput, Unsupported) as exc:
         print(f"idtlab: error: {exc}", file=sys.stderr)
         return 2

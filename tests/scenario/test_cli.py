@@ -178,3 +178,64 @@ def test_compare_exits_1_when_an_expectation_of_either_scenario_fails(tmp_path: 
     bad = write(tmp_path, GOOD.replace('deliveries = ["#BP"]', 'deliveries = ["#PF"]'), "b.toml")
     assert main(["compare", str(good), str(good)]) == 0
     assert main(["compare", str(good), str(bad)]) == 1
+
+
+LONG = """
+[[code]]
+at = 0x100000
+asm = '''
+main:
+    mov rcx, 500
+again:
+    int3
+    dec rcx
+    jnz again
+    hlt
+bp_handler:
+    iretq
+'''
+[idt]
+3 = { handler = "bp_handler" }
+[run]
+entry = "main"
+"""
+
+
+def test_trace_tail_keeps_the_last_records_and_says_how_many_went(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, LONG)
+    out_path = tmp_path / "t.jsonl"
+    assert main(["run", str(path), "--trace-tail", "4", "--trace", str(out_path)]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in out_path.read_text().splitlines()]
+    # 500 deliveries, 500 IRETs and the end: 1001 records, the last 4 kept.
+    assert [r["kind"] for r in records] == ["iret", "deliver", "iret", "end"]
+    assert [r["seq"] for r in records] == [997, 998, 999, 1000]
+    assert "(997 earlier records not kept: --trace-tail)" in out
+
+
+def test_trace_tail_is_refused_for_a_scenario_with_expectations(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, GOOD)
+    assert main(["run", str(path), "--trace-tail", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trace-tail" in err[0] and "[[expect]]" in err[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_trace_tail_below_one_is_bad_input(tmp_path: Path, value: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, LONG)
+    assert main(["run", str(path), "--trace-tail", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"idtlab: error: run: --trace-tail {value}: keep at least 1 record"]
+
+
+def test_trace_tail_keeps_the_last_records_of_an_image_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "t.jsonl"
+    assert main(["run", "--image", "int_gates", "--trace", str(out_path), "--quiet",
+                 "--trace-tail", "3"]) == 0
+    records = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert len(records) == 3 and records[-1]["kind"] == "end"
+    assert records[0]["seq"] == records[-1]["seq"] - 2 > 0
