@@ -74,12 +74,23 @@ class MachineState:
 def assign(live: MachineState, saved: MachineState) -> None:
     """Make `live` equal to `saved` (a copy), keeping `live`'s component state objects
     (components hold references to them) and replacing what is inside."""
-    for f in fields(MachineState):
-        new: Any = getattr(saved, f.name)
-        old: Any = getattr(live, f.name)
+    for name in _field_names(MachineState):
+        new: Any = getattr(saved, name)
+        old: Any = getattr(live, name)
         if hasattr(old, "__dataclass_fields__") and type(old) is type(new) and \
                 not isinstance(old, LocalApic):
-            for g in fields(old):
-                setattr(old, g.name, getattr(new, g.name))
+            # A dataclass's instance dict holds exactly its fields (none of these has
+            # __slots__ or properties stored elsewhere): one update replaces them all.
+            vars(old).update(vars(new))
         else:
-            setattr(live, f.name, new)
+            setattr(live, name, new)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
