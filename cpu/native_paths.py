@@ -25,7 +25,12 @@ engine hands the log to the machine (`drain_irets`) at every Python hook and whe
 stops — before anything else is recorded — which makes exactly what `iret_in_hook`
 would have made, in the same order. An IRET chain (a frame clobbered by a nested NMI,
 returning into a return) then costs a native call per IRET and a few Python operations
-per record.
+per record. Two more differences: the memory an IRET reads is vouched for as physical
+words the C code re-reads (the frame page's paging-structure entries, the CS and SS
+descriptors; `words_failed` tells Python one changed), so a vouch outlives its run —
+`rearm_iret` arms the sites vouched for before as a later run starts at a quiet
+boundary (a handler's IRETQ after a delivery made between runs); and an IRETQ that
+unblocks NMIs is the C code's too (logged, and Python clears the blocking).
 """
 
 from __future__ import annotations
