@@ -159,7 +159,7 @@ def invalid_encoding(code: bytes) -> tuple[int, str] | None:
     register operand (0F 38 F0/F1 with ModRM.mod = 11; SDM Vol. 2 MOVBE lists only
     memory forms; kvm-unit-tests x86/emulator.c test_illegal_movbe). With an F2 prefix
     the same opcode is CRC32, whose register form is valid."""
-    prefixes, _ = _prefixes(code)
+    prefixes, _ = legacy_prefixes(code)
     at = opcode_offset(code)
     if 0xF2 in prefixes or code[at:at + 3] not in (b"\x0f\x38\xf0", b"\x0f\x38\xf1"):
         return None
@@ -179,7 +179,7 @@ def decode_loaded(code: bytes, address: int) -> Iterator[Insn]:
         last = at
         for insn in decode(code[at:], address + at):
             last = insn.address + insn.size - address
-            if LOCK_PREFIX in _prefixes(insn.raw)[0] and not lock_is_legal(insn.raw, insn.address):
+            if LOCK_PREFIX in legacy_prefixes(insn.raw)[0] and not lock_is_legal(insn.raw, insn.address):
                 yield Insn(insn.address, insn.size, ILLEGAL_LOCK, insn.text, insn.raw)
             else:
                 yield insn
@@ -208,7 +208,7 @@ def lkgs_length(code: bytes, address: int) -> int | None:
     """The length of an LKGS (F2 [REX] 0F 00 /6, SDM Vol. 2 LKGS) at the start of `code`,
     or None. Capstone 5 does not know LKGS; its ModRM/SIB/displacement are those of
     LLDT (0F 00 /2), so LLDT with the same operand gives the length."""
-    prefixes, rest = _prefixes(code)
+    prefixes, rest = legacy_prefixes(code)
     if 0xF2 not in prefixes:
         return None
     rex = rest
@@ -228,7 +228,7 @@ def lkgs_length(code: bytes, address: int) -> int | None:
 def _illegal_lock_length(code: bytes, address: int) -> int | None:
     """The length of an illegal LOCK form capstone refuses at the start of `code`, or
     None if `code` does not start with one."""
-    prefixes, rest = _prefixes(code)
+    prefixes, rest = legacy_prefixes(code)
     if LOCK_PREFIX not in prefixes or lock_is_legal(code, address):
         return None
     kept = bytes(b for b in prefixes if b != LOCK_PREFIX)
@@ -250,7 +250,7 @@ def site_kind(insn: Insn) -> SiteKind | None:
     if insn.mnemonic == "clac":
         # ERETS/ERETU share CLAC's opcode; the last F2/F3 prefix selects them (capstone
         # and Unicorn 2.1.4 both treat them as CLAC).
-        rep = [b for b in _prefixes(insn.raw)[0] if b in (0xF2, 0xF3)]
+        rep = [b for b in legacy_prefixes(insn.raw)[0] if b in (0xF2, 0xF3)]
         if rep:
             return SiteKind.ERETS if rep[-1] == 0xF2 else SiteKind.ERETU
     kind = SITE_KINDS.get(insn.mnemonic)
@@ -430,7 +430,7 @@ def mmio_move(code: bytes, address: int) -> MmioMove | None:
 # wrong for these purposes is corrected here (it rejects an illegal LOCK form outright,
 # and it reports CMPXCHG's destination as read-only).
 
-_LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66,
+LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66,
                               0x67})
 LOCK_PREFIX = 0xF0
 # SDM Vol. 2 LOCK: the instructions that may be locked, only with a memory destination.
@@ -444,11 +444,11 @@ READ_MODIFY_WRITE = LOCKABLE | frozenset({"rol", "ror", "rcl", "rcr", "shl", "sa
                                           "sar", "shld", "shrd"})
 
 
-def _prefixes(code: bytes) -> tuple[bytes, int]:
+def legacy_prefixes(code: bytes) -> tuple[bytes, int]:
     """The legacy prefix bytes at the start of `code`, and where the rest (REX, opcode)
     starts."""
     i = 0
-    while i < len(code) and i < 14 and code[i] in _LEGACY_PREFIXES:
+    while i < len(code) and i < 14 and code[i] in LEGACY_PREFIXES:
         i += 1
     return code[:i], i
 
@@ -456,7 +456,7 @@ def _prefixes(code: bytes) -> tuple[bytes, int]:
 def opcode_offset(code: bytes) -> int:
     """Where the opcode of the instruction at the start of `code` is: after its legacy
     prefixes and a REX prefix."""
-    _, at = _prefixes(code)
+    _, at = legacy_prefixes(code)
     if at < len(code) and 0x40 <= code[at] <= 0x4F:
         at += 1
     return at
@@ -477,7 +477,7 @@ def lock_is_legal(code: bytes, address: int) -> bool:
     memory operand), True otherwise (no LOCK, or a legal one, or not an instruction at
     all: that is another fault's business). Capstone refuses to decode an illegal LOCK
     form, so an instruction it decodes only once the LOCK bytes are dropped is illegal."""
-    prefixes, rest = _prefixes(code)
+    prefixes, rest = legacy_prefixes(code)
     if LOCK_PREFIX not in prefixes:
         return True
     insn = _one(code, address)

@@ -261,16 +261,24 @@ class Emulated:
             memory = self._vouched_memory = (key, *found)
         _key, stack_paddr, words = memory
         c = e.counter
-        p = m.progress.state
-        last = p.last
-        assert last is not None
+        progress = self._progress_view()
+        assert progress is not None  # `last` was checked above
         e.paths.learn_iret(address, IretVouch(
             block=(int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1),
             cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=stack_paddr,
-            words=words, before=tuple(before), cost=cost,
-            progress=ProgressView(last=(last[0], last[1], last[2], last[3], last[4]),
-                                  icount=p.icount, registers=p.registers, repeats=p.repeats,
-                                  limit=m.progress.limit())))
+            words=words, before=tuple(before), cost=cost, progress=progress))
+
+    def _progress_view(self) -> ProgressView | None:
+        """The no-progress state (cpu/progress.py) as the native IRETQ keeps it, or None
+        when there is no previous IRET to compare with."""
+        m = self.m
+        p = m.progress.state
+        last = p.last
+        if last is None:
+            return None
+        return ProgressView(last=(last[0], last[1], last[2], last[3], last[4]),
+                            icount=p.icount, registers=p.registers, repeats=p.repeats,
+                            limit=m.progress.limit())
 
     def _memory_to_vouch(self, st: ArchState, ctl: PagingControl) -> tuple[
             int, tuple[tuple[int, int], ...]] | None:
@@ -317,11 +325,10 @@ class Emulated:
             return
         before = m.injections.state.before
         breakpoints = m.debug.state.exec_breakpoints
-        p = m.progress.state
-        last = p.last
-        progress = None if last is None or last[5] != m.state.run.events else ProgressView(
-            last=(last[0], last[1], last[2], last[3], last[4]), icount=p.icount,
-            registers=p.registers, repeats=p.repeats, limit=m.progress.limit())
+        last = m.progress.state.last
+        # An event since the last IRET: the next one's signature cannot match it.
+        progress = None if last is None or last[5] != m.state.run.events else \
+            self._progress_view()
         paths.rearm_iret(before=tuple(before), progress=progress,
                          site_ok=lambda a: a not in before and a not in breakpoints,
                          nmi_blocked=m.intr.nmi_blocked)

@@ -317,9 +317,6 @@ class Engine(InstructionCounting):
         if self._iret_state.logged:
             self.irets_done(self.paths.drain_irets())
 
-    def run_starts(self) -> None:
-        self.on_run_start()
-
     def drain_native(self) -> None:
         """Hand the natively executed IRETQs over (the engine stopped)."""
         if self._iret_state.logged:

@@ -26,14 +26,13 @@ from typing import Any
 from unicorn import UcError  # type: ignore[attr-defined]  # not re-exported
 
 from cpu import native
-from cpu.decode import decode, decode_one, has_write_intent
+from cpu.decode import LEGACY_PREFIXES, decode, decode_one, has_write_intent
 from cpu.engine_registers import RegisterAccess
 from cpu.native_paths import NativePaths
 
 UNTIL_NEVER = 2**64 - 1
 MAX_RESTARTS = 64  # self-modifying-code restarts handled in one `run` before it returns
 
-_LEGACY_PREFIX_BYTES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 
 
 class InstructionCounting(RegisterAccess):
@@ -54,12 +53,11 @@ class InstructionCounting(RegisterAccess):
     _restart: tuple[int, bool] | None
     _stepping: int | None
     _miss_fn: Any
+    # Called as each run starts, once the counter is set (the machine re-arms native paths).
+    on_run_start: Callable[[], None]
 
     def drain_native(self) -> None:
         """Hand over what native paths did that Python keeps track of (cpu/engine.py)."""
-
-    def run_starts(self) -> None:
-        """A run starts (the counter is set): native paths may be vouched for again."""
 
     def _emu(self, begin: int, until: int) -> int | None:
         bounded = until != UNTIL_NEVER
@@ -93,7 +91,7 @@ class InstructionCounting(RegisterAccess):
         c.ac_stopped = 0
         c.split = native.NO_SPLIT
         self.paths.new_run()
-        self.run_starts()
+        self.on_run_start()
         self._run_count = int(c.count)
         if until != UNTIL_NEVER:
             # `until` only takes effect in code translated after it is set: drop the
@@ -372,7 +370,7 @@ class InstructionCounting(RegisterAccess):
         code = self.code_reader(pc, 15)
         if not code:
             return False
-        prefixes = code[:next((i for i, b in enumerate(code) if b not in _LEGACY_PREFIX_BYTES),
+        prefixes = code[:next((i for i, b in enumerate(code) if b not in LEGACY_PREFIXES),
                               len(code))]
         return has_write_intent(code, pc) and not (set(prefixes) & {0xF2, 0xF3})
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cpu.decode import LEGACY_PREFIXES
 from cpu.outcomes import Outcome, Stop
 from idt.real_mode import RealModeCpu, RealOutcome, deliver_real
 from idt.state import RFLAGS_IF, Event, Source
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from cpu.machine import Machine
 
 CR0_PE = 1 << 0
-_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
 _STI, _POP_SS, _MOV_SREG = 0xFB, 0x17, 0x8E
 _SREG_SS = 2
 _SS_BIG = 1 << 22  # SS.B in the descriptor cache's flags
@@ -74,7 +74,7 @@ class RealModeState:
 def _opcode(code: bytes) -> tuple[int, int | None]:
     """The opcode byte after the prefixes, and the ModRM byte after it (if any)."""
     i = 0
-    while i < len(code) and code[i] in _PREFIXES:
+    while i < len(code) and code[i] in LEGACY_PREFIXES:
         i += 1
     if i >= len(code):
         return -1, None

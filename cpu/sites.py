@@ -142,7 +142,7 @@ class SiteTable:
             return False  # decoded before, unchanged
         if self._differs(pc, code):
             self._code_changed(pc, size)
-        elif self._inside(pc, code):
+        elif self._decoded_around(pc, pc + size) is not None:
             # The tail of a block decoded before, from one of its instructions (a run
             # stopped mid-block: an injection point, a fault): its sites are noted.
             self._keep(pc, code)
@@ -168,31 +168,26 @@ class SiteTable:
         code = self.blocks.get(pc)
         if code is None or len(code) != size:
             return None
-        end = pc + size
-        for q in (pc, *self.pages.get(pc & ~(PAGE - 1), ())):
-            starts = self.starts.get(q)
-            other = self.blocks.get(q)
-            if (starts is not None and other is not None and pc in starts
-                    and q <= pc and end <= q + len(other)):
-                return tuple(sorted(a for a in starts if pc <= a < end))
-        return None
+        q = self._decoded_around(pc, pc + size)
+        if q is None:
+            return None
+        return tuple(sorted(a for a in self.starts[q] if pc <= a < pc + size))
 
     def _keep(self, pc: int, code: bytes) -> None:
         self.blocks[pc] = code
         for page in range(pc & ~(PAGE - 1), pc + len(code), PAGE):
             self.pages.setdefault(page, set()).add(pc)
 
-    def _inside(self, pc: int, code: bytes) -> bool:
-        """[pc, pc + len(code)) lies in a block decoded before whose decode reached its end
-        and has an instruction at `pc`, with these bytes (the caller checked that no
-        decoded block differs from them)."""
-        end = pc + len(code)
+    def _decoded_around(self, pc: int, end: int) -> int | None:
+        """The start of a block decoded before that holds [pc, end), whose decode reached
+        its end and has an instruction at `pc` (whose bytes are the caller's to check:
+        `_differs`), or None."""
         for q in self.pages.get(pc & ~(PAGE - 1), ()):
             other = self.blocks.get(q)
             if (other is not None and q <= pc and end <= q + len(other)
                     and pc in self.starts.get(q, ())):
-                return True
-        return False
+                return q
+        return None
 
     def _differs(self, pc: int, code: bytes) -> bool:
         """`code` (now at pc) differs from a block decoded before where they overlap."""
@@ -239,7 +234,7 @@ class SiteTable:
             if self._note(insn):
                 fresh.append(insn.address)
         if end == pc + len(code) and plain:
-            self.starts[pc] = frozenset(starts)  # a complete decode (`_inside`, `starts_within`)
+            self.starts[pc] = frozenset(starts)  # a complete decode (`_decoded_around`)
         for at in range(end, pc + len(code)):
             guess = decode_one(code[at - pc:at - pc + MAX_INSN_LENGTH], at)
             if guess is not None and site_kind(guess) is not None and self._note(guess):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cpu.decode import decode
+from cpu.decode import decode, legacy_prefixes
 
 if TYPE_CHECKING:
     from cpu.engine import Engine
@@ -30,19 +30,14 @@ if TYPE_CHECKING:
 
 # The 32-bit engine's names of the eight 32-bit registers, by ModRM.rm.
 _REG32 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
-_PREFIXES = frozenset({0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65})
 DESC_DB = 1 << 22  # CS.D: 32-bit default operand size
 
 
 def smsw_r32(code: bytes, *, default32: bool) -> tuple[int, int] | None:
     """(length, ModRM.rm) if `code` starts with SMSW to a register with a 32-bit operand
     size (`default32`: CS.D = 1), else None."""
-    i = 0
-    size32 = default32
-    while i < len(code) and i < 14 and code[i] in _PREFIXES:
-        if code[i] == 0x66:
-            size32 = not default32
-        i += 1
+    prefixes, i = legacy_prefixes(code)
+    size32 = default32 != (0x66 in prefixes)  # an operand-size prefix: the other size
     if code[i:i + 2] != b"\x0f\x01" or len(code) < i + 3:
         return None
     modrm = code[i + 2]

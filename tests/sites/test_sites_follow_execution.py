@@ -262,7 +262,7 @@ def test_a_block_that_is_the_tail_of_a_decoded_block_is_not_decoded_again(
         monkeypatch.setattr(sites, "decode_loaded", scanning)
         monkeypatch.setattr(counting, "decode", counting_decode)
         if not reuse:
-            monkeypatch.setattr(m.sites, "_inside", lambda pc, code: False)
+            monkeypatch.setattr(m.sites, "_decoded_around", lambda pc, end: None)
             monkeypatch.setattr(m.engine, "starts_hint", lambda pc, size: None)
         m.inject(Nmi(), Before(s["mid"]))
         r = m.run(entry=s["start"], rsp=STACK)
