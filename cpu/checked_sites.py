@@ -19,6 +19,7 @@ instruction would read, it does not decide, and the engine faults as the SDM say
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cpu.canonical import (
@@ -127,7 +128,7 @@ class CheckedSites:
             addr += n
         return bytes(out)
 
-    def _selector(self, address: int, length: int, ops: list[MemOperand],
+    def _selector(self, address: int, length: int, ops: Sequence[MemOperand],
                   register: str) -> int | None:
         """The 16-bit selector a segment load at `address` loads: from its memory operand
         (`ops`, as `memory_operands` gives them), else from `register` (the operand's

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import capstone
@@ -354,21 +354,15 @@ class MemOperand:
     segment: str | None
 
 
-def memory_operands(code: bytes, address: int) -> tuple[int, list[MemOperand]]:
-    """(length, explicit memory operands) of the instruction at `address`; (0, []) if
+def memory_operands(code: bytes, address: int) -> tuple[int, tuple[MemOperand, ...]]:
+    """(length, explicit memory operands) of the instruction at `address`; (0, ()) if
     `code` does not start with a whole instruction. Implicit accesses (PUSH, CALL...)
-    are not listed; string instructions list [rdi]/[rsi]."""
-    insns = list(_cs().disasm(code, address, 1))
-    if not insns:
-        return 0, []
-    insn = insns[0]
-
-    def name(reg: int) -> str | None:
-        return None if reg == CX.X86_REG_INVALID else str(insn.reg_name(reg))
-
-    return insn.size, [MemOperand(name(op.mem.base), name(op.mem.index), int(op.mem.scale),
-                                  int(op.mem.disp), int(op.size), name(op.mem.segment))
-                       for op in insn.operands if op.type == CX.X86_OP_MEM]
+    are not listed; string instructions list [rdi]/[rsi]. Decoded once per (bytes,
+    address): a fault handler's instruction faults again and again."""
+    d = decoded_accesses(code, address)
+    if d is None:
+        return 0, ()
+    return d.length, d.operands
 
 
 @dataclass(frozen=True)
@@ -621,29 +615,99 @@ _PUSHES = frozenset({"push", "pushfq", "pushf", "call"})
 _POPS = frozenset({"pop", "popfq", "popf", "ret", "leave"})
 
 
+@dataclass(frozen=True)
+class MemRef:
+    """An explicit memory operand as far as it does not depend on registers: its linear
+    address is `disp` (plus the next instruction's address for RIP-relative, `base` =
+    "rip") + base + index * scale, cut to 32 bits when a register is 32-bit (`narrow`),
+    plus the FS/GS base of an override."""
+
+    disp: int
+    base: str | None
+    index: str | None
+    scale: int
+    size: int
+    segment: str  # the access's segment ("ss", "ds", "es", "fs", "gs"): `_operand_segment`
+    override: str | None  # "fs" or "gs" (whose base is added), else None
+    narrow: bool
+    write: bool  # a store, or the destination of a read-modify-write
+
+
+@dataclass(frozen=True)
+class DecodedAccesses:
+    """What `access_ranges` and `memory_operands` need of one instruction, decoded once."""
+
+    length: int
+    mnemonic: str  # without prefixes (`_base_mnemonic`)
+    refs: tuple[MemRef, ...]  # explicit memory operands (none for LEA)
+    operands: tuple[MemOperand, ...]  # the same, as `memory_operands` gives them
+    stack: str | None  # "push", "pop" or "leave": the implicit stack slot
+
+
+@lru_cache(maxsize=4096)
+def decoded_accesses(code: bytes, address: int) -> DecodedAccesses | None:
+    """The instruction at `address` decoded for its memory accesses, or None if `code`
+    does not start with a whole instruction. Capstone's decode and its operand objects
+    cost about 10 us; the answer is a pure function of the bytes and the address."""
+    insn = _one(code, address)
+    if insn is None:
+        return None
+    name = _base_mnemonic(insn)
+
+    def reg(r: int) -> str | None:
+        return None if r == CX.X86_REG_INVALID else str(insn.reg_name(r))
+
+    refs: list[MemRef] = []
+    operands: list[MemOperand] = []
+    for i, op in enumerate(insn.operands):
+        if op.type != CX.X86_OP_MEM:
+            continue
+        base, index = reg(op.mem.base), reg(op.mem.index)
+        operands.append(MemOperand(base, index, int(op.mem.scale), int(op.mem.disp),
+                                   int(op.size), reg(op.mem.segment)))
+        if name == "lea":
+            continue
+        disp = int(op.mem.disp)
+        if base == "rip":
+            disp += insn.address + insn.size
+        narrow = any(r is not None and r.startswith("e") for r in (base, index))
+        override = {CX.X86_REG_FS: "fs", CX.X86_REG_GS: "gs"}.get(op.mem.segment)
+        write = bool(op.access & capstone.CS_AC_WRITE) or (i == 0 and name in READ_MODIFY_WRITE)
+        refs.append(MemRef(disp, base, index, int(op.mem.scale), max(1, int(op.size)),
+                           _operand_segment(insn, op), override, narrow, write))
+    stack = "leave" if name == "leave" else "push" if name in _PUSHES else \
+        "pop" if name in _POPS else None
+    return DecodedAccesses(int(insn.size), name, tuple(refs), tuple(operands), stack)
+
+
+def ref_address(ref: MemRef, regs: Mapping[str, int]) -> int:
+    """The linear address of `ref` with the registers `regs` (as `operand_address`)."""
+    ea = ref.disp
+    if ref.base is not None and ref.base != "rip":
+        ea += _reg(regs, ref.base)
+    if ref.index is not None:
+        ea += _reg(regs, ref.index) * ref.scale
+    ea &= 0xFFFFFFFF if ref.narrow else 2**64 - 1
+    if ref.override is not None:
+        ea += regs.get(f"{ref.override}_base", 0)
+    return ea & (2**64 - 1)
+
+
 def access_ranges(code: bytes, address: int, regs: Mapping[str, int]) -> list[AccessRange]:
     """The data accesses of the instruction at `address` with the registers before it:
     its explicit memory operands, then the stack slot a PUSH/CALL writes ([RSP - 8, RSP))
     or a POP/RET reads ([RSP, RSP + 8); LEAVE reads at RBP). For the canonical check of
     every byte before paging (`idt.state.is_canonical_range`) and for finding the page a
     store starts on. LEA has no access."""
-    insn = _one(code, address)
-    if insn is None:
+    d = decoded_accesses(code, address)
+    if d is None:
         return []
-    name = _base_mnemonic(insn)
-    out: list[AccessRange] = []
-    if name != "lea":
-        for i, op in enumerate(insn.operands):
-            if op.type == CX.X86_OP_MEM:
-                write = bool(op.access & capstone.CS_AC_WRITE) or (
-                    i == 0 and name in READ_MODIFY_WRITE)
-                out.append(AccessRange(operand_address(insn, op, regs), max(1, int(op.size)),
-                                       _operand_segment(insn, op), write))
+    out = [AccessRange(ref_address(r, regs), r.size, r.segment, r.write) for r in d.refs]
     mask = 2**64 - 1
-    if name in _PUSHES:
+    if d.stack == "push":
         out.append(AccessRange((regs["rsp"] - 8) & mask, 8, "ss", True, True))
-    elif name in _POPS:
-        top = regs["rbp"] if name == "leave" else regs["rsp"]
+    elif d.stack is not None:
+        top = regs["rbp"] if d.stack == "leave" else regs["rsp"]
         out.append(AccessRange(top & mask, 8, "ss", False, True))
     return out
 

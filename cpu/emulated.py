@@ -9,9 +9,11 @@ instruction is delivered with the instruction's own RIP (SDM Vol. 3A 6.5 "Faults
 * IRETQ (SDM Vol. 2 IRET; `idt.iret`): NMI blocking ends first thing, even when the
   IRET then faults ("NMI Unblocking Due to IRET"); the frame pops through guest paging
   (and EPT); a privilege change loads CS/SS and the CPL.
-  Where it changes nothing but the frame's registers (same CPL, CS and SS, no TF,
-  no data segment to null) and the boundary after it holds nothing to do (no NMI or
-  interrupt pending, no injection point, debug trap, stepping window or #AC check), it
+  Where it changes nothing but the frame's registers and perhaps SS (same CPL and CS,
+  no TF, no data segment to null: an IST handler's null SS returning to a selector
+  loads SS's hidden part from the GDT, as the boundary path does) and the boundary
+  after it holds nothing to do (no NMI or interrupt pending, no injection point, debug
+  trap, stepping window or #AC check), it
   is executed inside the code hook, without stopping the engine (`iret_in_hook`): the
   new RIP redirects execution (Unicorn leaves the translation block; IRETQ ends one
   anyway, so nothing after it was counted), and the counter sees every threshold at the
@@ -96,7 +98,7 @@ from cpu.msrs import (
     MSR_TSC,
     MSR_TSC_AUX,
 )
-from cpu.native_paths import IretVouch, ProgressView
+from cpu.native_paths import IRET_CONTEXTS, IretVouch, ProgressView
 from cpu.outcomes import Outcome, Stop
 from idt.iret import UnsupportedIret, iret64
 from idt.state import (
@@ -134,10 +136,12 @@ class Emulated:
 
     def __init__(self, m: Machine) -> None:
         self.m = m
-        # The memory the last native-IRETQ vouch named, by (frame page, CS, SS, CPL, GDT
-        # base, paging controls): (frame's physical page, words that must hold).
-        self._vouched_memory: tuple[tuple[object, ...], int, tuple[tuple[int, int], ...]] \
-            | None = None
+        # The memory native-IRETQ vouches named, by (frame page, CS, SS, CPL, GDT base,
+        # paging controls): (frame's physical page, words that must hold). A few: a
+        # handler entered through an IST returns from another stack than one entered
+        # without (`NativePaths` keeps IRET_CONTEXTS of them).
+        self._vouched_memory: dict[tuple[object, ...], tuple[int, tuple[tuple[int, int], ...]]] \
+            = {}
 
     def iret(self, address: int) -> None:
         m = self.m
@@ -218,8 +222,7 @@ class Emulated:
             return False
         finally:
             m.sysmem.ctl = None
-        if (res.cpl != st.cpl or (res.cs, res.ss) != (st.cs, st.ss) or res.null_segments
-                or res.rflags & RFLAGS_TF or res.rip in m.injections.state.before):
+        if res.cpl != st.cpl or res.cs != st.cs or res.null_segments or res.rflags & RFLAGS_TF:
             return False
         icount = int(c.count)  # the IRETQ retired, nothing after it (checked above)
         if m.progress.observe(address, res.rip, res.rsp, res.rflags, icount, final=False):
@@ -230,11 +233,19 @@ class Emulated:
         depth = m.frames.returned()
         m.trace.emit("iret", icount, int(c.cycles), rip=address, to_rip=res.rip, to_rsp=res.rsp,
                      to_cpl=res.cpl, nmi_unblocked=res.nmi_unblocked, depth=depth)
+        if res.ss != st.ss:
+            # Another SS at the same level (a handler entered through an IST, whose SS is
+            # null, returning to a stack with a selector): its hidden part is loaded from
+            # the GDT, as the boundary path does, and the engine goes on at the new RIP.
+            m.regs.load_segments(res.cs, res.ss, res.cpl, current=(st.cs, st.ss))
         e.redirect(res.rip, {"rsp": res.rsp, "rflags": res.rflags})
         e.cycles += cost
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
-        self._vouch_native_iret(address, st, icount, cost)
+        if res.ss == st.ss:  # the native hook takes only same-stack-segment returns
+            self._vouch_native_iret(address, st, icount, cost)
+        elif e.armed_before[0]:
+            e.paths.resume_iret(progress=self._progress_view(), nmi_blocked=m.intr.nmi_blocked)
         return True
 
     def _vouch_native_iret(self, address: int, st: ArchState, icount: int, cost: int) -> None:
@@ -251,22 +262,26 @@ class Emulated:
                 or m.progress.state.last is None):
             return
         key = (st.rsp >> 12, st.cs, st.ss, st.cpl, st.gdtr_base, ctl)
-        memory = self._vouched_memory
-        if memory is None or memory[0] != key or e.paths.words_failed():
+        memories = self._vouched_memory
+        if e.paths.words_failed():
+            memories.clear()  # some vouched memory changed: walk again
+        memory = memories.get(key)
+        if memory is None:
             # The memory to vouch for: what a walk reads now (the words the C code then
             # re-checks at every IRETQ; while they hold, the same key needs no walk).
-            found = self._memory_to_vouch(st, ctl)
-            if found is None:
+            memory = self._memory_to_vouch(st, ctl)
+            if memory is None:
                 return
-            memory = self._vouched_memory = (key, *found)
-        _key, stack_paddr, words = memory
-        c = e.counter
+            if len(memories) >= 4 * IRET_CONTEXTS:
+                memories.clear()
+            memories[key] = memory
+        stack_paddr, words = memory
         progress = self._progress_view()
         assert progress is not None  # `last` was checked above
         e.paths.learn_iret(address, IretVouch(
-            block=(int(c.block_addr), int(c.block_size), icount - int(c.block_before) - 1),
             cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=stack_paddr,
-            words=words, before=tuple(before), cost=cost, progress=progress))
+            words=words, scope=(ctl, st.gdtr_base), before=tuple(before), cost=cost,
+            progress=progress))
 
     def _progress_view(self) -> ProgressView | None:
         """The no-progress state (cpu/progress.py) as the native IRETQ keeps it, or None
@@ -331,7 +346,8 @@ class Emulated:
             self._progress_view()
         paths.rearm_iret(before=tuple(before), progress=progress,
                          site_ok=lambda a: a not in before and a not in breakpoints,
-                         nmi_blocked=m.intr.nmi_blocked)
+                         nmi_blocked=m.intr.nmi_blocked,
+                         scope=(m.regs.paging(), m.regs.table("gdtr")[1]))
 
     def native_irets(self, records: list[tuple[int, int, int, int, int, int, int]]) -> None:
         """IRETQs the native hook executed, in order (`Engine.irets_done`): the records

@@ -181,7 +181,9 @@ class Engine(InstructionCounting):
         self.refused: Callable[[int, Access], None] = lambda v, a: None
         self.unmapped: Callable[[int, Access], None] = lambda p, a: None
         self.interrupt: Callable[[int], None] = lambda v: None
-        self.site: Callable[[int], None] = lambda a: None
+        # A code hook's action; True when it only observed (recorded something and
+        # changed nothing a native path was vouched for: those stay armed).
+        self.site: Callable[[int], bool | None] = lambda a: None
         self.port_in: Callable[[int, int], int] = lambda p, s: (1 << (8 * s)) - 1
         self.port_out: Callable[[int, int, int], None] = lambda p, s, v: None
         self._poison_slots: dict[int, int] = {}
@@ -279,6 +281,7 @@ class Engine(InstructionCounting):
                                  gprs=tuple(r for r in GPRS if r != "rsp") if bits == 64 else ())
         self._paths_state = self.paths.state
         self._iret_state = self.paths.iret
+        self.armed_before = (0, 0)  # see `_python_hook`
         self.irets_done: Callable[[list[tuple[int, int, int, int, int, int, int]]], None] = \
             lambda records: None
         # Called as each run starts, after the counter is set (cpu/emulated.py re-arms the
@@ -311,7 +314,10 @@ class Engine(InstructionCounting):
     # -- hooks -------------------------------------------------------------------------
     def _python_hook(self) -> None:
         """A Python hook runs: native paths must be vouched for again (anything may
-        change now), and the IRETQs they executed are handed over first."""
+        change now), and the IRETQs they executed are handed over first. Whether they
+        were armed is kept in `armed_before` (IRETQ, RDTSC): a hook that changes nothing
+        they were vouched for arms them again."""
+        self.armed_before = (int(self._iret_state.armed), int(self._paths_state.armed))
         self._paths_state.armed = 0
         self._iret_state.armed = 0
         if self._iret_state.logged:
@@ -323,7 +329,10 @@ class Engine(InstructionCounting):
             self.irets_done(self.paths.drain_irets())
 
     def _tlb_miss(self, uc: Any, vaddr: int, access: int, entry_ptr: int) -> int:
-        """The TLB fill the native front could not answer (called from tlb.c)."""
+        """The TLB fill the native front could not answer (called from tlb.c). A fill
+        changes nothing the native paths were vouched for (the paging-structure entries
+        whose A/D bits it sets are re-read natively): they stay armed after one that
+        succeeds."""
         self._python_hook()
         entry = _TlbEntry.from_address(entry_ptr)
         kind = _FILL_ACCESS.get(access, Access.READ)
@@ -331,6 +340,8 @@ class Engine(InstructionCounting):
         if isinstance(result, Refuse):
             self.refused(vaddr, kind)
             return 0  # the engine stops at the accessing instruction, nothing done
+        if result is not None:
+            self._iret_state.armed, self._paths_state.armed = self.armed_before
         if result is None:
             slot = self._poison_slots.get(vaddr)
             if slot is None:
@@ -360,6 +371,18 @@ class Engine(InstructionCounting):
         tracking, a second stage): drop every remembered translation."""
         self._tlb.generation += 1
 
+    def forget_write_fills(self) -> None:
+        """A checkpoint rollback: drop the remembered translations that grant write
+        access (a write fill marks its page for copy-on-write, so it must reach `fill`
+        again). Read and fetch fills stay: the front re-validates their paging-structure
+        entries against memory, which the rollback put back."""
+        self._tlb.write_generation += 1
+
+    @property
+    def fills_generation(self) -> int:
+        """Bumped by every `forget_fills`."""
+        return int(self._tlb.generation)
+
     def remember_fills(self, enabled: bool) -> None:
         """Turn the native front on or off (off: every fill asks `fill`)."""
         self._tlb.enabled = 1 if enabled and self.bits == 64 else 0
@@ -388,7 +411,8 @@ class Engine(InstructionCounting):
 
     def _on_site(self, uc: Any, address: int, size: int, _data: object) -> None:
         self._python_hook()
-        self.site(address)
+        if self.site(address) is True and not self.counter.stopped:
+            self._iret_state.armed, self._paths_state.armed = self.armed_before  # observed
 
     def _on_in(self, uc: Any, port: int, size: int, _data: object) -> int:
         self._python_hook()

@@ -86,6 +86,7 @@ class RdtscSiteStruct(ctypes.Structure):
 IRET_LOG = 64
 IRET_WORDS = 16
 IRET_BEFORE = 8
+IRET_CONTEXTS = 4
 
 
 class IretRecord(ctypes.Structure):
@@ -94,6 +95,22 @@ class IretRecord(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64)
                 for name in ("address", "icount", "cycles", "rip", "rsp", "rflags",
                              "nmi_unblocked")]
+
+
+class IretContextStruct(ctypes.Structure):
+    """`struct idtlab_iret_context` of paths.c: one vouched (CS, SS, frame page)."""
+
+    _fields_ = [
+        ("live", ctypes.c_uint64),
+        ("cs", ctypes.c_uint64),
+        ("ss", ctypes.c_uint64),
+        ("cpl", ctypes.c_uint64),
+        ("stack_page", ctypes.c_uint64),
+        ("stack_paddr", ctypes.c_uint64),
+        ("nwords", ctypes.c_uint64),
+        ("addr", ctypes.c_uint64 * IRET_WORDS),
+        ("val", ctypes.c_uint64 * IRET_WORDS),
+    ]
 
 
 class IretStruct(ctypes.Structure):
@@ -109,14 +126,7 @@ class IretStruct(ctypes.Structure):
         ("armed", ctypes.c_uint64),
         ("generation", ctypes.c_uint64),
         ("block_counting", ctypes.c_uint64),
-        ("cs", ctypes.c_uint64),
-        ("ss", ctypes.c_uint64),
-        ("cpl", ctypes.c_uint64),
-        ("stack_page", ctypes.c_uint64),
-        ("stack_paddr", ctypes.c_uint64),
-        ("nwords", ctypes.c_uint64),
-        ("addr", ctypes.c_uint64 * IRET_WORDS),
-        ("val", ctypes.c_uint64 * IRET_WORDS),
+        ("ctx", IretContextStruct * IRET_CONTEXTS),
         ("nbefore", ctypes.c_uint64),
         ("before", ctypes.c_uint64 * IRET_BEFORE),
         ("cost", ctypes.c_uint64),
@@ -150,9 +160,6 @@ class IretSiteStruct(ctypes.Structure):
     _fields_ = [
         ("iret", ctypes.c_void_p),
         ("generation", ctypes.c_uint64),
-        ("block_addr", ctypes.c_uint64),
-        ("block_size", ctypes.c_uint64),
-        ("index", ctypes.c_uint64),
     ]
 
 
@@ -160,13 +167,13 @@ class IretSiteStruct(ctypes.Structure):
 class IretVouch:
     """What Python vouches for when it arms the native IRETQ (`NativePaths.learn_iret`)."""
 
-    block: tuple[int, int, int]  # the site's translation block (address, size) and index
     cs: int
     ss: int
     cpl: int
     stack_page: int  # the linear page of the frame, and its physical page
     stack_paddr: int
     words: tuple[tuple[int, int], ...]  # (physical address, value) that must still hold
+    scope: object  # the paging controls and GDT base the vouch was made under
     before: tuple[int, ...]  # injection points (an IRET to one is Python's)
     cost: int  # cycles of a same-level IRET
     progress: ProgressView  # cpu/progress.py's state
@@ -216,6 +223,9 @@ class NativePaths:
                 i.rid_gpr[k] = rids[name]
         self._iret_sites: dict[int, tuple[IretSiteStruct, int]] = {}
         self._vouched: set[int] = set()  # IRETQ sites learned since they were hooked
+        # What each slot of `iret.ctx` was vouched for: (CS, SS, CPL, frame page, scope).
+        self._contexts: list[tuple[int, int, int, int, object] | None] = [None] * IRET_CONTEXTS
+        self._next_context = 0  # the slot a new context replaces (round robin)
         # False: IRETQ always takes Python's path (tests compare the two).
         self.iret_enabled = True
 
@@ -243,7 +253,7 @@ class NativePaths:
 
     def hook_iret(self, address: int, *, hook_code: int) -> None:
         """Register the native hook at the IRETQ at `address`."""
-        s = IretSiteStruct(ctypes.addressof(self.iret), 0, 0, 0, 0)
+        s = IretSiteStruct(ctypes.addressof(self.iret), 0)
         handle = ctypes.c_size_t()
         fn = ctypes.cast(self._lib.idtlab_iret_site, ctypes.c_void_p)
         status = self._uclib.uc_hook_add(self._uch, ctypes.byref(handle), hook_code, fn,
@@ -278,15 +288,22 @@ class NativePaths:
         if (entry is None or not self.iret_enabled or len(vouch.words) > IRET_WORDS
                 or len(vouch.before) > IRET_BEFORE):
             return False
-        s = entry[0]
         i = self.iret
-        s.block_addr, s.block_size, s.index = vouch.block
-        s.generation = i.generation
-        i.cs, i.ss, i.cpl = vouch.cs, vouch.ss, vouch.cpl
-        i.stack_page, i.stack_paddr = vouch.stack_page, vouch.stack_paddr
-        i.nwords = len(vouch.words)
+        entry[0].generation = i.generation
+        key = (vouch.cs, vouch.ss, vouch.cpl, vouch.stack_page, vouch.scope)
+        if key in self._contexts:
+            slot = self._contexts.index(key)
+        else:
+            slot = self._next_context
+            self._next_context = (slot + 1) % IRET_CONTEXTS
+            self._contexts[slot] = key
+        x = i.ctx[slot]
+        x.cs, x.ss, x.cpl = vouch.cs, vouch.ss, vouch.cpl
+        x.stack_page, x.stack_paddr = vouch.stack_page, vouch.stack_paddr
+        x.nwords = len(vouch.words)
         for k, (a, v) in enumerate(vouch.words):
-            i.addr[k], i.val[k] = a, v
+            x.addr[k], x.val[k] = a, v
+        self._enter_scope(vouch.scope)
         i.nbefore = len(vouch.before)
         for k, a in enumerate(vouch.before):
             i.before[k] = a
@@ -297,8 +314,18 @@ class NativePaths:
         self._vouched.add(address)
         return True
 
+    def _enter_scope(self, scope: object) -> int:
+        """Mark live the contexts vouched for under `scope` (the paging controls and GDT
+        base in force now), and only those; returns how many are."""
+        live = 0
+        for slot, key in enumerate(self._contexts):
+            ok = key is not None and key[4] == scope
+            self.iret.ctx[slot].live = int(ok)
+            live += ok
+        return live
+
     def rearm_iret(self, *, before: tuple[int, ...], progress: ProgressView | None,
-                   site_ok: Callable[[int], bool], nmi_blocked: bool) -> bool:
+                   site_ok: Callable[[int], bool], nmi_blocked: bool, scope: object) -> bool:
         """As a run starts (the boundary there is quiet, the caller checked): arm the IRETQ
         sites vouched for earlier (`learn_iret`) again, under the memory, selectors and
         cost vouched for then (the C code re-checks the memory and the selectors), the
@@ -308,6 +335,8 @@ class NativePaths:
         i = self.iret
         if not self._vouched or not self.iret_enabled or len(before) > IRET_BEFORE:
             return False
+        if not self._enter_scope(scope):
+            return False  # CR3, CR0, CR4, EFER or GDTR changed since every vouch
         armed = False
         for address in self._vouched:
             if site_ok(address):
@@ -326,6 +355,19 @@ class NativePaths:
         i.nmi_blocked = int(nmi_blocked)
         i.armed = 1
         return True
+
+    def resume_iret(self, *, progress: ProgressView | None, nmi_blocked: bool) -> None:
+        """From `iret_in_hook`, which just executed an IRETQ the native hook does not take
+        (one that loads another SS) while the native path was armed: arm it again as it
+        was, with the no-progress state and the NMI blocking that IRETQ left."""
+        i = self.iret
+        if progress is None:
+            i.last_address = 0xFFFFFFFFFFFFFFFF
+            i.have_regs = i.repeats = 0
+        else:
+            self._set_progress(progress)
+        i.nmi_blocked = int(nmi_blocked)
+        i.armed = 1
 
     def _set_progress(self, pv: ProgressView) -> None:
         i = self.iret

@@ -140,13 +140,16 @@ class SiteTable:
         old = self.blocks.get(pc)
         if old is not None and len(old) >= size and old[:size] == code:
             return False  # decoded before, unchanged
-        if self._differs(pc, code):
-            self._code_changed(pc, size)
-        elif self._decoded_around(pc, pc + size) is not None:
-            # The tail of a block decoded before, from one of its instructions (a run
-            # stopped mid-block: an injection point, a fault): its sites are noted.
+        q = self._decoded_around(pc, pc + size)
+        if q is not None and self.blocks[q][pc - q:pc - q + size] == code:
+            # The tail of a block decoded before, from one of its instructions, unchanged
+            # (a run stopped mid-block: an injection point, a fault): its sites are
+            # noted. The kept blocks agree wherever they overlap (a change drops those on
+            # its pages), so this agrees with all of them.
             self._keep(pc, code)
             return False
+        if self._differs(pc, code):
+            self._code_changed(pc, size)
         self._keep(pc, code)  # new, longer than before, or changed
         fresh = self._scan(pc, code)
         if not fresh:

@@ -15,7 +15,10 @@ What a checkpoint holds:
   to a page saves its contents first — Python's writes (frames, A/D bits, device DMA)
   in `PhysicalMemory`, the engine's through the TLB: while tracking, `Translator.fill`
   grants write permission only to an entry filled *for* a write, and saves the page
-  then; the TLB is flushed at every checkpoint and rollback. A rollback puts back only
+  then; the TLB is flushed at every checkpoint and rollback, and so are the native fill
+  front's remembered translations — at a rollback only those that grant write access
+  (the others re-validate their paging entries against the memory the rollback put
+  back), unless something else a fill depends on changed since. A rollback puts back only
   the saved pages, and moving the checkpoint forward forgets them, so both cost what
   the schedule wrote, not the size of RAM;
 - the EPT's host memory the same way, and the machine's Python state — `Machine.state`
@@ -67,6 +70,7 @@ class Checkpoint:
     serial_len: int
     sites: frozenset[int]
     pickled: bytes | None = None  # `state` pickled (None: it does not pickle)
+    fills_generation: int = 0  # the native fill front's, as the checkpoint left it
 
 
 def _memo(machine: Machine) -> dict[int, Any]:
@@ -136,7 +140,8 @@ def take(machine: Machine) -> Checkpoint:
     cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
                     trace_len=machine.trace.emitted,
                     trace_counts=Counter(machine.trace.counts), serial_len=len(machine.serial),
-                    sites=e.site_addresses, pickled=_pickled(machine, state))
+                    sites=e.site_addresses, pickled=_pickled(machine, state),
+                    fills_generation=e.fills_generation)
     machine._checkpoint = cp
     return cp
 
@@ -154,7 +159,13 @@ def restore(machine: Machine, cp: Checkpoint) -> None:
         if not machine.sites.keeps(address):  # sites found since are the code's, not the run's
             e.remove_site(address)
     e.restore_state(cp.cpu)  # flushes the TLB
-    e.forget_fills()
+    if e.fills_generation == cp.fills_generation:
+        # Nothing a fill depends on changed beyond what the native front re-checks (no
+        # EPT, IA32_PKRS or data-breakpoint change since the checkpoint).
+        e.forget_write_fills()
+    else:
+        e.forget_fills()
+        cp.fills_generation = e.fills_generation
     assign(machine.state, _copy_of(machine, cp))
     if machine.ept is not None:
         ept = machine.ept

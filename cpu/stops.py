@@ -138,20 +138,27 @@ class Stops:
         self.pending = lambda: self.hooked_exception(vector)
         self.m.engine.stop()
 
-    def on_site(self, address: int) -> None:
+    def on_site(self, address: int) -> bool:
         """A code hook: an injection point, an observed CR2 read, or a site. A site
-        action returns True when the engine must stop before the instruction."""
+        action returns True when the engine must stop before the instruction. Returns
+        True when the hook only observed: an arrival counted at an injection point with
+        nothing due, or a CR2 read recorded, and nothing else at the address."""
         m = self.m
         if m.injections.at_site(address):
-            return
+            return False
         if m.frames.cr2_read_site(address):
-            return
+            return True
         if m.debug.breakpoint_site(address):
             m.engine.stop()  # an instruction breakpoint: #DB fault before it
-            return
+            return False
         kind = m.sites.kinds.get(address)
-        if kind is not None and self._site_actions[kind](address):
-            m.engine.stop()
+        if kind is not None:
+            if self._site_actions[kind](address):
+                m.engine.stop()
+            return False
+        # An arrival counted at an injection point with nothing due is an observation.
+        return address in m.injections.state.before and \
+            address not in m.debug.state.exec_breakpoints
 
     # -- what a stop means -------------------------------------------------------------
     def memory_fault(self, vaddr: int, access: Access) -> None:

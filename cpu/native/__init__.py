@@ -51,6 +51,7 @@ class CounterStruct(ctypes.Structure):
         ("ac_stopped", ctypes.c_uint64),
         ("reg_read", ctypes.c_void_p),
         ("rid_eflags", ctypes.c_int32),
+        ("block_n", ctypes.c_uint64),
     ]
 
 
@@ -83,12 +84,13 @@ class TlbStruct(ctypes.Structure):
         ("efer", ctypes.c_uint64),
         ("user", ctypes.c_uint64),
         ("ac", ctypes.c_uint64),
+        ("write_generation", ctypes.c_uint64),
     ]
 
 
-# sizeof(struct tlb_slot): tag, cr0, cr3, cr4, efer, generation, user, ac, n, addr[4],
-# val[4], paddr, perms.
-TLB_SLOT_SIZE = 8 * (9 + 4 + 4 + 2)
+# sizeof(struct tlb_slot): tag, cr0, cr3, cr4, efer, generation, write_generation, user,
+# ac, n, addr[4], val[4], paddr, perms.
+TLB_SLOT_SIZE = 8 * (10 + 4 + 4 + 2)
 TLB_SLOTS = 1 << 16
 
 # int miss(void *uc, uint64_t vaddr, int32_t type, void *entry): Python's TLB fill.

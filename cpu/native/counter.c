@@ -55,6 +55,9 @@ struct idtlab_counter {
     uint64_t ac_stopped;
     int (*reg_read)(void *uc, int regid, void *value);
     int32_t rid_eflags;
+    /* Fast mode: the instructions the current block added to `count` when it started
+     * (0 when it stopped before running): an IRETQ, which ends its block, is the last. */
+    uint64_t block_n;
 };
 
 #define NO_SPLIT UINT64_MAX
@@ -244,6 +247,7 @@ void idtlab_count_block(void *uc, uint64_t address, uint32_t size, void *user_da
     c->block_size = size;
     c->block_before = c->count;
     c->block_cycles_before = c->cycles;
+    c->block_n = 0;
     if (ac_stop(c, uc)) {
         c->split = 0; /* stop before the block's first instruction */
         c->stopped = 1;
@@ -270,6 +274,7 @@ void idtlab_count_block(void *uc, uint64_t address, uint32_t size, void *user_da
     }
     c->count += n;
     c->cycles += n * c->default_cost;
+    c->block_n = n;
 }
 
 /* Forget every cached cost and block count (code was rewritten, or the profile changed). */

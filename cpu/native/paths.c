@@ -59,6 +59,11 @@ struct idtlab_counter_view { /* the head of struct idtlab_counter (counter.c) */
     void *bmiss;
     uint64_t last_addr;
     uint64_t ac_check;
+    uint64_t ac_pass;
+    uint64_t ac_stopped;
+    void *reg_read;
+    int32_t rid_eflags;
+    uint64_t block_n;
 };
 
 struct idtlab_paths {
@@ -148,8 +153,14 @@ slow:
  * re-read here from guest memory. Control registers, GDTR and EFER change only in
  * Python hooks (they are sites), and any Python hook disarms this path.
  *
- * Checked here, as `iret64` and `iret_in_hook` check them: the site's block and count
- * (fast mode: the IRET is the last instruction counted), RFLAGS.TF and NT = 0 now, the
+ * Up to IRET_CONTEXTS such vouches are kept, one per (CS, SS, frame page): a handler
+ * entered through an IST returns from another stack than one entered without, at the
+ * same IRETQ. The IRETQ takes the one matching its CS, SS and RSP's page, among those
+ * Python marked `live`: vouched under the paging controls and GDT base in force.
+ *
+ * Checked here, as `iret64` and `iret_in_hook` check them: the count (fast mode: the
+ * IRET is the last instruction of the block running, all of which was counted),
+ * RFLAGS.TF and NT = 0 now, the
  * frame (40 bytes at RSP) on the vouched page, CS and SS popped equal to CS and SS now
  * (a return to the same privilege level with the descriptors vouched for), a canonical
  * RIP, no TF in the loaded RFLAGS, RIP not an injection point. RFLAGS is merged with
@@ -163,6 +174,7 @@ slow:
 #define IRET_LOG 64
 #define IRET_WORDS 16
 #define IRET_BEFORE 8
+#define IRET_CONTEXTS 4
 #define RFLAGS_NT (1ull << 14)
 #define RFLAGS_RF (1ull << 16)
 #define RFLAGS_IOPL (3ull << 12)
@@ -177,6 +189,17 @@ struct idtlab_iret_record {
     uint64_t address, icount, cycles, rip, rsp, rflags, nmi_unblocked;
 };
 
+/* One vouched context: the CS, SS and CPL an IRETQ runs with, the linear page its frame is
+ * on and that page's physical page, and the physical words that must still hold. `live`:
+ * vouched under the paging controls and GDT base in force now (Python sets it). */
+struct idtlab_iret_context {
+    uint64_t live;
+    uint64_t cs, ss, cpl;
+    uint64_t stack_page, stack_paddr; /* linear page of the frame, its physical page */
+    uint64_t nwords;
+    uint64_t addr[IRET_WORDS], val[IRET_WORDS];
+};
+
 struct idtlab_iret {
     struct idtlab_counter_view *counter;
     int (*reg_read)(void *uc, int regid, void *value);
@@ -187,10 +210,7 @@ struct idtlab_iret {
     uint64_t armed;
     uint64_t generation;
     uint64_t block_counting;
-    uint64_t cs, ss, cpl;
-    uint64_t stack_page, stack_paddr; /* linear page of the frame, its physical page */
-    uint64_t nwords;
-    uint64_t addr[IRET_WORDS], val[IRET_WORDS];
+    struct idtlab_iret_context ctx[IRET_CONTEXTS];
     uint64_t nbefore;
     uint64_t before[IRET_BEFORE];
     uint64_t cost;
@@ -211,9 +231,6 @@ struct idtlab_iret {
 struct idtlab_iret_site {
     struct idtlab_iret *iret;
     uint64_t generation;
-    uint64_t block_addr;
-    uint64_t block_size;
-    uint64_t index;
 };
 
 static int canonical(uint64_t a)
@@ -229,13 +246,16 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
     struct idtlab_counter_view *c = p->counter;
     uint64_t rflags = 0, rsp = 0, cs = 0, ss = 0, frame[5], i, writable, new_rflags, delta, v;
     struct idtlab_iret_record *r;
-    (void)size;
+    struct idtlab_iret_context *x = NULL;
     if (!p->armed || s->generation != p->generation || p->logged >= IRET_LOG || c->stopped
             || c->stop_at == UINT64_MAX || c->ac_check)
         goto slow;
     if (p->block_counting) {
-        if (c->block_addr != s->block_addr || c->block_size != s->block_size
-                || c->count != c->block_before + s->index + 1)
+        /* IRETQ ends its translation block, so it is the block's last instruction and
+         * the block's whole count is the count after it (whichever instruction the
+         * block started at: a run may enter the handler anywhere). */
+        if (address < c->block_addr || address + size != c->block_addr + c->block_size
+                || c->block_n == 0 || c->count != c->block_before + c->block_n)
             goto slow;
     } else {
         goto slow; /* timed mode: Python's path (counts per instruction) */
@@ -247,26 +267,35 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
         goto slow;
     cs &= 0xFFFF;
     ss &= 0xFFFF;
-    if (cs != p->cs || ss != p->ss || (rsp >> 12) != p->stack_page || (rsp & 0xFFF) + 40 > 4096)
+    if ((rsp & 0xFFF) + 40 > 4096)
         goto slow;
-    for (i = 0; i < p->nwords; i++) {
-        if (p->addr[i] + 8 > p->mem_size)
+    for (i = 0; i < IRET_CONTEXTS; i++) {
+        struct idtlab_iret_context *k = &p->ctx[i];
+        if (k->live && k->cs == cs && k->ss == ss && k->stack_page == (rsp >> 12)) {
+            x = k;
+            break;
+        }
+    }
+    if (x == NULL)
+        goto slow;
+    for (i = 0; i < x->nwords; i++) {
+        if (x->addr[i] + 8 > p->mem_size)
             goto slow;
-        memcpy(&v, p->mem + p->addr[i], 8);
-        if (v != p->val[i]) {
+        memcpy(&v, p->mem + x->addr[i], 8);
+        if (v != x->val[i]) {
             p->words_failed = 1;
             goto slow;
         }
     }
-    if (p->stack_paddr + 4096 > p->mem_size)
+    if (x->stack_paddr + 4096 > p->mem_size)
         goto slow;
-    memcpy(frame, p->mem + p->stack_paddr + (rsp & 0xFFF), 40);
+    memcpy(frame, p->mem + x->stack_paddr + (rsp & 0xFFF), 40);
     if ((frame[1] & 0xFFFF) != cs || (frame[4] & 0xFFFF) != ss || !canonical(frame[0]))
         goto slow;
     writable = IRET_WRITABLE;
-    if (p->cpl > 0)
+    if (x->cpl > 0)
         writable &= ~(RFLAGS_IOPL | RFLAGS_VIF | RFLAGS_VIP);
-    if (p->cpl > ((rflags & RFLAGS_IOPL) >> 12))
+    if (x->cpl > ((rflags & RFLAGS_IOPL) >> 12))
         writable &= ~RFLAGS_IF;
     new_rflags = (rflags & ~writable) | (frame[2] & writable) | 2;
     if (new_rflags & RFLAGS_TF)

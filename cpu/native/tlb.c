@@ -12,7 +12,8 @@
  * explicit supervisor access reach a user page only with AC = 1), the same `generation`
  * (Python bumps it whenever anything else a fill depends on changes: checkpoint tracking,
  * EPT, IA32_PKRS; Python never remembers a fill made while CR4.PKE = 1, as PKRU changes
- * natively), and every paging-structure entry the
+ * natively) and, for a translation that grants write access, the same
+ * `write_generation` (bumped at a checkpoint rollback), and every paging-structure entry the
  * walk read still holds the value the walk left there (re-read from guest memory). So an
  * answer from the table is exactly the answer a fresh Python walk would give — like
  * `cpu.mmu.WalkCache`, this is not a model of the hardware TLB, only a faster path to the
@@ -34,6 +35,7 @@ struct tlb_slot {
     uint64_t tag;  /* (page << 2 | access) + 1; 0: empty */
     uint64_t cr0, cr3, cr4, efer;
     uint64_t generation;
+    uint64_t write_generation;
     uint64_t user;
     uint64_t ac;
     uint64_t n;
@@ -62,7 +64,13 @@ struct idtlab_tlb {
     int32_t rid_cr0, rid_cr3, rid_cr4, rid_cs, rid_msr, rid_rflags;
     /* The context of the last lookup, for `idtlab_tlb_insert` from the miss path. */
     uint64_t cr0, cr3, cr4, efer, user, ac;
+    /* Bumped alone when only the translations that grant write access must go (a
+     * checkpoint rollback: a write fill marks its page for copy-on-write, so it must
+     * reach Python again; read and fetch fills stay valid, being re-validated here). */
+    uint64_t write_generation;
 };
+
+#define PROT_W 2
 
 #define MSR_EFER 0xC0000080u
 #define CR4_SMAP (1ull << 21)
@@ -102,7 +110,8 @@ int idtlab_tlb_fill(void *uc, uint64_t addr, int32_t type, struct tlb_entry_out 
         read_context(t, uc);
         if (s->tag == tag && s->generation == t->generation && s->cr3 == t->cr3 &&
                 s->cr0 == t->cr0 && s->cr4 == t->cr4 && s->efer == t->efer &&
-                s->user == t->user && s->ac == t->ac) {
+                s->user == t->user && s->ac == t->ac &&
+                (!(s->perms & PROT_W) || s->write_generation == t->write_generation)) {
             uint64_t i;
             for (i = 0; i < s->n; i++) {
                 uint64_t v;
@@ -145,6 +154,7 @@ void idtlab_tlb_insert(struct idtlab_tlb *t, uint64_t vaddr, int32_t type, uint6
     s->user = t->user;
     s->ac = t->ac;
     s->generation = t->generation;
+    s->write_generation = t->write_generation;
     s->n = n;
     for (i = 0; i < n; i++) {
         s->addr[i] = addrs[i];
