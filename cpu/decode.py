@@ -48,6 +48,13 @@ def decode(code: bytes, address: int, *, bits: int = 64) -> Iterator[Insn]:
 
 
 def decode_one(code: bytes, address: int, *, bits: int = 64) -> Insn | None:
+    """The instruction at the start of `code`, or None. Decoded once per (bytes, address,
+    mode): the sites a handler passes through (an OUT, a CPUID) are decoded each time."""
+    return _decode_one(bytes(code), address, bits)
+
+
+@lru_cache(maxsize=4096)
+def _decode_one(code: bytes, address: int, bits: int) -> Insn | None:
     return next(decode(code, address, bits=bits), None)
 
 

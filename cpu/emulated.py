@@ -89,7 +89,7 @@ from cpu.control_regs import (
 from cpu.cpu_model import MsrFault
 from cpu.decode import GPR_SLOTS, UNDECLARED_INSNS, control_move, decode_one
 from cpu.ept import EptMisconfig, EptViolation
-from cpu.mmu import CR4_PKE, Access, PagingControl
+from cpu.mmu import CR4_PKE, CR4_PKS, Access, PagingControl
 from cpu.msrs import (
     MSR_EFER,
     MSR_SYSENTER_CS,
@@ -242,26 +242,24 @@ class Emulated:
         e.cycles += cost
         if res.rflags & RFLAGS_RF:
             m.debug.iret_loaded_rf(icount, res.rip)  # no instruction breakpoint there
-        if res.ss == st.ss:  # the native hook takes only same-stack-segment returns
-            self._vouch_native_iret(address, st, icount, cost)
-        elif e.armed_before[0]:
-            e.paths.resume_iret(progress=self._progress_view(), nmi_blocked=m.intr.nmi_blocked)
+        self._vouch_native_iret(address, st, icount, cost, res.ss)
         return True
 
-    def _vouch_native_iret(self, address: int, st: ArchState, icount: int, cost: int) -> None:
+    def _vouch_native_iret(self, address: int, st: ArchState, icount: int, cost: int,
+                           frame_ss: int) -> None:
         """After `iret_in_hook` executed the IRETQ at `address`: let the native hook
         execute the IRETQs that follow in this run the same way (cpu/native_paths.py),
         vouching for what it cannot see. Only the memory this IRET read is vouched for
-        (its frame's page, the CS and SS descriptors): re-walking it sets no A/D bit."""
+        (its frame's page, the CS, SS and frame SS descriptors): re-walking it sets no
+        A/D bit."""
         m = self.m
         e = m.engine
-        before = m.injections.state.before
         ctl = m.regs.last_paging()
-        if (m.ept is not None or m.vmx_exits.enabled or ctl.cr4 & CR4_PKE or address in before
-                or len(before) > 8 or address in m.debug.state.exec_breakpoints
-                or m.progress.state.last is None):
+        if (m.ept is not None or m.vmx_exits.enabled or ctl.cr4 & (CR4_PKE | CR4_PKS)
+                or address in m.injections.state.before
+                or address in m.debug.state.exec_breakpoints or m.progress.state.last is None):
             return
-        key = (st.rsp >> 12, st.cs, st.ss, st.cpl, st.gdtr_base, ctl)
+        key = (st.rsp >> 12, st.cs, st.ss, frame_ss, st.cpl, st.gdtr_base, ctl)
         memories = self._vouched_memory
         if e.paths.words_failed():
             memories.clear()  # some vouched memory changed: walk again
@@ -269,7 +267,7 @@ class Emulated:
         if memory is None:
             # The memory to vouch for: what a walk reads now (the words the C code then
             # re-checks at every IRETQ; while they hold, the same key needs no walk).
-            memory = self._memory_to_vouch(st, ctl)
+            memory = self._memory_to_vouch(st, ctl, frame_ss)
             if memory is None:
                 return
             if len(memories) >= 4 * IRET_CONTEXTS:
@@ -280,7 +278,10 @@ class Emulated:
         assert progress is not None  # `last` was checked above
         e.paths.learn_iret(address, IretVouch(
             cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=stack_paddr,
-            words=words, scope=(ctl, st.gdtr_base), before=tuple(before), cost=cost,
+            frame_ss=frame_ss, frame_ss_flags=0 if frame_ss == st.ss else
+            (st.cpl << 13) if frame_ss & 0xFFFC == 0 else m.regs.gdt_descriptor(frame_ss).high_dword,
+            words=words, scope=(ctl.cr0, ctl.cr3, ctl.cr4, ctl.efer, st.gdtr_base),
+            cost=cost,
             progress=progress))
 
     def _progress_view(self) -> ProgressView | None:
@@ -295,18 +296,19 @@ class Emulated:
                             icount=p.icount, registers=p.registers, repeats=p.repeats,
                             limit=m.progress.limit())
 
-    def _memory_to_vouch(self, st: ArchState, ctl: PagingControl) -> tuple[
+    def _memory_to_vouch(self, st: ArchState, ctl: PagingControl, frame_ss: int) -> tuple[
             int, tuple[tuple[int, int], ...]] | None:
         """(the frame page's physical page, the physical words that must hold: the
-        paging-structure entries of the frame's page and of the CS and SS descriptors, and
-        the descriptors) for an IRETQ at `st`, or None if it cannot be vouched for."""
+        paging-structure entries of the frame's page and of the CS, SS and frame SS
+        descriptors, and the descriptors) for an IRETQ at `st` whose frame holds
+        `frame_ss`, or None if it cannot be vouched for."""
         m = self.m
         words: dict[int, int] = {}
         walks = m.sysmem.walks
         try:
             t = walks.walk(ctl, st.rsp, Access.READ, user=st.cpl == 3)
             words.update(walks.last_used)
-            for sel in (st.cs, st.ss):
+            for sel in sorted({st.cs, st.ss, frame_ss}):
                 if sel & 0xFFFC == 0:
                     continue
                 linear = st.gdtr_base + (sel >> 3) * 8
@@ -335,8 +337,10 @@ class Emulated:
         if not paths.has_vouched_irets:
             return
         if (m.ept is not None or m.vmx_exits.enabled or not e.block_counting
-                or m.regs.state.stale_exception or m.regs.paging().cr4 & CR4_PKE
-                or not self.quiet_boundary()):
+                or m.regs.state.stale_exception or not self.quiet_boundary()):
+            return
+        v = e.read_event_state()  # (the scope: CR0, CR3, CR4, EFER and the GDT base)
+        if v[8] & (CR4_PKE | CR4_PKS):
             return
         before = m.injections.state.before
         breakpoints = m.debug.state.exec_breakpoints
@@ -344,10 +348,10 @@ class Emulated:
         # An event since the last IRET: the next one's signature cannot match it.
         progress = None if last is None or last[5] != m.state.run.events else \
             self._progress_view()
-        paths.rearm_iret(before=tuple(before), progress=progress,
+        paths.rearm_iret(progress=progress,
                          site_ok=lambda a: a not in before and a not in breakpoints,
                          nmi_blocked=m.intr.nmi_blocked,
-                         scope=(m.regs.paging(), m.regs.table("gdtr")[1]))
+                         scope=(v[6], v[7], v[8], v[21], v[14]))
 
     def native_irets(self, records: list[tuple[int, int, int, int, int, int, int]]) -> None:
         """IRETQs the native hook executed, in order (`Engine.irets_done`): the records

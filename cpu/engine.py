@@ -278,7 +278,9 @@ class Engine(InstructionCounting):
         self.paths = NativePaths(uc, _ucpy.uclib, self.counter, block_counting=block_counting,
                                  rids=self._reg, site=lambda a: self._on_site(uc, a, 0, None),
                                  mem=mem.host_address, mem_size=mem.size,
-                                 gprs=tuple(r for r in GPRS if r != "rsp") if bits == 64 else ())
+                                 gprs=tuple(r for r in GPRS if r != "rsp") if bits == 64 else (),
+                                 context=(uc.context_save(), self.layout.ss, self.layout.hflags,
+                                          self.layout.old_exception))
         self._paths_state = self.paths.state
         self._iret_state = self.paths.iret
         self.armed_before = (0, 0)  # see `_python_hook`

@@ -48,8 +48,7 @@ or HLT then counts as retired. `icount` in the trace is always "instructions ret
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from cpu import boot32, snapshot
@@ -102,6 +101,20 @@ from idt.vectors import Vector, vector_name
 MODES = ("fast", "timed")
 
 __all__ = ["MODES", "Machine"]
+
+
+class _PagingSnapshot:
+    """`Machine.paging_snapshot`: a plain context manager (an event's path runs it once;
+    a generator-based one cost more than the rest of the bookkeeping around it)."""
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+
+    def __enter__(self) -> None:
+        self.m.sysmem.ctl = self.m.regs.paging()
+
+    def __exit__(self, *exc: object) -> None:
+        self.m.sysmem.ctl = None
 
 
 class Machine:
@@ -178,6 +191,7 @@ class Machine:
         self.regs = Registers(self, st.regs)
         self.translator = Translator(self)
         self.sysmem = GuestMemory(self)
+        self._paging_snapshot = _PagingSnapshot(self)
         self.inspect = GuestMemory(self, architectural=False)
         self.sites = SiteTable(self)
         self.boundary = EventBoundary(self, st.boundary)
@@ -429,14 +443,10 @@ class Machine:
             return "??"
         return insn.text if insn else "??"
 
-    @contextmanager
-    def paging_snapshot(self) -> Iterator[None]:
-        """Read the paging controls once for the implicit accesses of one event."""
-        self.sysmem.ctl = self.regs.paging()
-        try:
-            yield
-        finally:
-            self.sysmem.ctl = None
+    def paging_snapshot(self) -> _PagingSnapshot:
+        """Read the paging controls once for the implicit accesses of one event (a `with`
+        block: they are dropped when it ends)."""
+        return self._paging_snapshot
 
     def count_event(self, rip: int, what: str | None) -> bool:
         """Count a delivery or VM exit against `max_events`. Over the limit: end the run

@@ -31,6 +31,22 @@ descriptors; `words_failed` tells Python one changed), so a vouch outlives its r
 `rearm_iret` arms the sites vouched for before as a later run starts at a quiet
 boundary (a handler's IRETQ after a delivery made between runs); and an IRETQ that
 unblocks NMIs is the C code's too (logged, and Python clears the blocking).
+
+Three things keep the IRETQ native on the paths real handlers take (the race explorer's
+schedules go through an NMI handler on an IST and a #PF handler on the interrupted
+stack, at the same IRETQ sites):
+
+- *A table of vouches*, IRET_CONTEXTS of them, one per (CS, SS, frame page, frame SS),
+  each live only under the CR0, CR3, CR4, EFER and GDT base it was vouched under (a
+  later run under other paging controls leaves it unused). A frame SS other than SS (the
+  IST handler's null SS returning to a selector) is loaded natively with the descriptor
+  vouched for, as `Registers.load_segments` loads it.
+- *Any block ending at the IRETQ*: IRETQ ends its translation block, so when the block
+  running ends there, the counter's whole-block count is the count after it, wherever
+  the block began (a run may enter a handler at any instruction).
+- *Hooks that only observe* leave the native paths armed (`Engine._python_hook` keeps
+  `armed_before`): a TLB fill Python answers, an arrival counted at an injection point
+  with nothing due, a recorded CR2 read. Every other Python hook disarms them.
 """
 
 from __future__ import annotations
@@ -85,7 +101,6 @@ class RdtscSiteStruct(ctypes.Structure):
 
 IRET_LOG = 64
 IRET_WORDS = 16
-IRET_BEFORE = 8
 IRET_CONTEXTS = 4
 
 
@@ -110,6 +125,8 @@ class IretContextStruct(ctypes.Structure):
         ("nwords", ctypes.c_uint64),
         ("addr", ctypes.c_uint64 * IRET_WORDS),
         ("val", ctypes.c_uint64 * IRET_WORDS),
+        ("frame_ss", ctypes.c_uint64),
+        ("frame_ss_flags", ctypes.c_uint64),
     ]
 
 
@@ -127,8 +144,6 @@ class IretStruct(ctypes.Structure):
         ("generation", ctypes.c_uint64),
         ("block_counting", ctypes.c_uint64),
         ("ctx", IretContextStruct * IRET_CONTEXTS),
-        ("nbefore", ctypes.c_uint64),
-        ("before", ctypes.c_uint64 * IRET_BEFORE),
         ("cost", ctypes.c_uint64),
         ("nmi_blocked", ctypes.c_uint64),
         ("words_failed", ctypes.c_uint64),
@@ -151,6 +166,12 @@ class IretStruct(ctypes.Structure):
         ("rid_cs", ctypes.c_int32),
         ("rid_ss", ctypes.c_int32),
         ("rid_gpr", ctypes.c_int32 * 15),
+        ("ctx_save", ctypes.c_void_p),
+        ("ctx_restore", ctypes.c_void_p),
+        ("cpu_ctx", ctypes.c_void_p),
+        ("off_ss", ctypes.c_uint64),
+        ("off_hflags", ctypes.c_uint64),
+        ("off_old_exception", ctypes.c_uint64),
     ]
 
 
@@ -172,9 +193,10 @@ class IretVouch:
     cpl: int
     stack_page: int  # the linear page of the frame, and its physical page
     stack_paddr: int
+    frame_ss: int  # the SS in the frame: `ss`, or another one loaded with ...
+    frame_ss_flags: int  # ... this descriptor high dword (as `Registers.load_segments`)
     words: tuple[tuple[int, int], ...]  # (physical address, value) that must still hold
-    scope: object  # the paging controls and GDT base the vouch was made under
-    before: tuple[int, ...]  # injection points (an IRET to one is Python's)
+    scope: tuple[int, ...]  # CR0, CR3, CR4, EFER and the GDT base the vouch was made under
     cost: int  # cycles of a same-level IRET
     progress: ProgressView  # cpu/progress.py's state
 
@@ -195,7 +217,10 @@ class NativePaths:
 
     def __init__(self, uc: Any, uclib: Any, counter: ctypes.Structure, *, block_counting: bool,
                  rids: dict[str, int], site: Callable[[int], None], mem: int = 0,
-                 mem_size: int = 0, gprs: tuple[str, ...] = ()) -> None:
+                 mem_size: int = 0, gprs: tuple[str, ...] = (),
+                 context: tuple[Any, int, int, int] | None = None) -> None:
+        """`context`: (a saved CPU context of the engine, the offsets of the SS cache,
+        hflags and the stale exception in it), for IRETQs that load another SS."""
         self._uc = uc
         self._uclib = uclib
         self._uch = uc._uch
@@ -221,11 +246,20 @@ class NativePaths:
         if len(gprs) == 15:
             for k, name in enumerate(gprs):
                 i.rid_gpr[k] = rids[name]
+        self._context = context  # kept alive with the engine
+        if context is not None:
+            i.ctx_save = ctypes.cast(uclib.uc_context_save, ctypes.c_void_p)
+            i.ctx_restore = ctypes.cast(uclib.uc_context_restore, ctypes.c_void_p)
+            i.cpu_ctx = ctypes.cast(context[0].context, ctypes.c_void_p)
+            i.off_ss, i.off_hflags, i.off_old_exception = context[1:]
         self._iret_sites: dict[int, tuple[IretSiteStruct, int]] = {}
         self._vouched: set[int] = set()  # IRETQ sites learned since they were hooked
-        # What each slot of `iret.ctx` was vouched for: (CS, SS, CPL, frame page, scope).
-        self._contexts: list[tuple[int, int, int, int, object] | None] = [None] * IRET_CONTEXTS
+        # What each slot of `iret.ctx` was vouched for: (CS, SS, CPL, frame page, frame
+        # SS, scope).
+        self._contexts: list[tuple[int, int, int, int, int, tuple[int, ...]] | None] = \
+            [None] * IRET_CONTEXTS
         self._next_context = 0  # the slot a new context replaces (round robin)
+        self._scope: tuple[tuple[int, ...], int] | None = None  # the last entered, and live
         # False: IRETQ always takes Python's path (tests compare the two).
         self.iret_enabled = True
 
@@ -285,28 +319,26 @@ class NativePaths:
         the native hook may execute IRETQs from now on in this run, under `vouch`.
         False when it cannot (no native hook there, too much to vouch for)."""
         entry = self._iret_sites.get(address)
-        if (entry is None or not self.iret_enabled or len(vouch.words) > IRET_WORDS
-                or len(vouch.before) > IRET_BEFORE):
+        if entry is None or not self.iret_enabled or len(vouch.words) > IRET_WORDS:
             return False
         i = self.iret
         entry[0].generation = i.generation
-        key = (vouch.cs, vouch.ss, vouch.cpl, vouch.stack_page, vouch.scope)
+        key = (vouch.cs, vouch.ss, vouch.cpl, vouch.stack_page, vouch.frame_ss, vouch.scope)
         if key in self._contexts:
             slot = self._contexts.index(key)
         else:
             slot = self._next_context
             self._next_context = (slot + 1) % IRET_CONTEXTS
             self._contexts[slot] = key
+        self._scope = None  # a context changed: `live` is computed again
         x = i.ctx[slot]
         x.cs, x.ss, x.cpl = vouch.cs, vouch.ss, vouch.cpl
         x.stack_page, x.stack_paddr = vouch.stack_page, vouch.stack_paddr
+        x.frame_ss, x.frame_ss_flags = vouch.frame_ss, vouch.frame_ss_flags
         x.nwords = len(vouch.words)
         for k, (a, v) in enumerate(vouch.words):
             x.addr[k], x.val[k] = a, v
         self._enter_scope(vouch.scope)
-        i.nbefore = len(vouch.before)
-        for k, a in enumerate(vouch.before):
-            i.before[k] = a
         i.cost = vouch.cost
         self._set_progress(vouch.progress)
         i.nmi_blocked = int(nmi_blocked)
@@ -314,26 +346,30 @@ class NativePaths:
         self._vouched.add(address)
         return True
 
-    def _enter_scope(self, scope: object) -> int:
-        """Mark live the contexts vouched for under `scope` (the paging controls and GDT
-        base in force now), and only those; returns how many are."""
+    def _enter_scope(self, scope: tuple[int, ...]) -> int:
+        """Mark live the contexts vouched for under `scope` (CR0, CR3, CR4, EFER and the
+        GDT base in force now), and only those; returns how many are."""
+        if self._scope is not None and self._scope[0] == scope:
+            return self._scope[1]
         live = 0
         for slot, key in enumerate(self._contexts):
-            ok = key is not None and key[4] == scope
+            ok = key is not None and key[5] == scope
             self.iret.ctx[slot].live = int(ok)
             live += ok
+        self._scope = (scope, live)
         return live
 
-    def rearm_iret(self, *, before: tuple[int, ...], progress: ProgressView | None,
-                   site_ok: Callable[[int], bool], nmi_blocked: bool, scope: object) -> bool:
+    def rearm_iret(self, *, progress: ProgressView | None,
+                   site_ok: Callable[[int], bool], nmi_blocked: bool,
+                   scope: tuple[int, ...]) -> bool:
         """As a run starts (the boundary there is quiet, the caller checked): arm the IRETQ
         sites vouched for earlier (`learn_iret`) again, under the memory, selectors and
-        cost vouched for then (the C code re-checks the memory and the selectors), the
-        injection points `before` and the no-progress state `progress` (None: the next
-        IRET's signature cannot match the last one, an event came in between). Sites
+        cost vouched for then (the C code re-checks the memory and the selectors), and
+        the no-progress state `progress` (None: the next IRET's signature cannot match
+        the last one, an event came in between). Sites
         `site_ok` refuses (an injection point or a breakpoint there now) stay Python's."""
         i = self.iret
-        if not self._vouched or not self.iret_enabled or len(before) > IRET_BEFORE:
+        if not self._vouched or not self.iret_enabled:
             return False
         if not self._enter_scope(scope):
             return False  # CR3, CR0, CR4, EFER or GDTR changed since every vouch
@@ -344,9 +380,6 @@ class NativePaths:
                 armed = True
         if not armed:
             return False
-        i.nbefore = len(before)
-        for k, a in enumerate(before):
-            i.before[k] = a
         if progress is None:
             i.last_address = 0xFFFFFFFFFFFFFFFF  # not an address an IRET is at
             i.have_regs = i.repeats = 0
@@ -355,19 +388,6 @@ class NativePaths:
         i.nmi_blocked = int(nmi_blocked)
         i.armed = 1
         return True
-
-    def resume_iret(self, *, progress: ProgressView | None, nmi_blocked: bool) -> None:
-        """From `iret_in_hook`, which just executed an IRETQ the native hook does not take
-        (one that loads another SS) while the native path was armed: arm it again as it
-        was, with the no-progress state and the NMI blocking that IRETQ left."""
-        i = self.iret
-        if progress is None:
-            i.last_address = 0xFFFFFFFFFFFFFFFF
-            i.have_regs = i.repeats = 0
-        else:
-            self._set_progress(progress)
-        i.nmi_blocked = int(nmi_blocked)
-        i.armed = 1
 
     def _set_progress(self, pv: ProgressView) -> None:
         i = self.iret
@@ -383,19 +403,17 @@ class NativePaths:
         """The no-progress state as the native IRETQ left it (valid after `learn_iret`)."""
         i = self.iret
         return ProgressView(
-            last=(int(i.last_address), int(i.last_rip), int(i.last_rsp), int(i.last_rflags),
-                  int(i.last_delta)),
-            icount=int(i.last_icount),
-            registers=tuple(int(v) for v in i.regs) if i.have_regs else None,
-            repeats=int(i.repeats), limit=int(i.repeat_limit))
+            last=(i.last_address, i.last_rip, i.last_rsp, i.last_rflags, i.last_delta),
+            icount=i.last_icount, registers=tuple(i.regs) if i.have_regs else None,
+            repeats=i.repeats, limit=i.repeat_limit)
 
     def drain_irets(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """The IRETQs executed natively since the last drain, in order: (address, icount,
         cycles, RIP, RSP, RFLAGS, NMIs unblocked) each. Empties the log."""
         i = self.iret
         n = int(i.logged)
-        out = [(int(r.address), int(r.icount), int(r.cycles), int(r.rip), int(r.rsp),
-                int(r.rflags), int(r.nmi_unblocked)) for r in i.log[:n]]
+        out = [(r.address, r.icount, r.cycles, r.rip, r.rsp, r.rflags, r.nmi_unblocked)
+               for r in i.log[:n]]
         i.logged = 0
         return out
 

@@ -22,10 +22,10 @@ What a checkpoint holds:
   the saved pages, and moving the checkpoint forward forgets them, so both cost what
   the schedule wrote, not the size of RAM;
 - the EPT's host memory the same way, and the machine's Python state — `Machine.state`
-  (cpu/state.py), every component's mutable state in one object — as a deep copy, kept
-  pickled (the machine and its components by reference): a rollback unpickles it, which
-  costs a third of a deep copy (the race explorer rolls back once per schedule); state
-  that does not pickle is deep-copied instead. The trace and the serial log by length
+  (cpu/state.py), every component's mutable state in one object — pickled (the machine
+  and its components by reference): a rollback unpickles it, which costs a third of a
+  deep copy (the race explorer rolls back once per schedule); state that does not pickle
+  is deep-copied instead. The trace and the serial log by length
   (records are not changed once the boundary that emitted them is past).
 
 Caches that depend on memory contents (the page-walk memos, the EPT translation memo)
@@ -62,7 +62,7 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     engine: Any
     cpu: tuple[Any, tuple[int, ...]]
-    state: MachineState
+    state: MachineState | None  # a deep copy, when the state does not pickle
     ept: dict[str, Any] | None
     ept_mem: Any
     trace_len: int  # records emitted by then (Trace.emitted)
@@ -116,6 +116,7 @@ def _copy_of(machine: Machine, cp: Checkpoint) -> MachineState:
         state = _Unpickler(cp.pickled, list(_memo(machine).values())).load()
         assert isinstance(state, MachineState)
         return state
+    assert cp.state is not None
     return copy.deepcopy(cp.state, _memo(machine))
 
 
@@ -124,7 +125,10 @@ def take(machine: Machine) -> Checkpoint:
     if machine.regs.running or machine.stops.pending is not None:
         raise CheckpointError("a checkpoint is taken between runs, at a boundary")
     e = machine.engine
-    state = copy.deepcopy(machine.state, _memo(machine))
+    # Pickled straight from the live state (the bytes are the copy); a state that does
+    # not pickle is deep-copied instead.
+    pickled = _pickled(machine, machine.state)
+    state = None if pickled is not None else copy.deepcopy(machine.state, _memo(machine))
     ept_state = None
     ept_mem = None
     if machine.ept is not None:
@@ -140,7 +144,7 @@ def take(machine: Machine) -> Checkpoint:
     cp = Checkpoint(engine=e, cpu=e.save_state(), state=state, ept=ept_state, ept_mem=ept_mem,
                     trace_len=machine.trace.emitted,
                     trace_counts=Counter(machine.trace.counts), serial_len=len(machine.serial),
-                    sites=e.site_addresses, pickled=_pickled(machine, state),
+                    sites=e.site_addresses, pickled=pickled,
                     fills_generation=e.fills_generation)
     machine._checkpoint = cp
     return cp

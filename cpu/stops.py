@@ -30,6 +30,7 @@ from cpu.decode import (
     access_ranges,
     branch_target,
     decode,
+    decoded_accesses,
     faulting_segment,
     invalid_encoding,
     memory_operands,
@@ -317,7 +318,9 @@ class Stops:
             if not is_canonical(vaddr):
                 raise ArchFault(Vector.GP, 0, why=f"non-canonical address {vaddr:#x}")
             return access
-        regs = self.decode_regs()
+        decoded = decoded_accesses(code, rip)
+        regs = self.decode_regs(bases=not is_canonical(vaddr) or decoded is None
+                                or any(r.override for r in decoded.refs))
         if not is_canonical(vaddr):
             seg = faulting_segment(code, rip, vaddr, regs)
             raise ArchFault(Vector.SS if seg == "ss" else Vector.GP, 0,
@@ -381,12 +384,13 @@ class Stops:
             except ArchFault:
                 return None
 
-    def decode_regs(self) -> dict[str, int]:
-        """The registers `cpu.decode` computes addresses from: the GPRs, RFLAGS and the
-        FS/GS bases."""
+    def decode_regs(self, *, bases: bool = True) -> dict[str, int]:
+        """The registers `cpu.decode` computes addresses from: the GPRs, RFLAGS and (with
+        `bases`: only an FS or GS override adds them) the FS/GS bases."""
         e = self.m.engine
         regs = dict(zip(_DECODE_REGS, e.read(_DECODE_REGS), strict=True))
-        regs["fs_base"], regs["gs_base"] = e.read_msr(MSR_FS_BASE), e.read_msr(MSR_GS_BASE)
+        if bases:
+            regs["fs_base"], regs["gs_base"] = e.read_msr(MSR_FS_BASE), e.read_msr(MSR_GS_BASE)
         return regs
 
     def hooked_exception(self, vector: int) -> None:

@@ -153,16 +153,19 @@ slow:
  * re-read here from guest memory. Control registers, GDTR and EFER change only in
  * Python hooks (they are sites), and any Python hook disarms this path.
  *
- * Up to IRET_CONTEXTS such vouches are kept, one per (CS, SS, frame page): a handler
- * entered through an IST returns from another stack than one entered without, at the
- * same IRETQ. The IRETQ takes the one matching its CS, SS and RSP's page, among those
- * Python marked `live`: vouched under the paging controls and GDT base in force.
+ * Up to IRET_CONTEXTS such vouches are kept, one per (CS, SS, frame page, frame SS): a
+ * handler entered through an IST returns from another stack than one entered without,
+ * at the same IRETQ. The IRETQ takes the one matching its CS, SS, RSP's page and the SS
+ * in its frame, among those Python marked `live`: vouched under the paging controls and
+ * GDT base in force. A frame SS other than SS (an IST handler's null SS returning to a
+ * selector, at the same level, in 64-bit code) loads the SS cache with the descriptor
+ * vouched for, by patching the engine's saved context as Python does.
  *
  * Checked here, as `iret64` and `iret_in_hook` check them: the count (fast mode: the
  * IRET is the last instruction of the block running, all of which was counted),
  * RFLAGS.TF and NT = 0 now, the
- * frame (40 bytes at RSP) on the vouched page, CS and SS popped equal to CS and SS now
- * (a return to the same privilege level with the descriptors vouched for), a canonical
+ * frame (40 bytes at RSP) on the vouched page, CS popped equal to CS now and SS to the
+ * context's (a return to the same privilege level with the descriptors vouched for), a canonical
  * RIP, no TF in the loaded RFLAGS, RIP not an injection point. RFLAGS is merged with
  * the writable mask of the CPL and IOPL in force. The no-progress check of
  * cpu/progress.py is kept here while this path runs (the same signature, then the same
@@ -173,7 +176,6 @@ slow:
  */
 #define IRET_LOG 64
 #define IRET_WORDS 16
-#define IRET_BEFORE 8
 #define IRET_CONTEXTS 4
 #define RFLAGS_NT (1ull << 14)
 #define RFLAGS_RF (1ull << 16)
@@ -198,6 +200,10 @@ struct idtlab_iret_context {
     uint64_t stack_page, stack_paddr; /* linear page of the frame, its physical page */
     uint64_t nwords;
     uint64_t addr[IRET_WORDS], val[IRET_WORDS];
+    /* The SS the frame holds (`ss`: the same stack segment), and when it is another one
+     * (a handler entered through an IST, SS null, returning to a selector) the high
+     * dword of its descriptor, which the SS cache takes (as Python's `patch_context`). */
+    uint64_t frame_ss, frame_ss_flags;
 };
 
 struct idtlab_iret {
@@ -211,8 +217,6 @@ struct idtlab_iret {
     uint64_t generation;
     uint64_t block_counting;
     struct idtlab_iret_context ctx[IRET_CONTEXTS];
-    uint64_t nbefore;
-    uint64_t before[IRET_BEFORE];
     uint64_t cost;
     uint64_t nmi_blocked; /* NMIs blocked (none latched): the next IRET unblocks them */
     uint64_t words_failed; /* a vouched word no longer held (Python vouches afresh) */
@@ -226,7 +230,17 @@ struct idtlab_iret {
     struct idtlab_iret_record log[IRET_LOG];
     int32_t rid_rsp, rid_rflags, rid_rip, rid_cs, rid_ss;
     int32_t rid_gpr[15]; /* the general registers but RSP, in cpu/progress.py's order */
+    /* Loading another SS: the engine's CPU context is saved into `cpu_ctx`, its SS cache
+     * patched at `off_ss` (QEMU's SegmentCache: selector, base, limit, flags) and
+     * `off_old_exception` reset, and restored; only in 64-bit code (`off_hflags`: CS64
+     * set), where the SS cache's B bit does not size the stack. */
+    int (*ctx_save)(void *uc, void *ctx);
+    int (*ctx_restore)(void *uc, void *ctx);
+    uint8_t *cpu_ctx;
+    uint64_t off_ss, off_hflags, off_old_exception;
 };
+
+#define HF_CS64 (1u << 15)
 
 struct idtlab_iret_site {
     struct idtlab_iret *iret;
@@ -271,8 +285,13 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
         goto slow;
     for (i = 0; i < IRET_CONTEXTS; i++) {
         struct idtlab_iret_context *k = &p->ctx[i];
-        if (k->live && k->cs == cs && k->ss == ss && k->stack_page == (rsp >> 12)) {
-            x = k;
+        uint64_t frame_ss;
+        if (!k->live || k->cs != cs || k->ss != ss || k->stack_page != (rsp >> 12)
+                || k->stack_paddr + 4096 > p->mem_size)
+            continue;
+        memcpy(&frame_ss, p->mem + k->stack_paddr + (rsp & 0xFFF) + 32, 8);
+        if ((frame_ss & 0xFFFF) == k->frame_ss) {
+            x = k; /* the context of this frame's SS */
             break;
         }
     }
@@ -290,8 +309,16 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
     if (x->stack_paddr + 4096 > p->mem_size)
         goto slow;
     memcpy(frame, p->mem + x->stack_paddr + (rsp & 0xFFF), 40);
-    if ((frame[1] & 0xFFFF) != cs || (frame[4] & 0xFFFF) != ss || !canonical(frame[0]))
+    if ((frame[1] & 0xFFFF) != cs || (frame[4] & 0xFFFF) != x->frame_ss || !canonical(frame[0]))
         goto slow;
+    if (x->frame_ss != ss) {
+        uint32_t hflags;
+        if (p->cpu_ctx == NULL || p->ctx_save(uc, p->cpu_ctx) != 0)
+            goto slow;
+        memcpy(&hflags, p->cpu_ctx + p->off_hflags, 4);
+        if (!(hflags & HF_CS64))
+            goto slow;
+    }
     writable = IRET_WRITABLE;
     if (x->cpl > 0)
         writable &= ~(RFLAGS_IOPL | RFLAGS_VIF | RFLAGS_VIP);
@@ -300,9 +327,6 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
     new_rflags = (rflags & ~writable) | (frame[2] & writable) | 2;
     if (new_rflags & RFLAGS_TF)
         goto slow;
-    for (i = 0; i < p->nbefore; i++)
-        if (p->before[i] == frame[0])
-            goto slow;
     delta = c->count - p->last_icount;
     if (address == p->last_address && frame[0] == p->last_rip && frame[3] == p->last_rsp
             && new_rflags == p->last_rflags && delta == p->last_delta) {
@@ -335,6 +359,21 @@ void idtlab_iret_site(void *uc, uint64_t address, uint32_t size, void *user_data
         p->repeats = 0;
     }
     p->last_icount = c->count;
+    if (x->frame_ss != ss) {
+        /* The SS cache as `Registers.load_segments` leaves it; the context was saved
+         * above, after every check that can refuse. */
+        uint32_t sel = (uint32_t)x->frame_ss, zero = 0, flags = (uint32_t)x->frame_ss_flags;
+        uint32_t limit = (sel & 0xFFFC) ? 0xFFFFFFFFu : 0;
+        int32_t none = -1;
+        uint64_t base = 0;
+        memcpy(p->cpu_ctx + p->off_ss, &sel, 4);
+        memcpy(p->cpu_ctx + p->off_ss + 4, &zero, 4);
+        memcpy(p->cpu_ctx + p->off_ss + 8, &base, 8);
+        memcpy(p->cpu_ctx + p->off_ss + 16, &limit, 4);
+        memcpy(p->cpu_ctx + p->off_ss + 20, &flags, 4);
+        memcpy(p->cpu_ctx + p->off_old_exception, &none, 4);
+        p->ctx_restore(uc, p->cpu_ctx);
+    }
     r = &p->log[p->logged++];
     r->address = address;
     r->icount = c->count;

@@ -253,3 +253,33 @@ def test_an_nmi_handlers_iretq_unblocks_nmis_natively_as_in_python() -> None:
     assert results[0][4] == [True] * 10 and results[0][3] is False
     assert not any(r["kind"] in ("nmi_latched", "nmi_dropped") for r in results[0][2])
     assert results[0][5] == 9 and results[1][5] == 0
+
+
+def test_an_ist_handlers_iretq_loads_ss_natively_as_in_python() -> None:
+    # The NMI gate has an IST, so the handler runs with a null SS (cpu/deliver: SS is
+    # NULL whenever the stack is switched); its IRETQ returns to SS = 0x10, whose cache
+    # the native hook loads from the descriptor vouched for, as Python's path does.
+    results = []
+    for native in (True, False):
+        m = Machine(2 << 20, max_insns=10_000)
+        blocks, _ = assemble_blocks([CodeBlock(CODE, "l:\njmp l\n", "test", 1),
+                                     CodeBlock(HANDLER, "iretq\n", "test", 1)], {})
+        for b in blocks:
+            m.load(b.at, b.code, code=True)
+        m.set_gate(Vector.NMI, HANDLER, ist=1)
+        m.set_tss(ist1=0x90000)
+        m.engine.paths.iret_enabled = native
+        m.start_state(entry=CODE, rsp=STACK)
+        m.run(max_insns=1)
+        caches = []
+        for _ in range(10):
+            m.nmi()
+            m.run(max_insns=m.engine.icount + 2)
+            caches.append((m.engine.read(("ss", "rsp")), m.engine.segment_cache("ss")))
+        results.append((m.engine.icount, m.engine.cycles, m.trace.records, caches,
+                        m.engine.paths.iret_hits))
+    assert results[0][:4] == results[1][:4]
+    assert [r["stack"] for r in results[0][2] if r["kind"] == "deliver"] == ["ist1"] * 10
+    assert results[0][3][-1][0] == [0x10, STACK]
+    assert results[0][3][-1][1][0] == 0x10 and results[0][3][-1][1][2] == 0xFFFFFFFF
+    assert results[0][4] == 9 and results[1][4] == 0
