@@ -237,10 +237,39 @@ static uint64_t block_insns(struct idtlab_counter *c, uint64_t address, uint32_t
  * inside this block, it stops the engine *before* the block runs, adds nothing, and
  * sets `split` to the index of the instruction the machine must stop before; the
  * machine then runs exactly that far with Unicorn's `until`. */
+static __attribute__((noinline)) void count_block(void *uc, uint64_t address, uint32_t size,
+                                                  struct idtlab_counter *c);
+
 void idtlab_count_block(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
+    /* The common case, with no call and so no register saves (this runs before every
+     * block: its cost is the block counter's): the block's count is in its first slot of
+     * the table, no alignment check is armed, no cycle threshold is set and the
+     * instruction threshold is beyond the block. Everything else: `count_block`. */
     struct idtlab_counter *c = (struct idtlab_counter *)user_data;
-    uint64_t n = block_insns(c, address, size);
+    uint64_t key = address + 1, i, n;
+    if (c->bkeys && !c->ac_check && c->stop_cycle == UINT64_MAX) {
+        i = slot_of(key, c->bmask);
+        if (c->bkeys[i] == key && (c->bvals[i] >> 32) == size) {
+            n = c->bvals[i] & 0xFFFFFFFFu;
+            if (c->count + n < c->stop_at) {
+                c->block_addr = address;
+                c->block_size = size;
+                c->block_before = c->count;
+                c->block_cycles_before = c->cycles;
+                c->block_n = n;
+                c->count += n;
+                c->cycles += n * c->default_cost;
+                return;
+            }
+        }
+    }
+    count_block(uc, address, size, c);
+}
+
+static void count_block(void *uc, uint64_t address, uint32_t size, struct idtlab_counter *c)
+{
+    uint64_t n;
     uint64_t cost = c->default_cost;
     uint64_t k = NO_SPLIT;
     c->block_addr = address;
@@ -248,6 +277,7 @@ void idtlab_count_block(void *uc, uint64_t address, uint32_t size, void *user_da
     c->block_before = c->count;
     c->block_cycles_before = c->cycles;
     c->block_n = 0;
+    n = block_insns(c, address, size);
     if (ac_stop(c, uc)) {
         c->split = 0; /* stop before the block's first instruction */
         c->stopped = 1;
