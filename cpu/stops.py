@@ -8,7 +8,9 @@ CPU state. The kinds of stop:
 * an exception the engine raised (`UC_HOOK_INTR`): INT n/INT3 are traps (saved RIP after
   the instruction), #DB from TF is a trap, everything else a fault on the instruction
   (saved RIP = the instruction; it did not retire) — SDM Vol. 3A 6.5 "Exception
-  Classifications";
+  Classifications". INT3 and INT n are delivered inside the hook where that is exact
+  (`software_interrupt_in_hook`): the boundary at the handler's entry would hold nothing
+  for the run loop to do, so the engine goes on there without stopping;
 * a memory access the TLB fill refused (poisoned): a #PF, #GP/#SS for a non-canonical
   address, an EPT violation or misconfiguration, the local APIC page (emulated MMIO), or
   a code fetch that belongs to a later instruction of the block;
@@ -41,7 +43,7 @@ from cpu.engine import GPRS
 from cpu.ept import EptMisconfig, EptViolation
 from cpu.mmu import Access
 from cpu.outcomes import Outcome, Stop
-from idt.state import ArchFault, Event, Source, is_canonical, is_canonical_range
+from idt.state import RFLAGS_TF, ArchFault, Event, Source, is_canonical, is_canonical_range
 from idt.vectors import Vector
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ class Stops:
         self.state = state
         # The action for the stop in progress (None between runs: a checkpoint checks).
         self.pending: Callable[[], None] | None = None
+        # False: INT3 / INT n always stop the engine (tests compare the two paths).
+        self.deliver_in_hook = True
         self._site_actions: dict[SiteKind, Callable[[int], bool]] = {
             SiteKind.IRET: lambda a: (not m.emulated.iret_in_hook(a)
                                       and self._defer(lambda: m.emulated.iret(a))),
@@ -136,8 +140,50 @@ class Stops:
         self.pending = stop
 
     def on_interrupt(self, vector: int) -> None:
+        if self.software_interrupt_in_hook(vector):
+            return
         self.pending = lambda: self.hooked_exception(vector)
         self.m.engine.stop()
+
+    def software_interrupt_in_hook(self, vector: int) -> bool:
+        """INT3 / INT n (vector 3 or >= 32), from the engine's interrupt hook: deliver it
+        here and let the engine go on at the handler (True), or leave it to the run loop
+        (False, nothing changed). The delivery is `hooked_exception`'s, the same call the
+        run loop makes; it may run here when nothing else could: fast mode (the INT ended
+        its translation block, so the counts stand as the loop would find them and the
+        records are stamped with them), no VMX controls, EPT or FRED, no TF, and a quiet
+        boundary before the INT (`Emulated.quiet_boundary`). After it, the boundary at the
+        handler's entry must be quiet too, or the engine stops there with nothing left
+        to do but the run loop's service; an outcome (shutdown, the event limit) ends the
+        run from the loop. Injection points and thresholds at the handler are the engine's
+        hooks' business, as after any instruction."""
+        m = self.m
+        e = m.engine
+        if (not self.deliver_in_hook or not (vector == Vector.BP or vector >= 32)
+                or not e.block_counting or e.bits != 64 or m.vmx_exits.enabled
+                or m.ept is not None or m.fred.config is not None
+                or m.regs.state.stale_exception or not m.emulated.quiet_boundary()
+                or e.read_reg("rflags") & RFLAGS_TF):
+            return False
+        regs = m.regs
+        regs.running = False  # records stamped with the counts as they stand (see above)
+        try:
+            self.hooked_exception(vector)
+        except Stop as stop:
+            def end(stop: Stop = stop) -> None:
+                raise stop
+            self.pending = end
+            e.stop()
+            return True
+        finally:
+            regs.running = True
+            regs.forget()
+        if m.emulated.quiet_boundary():
+            m.emulated.rearm_native_iret()  # the handler's IRETQ, as at a run's start
+        else:
+            self.pending = lambda: None  # the handler's entry is the run loop's boundary
+            e.stop()
+        return True
 
     def on_site(self, address: int) -> bool:
         """A code hook: an injection point, an observed CR2 read, or a site. A site
