@@ -339,8 +339,8 @@ class Emulated:
         if (m.ept is not None or m.vmx_exits.enabled or not e.block_counting
                 or m.regs.state.stale_exception or not self.quiet_boundary()):
             return
-        v = e.read_event_state()  # (the scope: CR0, CR3, CR4, EFER and the GDT base)
-        if v[8] & (CR4_PKE | CR4_PKS):
+        scope = e.control_scope()  # CR0, CR3, CR4, EFER and the GDT base
+        if scope[2] & (CR4_PKE | CR4_PKS):
             return
         before = m.injections.state.before
         breakpoints = m.debug.state.exec_breakpoints
@@ -351,7 +351,7 @@ class Emulated:
         paths.rearm_iret(progress=progress,
                          site_ok=lambda a: a not in before and a not in breakpoints,
                          nmi_blocked=m.intr.nmi_blocked,
-                         scope=(v[6], v[7], v[8], v[21], v[14]))
+                         scope=scope)
 
     def native_irets(self, records: list[tuple[int, int, int, int, int, int, int]]) -> None:
         """IRETQs the native hook executed, in order (`Engine.irets_done`): the records
@@ -367,10 +367,10 @@ class Emulated:
             if rflags & RFLAGS_RF:
                 m.debug.iret_loaded_rf(icount, rip)
         # The no-progress check ran natively (the same rule): take its state back.
-        pv = m.engine.paths.progress()
+        last, icount, registers, repeats = m.engine.paths.progress_state()
         p = m.progress.state
-        p.last = (*pv.last, m.state.run.events)
-        p.icount, p.registers, p.repeats = pv.icount, pv.registers, pv.repeats
+        p.last = (*last, m.state.run.events)
+        p.icount, p.registers, p.repeats = icount, registers, repeats
 
     def quiet_boundary(self, if_after: bool = True) -> bool:
         """From a code hook while the engine runs: the boundary after the instruction

@@ -217,8 +217,7 @@ class InstructionCounting(RegisterAccess):
         """The threshold falls before instruction `k` of the block at RIP: run exactly
         that far (Unicorn's `until`, after dropping the block's translation)."""
         c = self.counter
-        rip = self.read_reg("rip")
-        starts = self._starts(int(c.block_addr), int(c.block_size))
+        starts = self._starts(int(c.block_addr), int(c.block_size)) if k else ()
         if k == 0 or k >= len(starts):
             c.count += 1  # stopped before the block's first instruction: "counted"
             c.cycles += c.default_cost
@@ -226,6 +225,7 @@ class InstructionCounting(RegisterAccess):
             c.stopped = 1
             return None
         target = starts[k]
+        rip = self.read_reg("rip")
         stop_at, stop_cycle = int(c.stop_at), int(c.stop_cycle)
         c.stop_at, c.stop_cycle = 2**64 - 1, 2**64 - 1
         c.split = native.NO_SPLIT

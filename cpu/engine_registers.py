@@ -88,6 +88,8 @@ EVENT_REGS = ("rip", "rsp", "rflags", "cs", "ss", "cr2", "cr0", "cr3", "cr4")
 EVENT_TABLES = ("idtr", "gdtr", "tr")
 _EVENT_LAYOUT = struct.Struct("<9Q" + "H6xQII" * 3 + "I4xQ")
 _EVENT_INDEX = {name: i for i, name in enumerate(EVENT_REGS)}
+# What a delivery or an IRET writes: no control register, table register or MSR.
+_FRAME_REGISTERS = frozenset({"rip", "rsp", "rflags"})
 
 
 class RegisterAccess:
@@ -114,6 +116,10 @@ class RegisterAccess:
         self._running = False
         self._event_state: tuple[int, ...] = ()
         self._event_version = -1
+        # CR0, CR3, CR4, EFER and the GDT base (`control_scope`), at `_scope_version`: a
+        # write of RIP, RSP and RFLAGS only (a delivery, an IRET) leaves them as they are.
+        self._scope: tuple[int, ...] = ()
+        self._scope_version = -1
         # One reused buffer per register for `read_reg` (only that register is ever read
         # into it, so the bytes a narrow register leaves unwritten stay 0).
         self._singles: dict[str, tuple[int, Any, Any]] = {}
@@ -144,7 +150,10 @@ class RegisterAccess:
         return list(vals)
 
     def write(self, values: dict[str, int]) -> None:
+        keep_scope = self._scope_version == self.version and _FRAME_REGISTERS.issuperset(values)
         self.version += 1
+        if keep_scope:
+            self._scope_version = self.version
         key = tuple(values)
         ids, vals, ptrs = self._batch(key)
         for i, v in enumerate(values.values()):
@@ -216,7 +225,17 @@ class RegisterAccess:
         state = (*v[:3], v[3] & 0xFFFF, v[4] & 0xFFFF, *v[5:21], v[22])
         if not self._running:
             self._event_state, self._event_version = state, self.version
+            self._scope, self._scope_version = (state[6], state[7], state[8], state[21],
+                                                state[14]), self.version
         return state
+
+    def control_scope(self) -> tuple[int, ...]:
+        """CR0, CR3, CR4, EFER and the GDT base, in one call at most (what a native
+        IRETQ vouch is made under, cpu/native_paths.py)."""
+        if self._scope_version == self.version and not self._running:
+            return self._scope
+        v = self.read_event_state()
+        return (v[6], v[7], v[8], v[21], v[14])
 
     def read_table(self, which: str) -> tuple[int, int, int]:
         """(selector, base, limit) of IDTR, GDTR, LDTR or TR."""

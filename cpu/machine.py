@@ -60,6 +60,7 @@ from cpu.checked_sites import CheckedSites
 from cpu.cpu_model import CpuModel, ModelState
 from cpu.debug import Debug
 from cpu.decode import MAX_INSN_LENGTH, decode_one
+from cpu.delivery_memo import DeliveryMemo
 from cpu.devices.apf import AsyncPf
 from cpu.devices.apic import APIC_BASE, LocalApic
 from cpu.devices.fwcfg import FwCfg
@@ -94,7 +95,7 @@ from cpu.translation import GuestMemory, Translator
 from cpu.vmx import HostPolicy, Vmx, VmxConfig, VmxState
 from cpu.vmx_exits import HyperState, VmExits
 from idt.blocking import Interruptibility
-from idt.double_fault import Combine, DeliveryOutcome, deliver_event
+from idt.double_fault import Combine, DeliveryOutcome
 from idt.state import RFLAGS_RF, ArchFault, ArchState, Event, Source
 from idt.vectors import Vector, vector_name
 
@@ -192,6 +193,7 @@ class Machine:
         self.translator = Translator(self)
         self.sysmem = GuestMemory(self)
         self._paging_snapshot = _PagingSnapshot(self)
+        self.delivery_memo = DeliveryMemo(self)
         self.inspect = GuestMemory(self, architectural=False)
         self.sites = SiteTable(self)
         self.boundary = EventBoundary(self, st.boundary)
@@ -487,7 +489,7 @@ class Machine:
         progress = DeliveryOutcome(delivery=None)
         try:
             with self.paging_snapshot():
-                out = deliver_event(self.sysmem, st, ev, hyper.intercept_fn(), progress)
+                out = self.delivery_memo.deliver(st, ev, hyper.intercept_fn(), progress)
         except EptViolation as violation:
             # Never converted to #VE while delivering an event (SDM "EPT Violations"):
             # a VM exit with the event in the IDT-vectoring information.
@@ -509,8 +511,8 @@ class Machine:
             # INT, which restarts after the handler): it did not retire.
             e.uncount()
         self.after_delivery(st.nmi_blocked, st.cr2, cr2_before,
-                            ((nf.during.vector, nf.during.name, nf.fault, nf.action.value)
-                             for nf in out.nested))
+                            [(nf.during.vector, nf.during.name, nf.fault, nf.action.value)
+                             for nf in out.nested] if out.nested else ())
         if exited:
             hyper.delivery_exit(ev, out)
             return
@@ -729,12 +731,13 @@ class Machine:
         if stop.outcome == Outcome.PAUSE:
             return RunResult(Outcome.PAUSE.value, stop.rip, e.icount, self.trace, serial=serial,
                              cycles=e.cycles)
-        fields: dict[str, Any] = {"reason": stop.outcome.value, "rip": stop.rip}
+        reason = stop.outcome.value
+        fields: dict[str, Any] = {"reason": reason, "rip": stop.rip}
         if stop.reason:
             fields["detail"] = stop.reason
         if stop.exit_code is not None:
             fields["exit_code"] = stop.exit_code
         self.emit("end", **fields)
-        return RunResult(stop.outcome.value, stop.rip, e.icount, self.trace,
+        return RunResult(reason, stop.rip, e.icount, self.trace,
                          exit_code=stop.exit_code, reason=stop.reason, serial=serial,
                          cycles=e.cycles)

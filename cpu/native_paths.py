@@ -399,13 +399,13 @@ class NativePaths:
             i.regs[k] = v
         i.repeats, i.repeat_limit = pv.repeats, pv.limit
 
-    def progress(self) -> ProgressView:
-        """The no-progress state as the native IRETQ left it (valid after `learn_iret`)."""
+    def progress_state(self) -> tuple[tuple[int, int, int, int, int], int,
+                                      tuple[int, ...] | None, int]:
+        """The no-progress state as the native IRETQ left it (after `learn_iret`): the last
+        signature, the count at it, the registers of a candidate loop, and the repeats."""
         i = self.iret
-        return ProgressView(
-            last=(i.last_address, i.last_rip, i.last_rsp, i.last_rflags, i.last_delta),
-            icount=i.last_icount, registers=tuple(i.regs) if i.have_regs else None,
-            repeats=i.repeats, limit=i.repeat_limit)
+        return ((i.last_address, i.last_rip, i.last_rsp, i.last_rflags, i.last_delta),
+                i.last_icount, tuple(i.regs) if i.have_regs else None, i.repeats)
 
     def drain_irets(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """The IRETQs executed natively since the last drain, in order: (address, icount,

@@ -51,7 +51,7 @@ class GuestMemory:
     """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
 
     # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
-    CACHES = frozenset({"walks", "ctl", "_last"})
+    CACHES = frozenset({"walks", "ctl", "_last", "record"})
 
     def __init__(self, machine: Machine, *, architectural: bool = True) -> None:
         """`architectural`: the CPU's own implicit accesses (delivery, IRET), which go
@@ -69,6 +69,11 @@ class GuestMemory:
         # page, the walk's check). Used only while the walk's entries still hold, so it
         # gives what `walks` would; dropped with the snapshot.
         self._last: tuple[PagingControl, int, Access, bool, int, Any] | None = None
+        # While not None, what the accesses touched, for cpu/delivery_memo.py: ("page",
+        # physical page, the walk's check) per translation, ("read", physical address,
+        # bytes) and ("write", physical address, size) per one-page access, ("other",)
+        # for anything else (a split access, a memory window, EPT).
+        self.record: list[tuple[Any, ...]] | None = None
 
     def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
         off = 0
@@ -82,6 +87,8 @@ class GuestMemory:
         last = self._last
         if (last is not None and last[0] is self.ctl and last[1] == addr >> 12
                 and last[2] is access and last[3] == user and self.walks.holds(last[5])):
+            if self.record is not None:
+                self.record.append(("page", last[4], last[5]))
             return last[4] | (addr & 0xFFF)  # (its page is in RAM: checked when it was kept)
         if not is_canonical(addr):
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
@@ -110,6 +117,10 @@ class GuestMemory:
                        "outside guest memory", m.engine.read_reg("rip"))
         if self.ctl is not None and m.ept is None and m.phys.contains(t.paddr, 4096):
             self._last = (self.ctl, addr >> 12, access, user, t.paddr, self.walks.last_check)
+            if self.record is not None:
+                self.record.append(("page", t.paddr, self.walks.last_check))
+        elif self.record is not None:
+            self.record.append(("other",))
         return paddr
 
     def read(self, linear: int, size: int, *, user: bool = False, stack: bool = False) -> bytes:
@@ -117,8 +128,13 @@ class GuestMemory:
         if (linear & 0xFFF) + size <= 0x1000:  # one page: the common case, no splitting
             paddr = self._translate(linear, size, Access.READ, user, stack)
             if paddr < phys.size:
-                return bytes(phys.view[paddr : paddr + size])
+                data = bytes(phys.view[paddr : paddr + size])
+                if self.record is not None:
+                    self.record.append(("read", paddr, data))
+                return data
             return self._window_read(paddr, size)
+        if self.record is not None:
+            self.record.append(("other",))
         out = bytearray(size)
         for addr, off, n in self._pieces(linear, size):
             paddr = self._translate(addr, n, Access.READ, user, stack)
@@ -136,7 +152,11 @@ class GuestMemory:
             if phys.dirty is not None:
                 phys.mark(paddr, len(data))
             phys.view[paddr : paddr + len(data)] = data
+            if self.record is not None:
+                self.record.append(("write", paddr, len(data)))
             return
+        if self.record is not None:
+            self.record.append(("other",))
         for addr, off, n in self._pieces(linear, len(data)):
             paddr = self._translate(addr, n, Access.WRITE, user, stack)
             if paddr < phys.size:

@@ -147,21 +147,23 @@ def arbitrate(st: Interruptibility, *, if_flag: bool, intr_pending: bool) -> Cho
 
     `intr_pending` means the APIC offers a vector (its priority is above PPR)."""
     held: list[tuple[str, Held]] = []
+    shadow = st.shadow
+    shadowed = shadow is not Shadow.NONE  # (the usual case, without Flag arithmetic)
     if st.nmi_pending:
         if st.nmi_blocked:
             held.append(("nmi", Held.NMI_BLOCKED))
-        elif st.shadow & Shadow.MOV_SS:
+        elif shadowed and shadow & Shadow.MOV_SS:
             held.append(("nmi", Held.MOV_SS_SHADOW))
-        elif st.shadow & Shadow.STI and st.sti_blocks_nmi:
+        elif shadowed and shadow & Shadow.STI and st.sti_blocks_nmi:
             held.append(("nmi", Held.STI_SHADOW))
         else:
             return Choice("nmi")
     if intr_pending:
         if not if_flag:
             held.append(("intr", Held.IF_CLEAR))
-        elif st.shadow & Shadow.MOV_SS:
+        elif shadowed and shadow & Shadow.MOV_SS:
             held.append(("intr", Held.MOV_SS_SHADOW))
-        elif st.shadow & Shadow.STI:
+        elif shadowed and shadow & Shadow.STI:
             held.append(("intr", Held.STI_SHADOW))
         else:
             return Choice("intr", tuple(held))

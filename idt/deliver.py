@@ -111,6 +111,28 @@ def read_tss_rsp(mem: SystemMemory, st: ArchState, offset: int, *, ext: bool) ->
     return int(value)
 
 
+def frame_of(st: ArchState, ev: Event) -> Frame:
+    """The frame delivering `ev` from `st` pushes (step 13): SS, RSP, RFLAGS, CS, RIP and,
+    for the exceptions that have one, the error code."""
+    pushed_rflags = st.rflags
+    if ev.is_fault_class and ev.vector != Vector.DB:
+        pushed_rflags |= RFLAGS_RF  # fault-class exceptions except #DB push RF=1
+    error_code: int | None = None
+    if ev.source is Source.EXCEPTION and pushes_error_code(ev.vector):
+        error_code = 0 if ev.error_code is None else ev.error_code
+    return Frame(error_code=error_code, rip=ev.return_rip, cs=st.cs, rflags=pushed_rflags,
+                 rsp=st.rsp, ss=st.ss)
+
+
+def entry_rflags(st: ArchState, gate: GateDescriptor) -> int:
+    """RFLAGS on entry to the handler: TF, NT, RF, VM cleared; IF cleared only through an
+    interrupt gate."""
+    new_rflags = st.rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+    if gate.type == GATE_TYPE_INTERRUPT:
+        new_rflags &= ~RFLAGS_IF
+    return new_rflags
+
+
 def deliver(mem: SystemMemory, st: ArchState, ev: Event) -> Delivery:
     """Deliver `ev` through the IDT, writing the frame to guest memory.
 
@@ -182,23 +204,12 @@ def deliver(mem: SystemMemory, st: ArchState, ev: Event) -> Delivery:
 
     # 13. Align, then push SS, RSP, RFLAGS, CS, RIP [, error code] — always all five in
     # 64-bit mode, privilege change or not.
-    pushed_rflags = st.rflags
-    if ev.is_fault_class and v != Vector.DB:
-        pushed_rflags |= RFLAGS_RF  # fault-class exceptions except #DB push RF=1
-    error_code: int | None = None
-    if ev.source is Source.EXCEPTION and pushes_error_code(v):
-        error_code = 0 if ev.error_code is None else ev.error_code
-    frame = Frame(error_code=error_code, rip=ev.return_rip, cs=st.cs, rflags=pushed_rflags,
-                  rsp=st.rsp, ss=st.ss)
+    frame = frame_of(st, ev)
     sp = rsp & ~0xF
     for _name, value in reversed(frame.slots()):
         sp = (sp - 8) & (2**64 - 1)
         mem.write(sp, struct.pack("<Q", value & (2**64 - 1)), stack=True)
-
-    # RFLAGS on entry: TF, NT, RF, VM cleared; IF cleared only through an interrupt gate.
-    new_rflags = st.rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
-    if gate.type == GATE_TYPE_INTERRUPT:
-        new_rflags &= ~RFLAGS_IF
+    new_rflags = entry_rflags(st, gate)
     return Delivery(
         event=ev,
         gate=gate,
