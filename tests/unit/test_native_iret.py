@@ -228,21 +228,28 @@ def test_an_injection_point_put_at_the_iretq_between_runs_is_counted_as_in_pytho
     assert [v for v, _ in results[0][4]].count(Vector.NMI) == 1
 
 
+def nmi_loop(native: bool, ist: int = 0) -> Machine:
+    """`l: jmp l`, one instruction run, and an NMI gate (through IST `ist`) to `iretq`."""
+    m = Machine(2 << 20, max_insns=10_000)
+    blocks, _ = assemble_blocks([CodeBlock(CODE, "l:\njmp l\n", "test", 1),
+                                 CodeBlock(HANDLER, "iretq\n", "test", 1)], {})
+    for b in blocks:
+        m.load(b.at, b.code, code=True)
+    m.set_gate(Vector.NMI, HANDLER, ist=ist)
+    m.set_tss(ist1=0x90000)
+    m.engine.paths.iret_enabled = native
+    m.start_state(entry=CODE, rsp=STACK)
+    m.run(max_insns=1)
+    return m
+
+
 def test_an_nmi_handlers_iretq_unblocks_nmis_natively_as_in_python() -> None:
     # NMI, then a short run (the handler's IRETQ and one loop instruction), ten times:
     # every IRETQ after the first runs natively and unblocks NMIs, so each next NMI is
     # delivered at once, not latched.
     results = []
     for native in (True, False):
-        m = Machine(2 << 20, max_insns=10_000)
-        blocks, _ = assemble_blocks([CodeBlock(CODE, "l:\njmp l\n", "test", 1),
-                                     CodeBlock(HANDLER, "iretq\n", "test", 1)], {})
-        for b in blocks:
-            m.load(b.at, b.code, code=True)
-        m.set_gate(Vector.NMI, HANDLER)
-        m.engine.paths.iret_enabled = native
-        m.start_state(entry=CODE, rsp=STACK)
-        m.run(max_insns=1)
+        m = nmi_loop(native)
         for _ in range(10):
             m.nmi()
             m.run(max_insns=m.engine.icount + 2)
@@ -261,16 +268,7 @@ def test_an_ist_handlers_iretq_loads_ss_natively_as_in_python() -> None:
     # the native hook loads from the descriptor vouched for, as Python's path does.
     results = []
     for native in (True, False):
-        m = Machine(2 << 20, max_insns=10_000)
-        blocks, _ = assemble_blocks([CodeBlock(CODE, "l:\njmp l\n", "test", 1),
-                                     CodeBlock(HANDLER, "iretq\n", "test", 1)], {})
-        for b in blocks:
-            m.load(b.at, b.code, code=True)
-        m.set_gate(Vector.NMI, HANDLER, ist=1)
-        m.set_tss(ist1=0x90000)
-        m.engine.paths.iret_enabled = native
-        m.start_state(entry=CODE, rsp=STACK)
-        m.run(max_insns=1)
+        m = nmi_loop(native, ist=1)
         caches = []
         for _ in range(10):
             m.nmi()
