@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from idt.deliver import Delivery, entry_rflags, frame_of
-from idt.descriptors import GateDescriptor
+from idt.descriptors import GateDescriptor, SegmentDescriptor
 from idt.double_fault import DeliveryOutcome, Intercept, deliver_event
 from idt.state import ArchState, Event, Source, is_canonical
 
@@ -49,6 +49,7 @@ class _Plan:
     new_cs: int
     new_ss: int
     new_cpl: int
+    cs_descriptor: SegmentDescriptor | None
     reads: tuple[tuple[int, bytes], ...]  # physical address, the bytes read there
     checks: tuple[Any, ...]  # `WalkCache` checks of every page touched
     stack_page: int  # the linear page the frame went onto, and its physical page
@@ -127,7 +128,8 @@ class DeliveryMemo:
         out.delivery = Delivery(event=ev, gate=plan.gate, frame=frame, stack=plan.stack,
                                 new_rip=plan.gate.offset, new_rsp=sp,
                                 new_rflags=entry_rflags(st, plan.gate), new_cs=plan.new_cs,
-                                new_ss=plan.new_ss, new_cpl=plan.new_cpl)
+                                new_ss=plan.new_ss, new_cpl=plan.new_cpl,
+                                cs_descriptor=plan.cs_descriptor)
         return True
 
     def _learn(self, key: tuple[Any, ...], rsp_before: int, out: DeliveryOutcome,
@@ -161,6 +163,7 @@ class DeliveryMemo:
         if len(self._plans) >= self.LIMIT:
             self._plans.clear()
         self._plans[key] = _Plan(gate=d.gate, stack=d.stack, top=top, new_cs=d.new_cs,
-                                 new_ss=d.new_ss, new_cpl=d.new_cpl, reads=tuple(reads),
+                                 new_ss=d.new_ss, new_cpl=d.new_cpl,
+                                 cs_descriptor=d.cs_descriptor, reads=tuple(reads),
                                  checks=tuple(checks), stack_page=d.new_rsp >> 12,
                                  stack_paddr=low & ~0xFFF)

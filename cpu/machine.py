@@ -112,10 +112,12 @@ class _PagingSnapshot:
         self.m = m
 
     def __enter__(self) -> None:
-        self.m.sysmem.ctl = self.m.regs.paging()
+        m = self.m
+        m.sysmem.ctl = m.inspect.ctl = m.regs.paging()
 
     def __exit__(self, *exc: object) -> None:
-        self.m.sysmem.ctl = None
+        m = self.m
+        m.sysmem.ctl = m.inspect.ctl = None
 
 
 class Machine:
@@ -484,7 +486,8 @@ class Machine:
             st.rflags &= ~RFLAGS_RF
         if st.cpl == 3:
             self.frames.user_mode()
-        live = self.frames.snapshot()
+        with self.paging_snapshot():
+            live = self.frames.snapshot()
         hyper = self.vmx_exits
         progress = DeliveryOutcome(delivery=None)
         try:
@@ -528,7 +531,8 @@ class Machine:
                                   else "deliver_same_cpl")
         if d.event.source is Source.NMI:
             cost += self.profile.event("nmi_extra")
-        self.regs.load_segments(d.new_cs, d.new_ss, d.new_cpl, current=(st.cs, st.ss))
+        self.regs.load_segments(d.new_cs, d.new_ss, d.new_cpl, current=(st.cs, st.ss),
+                                cs_descriptor=d.cs_descriptor)
         e.write({"rip": d.new_rip, "rsp": d.new_rsp, "rflags": d.new_rflags})
         self.state.boundary.shadow = None  # a delivered event ends any interrupt shadow
         rec = self.emit(
@@ -545,7 +549,8 @@ class Machine:
             rec["double_fault_of"] = list(out.double_fault_of)
         if why:
             rec["why"] = why
-        self.frames.report_overwrites(live, d.event.name)
+        with self.paging_snapshot():
+            self.frames.report_overwrites(live, d.event.name)
         self.frames.pushed(d.new_rsp, d.frame.error_code is not None, d.event.name)
         e.cycles += cost
         for cb in self.on_deliver:

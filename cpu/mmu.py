@@ -365,10 +365,11 @@ def build_identity_map(mem: PhysicalMemory, base: int, memsize: int,
             continue
         pt = alloc()
         mem.write_u64(slot, pt | default)
-        for i in range(512):
-            page = region + i * 4096
+        ptes = []
+        for page in range(region, region + two_mb, 4096):
             pte = overrides.get(page)
             if pte is None:
                 pte = (page | default) if page < memsize else 0
-            mem.write_u64(pt + 8 * i, pte)
+            ptes.append(pte & (2**64 - 1))
+        mem.write(pt, struct.pack("<512Q", *ptes))  # the whole table in one write
     return pml4, nxt

@@ -167,19 +167,21 @@ class Registers:
         return out
 
     def load_segments(self, cs: int, ss: int, cpl: int,
-                      current: tuple[int, int] | None = None) -> None:
+                      current: tuple[int, int] | None = None,
+                      cs_descriptor: SegmentDescriptor | None = None) -> None:
         """Load CS/SS hidden state and the CPL (and reset QEMU's stale exception state).
 
         Skipped when nothing would change: `current` (the CS and SS selectors in the
         engine now) equal the new ones at the same CPL — the engine's hidden caches then
         already describe these selectors (set by an earlier patch, or loaded by the guest
         from the same GDT entries) — and no QEMU exception is in flight. Saves a context
-        save/restore on INT n and same-stack IRETs."""
+        save/restore on INT n and same-stack IRETs. `cs_descriptor`: CS's descriptor as a
+        delivery read and checked it (else it is read from the GDT now)."""
         st = self.state
         if current == (cs, ss) and cpl == st.cpl and not st.stale_exception:
             return
         st.stale_exception = False
-        cs_desc = self.gdt_descriptor(cs)
+        cs_desc = cs_descriptor if cs_descriptor is not None else self.gdt_descriptor(cs)
         ss_flags = (cpl << 13) if ss & 0xFFFC == 0 else self.gdt_descriptor(ss).high_dword
         self.m.engine.patch_context(segments=(cs, cs_desc.high_dword, ss, ss_flags, cpl),
                                     clear_stale_exception=True)

@@ -80,7 +80,7 @@ class SiteTable:
     # Derived from the guest's code bytes, not from a run's state: a rollback keeps them
     # and re-checks what a schedule changed (`recheck`); see the module docstring.
     CACHES = frozenset({"kinds", "lengths", "iretq", "cr2_reads", "blocks", "pages", "fresh",
-                        "changed", "starts"})
+                        "changed", "starts", "decoded_pages"})
 
     def __init__(self, m: Machine) -> None:
         self.m = m
@@ -95,6 +95,9 @@ class SiteTable:
         # pc -> the instruction starts of the block decoded there, when its decode reached
         # the block's end
         self.starts: dict[int, frozenset[int]] = {}
+        # linear page -> the pcs in `starts` with bytes on it (the blocks that can hold a
+        # tail: most kept blocks are tails, which never do)
+        self.decoded_pages: dict[int, set[int]] = {}
         # Sites found inside the engine, hooked at the stop that follows.
         self.fresh: list[int] = []
         # Code changed under a decoded block since the last checkpoint (cpu/snapshot.py).
@@ -185,7 +188,7 @@ class SiteTable:
         """The start of a block decoded before that holds [pc, end), whose decode reached
         its end and has an instruction at `pc` (whose bytes are the caller's to check:
         `_differs`), or None."""
-        for q in self.pages.get(pc & ~(PAGE - 1), ()):
+        for q in self.decoded_pages.get(pc & ~(PAGE - 1), ()):
             other = self.blocks.get(q)
             if (other is not None and q <= pc and end <= q + len(other)
                     and pc in self.starts.get(q, ())):
@@ -214,6 +217,7 @@ class SiteTable:
         blocks on its pages (each is decoded again when it next runs) and everything the
         engine cached by address."""
         for page in range(pc & ~(PAGE - 1), pc + size, PAGE):
+            self.decoded_pages.pop(page, None)
             for q in self.pages.pop(page, set()):
                 self.blocks.pop(q, None)
                 self.starts.pop(q, None)
@@ -238,6 +242,8 @@ class SiteTable:
                 fresh.append(insn.address)
         if end == pc + len(code) and plain:
             self.starts[pc] = frozenset(starts)  # a complete decode (`_decoded_around`)
+            for page in range(pc & ~(PAGE - 1), pc + len(code), PAGE):
+                self.decoded_pages.setdefault(page, set()).add(pc)
         for at in range(end, pc + len(code)):
             guess = decode_one(code[at - pc:at - pc + MAX_INSN_LENGTH], at)
             if guess is not None and site_kind(guess) is not None and self._note(guess):

@@ -51,7 +51,7 @@ class GuestMemory:
     """`idt.state.SystemMemory` over guest paging: what delivery and IRET access."""
 
     # Derived or transient, not state: rebuilt as needed, cleared by a rollback.
-    CACHES = frozenset({"walks", "ctl", "_last", "record"})
+    CACHES = frozenset({"walks", "ctl", "_recent", "record"})
 
     def __init__(self, machine: Machine, *, architectural: bool = True) -> None:
         """`architectural`: the CPU's own implicit accesses (delivery, IRET), which go
@@ -64,11 +64,12 @@ class GuestMemory:
         # reading them from the engine for every 8-byte access dominated event cost.
         self.ctl: PagingControl | None = None
         self.walks = WalkCache(machine.phys)
-        # The last page translated during the current snapshot (an event pushes five or six
-        # slots and reads descriptors from one page): (ctl, page, access, user, physical
-        # page, the walk's check). Used only while the walk's entries still hold, so it
-        # gives what `walks` would; dropped with the snapshot.
-        self._last: tuple[PagingControl, int, Access, bool, int, Any] | None = None
+        # Pages translated under a snapshot's paging controls (an event pushes five or six
+        # slots and reads the IDT, the GDT and the TSS; the next event touches the same
+        # pages): (page, access, user) -> (ctl, physical page, the walk's check). Used only
+        # under the same controls (the same object: `Registers` keeps it while they do not
+        # change) and while the walk's entries still hold, so it gives what `walks` would.
+        self._recent: dict[tuple[int, Access, bool], tuple[PagingControl, int, Any]] = {}
         # While not None, what the accesses touched, for cpu/delivery_memo.py: ("page",
         # physical page, the walk's check) per translation, ("read", physical address,
         # bytes) and ("write", physical address, size) per one-page access, ("other",)
@@ -84,17 +85,19 @@ class GuestMemory:
             off += n
 
     def _translate(self, addr: int, size: int, access: Access, user: bool, stack: bool) -> int:
-        last = self._last
-        if (last is not None and last[0] is self.ctl and last[1] == addr >> 12
-                and last[2] is access and last[3] == user and self.walks.holds(last[5])):
-            if self.record is not None:
-                self.record.append(("page", last[4], last[5]))
-            return last[4] | (addr & 0xFFF)  # (its page is in RAM: checked when it was kept)
+        ctl = self.ctl
+        if ctl is not None:
+            hit = self._recent.get((addr >> 12, access, user))
+            if hit is not None and hit[0] is ctl and self.walks.holds(hit[2]):
+                if self.record is not None:
+                    self.record.append(("page", hit[1], hit[2]))
+                return hit[1] | (addr & 0xFFF)  # (its page is in RAM: checked when kept)
         if not is_canonical(addr):
             raise ArchFault(Vector.SS if stack else Vector.GP, 0,
                             why=f"non-canonical address {addr:#x}")
         m = self.m
-        ctl = self.ctl if self.ctl is not None else m.regs.paging()
+        if ctl is None:
+            ctl = m.regs.paging()
         if self.architectural and m.ept is not None:
             t = self.walks.walk(ctl, addr, access, user=user, stage2=m.translator.stage2,
                                 stage2_generation=m.ept.generation)
@@ -116,7 +119,9 @@ class GuestMemory:
                        f"{access.name.lower()} of {addr:#x} maps to physical {paddr:#x}, "
                        "outside guest memory", m.engine.read_reg("rip"))
         if self.ctl is not None and m.ept is None and m.phys.contains(t.paddr, 4096):
-            self._last = (self.ctl, addr >> 12, access, user, t.paddr, self.walks.last_check)
+            if len(self._recent) >= 256:
+                self._recent.clear()
+            self._recent[(addr >> 12, access, user)] = (self.ctl, t.paddr, self.walks.last_check)
             if self.record is not None:
                 self.record.append(("page", t.paddr, self.walks.last_check))
         elif self.record is not None:

@@ -90,6 +90,9 @@ class Delivery:
     new_cs: int
     new_ss: int
     new_cpl: int
+    # The code segment's descriptor as read and checked (what CS's hidden part is loaded
+    # from; None where no model delivery made this result).
+    cs_descriptor: SegmentDescriptor | None = None
 
 
 def read_descriptor(mem: SystemMemory, st: ArchState, selector: int, *, ext: bool) -> SegmentDescriptor:
@@ -221,4 +224,5 @@ def deliver(mem: SystemMemory, st: ArchState, ev: Event) -> Delivery:
         new_cs=(sel & 0xFFFC) | new_cpl,
         new_ss=new_ss,
         new_cpl=new_cpl,
+        cs_descriptor=cs_desc,
     )

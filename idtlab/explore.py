@@ -550,7 +550,13 @@ def check_schedule(plan: Plan, events: tuple[str, ...], schedule: tuple[Point, .
     return _finding(plan, sc, events, specs, schedule, result, invs)
 
 
-CHECKPOINT_EVERY = 8
+# A checkpoint serves the schedules whose first point lies at most this many points and
+# this many instructions (of the undisturbed run) after it. Moving it costs a page-wise
+# snapshot and a pickle of the machine's state (about 0.5 ms); serving a later point costs
+# re-running the instructions from the checkpoint to it (native speed) and one engine stop
+# there (tens of microseconds), so it is moved only when the span grows long.
+CHECKPOINT_EVERY = 32
+CHECKPOINT_SPAN = 2_000
 
 
 class Session:
@@ -595,11 +601,13 @@ class Session:
 
     def run(self, events: tuple[AsyncEvent, ...], schedule: tuple[Point, ...]) -> RunResult:
         """Run one schedule from the checkpoint at or shortly before its first point (a
-        checkpoint serves the next `CHECKPOINT_EVERY` points: moving it costs more than
-        re-running a few instructions); the machine stays in the run's final state until
-        `rollback`."""
+        checkpoint serves the next `CHECKPOINT_EVERY` points within `CHECKPOINT_SPAN`
+        instructions: moving it costs more than re-running a few instructions); the
+        machine stays in the run's final state until `rollback`."""
         first = self.index[schedule[0]]
-        if self.cp is None or not self.at <= first < self.at + CHECKPOINT_EVERY:
+        points = self.plan.window.points
+        if (self.cp is None or not self.at <= first < self.at + CHECKPOINT_EVERY
+                or points[first].icount - points[self.at].icount > CHECKPOINT_SPAN):
             self._advance(first)
         m = self.m
         here = self.plan.window.points[self.at]
