@@ -331,8 +331,8 @@ class Machine:
         e = self.engine
         if self.regs.running:
             icount, cycles = e.hook_stamp(e.read_reg("rip"))
-            return self.trace.emit(kind, icount, cycles, **fields)
-        return self.trace.emit(kind, e.icount, e.cycles, **fields)
+            return self.trace.append(kind, icount, cycles, fields)
+        return self.trace.append(kind, e.icount, e.cycles, fields)
 
     # -- building ----------------------------------------------------------------------
     def load(self, addr: int, data: bytes, *, code: bool = False) -> None:
@@ -486,8 +486,10 @@ class Machine:
             st.rflags &= ~RFLAGS_RF
         if st.cpl == 3:
             self.frames.user_mode()
-        with self.paging_snapshot():
-            live = self.frames.snapshot()
+        live: list[tuple[int, bytes]] = []  # frames a push could overwrite, as they were
+        if self.state.frames.live:
+            with self.paging_snapshot():
+                live = self.frames.snapshot()
         hyper = self.vmx_exits
         progress = DeliveryOutcome(delivery=None)
         try:
@@ -549,8 +551,9 @@ class Machine:
             rec["double_fault_of"] = list(out.double_fault_of)
         if why:
             rec["why"] = why
-        with self.paging_snapshot():
-            self.frames.report_overwrites(live, d.event.name)
+        if live:
+            with self.paging_snapshot():
+                self.frames.report_overwrites(live, d.event.name)
         self.frames.pushed(d.new_rsp, d.frame.error_code is not None, d.event.name)
         e.cycles += cost
         for cb in self.on_deliver:

@@ -38,7 +38,12 @@ class Trace:
         return self.dropped + len(self.records)
 
     def emit(self, kind: str, icount: int, cycle: int = 0, **fields: Any) -> Record:
-        rec: Record = {"seq": self.emitted, "icount": icount, "cycle": cycle, "kind": kind}
+        return self.append(kind, icount, cycle, fields)
+
+    def append(self, kind: str, icount: int, cycle: int, fields: dict[str, Any]) -> Record:
+        """`emit` with the fields as one dict (a caller that already has them in one)."""
+        rec: Record = {"seq": self.dropped + len(self.records), "icount": icount,
+                       "cycle": cycle, "kind": kind}
         rec.update(fields)
         self.records.append(rec)
         self.counts[kind] += 1
