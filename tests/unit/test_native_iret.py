@@ -281,3 +281,20 @@ def test_an_ist_handlers_iretq_loads_ss_natively_as_in_python() -> None:
     assert results[0][3][-1][0] == [0x10, STACK]
     assert results[0][3][-1][1][0] == 0x10 and results[0][3][-1][1][2] == 0xFFFFFFFF
     assert results[0][4] == 9 and results[1][4] == 0
+
+
+def test_a_vouch_is_not_rearmed_under_other_paging_controls() -> None:
+    # The vouched memory (the frame page's physical page, the entries that map it) is
+    # only meaningful under the CR0/CR3/CR4/EFER and GDT base it was vouched under: a run
+    # starting under others must leave every vouch unused.
+    m = int3_loop(True)
+    m.run(entry=CODE, rsp=STACK)
+    paths = m.engine.paths
+    scope = m.engine.control_scope()
+    other = (scope[0], scope[1] + 0x1000, *scope[2:])  # another CR3
+    assert not paths.rearm_iret(progress=None, site_ok=lambda a: True, nmi_blocked=False,
+                                scope=other)
+    assert not any(c.live for c in paths.iret.ctx)
+    assert paths.rearm_iret(progress=None, site_ok=lambda a: True, nmi_blocked=False,
+                            scope=scope)
+    assert any(c.live for c in paths.iret.ctx)
