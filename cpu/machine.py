@@ -387,6 +387,8 @@ class Machine:
         self.vmx = VmxConfig()
         self.ept = Ept(self.phys.size)
         self.engine.remember_fills(False)
+        self.sysmem.forget()
+        self.inspect.forget()
 
     def enable_apf(self, *, policy: ApfPolicy = "kvm", layout: str = "2020",
                    on_fail: str = "retry", error_policy: str | None = None) -> AsyncPf:

@@ -76,6 +76,11 @@ class GuestMemory:
         # for anything else (a split access, a memory window, EPT).
         self.record: list[tuple[Any, ...]] | None = None
 
+    def forget(self) -> None:
+        """Drop the pages kept from earlier events (a second stage was added: the
+        translations they hold no longer describe the implicit accesses)."""
+        self._recent.clear()
+
     def _pieces(self, linear: int, size: int) -> Iterable[tuple[int, int, int]]:
         off = 0
         while off < size:
