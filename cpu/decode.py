@@ -565,24 +565,7 @@ def _reg(regs: Mapping[str, int], name: str) -> int:
 def operand_address(insn: capstone.CsInsn, op: Any, regs: Mapping[str, int]) -> int:
     """The linear address of memory operand `op` of `insn` (FS/GS bases from
     regs["fs_base"], regs["gs_base"]; other segment bases are 0 in 64-bit mode)."""
-    ea = int(op.mem.disp)
-    narrow = False
-    if op.mem.base == CX.X86_REG_RIP:
-        ea += insn.address + insn.size
-    elif op.mem.base != CX.X86_REG_INVALID:
-        name = str(insn.reg_name(op.mem.base))
-        narrow = name.startswith("e")
-        ea += _reg(regs, name)
-    if op.mem.index != CX.X86_REG_INVALID:
-        name = str(insn.reg_name(op.mem.index))
-        narrow = narrow or name.startswith("e")
-        ea += _reg(regs, name) * int(op.mem.scale)
-    ea &= 0xFFFFFFFF if narrow else 2**64 - 1
-    if op.mem.segment == CX.X86_REG_FS:
-        ea += regs.get("fs_base", 0)
-    elif op.mem.segment == CX.X86_REG_GS:
-        ea += regs.get("gs_base", 0)
-    return ea & (2**64 - 1)
+    return ref_address(_mem_ref(insn, op, write=False), regs)
 
 
 def faulting_segment(code: bytes, address: int, linear: int, regs: Mapping[str, int]) -> str:
@@ -661,34 +644,41 @@ def decoded_accesses(code: bytes, address: int) -> DecodedAccesses | None:
         return None
     name = _base_mnemonic(insn)
 
-    def reg(r: int) -> str | None:
-        return None if r == CX.X86_REG_INVALID else str(insn.reg_name(r))
-
     refs: list[MemRef] = []
     operands: list[MemOperand] = []
     for i, op in enumerate(insn.operands):
         if op.type != CX.X86_OP_MEM:
             continue
-        base, index = reg(op.mem.base), reg(op.mem.index)
-        operands.append(MemOperand(base, index, int(op.mem.scale), int(op.mem.disp),
-                                   int(op.size), reg(op.mem.segment)))
+        operands.append(MemOperand(_reg_name(insn, op.mem.base), _reg_name(insn, op.mem.index),
+                                   int(op.mem.scale), int(op.mem.disp), int(op.size),
+                                   _reg_name(insn, op.mem.segment)))
         if name == "lea":
             continue
-        disp = int(op.mem.disp)
-        if base == "rip":
-            disp += insn.address + insn.size
-        narrow = any(r is not None and r.startswith("e") for r in (base, index))
-        override = {CX.X86_REG_FS: "fs", CX.X86_REG_GS: "gs"}.get(op.mem.segment)
         write = bool(op.access & capstone.CS_AC_WRITE) or (i == 0 and name in READ_MODIFY_WRITE)
-        refs.append(MemRef(disp, base, index, int(op.mem.scale), max(1, int(op.size)),
-                           _operand_segment(insn, op), override, narrow, write))
+        refs.append(_mem_ref(insn, op, write=write))
     stack = "leave" if name == "leave" else "push" if name in _PUSHES else \
         "pop" if name in _POPS else None
     return DecodedAccesses(int(insn.size), name, tuple(refs), tuple(operands), stack)
 
 
+def _reg_name(insn: capstone.CsInsn, reg: int) -> str | None:
+    return None if reg == CX.X86_REG_INVALID else str(insn.reg_name(reg))
+
+
+def _mem_ref(insn: capstone.CsInsn, op: Any, *, write: bool) -> MemRef:
+    """Memory operand `op` of `insn` as a `MemRef`."""
+    base, index = _reg_name(insn, op.mem.base), _reg_name(insn, op.mem.index)
+    disp = int(op.mem.disp)
+    if base == "rip":
+        disp += insn.address + insn.size
+    narrow = any(r is not None and r.startswith("e") for r in (base, index))
+    override = {CX.X86_REG_FS: "fs", CX.X86_REG_GS: "gs"}.get(op.mem.segment)
+    return MemRef(disp, base, index, int(op.mem.scale), max(1, int(op.size)),
+                  _operand_segment(insn, op), override, narrow, write)
+
+
 def ref_address(ref: MemRef, regs: Mapping[str, int]) -> int:
-    """The linear address of `ref` with the registers `regs` (as `operand_address`)."""
+    """The linear address of `ref` with the registers `regs`."""
     ea = ref.disp
     if ref.base is not None and ref.base != "rip":
         ea += _reg(regs, ref.base)

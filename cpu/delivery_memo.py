@@ -83,13 +83,12 @@ class DeliveryMemo:
         plan = self._plans.get(key)
         if plan is not None and self._replay(plan, st, ev, out):
             return out
-        before = st.rsp
         mem.record = []
         try:
             deliver_event(mem, st, ev, intercept, out)
         finally:
             record, mem.record = mem.record, None
-        self._learn(key, before, out, record)
+        self._learn(key, out, record)
         return out
 
     def _replay(self, plan: _Plan, st: ArchState, ev: Event, out: DeliveryOutcome) -> bool:
@@ -132,10 +131,10 @@ class DeliveryMemo:
                                 cs_descriptor=plan.cs_descriptor)
         return True
 
-    def _learn(self, key: tuple[Any, ...], rsp_before: int, out: DeliveryOutcome,
+    def _learn(self, key: tuple[Any, ...], out: DeliveryOutcome,
                record: list[tuple[Any, ...]]) -> None:
         d = out.delivery
-        if d is None or out.nested or out.intercepted is not None or d.event.vector != key[0]:
+        if d is None or out.nested or out.intercepted is not None:
             return
         reads: list[tuple[int, bytes]] = []
         checks: list[Any] = []
@@ -152,14 +151,12 @@ class DeliveryMemo:
             else:
                 return  # a split access, a window, EPT: not remembered
         size = 8 * len(d.frame.slots())
-        if not writes or any(p >> 12 != d.new_rsp >> 12 for p in (d.new_rsp, d.new_rsp + size - 1)):
-            return
+        if not writes or (d.new_rsp & 0xFFF) + size > 0x1000:
+            return  # the frame is not on one page
         low = min(p for p, _n in writes)
         if low >> 12 != max(p for p, _n in writes) >> 12:
             return
         top = None if d.stack == "current" else (d.new_rsp + size) & _MASK
-        if d.stack == "current" and (rsp_before & ~0xF) != (d.new_rsp + size) & _MASK:
-            return
         if len(self._plans) >= self.LIMIT:
             self._plans.clear()
         self._plans[key] = _Plan(gate=d.gate, stack=d.stack, top=top, new_cs=d.new_cs,

@@ -278,11 +278,10 @@ class Emulated:
         assert progress is not None  # `last` was checked above
         e.paths.learn_iret(address, IretVouch(
             cs=st.cs, ss=st.ss, cpl=st.cpl, stack_page=st.rsp >> 12, stack_paddr=stack_paddr,
-            frame_ss=frame_ss, frame_ss_flags=0 if frame_ss == st.ss else
-            (st.cpl << 13) if frame_ss & 0xFFFC == 0 else m.regs.gdt_descriptor(frame_ss).high_dword,
+            frame_ss=frame_ss,
+            frame_ss_flags=0 if frame_ss == st.ss else m.regs.ss_flags(frame_ss, st.cpl),
             words=words, scope=(ctl.cr0, ctl.cr3, ctl.cr4, ctl.efer, st.gdtr_base),
-            cost=cost,
-            progress=progress))
+            cost=cost, progress=progress))
 
     def _progress_view(self) -> ProgressView | None:
         """The no-progress state (cpu/progress.py) as the native IRETQ keeps it, or None

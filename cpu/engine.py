@@ -344,7 +344,8 @@ class Engine(InstructionCounting):
             return 0  # the engine stops at the accessing instruction, nothing done
         if result is not None:
             self._iret_state.armed, self._paths_state.armed = self.armed_before
-        if result is None:
+            entry.paddr, entry.perms = result
+        else:
             slot = self._poison_slots.get(vaddr)
             if slot is None:
                 slot = len(self._poison_pages)
@@ -352,8 +353,6 @@ class Engine(InstructionCounting):
                 self._poison_pages.append(vaddr)
             entry.paddr = POISON_BASE + slot * 4096
             entry.perms = UC_PROT_ALL
-        else:
-            entry.paddr, entry.perms = result
         return 1
 
     def remember_fill(self, vaddr: int, access: Access, user: bool,

@@ -182,8 +182,8 @@ class Registers:
             return
         st.stale_exception = False
         cs_desc = cs_descriptor if cs_descriptor is not None else self.gdt_descriptor(cs)
-        ss_flags = (cpl << 13) if ss & 0xFFFC == 0 else self.gdt_descriptor(ss).high_dword
-        self.m.engine.patch_context(segments=(cs, cs_desc.high_dword, ss, ss_flags, cpl),
+        self.m.engine.patch_context(segments=(cs, cs_desc.high_dword, ss, self.ss_flags(ss, cpl),
+                                              cpl),
                                     clear_stale_exception=True)
         if cpl != st.cpl:
             # TLB entries carry rights computed for one privilege: drop them on a change.
@@ -202,6 +202,11 @@ class Registers:
             self.m.engine.flush_tlb()
             self.m.alignment.arm(cpl)
         st.cpl = cpl
+
+    def ss_flags(self, ss: int, cpl: int) -> int:
+        """The flags SS's hidden part takes when `ss` is loaded at `cpl` (as QEMU caches
+        them): a null selector's are its RPL's DPL, otherwise its descriptor's high dword."""
+        return (cpl << 13) if ss & 0xFFFC == 0 else self.gdt_descriptor(ss).high_dword
 
     def gdt_descriptor(self, selector: int) -> SegmentDescriptor:
         _, base, _limit = self.table("gdtr")

@@ -42,8 +42,7 @@ class Trace:
 
     def append(self, kind: str, icount: int, cycle: int, fields: dict[str, Any]) -> Record:
         """`emit` with the fields as one dict (a caller that already has them in one)."""
-        rec: Record = {"seq": self.dropped + len(self.records), "icount": icount,
-                       "cycle": cycle, "kind": kind}
+        rec: Record = {"seq": self.emitted, "icount": icount, "cycle": cycle, "kind": kind}
         rec.update(fields)
         self.records.append(rec)
         self.counts[kind] += 1

@@ -610,7 +610,7 @@ class Session:
                 or points[first].icount - points[self.at].icount > CHECKPOINT_SPAN):
             self._advance(first)
         m = self.m
-        here = self.plan.window.points[self.at]
+        here = points[self.at]
         for ev, p in zip(events, schedule, strict=True):
             shown = (p.rip, p.arrival)
             if p == here:
